@@ -1,0 +1,1 @@
+"""Conveyor: a tool-aware LLM serving engine."""

@@ -1,0 +1,84 @@
+"""Frozen configuration dataclasses; the CLI generates its flags from them.
+
+Each field's ``metadata["help"]`` becomes the flag's help text, the field name
+becomes ``--field-name`` and the default and type come from the annotation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+T = TypeVar("T")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str = field(default="default", metadata=_help(
+        "'default' (Qwen2.5-Coder-0.5B-Instruct, installed on first use), a GGUF file "
+        "or a Hugging Face safetensors directory"))
+    device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda"))
+    dtype: str = field(default="bfloat16", metadata=_help("weights and KV cache dtype: bfloat16, float16 or float32"))
+    max_model_len: int = field(default=4096, metadata=_help(
+        "longest prompt plus output, capped by the model's own limit"))
+    num_threads: int = field(default=0, metadata=_help("CPU threads for torch; 0 keeps torch's choice"))
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata=_help("tokens per KV block"))
+    kv_cache_mb: int = field(default=1024, metadata=_help("memory for the paged KV cache, in MiB"))
+    num_blocks: int = field(default=0, metadata=_help("KV blocks; 0 derives the count from --kv-cache-mb"))
+    prefix_caching: bool = field(default=True, metadata=_help("reuse the KV of full blocks seen before"))
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = field(default=64, metadata=_help("most requests in one step's batch"))
+    max_num_batched_tokens: int = field(default=512, metadata=_help(
+        "token budget of one step: decodes plus prefill chunks"))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+def cache_root() -> Path:
+    """Directory for converted models and other caches (``CONVEYOR_CACHE``)."""
+    return Path(os.environ.get("CONVEYOR_CACHE") or Path.home() / ".cache" / "conveyor")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per field of the dataclass ``cls``."""
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        doc = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{doc} (default: {f.default})")
+        else:
+            group.add_argument(flag, type=kind, default=f.default, help=f"{doc} (default: {f.default})")
+
+
+def from_flags(cls: type[T], args: argparse.Namespace) -> T:
+    """Build ``cls`` from the parsed flags that ``add_flags`` declared."""
+    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def engine_config_from_flags(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=from_flags(ModelConfig, args), cache=from_flags(CacheConfig, args),
+                        scheduler=from_flags(SchedulerConfig, args))

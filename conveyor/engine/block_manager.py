@@ -1,0 +1,137 @@
+"""Paged KV blocks: allocation, reference counts and hash-based prefix caching.
+
+Pure Python. A block holds ``block_size`` token slots of every layer's KV. A full
+block is registered under a hash of its tokens chained with the hash of the block
+before it, so a later request whose prompt starts with the same tokens (the next
+turn of a conversation, a request resumed after a tool result, a preempted request
+recomputed) adopts the block instead of prefilling it again. Freed blocks keep
+their hash and stay adoptable until allocation reuses them, oldest first.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from conveyor.engine.request import Request
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    """Owns the block pool; requests hold block ids in their ``block_table``."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._by_hash: dict[int, int] = {}
+
+    # ---- counters -------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return len(self.blocks) - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Full blocks registered for prefix reuse (in use or free)."""
+        return len(self._by_hash)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def lookup_prefix(self, token_ids: list[int]) -> list[int]:
+        """Block ids holding the longest cached prefix of ``token_ids``, in full blocks.
+
+        At least one token is always left to compute, so the request has logits to sample.
+        """
+        if not self.prefix_caching:
+            return []
+        found: list[int] = []
+        prev = None
+        for i in range((len(token_ids) - 1) // self.block_size):
+            chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            prev = hash((prev, chunk))
+            block_id = self._by_hash.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
+                break
+            found.append(block_id)
+        return found
+
+    def register_full_blocks(self, request: Request) -> None:
+        """Register the request's blocks that its computed tokens have filled since last time."""
+        if not self.prefix_caching:
+            return
+        bs = self.block_size
+        hashes = request.block_hashes
+        for i in range(len(hashes), request.num_computed_tokens // bs):
+            chunk = tuple(request.token_ids[i * bs:(i + 1) * bs])
+            h = hash((hashes[-1] if hashes else None, chunk))
+            hashes.append(h)
+            block = self.blocks[request.block_table[i]]
+            if block.hash is None and h not in self._by_hash:
+                block.hash, block.token_ids = h, chunk
+                self._by_hash[h] = block.block_id
+
+    # ---- allocation -----------------------------------------------------------------------
+    def try_allocate(self, request: Request, num_new_tokens: int, prefix: list[int] = ()) -> bool:
+        """Cover ``num_new_tokens`` more tokens of ``request`` with blocks; all or nothing.
+
+        ``prefix`` (from ``lookup_prefix``) is adopted first, which only a request without
+        blocks may do; its tokens count as computed.
+        """
+        if prefix and request.block_table:
+            raise RuntimeError(f"request {request.request_id} already holds blocks")
+        num_computed = len(prefix) * self.block_size if prefix else request.num_computed_tokens
+        held = len(prefix) if prefix else len(request.block_table)
+        num_needed = self.blocks_for(num_computed + num_new_tokens) - held
+        num_prefix_free = sum(1 for b in prefix if self.blocks[b].ref_count == 0)
+        if num_needed > self.num_free_blocks - num_prefix_free:
+            return False
+        for block_id in prefix:
+            request.block_table.append(self._take(block_id, evict=False))
+        if prefix:
+            request.num_computed_tokens = num_computed
+            request.block_hashes = [self.blocks[b].hash for b in prefix]
+        for _ in range(max(num_needed, 0)):
+            request.block_table.append(self._take(next(iter(self._free)), evict=True))
+        return True
+
+    def free(self, request: Request) -> None:
+        """Release every block of ``request``; tail blocks become the first to be reused."""
+        for block_id in reversed(request.block_table):
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} freed twice")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        request.block_table = []
+        request.block_hashes = []
+
+    def _take(self, block_id: int, evict: bool) -> int:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+            if evict and block.hash is not None:
+                del self._by_hash[block.hash]
+                block.hash, block.token_ids = None, ()
+        block.ref_count += 1
+        return block_id

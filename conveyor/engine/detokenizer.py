@@ -1,0 +1,63 @@
+"""Incremental detokenization (whole characters only) and stop-string matching."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_CONTEXT = 5  # tokens decoded before the new ones so that spacing and merges come out right
+
+
+@dataclass(slots=True)
+class Detokenizer:
+    """Turns a request's new tokens into new text; never emits half a UTF-8 character.
+
+    ``stop`` strings end the text: output is held back while it could still be the
+    start of a stop string, and cut where one matches.
+    """
+    tokenizer: object
+    ids: list[int]
+    stop: tuple[str, ...] = ()
+    text: str = ""            # all output text so far, stop strings cut off
+    emitted: int = 0          # characters of ``text`` already handed out
+    stopped: bool = False
+    _prefix: int = field(init=False)
+    _read: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = list(self.ids)
+        self.skip_context()
+
+    def skip_context(self, ids: list[int] = ()) -> None:
+        """Append tokens that are context, not output (a tool result): they produce no text."""
+        self.ids.extend(ids)
+        self._read = len(self.ids)
+        self._prefix = max(self._read - _CONTEXT, 0)
+
+    def push(self, token_id: int) -> str:
+        """Add one output token; return the text that is now final."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self._match_stop()
+        return self._release(final=self.stopped)
+
+    def flush(self) -> str:
+        """At the end of the request: whatever was held back."""
+        return self._release(final=True)
+
+    def _match_stop(self) -> None:
+        for s in self.stop:
+            at = self.text.find(s, max(self.emitted - len(s), 0))
+            if at >= 0:
+                self.text = self.text[:at]
+                self.stopped = True
+
+    def _release(self, final: bool) -> str:
+        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
+        end = max(len(self.text) - hold, self.emitted)
+        delta = self.text[self.emitted:end]
+        self.emitted = end
+        return delta

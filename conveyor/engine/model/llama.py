@@ -1,0 +1,171 @@
+"""The Llama and Qwen2 families in one screen of plain PyTorch, over a paged KV cache.
+
+Differences between the two are data, not code: Qwen2 has biases on Q, K and V,
+and either may tie the output layer to the token embeddings. Q, K and V are one
+fused matrix, as are the gate and up projections, so a layer runs four matmuls.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from conveyor.engine.model.attention import AttentionMetadata, paged_attention, write_kv
+from conveyor.engine.model.linear import Linear
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArgs:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        arch = (config.get("architectures") or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
+        rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        heads = config["num_attention_heads"]
+        return cls(
+            architecture=arch, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
+            rope_scaling=scaling, max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "ModelArgs":
+        return cls.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies with the model's theta; Llama 3 scaling when the config asks for it."""
+    inv = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    scaling = args.rope_scaling
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return inv.float()
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"unsupported rope scaling {scaling}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``[tokens, heads, head_dim]`` with ``cos``/``sin`` of ``[tokens, 1, head_dim/2]``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.args = args
+        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.sizes = (q_size, kv_size, kv_size)
+        self.input_norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
+        self.post_attention_norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
+        self.qkv = Linear(q_size + 2 * kv_size, args.hidden_size, dtype, bias=args.qkv_bias)
+        self.o_proj = Linear(args.hidden_size, q_size, dtype)
+        self.gate_up = Linear(2 * args.intermediate_size, args.hidden_size, dtype)
+        self.down = Linear(args.hidden_size, args.intermediate_size, dtype)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        a = self.args
+        h = F.rms_norm(x, (a.hidden_size,), self.input_norm, a.rms_norm_eps)
+        q, k, v = self.qkv(h).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+        x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim ** -0.5))
+        h = F.rms_norm(x, (a.hidden_size,), self.post_attention_norm, a.rms_norm_eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class CausalLM(torch.nn.Module):
+    """Embeddings, layers, final norm and output layer; ``forward`` returns logits of chosen rows."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = torch.nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = torch.nn.ModuleList(Layer(args, dtype) for _ in range(args.num_layers))
+        self.norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head = Linear(args.vocab_size, args.hidden_size, dtype)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logit_rows: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        cos, sin = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
+        x = F.rms_norm(x[logit_rows], (self.args.hidden_size,), self.norm, self.args.rms_norm_eps)
+        return self.lm_head(x).float()
+
+    def load(self, model_dir: Path) -> None:
+        """Copy the HF-named safetensors weights of ``model_dir`` into this model, fusing as we go."""
+        tensors = _read_safetensors(Path(model_dir))
+        take = tensors.pop
+        self.embed.copy_(take("model.embed_tokens.weight"))
+        self.norm.copy_(take("model.norm.weight"))
+        head = tensors.pop("lm_head.weight", None)
+        self.lm_head.set(self.embed if head is None or self.args.tie_word_embeddings else head)
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.input_norm.copy_(take(p + "input_layernorm.weight"))
+            layer.post_attention_norm.copy_(take(p + "post_attention_layernorm.weight"))
+            qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            bias = [take(p + f"self_attn.{n}_proj.bias") for n in "qkv"] if self.args.qkv_bias else None
+            layer.qkv.set(torch.cat(qkv), torch.cat(bias) if bias else None)
+            layer.o_proj.set(take(p + "self_attn.o_proj.weight"))
+            layer.gate_up.set(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+            layer.down.set(take(p + "mlp.down_proj.weight"))
+        unused = [k for k in tensors if "rotary_emb" not in k]
+        if unused:
+            raise ValueError(f"unexpected weights in {model_dir}: {unused[:5]}")
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors

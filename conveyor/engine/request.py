@@ -1,0 +1,130 @@
+"""A request, its state machine, its sampling parameters and how it ends.
+
+Pure Python: the scheduler and block manager work on these objects without torch.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from dataclasses import dataclass, field
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"            # queued; no KV yet, or preempted (KV dropped, recompute later)
+    RUNNING = "running"            # in the batch: prefilling or decoding
+    AWAITING_TOOL = "awaiting_tool"  # out of the batch, KV kept, waiting for tool results
+    FINISHED = "finished"
+
+
+class FinishCause(enum.Enum):
+    STOP_TOKEN = enum.auto()
+    STOP_STRING = enum.auto()
+    LENGTH = enum.auto()
+    TOOL_CALLS = enum.auto()
+    ABORT = enum.auto()
+    ERROR = enum.auto()
+
+
+# The one table from finish cause to the OpenAI-style finish_reason.
+FINISH_REASON: dict[FinishCause, str] = {
+    FinishCause.STOP_TOKEN: "stop",
+    FinishCause.STOP_STRING: "stop",
+    FinishCause.LENGTH: "length",
+    FinishCause.TOOL_CALLS: "tool_calls",
+    FinishCause.ABORT: "abort",
+    FinishCause.ERROR: "error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. ``temperature == 0`` is greedy."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a clear message for any unusable value."""
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens > 0,
+             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
+            (_finite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             "stop_token_ids must be non-negative integers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+_arrival_counter = itertools.count()
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation: its tokens, its KV bookkeeping and where it is in its life.
+
+    ``token_ids`` holds prompt and output tokens alike; ``num_computed_tokens`` of
+    them have their KV in the cache. The rest are prefilled (or decoded) next.
+    """
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int = field(default_factory=lambda: next(_arrival_counter))
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)   # sampled tokens only
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # prefix-cache hashes of the full blocks
+    state: RequestState = RequestState.WAITING
+    finish_cause: FinishCause | None = None
+    stop_token_ids: frozenset[int] = frozenset()   # the model's EOS ids (unless ignored) and the params'
+    num_computed_total: int = 0     # tokens run through the model, recomputes included
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASON[self.finish_cause] if self.finish_cause else None

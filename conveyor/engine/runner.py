@@ -1,0 +1,111 @@
+"""Turns a step's plan into tensors, runs the forward pass and samples.
+
+Tokens are laid out decodes first (chunks of one token), then prefill chunks;
+only rows that sample go through the final norm and the output layer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conveyor.config import CacheConfig, ModelConfig
+from conveyor.engine.model.attention import AttentionMetadata, PrefillSegment, decode_mask, prefill_mask
+from conveyor.engine.model.linear import Linear
+from conveyor.engine.model.llama import CausalLM, ModelArgs
+from conveyor.engine.sampler import Sampler
+from conveyor.engine.scheduler import Chunk, SchedulerOutput
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class ModelRunner:
+    """Owns the model weights and the paged KV cache on one device."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, model_dir: Path) -> None:
+        self.device = torch.device(model_config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+        if model_config.num_threads > 0:
+            torch.set_num_threads(model_config.num_threads)
+        self.dtype = resolve_dtype(model_config.dtype)
+        self.args = ModelArgs.from_dir(model_dir)
+        self.block_size = cache_config.block_size
+        with torch.device(self.device):
+            self.model = CausalLM(self.args, self.dtype)
+        with torch.inference_mode():
+            self.model.load(model_dir)
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_mb(cache_config.kv_cache_mb)
+        a = self.args
+        self.kv = torch.zeros(a.num_layers, 2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
+                              dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
+        self.sampler = Sampler(self.device)
+
+    def _blocks_for_mb(self, mb: int) -> int:
+        a = self.args
+        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return max(1, mb * 2**20 // per_block)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int | None]:
+        """Run one step; returns the sampled token of each chunk (None where it did not sample)."""
+        order = sorted(range(len(out.chunks)), key=lambda i: out.chunks[i].num_tokens > 1)
+        chunks = [out.chunks[i] for i in order]
+        input_ids, positions, slots, logit_rows = self._flatten(chunks)
+        meta = self._metadata(chunks, slots)
+        logits = self.model(input_ids, positions, meta, self.kv_caches, logit_rows)
+        sampling = [c for c in chunks if c.sample]
+        tokens = self.sampler(logits, [c.request.params for c in sampling],
+                              [len(c.request.output_token_ids) for c in sampling])
+        result: list[int | None] = [None] * len(chunks)
+        it = iter(tokens)
+        for i, chunk in zip(order, chunks):
+            if chunk.sample:
+                result[i] = next(it)
+        return result
+
+    def _flatten(self, chunks: list[Chunk]) -> tuple[torch.Tensor, ...]:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        bs = self.block_size
+        for c in chunks:
+            table = c.request.block_table
+            span = range(c.start, c.start + c.num_tokens)
+            ids.extend(c.request.token_ids[c.start:c.start + c.num_tokens])
+            positions.extend(span)
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
+            if c.sample:
+                logit_rows.append(len(ids) - 1)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), as_tensor(slots), as_tensor(logit_rows)
+
+    def _metadata(self, chunks: list[Chunk], slots: torch.Tensor) -> AttentionMetadata:
+        meta = AttentionMetadata(slot_mapping=slots)
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        if decodes:
+            width = max(len(c.request.block_table) for c in decodes)
+            tables = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in decodes]
+            meta.num_decodes = len(decodes)
+            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
+            lens = torch.tensor([c.start + 1 for c in decodes], dtype=torch.long, device=self.device)
+            meta.decode_mask = decode_mask(lens, width * self.block_size)
+        group = self.args.num_heads // self.args.num_kv_heads
+        row = len(decodes)
+        for c in chunks[len(decodes):]:
+            table = torch.tensor(c.request.block_table, dtype=torch.long, device=self.device)
+            mask = prefill_mask(c.start, c.num_tokens, group, self.device) if c.start else None
+            meta.prefills.append(PrefillSegment(row, c.num_tokens, c.start, table, mask))
+            row += c.num_tokens
+        return meta

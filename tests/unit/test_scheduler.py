@@ -1,0 +1,122 @@
+"""Scheduler: token budget, FCFS, preemption, tool pauses; a property test for block leaks."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conveyor.config import SchedulerConfig
+from conveyor.engine.block_manager import BlockManager
+from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
+from conveyor.engine.scheduler import Scheduler
+
+EOS = 0
+
+
+def make(num_blocks: int = 16, block_size: int = 4, budget: int = 8, max_seqs: int = 8,
+         max_len: int = 64) -> Scheduler:
+    bm = BlockManager(num_blocks, block_size)
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), bm, max_len)
+
+
+def req(rid: str, n: int, max_tokens: int = 4) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens), stop_token_ids=frozenset({EOS}))
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    s.postprocess(out, [token if c.sample else None for c in out.chunks])
+    return out
+
+
+def test_budget_chunks_prefill_and_decodes_first() -> None:
+    s = make(budget=8)
+    a, b = req("a", 3), req("b", 12)
+    s.add(a), s.add(b)
+    out = run_step(s)
+    assert [(c.request.request_id, c.num_tokens, c.sample) for c in out.chunks] == [("a", 3, True), ("b", 5, False)]
+    out = run_step(s)
+    assert [(c.request.request_id, c.num_tokens, c.sample) for c in out.chunks] == [("a", 1, True), ("b", 7, True)]
+    assert a.num_computed_tokens == 4 and b.num_computed_tokens == 12
+
+
+def test_fcfs_waiting_never_skips_ahead() -> None:
+    s = make(num_blocks=4, block_size=4, budget=64)
+    big, small = req("big", 20), req("small", 2)
+    s.add(big), s.add(small)
+    out = s.schedule()
+    assert out.chunks == []                      # big does not fit; small must not jump the queue
+    assert [r.request_id for r in s.waiting] == ["big", "small"]
+
+
+def test_preempts_newest_when_blocks_run_out() -> None:
+    s = make(num_blocks=3, block_size=2, budget=16)
+    a, b = req("a", 2, max_tokens=10), req("b", 2, max_tokens=10)
+    s.add(a), s.add(b)
+    run_step(s)                                  # both prefilled: one block each, one token sampled
+    out = run_step(s)                            # a takes the third block; b finds none: b (newest) preempted
+    assert b in out.preempted and b.state is RequestState.WAITING and b.block_table == []
+    assert b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert [c.request for c in out.chunks] == [a]
+
+
+def test_pause_keeps_blocks_and_resume_prefills_only_new_tokens() -> None:
+    s = make(budget=64)
+    a = req("a", 5, max_tokens=20)
+    s.add(a)
+    run_step(s)
+    blocks = list(a.block_table)
+    s.pause_for_tool(a)
+    assert a.state is RequestState.AWAITING_TOOL and a.block_table == blocks
+    assert run_step(s).chunks == []
+    s.resume(a, [40, 41, 42])
+    out = run_step(s)
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(5, 4)]   # last sampled token + 3 appended
+
+
+def test_stop_token_and_length_finish_and_free() -> None:
+    s = make(budget=64)
+    a, b = req("a", 3, max_tokens=2), req("b", 3, max_tokens=9)
+    s.add(a), s.add(b)
+    out = s.schedule()
+    s.postprocess(out, [5, EOS])
+    assert b.finish_cause is FinishCause.STOP_TOKEN and b.block_table == []
+    run_step(s)
+    assert a.finish_cause is FinishCause.LENGTH and a.finish_reason == "length"
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+ops = st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "pause", "resume"]),
+                         st.integers(0, 7), st.integers(1, 30)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_no_block_leaks_under_random_operations(operations) -> None:
+    s = make(num_blocks=10, block_size=4, budget=12, max_seqs=4, max_len=60)
+    bm = s.block_manager
+    live: dict[str, Request] = {}
+    for i, (op, pick, n) in enumerate(operations):
+        names = sorted(live)
+        target = live[names[pick % len(names)]] if names else None
+        if op == "add":
+            live[f"r{i}"] = r = req(f"r{i}", n, max_tokens=1 + n % 6)
+            s.add(r)
+        elif op == "step":
+            run_step(s, token=EOS if n % 9 == 0 else 3)
+        elif op == "abort" and target:
+            s.finish(target, FinishCause.ABORT)
+        elif op == "pause" and target and target.state is RequestState.RUNNING:
+            s.pause_for_tool(target)
+        elif op == "resume" and target and target.state is RequestState.AWAITING_TOOL:
+            if target.num_tokens + n % 5 < 60:
+                s.resume(target, [9] * (n % 5))
+        live = {k: r for k, r in live.items() if not r.finished}
+        held = sum(len(set(r.block_table)) for r in live.values())
+        refs = sum(b.ref_count for b in bm.blocks)
+        assert refs == sum(len(r.block_table) for r in live.values())
+        assert bm.num_used_blocks <= held
+        assert all(b.ref_count >= 0 for b in bm.blocks)
+    for r in list(live.values()):
+        s.finish(r, FinishCause.ABORT)
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
