@@ -35,18 +35,23 @@ class Detokenizer:
     def push(self, token_id: int) -> str:
         """Add one output token; return the text that is now final."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
-            self._match_stop()
+        self._decode_new(final=False)
         return self._release(final=self.stopped)
 
     def flush(self) -> str:
-        """At the end of the request: whatever was held back."""
+        """At the end of the request: whatever was held back, an incomplete character included."""
+        if not self.stopped:
+            self._decode_new(final=True)
         return self._release(final=True)
+
+    def _decode_new(self, final: bool) -> None:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self._match_stop()
 
     def _match_stop(self) -> None:
         for s in self.stop:

@@ -56,23 +56,26 @@ class ModelRunner:
         per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
         return max(1, mb * 2**20 // per_block)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token of each chunk (None where it did not sample)."""
+        logits, order = self.forward(out)
+        sampling = [out.chunks[i] for i in order if out.chunks[i].sample]
+        tokens = iter(self.sampler(logits, [c.request.params for c in sampling],
+                                   [len(c.request.output_token_ids) for c in sampling]))
+        result: list[int | None] = [None] * len(out.chunks)
+        for i in order:
+            if out.chunks[i].sample:
+                result[i] = next(tokens)
+        return result
+
+    @torch.inference_mode()
+    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Logits ``[sampling chunks, vocab]`` (float32) and the order the chunks ran in."""
         order = sorted(range(len(out.chunks)), key=lambda i: out.chunks[i].num_tokens > 1)
         chunks = [out.chunks[i] for i in order]
         input_ids, positions, slots, logit_rows = self._flatten(chunks)
         meta = self._metadata(chunks, slots)
-        logits = self.model(input_ids, positions, meta, self.kv_caches, logit_rows)
-        sampling = [c for c in chunks if c.sample]
-        tokens = self.sampler(logits, [c.request.params for c in sampling],
-                              [len(c.request.output_token_ids) for c in sampling])
-        result: list[int | None] = [None] * len(chunks)
-        it = iter(tokens)
-        for i, chunk in zip(order, chunks):
-            if chunk.sample:
-                result[i] = next(it)
-        return result
+        return self.model(input_ids, positions, meta, self.kv_caches, logit_rows), order
 
     def _flatten(self, chunks: list[Chunk]) -> tuple[torch.Tensor, ...]:
         ids: list[int] = []
