@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from conveyor.config import CacheConfig, ModelConfig, SchedulerConfig, add_flags, engine_config_from_flags, from_flags
+from conveyor.engine.model.loader import ModelLoadError
 from conveyor.engine.request import SamplingParams
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, RuntimeError) as e:   # ModelLoadError is a RuntimeError
+    except (ValueError, ModelLoadError) as e:
         print(f"conveyor: error: {e}", file=sys.stderr)
         return 2
 

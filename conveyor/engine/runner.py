@@ -12,7 +12,7 @@ import torch
 from conveyor.config import CacheConfig, ModelConfig
 from conveyor.engine.model.attention import AttentionMetadata, PrefillSegment, decode_mask, prefill_mask
 from conveyor.engine.model.linear import Linear
-from conveyor.engine.model.llama import CausalLM, ModelArgs
+from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
 from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler import Chunk, SchedulerOutput
 
@@ -38,7 +38,7 @@ class ModelRunner:
         self.args = ModelArgs.from_dir(model_dir)
         self.block_size = cache_config.block_size
         with torch.device(self.device):
-            self.model = CausalLM(self.args, self.dtype)
+            self.model = CausalLM(self.args, self.dtype, activation_dtype(self.dtype, self.device))
         with torch.inference_mode():
             self.model.load(model_dir)
         for module in self.model.modules():

@@ -72,15 +72,21 @@ def test_prefix_cache_skips_shared_prompt(tiny_llama) -> None:
 
 
 def test_bf16_logits_close_to_transformers(tiny_llama) -> None:
-    """bf16 rounding makes token-for-token comparison flaky, so compare last-position logits."""
+    """bf16 rounding makes token-for-token comparison flaky, so compare last-position logits with
+    transformers' fp32 logits on the same weights: within 5% of the largest logit, and no further
+    off than transformers' own bf16 run is (ours accumulates in fp32 where it can)."""
     from transformers import AutoModelForCausalLM
 
     prompt = list(range(20, 60))
     engine = make_engine(tiny_llama, dtype="bfloat16", budget=64)
     ours = prompt_logits(engine, prompt)
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ref = hf(torch.tensor([prompt])).logits[0, -1].float()
-    scale = ref.abs().max()
-    assert (ours - ref).abs().max() <= 0.03 * scale      # stated tolerance: 3% of the largest logit
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=dtype)
+        with torch.no_grad():
+            refs[dtype] = hf(torch.tensor([prompt])).logits[0, -1].float()
+    ref = refs[torch.float32]
+    error = (ours - ref).abs().max()
+    assert error <= 0.05 * ref.abs().max()
+    assert error <= (refs[torch.bfloat16] - ref).abs().max()
     assert_all_blocks_free(engine)

@@ -1,13 +1,16 @@
 """A linear layer that picks the fastest kernel this machine has for each batch size.
 
 On CPUs without native bf16 dot products (AVX2-only x86, such as this project's
-CI machine), PyTorch's bf16 GEMM falls back to slow scalar code: 32 tokens
-through the default model's layers took 1.9 s in bf16 against 0.43 s in fp32
-with oneDNN-prepacked weights. Single-token matrix-vector products are
-bandwidth-bound and bf16 reads half the bytes, so they stay in bf16. So on such
-CPUs a bf16 layer also keeps an fp32 oneDNN-packed copy of its weight for
-multi-row inputs; the stored weight and the KV cache stay bf16 and the fp32
-path only adds precision. fp32 layers always use the packed weight.
+CI machine), PyTorch's bf16 GEMM re-reads and re-widens the weights for every
+row: the default model's layers took 0.43 s for 8 rows against 0.07 s for one.
+So on such CPUs a bf16 layer runs
+- up to ``SMALL_BATCH`` rows through our AVX2 kernel (``kernels.py``), which
+  reads each bf16 weight once for up to 8 rows and accumulates in fp32;
+- more rows (prefill chunks, large decode batches) through oneDNN with an
+  fp32-packed copy of the weight, which is compute-bound there and fastest.
+Both paths accumulate in fp32 and return the input's dtype (the model keeps its
+activations in fp32 on such CPUs, see ``llama.activation_dtype``); the stored
+weight stays bf16. fp32 layers always use the packed weight.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from conveyor.engine.model.kernels import MAX_ROWS, gemv_kernel
+
+SMALL_BATCH = 16
 
 
 @functools.cache
@@ -26,12 +33,15 @@ def cpu_has_fast_bf16() -> bool:
 class Linear(torch.nn.Module):
     """``y = x W^T + b`` with ``W`` of shape ``[out_features, in_features]``."""
 
-    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False) -> None:
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False,
+                 bias_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = torch.nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype), requires_grad=False)
+                     if bias else None)
         self._packed: torch.Tensor | None = None
         self._packed_bias: torch.Tensor | None = None
+        self._gemv = None
 
     def set(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load weights (any dtype; converted to this layer's)."""
@@ -42,20 +52,29 @@ class Linear(torch.nn.Module):
             self.bias.copy_(bias)
 
     def pack(self) -> None:
-        """Prepare the oneDNN fp32 weight where it is the faster kernel (CPU only)."""
+        """Choose kernels for this machine once the weights are loaded (CPU only)."""
         w = self.weight
-        if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
             return
-        if w.dtype == torch.bfloat16 and cpu_has_fast_bf16():
-            return
-        if w.dtype not in (torch.bfloat16, torch.float32):
-            return
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 8)
-        self._packed_bias = None if self.bias is None else self.bias.float()
+        if w.dtype == torch.bfloat16:
+            if cpu_has_fast_bf16():
+                return
+            if w.shape[1] % 8 == 0:
+                self._gemv = gemv_kernel()
+        if torch.backends.mkldnn.is_available():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 8)
+            self._packed_bias = None if self.bias is None else self.bias.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed
-        if packed is None or (x.shape[0] == 1 and x.dtype == torch.bfloat16):
+        rows = x.shape[0]
+        if self._gemv is not None and 0 < rows <= SMALL_BATCH:
+            gemv = self._gemv.gemv_bf16
+            y = gemv(x, self.weight) if rows <= MAX_ROWS else torch.cat(
+                [gemv(x[i:i + MAX_ROWS], self.weight) for i in range(0, rows, MAX_ROWS)])
+            if self.bias is not None:
+                y += self.bias
+            return y.to(x.dtype)
+        if self._packed is None:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.float(), packed, self._packed_bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.float(), self._packed, self._packed_bias, "none", [], "")
         return y.to(x.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from conveyor.engine.model.attention import AttentionMetadata, paged_attention, write_kv
-from conveyor.engine.model.linear import Linear
+from conveyor.engine.model.linear import Linear, cpu_has_fast_bf16
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -86,15 +86,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the residual stream. On CPUs without native bf16 arithmetic every kernel
+    widens bf16 to fp32 anyway, so activations stay fp32 there (weights and KV cache keep
+    ``dtype``); this removes about twenty conversions per layer and only adds precision."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+        return torch.float32
+    return dtype
+
+
+def _vector(size: int, dtype: torch.dtype) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+
+
 class Layer(torch.nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, act_dtype: torch.dtype) -> None:
         super().__init__()
         self.args = args
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.sizes = (q_size, kv_size, kv_size)
-        self.input_norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
-        self.post_attention_norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
-        self.qkv = Linear(q_size + 2 * kv_size, args.hidden_size, dtype, bias=args.qkv_bias)
+        self.input_norm = _vector(args.hidden_size, act_dtype)
+        self.post_attention_norm = _vector(args.hidden_size, act_dtype)
+        self.qkv = Linear(q_size + 2 * kv_size, args.hidden_size, dtype, bias=args.qkv_bias, bias_dtype=act_dtype)
         self.o_proj = Linear(args.hidden_size, q_size, dtype)
         self.gate_up = Linear(2 * args.intermediate_size, args.hidden_size, dtype)
         self.down = Linear(args.hidden_size, args.intermediate_size, dtype)
@@ -117,18 +130,19 @@ class Layer(torch.nn.Module):
 class CausalLM(torch.nn.Module):
     """Embeddings, layers, final norm and output layer; ``forward`` returns logits of chosen rows."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, act_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.args = args
+        self.act_dtype = act_dtype or dtype
         self.embed = torch.nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype), requires_grad=False)
-        self.layers = torch.nn.ModuleList(Layer(args, dtype) for _ in range(args.num_layers))
-        self.norm = torch.nn.Parameter(torch.empty(args.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = torch.nn.ModuleList(Layer(args, dtype, self.act_dtype) for _ in range(args.num_layers))
+        self.norm = _vector(args.hidden_size, self.act_dtype)
         self.lm_head = Linear(args.vocab_size, args.hidden_size, dtype)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logit_rows: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids, self.embed).to(self.act_dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
         for layer, kv in zip(self.layers, kv_caches):

@@ -1,0 +1,76 @@
+// bf16 weight x few-row activation products for AVX2 CPUs without native bf16 dot products.
+// Weights are read once per call and widened to fp32 in registers; up to 8 activation rows
+// share each weight load, so decode steps stay bound by memory bandwidth, not by conversion.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int kMaxRows = 8;
+constexpr int kRowsPerTask = 4;
+
+inline __m256 load_bf16(const at::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// R weight rows at a time: independent load streams keep more memory requests in flight.
+template <int M, int R>
+void rows_kernel(const float* x, const at::BFloat16* w, float* out, int64_t n0, int64_t n1, int64_t K,
+                 int64_t N) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      for (int r = 0; r < R; ++r) {
+        __m256 wf = load_bf16(w + (n + r) * K + k);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) out[m * N + n + r] = hsum(acc[r][m]);
+  }
+  if (n < n1) rows_kernel<M, 1>(x, w, out, n, n1, K, N);
+}
+
+template <int M>
+void run(const float* x, const at::BFloat16* w, float* out, int64_t K, int64_t N) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { rows_kernel<M, 1>(x, w, out, begin, end, K, N); });
+}
+
+}  // namespace
+
+// x: [M, K] (any float dtype, M <= 8), w: [N, K] bf16, K a multiple of 8. Returns fp32 [M, N].
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w must be contiguous bf16 [N, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % 8 == 0 && M >= 1 && M <= kMaxRows, "unsupported shape");
+  torch::Tensor xf = x.to(at::kFloat).contiguous();
+  torch::Tensor out = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = xf.data_ptr<float>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* op = out.data_ptr<float>();
+  switch (M) {
+    case 1: run<1>(xp, wp, op, K, N); break;
+    case 2: run<2>(xp, wp, op, K, N); break;
+    case 3: run<3>(xp, wp, op, K, N); break;
+    case 4: run<4>(xp, wp, op, K, N); break;
+    case 5: run<5>(xp, wp, op, K, N); break;
+    case 6: run<6>(xp, wp, op, K, N); break;
+    case 7: run<7>(xp, wp, op, K, N); break;
+    default: run<8>(xp, wp, op, K, N); break;
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv_bf16", &gemv_bf16, "bf16 weights x few rows (AVX2)"); }
