@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
     engine.add_argument("--hf-max-concurrency", type=int, default=32,
                         help="skip the transformers baseline above this concurrency")
+    engine.add_argument("--profile", type=int, nargs="*", default=[1, 8],
+                        help="concurrencies at which to split a decode step's time")
     _engine_flags(engine)
     engine.set_defaults(run=_bench_engine)
     return parser

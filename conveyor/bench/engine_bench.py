@@ -21,6 +21,7 @@ from rich.table import Table
 
 from conveyor.config import engine_config_from_flags
 from conveyor.engine.engine import LLMEngine
+from conveyor.bench.step_profile import profile_decode
 from conveyor.engine.request import SamplingParams
 
 TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
@@ -95,6 +96,8 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
         ours = {c: conveyor_decode(engine, c, args.new_tokens) for c in args.concurrency}
     with console.status("conveyor: prefill"):
         prefill = conveyor_prefill(engine, args.prefill_tokens)
+    with console.status("conveyor: decode step profile"):
+        step_profile = [profile_decode(engine, c) for c in args.profile]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model_dir, device, dtype = engine.model_dir, engine.runner.device, engine.runner.dtype
     del engine
@@ -107,6 +110,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
         "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
         "memory_bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
         "bandwidth_ceiling_tok_s": bandwidth * 1e9 / weight_bytes, "threads": torch.get_num_threads(),
+        "step_profile_ms": step_profile,
     }
     _report(console, result, args.json)
     return result
@@ -136,6 +140,9 @@ def _report(console: Console, result: dict, path: str) -> None:
         table.add_row(str(r["concurrency"]), fmt(r["conveyor_tok_s"]), fmt(r["hf_tok_s"]),
                       "-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
     console.print(table)
+    for p in result["step_profile_ms"]:
+        console.print(f"decode step at concurrency {p['concurrency']}: {p['step_ms']:.1f} ms = matmuls "
+                      f"{p['linear_ms']:.1f} + attention {p['attention_ms']:.1f} + other {p['other_ms']:.1f}")
     console.print(f"prefill {result['prefill_tokens']} tokens: {result['prefill_tok_s']:.1f} tok/s; "
                   f"peak RSS {result['peak_rss_mb']:.0f} MB; memory bandwidth "
                   f"{result['memory_bandwidth_gb_s']:.1f} GB/s -> batch-1 ceiling "
