@@ -59,7 +59,7 @@ class Linear(torch.nn.Module):
         if w.dtype == torch.bfloat16:
             if cpu_has_fast_bf16():
                 return
-            if w.shape[1] % 8 == 0:
+            if w.shape[1] % 16 == 0:
                 self._gemv = gemv_kernel()
         if torch.backends.mkldnn.is_available():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 8)

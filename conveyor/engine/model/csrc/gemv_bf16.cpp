@@ -1,6 +1,11 @@
 // bf16 weight x few-row activation products for AVX2 CPUs without native bf16 dot products.
 // Weights are read once per call and widened to fp32 in registers; up to 8 activation rows
 // share each weight load, so decode steps stay bound by memory bandwidth, not by conversion.
+//
+// One 32-byte load holds 16 bf16 weights as 8 (even, odd) pairs of 16-bit halves: shifting
+// each 32-bit lane left by 16 gives the even weights as fp32, masking off the low half gives
+// the odd ones. The activations are de-interleaved to match once per call, so the weights
+// need no other widening instruction.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -8,12 +13,6 @@
 namespace {
 
 constexpr int kMaxRows = 8;
-constexpr int kRowsPerTask = 4;
-
-inline __m256 load_bf16(const at::BFloat16* p) {
-  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -23,26 +22,37 @@ inline float hsum(__m256 v) {
 }
 
 // U independent accumulators per activation row: with few rows a single FMA dependency chain
-// (4 cycles per 8 weights) would cap a core near 12 GB/s, below its share of memory bandwidth.
+// would cap a core below its share of memory bandwidth.
 template <int M, int U>
 void rows_kernel(const float* x, const at::BFloat16* w, float* out, int64_t n0, int64_t n1, int64_t K,
                  int64_t N) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc[U][M];
     for (int u = 0; u < U; ++u)
       for (int m = 0; m < M; ++m) acc[u][m] = _mm256_setzero_ps();
     const at::BFloat16* row = w + n * K;
     int64_t k = 0;
-    for (; k + 8 * U <= K; k += 8 * U) {
+    for (; k + 16 * U <= K; k += 16 * U) {
       for (int u = 0; u < U; ++u) {
-        __m256 wf = load_bf16(row + k + 8 * u);
-        for (int m = 0; m < M; ++m)
-          acc[u][m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[u][m]);
+        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 16 * u));
+        __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+        __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+        for (int m = 0; m < M; ++m) {
+          const float* xk = x + m * K + k + 16 * u;
+          acc[u][m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xk), acc[u][m]);
+          acc[u][m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xk + 8), acc[u][m]);
+        }
       }
     }
-    for (; k < K; k += 8) {
-      __m256 wf = load_bf16(row + k);
-      for (int m = 0; m < M; ++m) acc[0][m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+    for (; k < K; k += 16) {
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+      for (int m = 0; m < M; ++m) {
+        acc[0][m] = _mm256_fmadd_ps(even, _mm256_loadu_ps(x + m * K + k), acc[0][m]);
+        acc[0][m] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(x + m * K + k + 8), acc[0][m]);
+      }
     }
     for (int m = 0; m < M; ++m) {
       __m256 sum = acc[0][m];
@@ -54,17 +64,20 @@ void rows_kernel(const float* x, const at::BFloat16* w, float* out, int64_t n0, 
 
 template <int M>
 void run(const float* x, const at::BFloat16* w, float* out, int64_t K, int64_t N) {
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { rows_kernel<M, (M == 1 ? 4 : M <= 4 ? 2 : 1)>(x, w, out, begin, end, K, N); });
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    rows_kernel<M, (M == 1 ? 4 : M <= 4 ? 2 : 1)>(x, w, out, begin, end, K, N);
+  });
 }
 
 }  // namespace
 
-// x: [M, K] (any float dtype, M <= 8), w: [N, K] bf16, K a multiple of 8. Returns fp32 [M, N].
+// x: [M, K] (any float dtype, 1 <= M <= 8), w: [N, K] bf16, K a multiple of 16. Returns fp32 [M, N].
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w must be contiguous bf16 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && K % 8 == 0 && M >= 1 && M <= kMaxRows, "unsupported shape");
-  torch::Tensor xf = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(w.size(1) == K && K % 16 == 0 && M >= 1 && M <= kMaxRows, "unsupported shape");
+  // per block of 16: the 8 even-indexed activations, then the 8 odd-indexed ones
+  torch::Tensor xf = x.to(at::kFloat).reshape({M, K / 16, 8, 2}).transpose(2, 3).contiguous();
   torch::Tensor out = torch::empty({M, N}, x.options().dtype(at::kFloat));
   const float* xp = xf.data_ptr<float>();
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
