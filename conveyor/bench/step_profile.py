@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from conveyor.engine.engine import LLMEngine

@@ -134,7 +134,8 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.args = args
         self.act_dtype = act_dtype or dtype
-        self.embed = torch.nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype), requires_grad=False)
+        self.embed = torch.nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype),
+                                        requires_grad=False)
         self.layers = torch.nn.ModuleList(Layer(args, dtype, self.act_dtype) for _ in range(args.num_layers))
         self.norm = _vector(args.hidden_size, self.act_dtype)
         self.lm_head = Linear(args.vocab_size, args.hidden_size, dtype)
