@@ -1,0 +1,50 @@
+"""Streaming tool-call parsers: push text with `feed(text) -> list[Event]`, end with `close()`.
+
+Events (`events.py`): CallStart(index, name), FieldDone(index, key, value),
+Line(index, text), CallEnd(index, args), Text(delta). `index` counts calls in the response
+from 0. Any split of a text into feeds yields the same events as the whole text, except
+that Text deltas may be cut differently (merge adjacent ones to compare).
+
+`make_parser(kind)` builds one parser per response:
+- "hermes": JSON calls in `<tool_call>` tags, ```json fences or bare JSON objects
+  (`hermes.py`); FieldDone per top-level argument; malformed JSON never raises: a named
+  call ends with `CallEnd(index, raw_json_text)`, an unnamed block goes out as Text.
+- "python": ```python fences, a call named "python", a Line per top-level statement,
+  CallEnd with the code string (`python_code.py`).
+- "plan": LLMCompiler numbered plan lines, a call named "plan", a Line per step,
+  CallEnd with the plan text (`plan.py`; `parse_step` gives step, tool, args, deps).
+"""
+from __future__ import annotations
+
+from conveyor.tools.parsers.base import StreamParser
+from conveyor.tools.parsers.events import (
+    CallEnd,
+    CallStart,
+    Event,
+    FieldDone,
+    Line,
+    Text,
+)
+from conveyor.tools.parsers.hermes import HermesParser
+from conveyor.tools.parsers.plan import PlanParser, PlanStep, parse_step
+from conveyor.tools.parsers.python_code import PythonParser
+
+PARSERS: dict[str, type[StreamParser]] = {
+    "hermes": HermesParser,
+    "python": PythonParser,
+    "plan": PlanParser,
+}
+
+
+def make_parser(kind: str) -> StreamParser:
+    """A fresh parser for one response; `kind` is "hermes", "python" or "plan"."""
+    try:
+        return PARSERS[kind]()
+    except KeyError:
+        raise ValueError(f"unknown parser kind {kind!r}; known: {sorted(PARSERS)}") from None
+
+
+__all__ = [
+    "CallEnd", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
+    "make_parser", "parse_step",
+]
