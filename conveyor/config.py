@@ -20,6 +20,12 @@ def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def _require(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str = field(default="default", metadata=_help(
@@ -31,6 +37,11 @@ class ModelConfig:
         "longest prompt plus output, capped by the model's own limit"))
     num_threads: int = field(default=0, metadata=_help("CPU threads for torch; 0 keeps torch's choice"))
 
+    def __post_init__(self) -> None:
+        _require([(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}"),
+                  (self.max_model_len > 0, "max_model_len must be positive"),
+                  (self.num_threads >= 0, "num_threads must be >= 0")])
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
@@ -39,12 +50,21 @@ class CacheConfig:
     num_blocks: int = field(default=0, metadata=_help("KV blocks; 0 derives the count from --kv-cache-mb"))
     prefix_caching: bool = field(default=True, metadata=_help("reuse the KV of full blocks seen before"))
 
+    def __post_init__(self) -> None:
+        _require([(self.block_size > 0, "block_size must be positive"),
+                  (self.kv_cache_mb > 0, "kv_cache_mb must be positive"),
+                  (self.num_blocks >= 0, "num_blocks must be >= 0 (0 derives it from kv_cache_mb)")])
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_help("most requests in one step's batch"))
     max_num_batched_tokens: int = field(default=512, metadata=_help(
         "token budget of one step: decodes plus prefill chunks"))
+
+    def __post_init__(self) -> None:
+        _require([(self.max_num_seqs > 0, "max_num_seqs must be positive"),
+                  (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")])
 
 
 @dataclass(frozen=True, slots=True)

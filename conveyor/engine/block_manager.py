@@ -9,17 +9,25 @@ their hash and stay adoptable until allocation reuses them, oldest first.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from conveyor.engine.request import Request
 
 
+def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """sha256 of a block's tokens and its parent's hash: a collision would let one request
+    read another's KV, so no cheap unkeyed hash."""
+    return hashlib.sha256((parent or b"") + array("q", token_ids).tobytes()).digest()
+
+
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] = ()
 
 
@@ -33,7 +41,7 @@ class BlockManager:
         self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._by_hash: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
 
     # ---- counters -------------------------------------------------------------------------
     @property
@@ -68,7 +76,7 @@ class BlockManager:
         prev = None
         for i in range((len(token_ids) - 1) // self.block_size):
             chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            prev = hash((prev, chunk))
+            prev = chain_hash(prev, chunk)
             block_id = self._by_hash.get(prev)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
@@ -83,7 +91,7 @@ class BlockManager:
         hashes = request.block_hashes
         for i in range(len(hashes), request.num_computed_tokens // bs):
             chunk = tuple(request.token_ids[i * bs:(i + 1) * bs])
-            h = hash((hashes[-1] if hashes else None, chunk))
+            h = chain_hash(hashes[-1] if hashes else None, chunk)
             hashes.append(h)
             block = self.blocks[request.block_table[i]]
             if block.hash is None and h not in self._by_hash:

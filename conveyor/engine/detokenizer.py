@@ -27,10 +27,12 @@ class Detokenizer:
         self.skip_context()
 
     def skip_context(self, ids: list[int] = ()) -> None:
-        """Append tokens that are context, not output (a tool result): they produce no text."""
+        """Append tokens that are context, not output (a tool result): they produce no text,
+        and the next turn's text (and stop-string matching) starts afresh. ``flush`` first."""
         self.ids.extend(ids)
         self._read = len(self.ids)
         self._prefix = max(self._read - _CONTEXT, 0)
+        self.text, self.emitted = "", 0
 
     def push(self, token_id: int) -> str:
         """Add one output token; return the text that is now final."""
@@ -54,11 +56,10 @@ class Detokenizer:
             self._match_stop()
 
     def _match_stop(self) -> None:
-        for s in self.stop:
-            at = self.text.find(s, max(self.emitted - len(s), 0))
-            if at >= 0:
-                self.text = self.text[:at]
-                self.stopped = True
+        found = [at for s in self.stop if (at := self.text.find(s, max(self.emitted - len(s), 0))) >= 0]
+        if found:
+            self.text = self.text[:min(found)]
+            self.stopped = True
 
     def _release(self, final: bool) -> str:
         hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1

@@ -43,9 +43,9 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = ModelRunner(config.model, config.cache, self.model_dir)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
-        capacity = self.runner.num_blocks * config.cache.block_size
-        self.max_model_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings, capacity)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        max_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len)
+        self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         self._requests: dict[str, tuple[Request, Detokenizer]] = {}
         self._ids = itertools.count()
@@ -54,17 +54,23 @@ class LLMEngine:
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt: text as is, chat messages through the model's chat template."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        if prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             text = self.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        if not prompt:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif isinstance(prompt, list):
+            ids = self._check_token_ids(prompt)
+        else:
+            raise ValueError(f"a prompt is text, chat messages or token ids, not {type(prompt).__name__}")
+        if not ids:
             raise ValueError("prompt is empty")
-        if not all(isinstance(t, int) and 0 <= t < self.runner.args.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.runner.args.vocab_size})")
-        return list(prompt)
+        return ids
+
+    def _check_token_ids(self, ids: list) -> list[int]:
+        vocab = self.runner.args.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {vocab})")
+        return list(ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
                     request_id: str | None = None, tools: list[dict] | None = None) -> str:
@@ -94,15 +100,23 @@ class LLMEngine:
         self.scheduler.finish(request, FinishCause.ABORT)
         return self._output(request, [], detok.flush())
 
-    def pause_for_tool(self, request_id: str) -> None:
-        """Take a running request out of the batch while its tools run; its KV stays."""
-        self.scheduler.pause_for_tool(self._request(request_id)[0])
+    def pause_for_tool(self, request_id: str) -> str:
+        """Take a running request out of the batch while its tools run; its KV stays.
+        Returns the turn's text still held back (stop-string look-ahead, a partial character)."""
+        request, detok = self._request(request_id)
+        self.scheduler.pause_for_tool(request)
+        return detok.flush()
 
     def resume(self, request_id: str, appended: list[int] | str) -> None:
         """Continue a paused request after appending ``appended`` (token ids or text, e.g. a
         rendered tool-result turn); only those tokens and the last sampled one are prefilled."""
         request, detok = self._request(request_id)
-        ids = self.tokenizer.encode(appended, add_special_tokens=False) if isinstance(appended, str) else list(appended)
+        if isinstance(appended, str):
+            ids = self.tokenizer.encode(appended, add_special_tokens=False)
+        elif isinstance(appended, list):
+            ids = self._check_token_ids(appended)
+        else:
+            raise ValueError(f"appended must be text or token ids, not {type(appended).__name__}")
         self.scheduler.resume(request, ids)
         detok.skip_context(ids)
 
@@ -126,8 +140,11 @@ class LLMEngine:
         _, detok = self._requests[request.request_id]
         token = request.output_token_ids[-1]
         text = "" if token in request.stop_token_ids else detok.push(token)
-        if detok.stopped and not request.finished:
-            self.scheduler.finish(request, FinishCause.STOP_STRING)
+        if detok.stopped:   # a stop string wins over a length limit reached on the same token
+            if request.finished:
+                request.finish_cause = FinishCause.STOP_STRING
+            else:
+                self.scheduler.finish(request, FinishCause.STOP_STRING)
         if request.finished:
             text += detok.flush()
             del self._requests[request.request_id]

@@ -50,25 +50,23 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any unusable value."""
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens > 0,
+            (_integer(self.max_tokens) and self.max_tokens > 0,
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
             (_finite(self.temperature) and self.temperature >= 0,
              f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0,
+            (_integer(self.top_k) and self.top_k >= 0,
              f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (self.seed is None or _integer(self.seed), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            (all(_integer(t) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
         ]
         for ok, message in checks:
@@ -77,7 +75,22 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below this, logits / temperature overflows to inf; the result is greedy anyway
+        return self.temperature < 1e-5
+
+
+def _as_tuple(value: object, name: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise ValueError(f"{name} must be a value or a list of values, got {value!r}")
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x: object) -> bool:
@@ -102,7 +115,7 @@ class Request:
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)   # sampled tokens only
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)   # prefix-cache hashes of the full blocks
+    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache hashes of the full blocks
     state: RequestState = RequestState.WAITING
     finish_cause: FinishCause | None = None
     stop_token_ids: frozenset[int] = frozenset()   # the model's EOS ids (unless ignored) and the params'

@@ -90,3 +90,27 @@ def test_bf16_logits_close_to_transformers(tiny_llama) -> None:
     assert error <= 0.05 * ref.abs().max()
     assert error <= (refs[torch.bfloat16] - ref).abs().max()
     assert_all_blocks_free(engine)
+
+
+def test_resume_after_kv_was_reclaimed_continues_exactly(tiny_llama) -> None:
+    """A request waiting on a tool loses its KV to a newcomer, then recomputes it on resume."""
+    engine = make_engine(tiny_llama, num_blocks=14, block_size=4, budget=64, prefix_caching=False)
+    rid = engine.add_request(list(range(1, 21)), SamplingParams(max_tokens=30, ignore_eos=True))
+    request = engine.get_request(rid)
+    while len(request.output_token_ids) < 3:
+        engine.step()
+    engine.pause_for_tool(rid)
+    other = engine.get_request(engine.add_request(list(range(100, 136)), SamplingParams(max_tokens=2,
+                                                                                        ignore_eos=True)))
+    while not other.finished:
+        engine.step()
+    assert request.block_table == [] and request.num_preemptions == 1
+    appended = [50, 51, 52]
+    engine.resume(rid, appended)
+    while not request.finished:
+        engine.step()
+    history = request.token_ids[:20 + 3] + appended
+    fresh = make_engine(tiny_llama, budget=64)
+    expected = fresh.generate([history], SamplingParams(max_tokens=27, ignore_eos=True))[0].output_token_ids
+    assert request.output_token_ids[3:] == expected
+    assert_all_blocks_free(engine)

@@ -22,7 +22,10 @@ def engine(tiny_llama):
     ([1, 2], {"top_p": 0.0}, "top_p"),
     ([1, 2], {"top_k": -1}, "top_k"),
     ([1, 2], {"nucleus": 0.5}, "unknown sampling parameters: nucleus"),
-    ([1, 10**6], None, "prompt token ids"),
+    ([1, 10**6], None, "token ids must be integers"),
+    (42, None, "a prompt is text, chat messages or token ids"),
+    ([1, 2], {"stop": 5}, "stop strings must be non-empty strings"),
+    ([1, 2], {"max_tokens": True}, "max_tokens must be a positive integer"),
 ])
 def test_bad_input_is_a_clear_error_and_allocates_nothing(engine, prompt, params, message) -> None:
     with pytest.raises(ValueError, match=message):
@@ -99,3 +102,58 @@ def test_seeded_sampling_is_reproducible(engine) -> None:
 def test_chat_messages_use_the_chat_template(engine) -> None:
     ids = engine.encode([{"role": "user", "content": "hi"}])
     assert engine.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_resume_rejects_bad_token_ids_and_the_engine_keeps_serving(engine) -> None:
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=10, ignore_eos=True))
+    engine.step()
+    engine.pause_for_tool(rid)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        engine.resume(rid, [10**6])
+    engine.resume(rid, [4, 5])
+    finished = []
+    while engine.has_unfinished:
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.finish_reason for o in finished] == ["length"]
+    assert_all_blocks_free(engine)
+
+
+def test_tiny_temperature_is_greedy(engine) -> None:
+    greedy = engine.generate([[4, 5, 6]], SamplingParams(max_tokens=6, ignore_eos=True))[0].output_token_ids
+    tiny = engine.generate([[4, 5, 6]], SamplingParams(max_tokens=6, ignore_eos=True, temperature=1e-40))[0]
+    assert tiny.output_token_ids == greedy
+
+
+def test_stop_strings_earliest_match_wins_whatever_their_order(engine) -> None:
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    text = "".join(o.new_text for o in engine.stream("abc", params))
+    if len(text) < 6:
+        pytest.skip("the random model produced too little text")
+    late, early = text[3:6], text[1:3]
+    for stop in ((late, early), (early, late)):
+        cut = "".join(o.new_text for o in engine.stream("abc", SamplingParams(max_tokens=12, ignore_eos=True,
+                                                                                stop=stop)))
+        assert cut == text[:text.index(early)]
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(engine) -> None:
+    outs = list(engine.stream("xyz", SamplingParams(max_tokens=4, ignore_eos=True)))
+    text = "".join(o.new_text for o in outs)
+    last = engine.tokenizer.decode(outs[-1].new_token_ids)
+    if not last.strip() or not text.endswith(last):
+        pytest.skip("the last token produced no text of its own")
+    outs = list(engine.stream("xyz", SamplingParams(max_tokens=4, ignore_eos=True, stop=(last,))))
+    assert outs[-1].finish_reason == "stop"
+
+
+def test_pause_returns_held_back_text_and_stop_matching_restarts(engine) -> None:
+    params = SamplingParams(max_tokens=40, ignore_eos=True, stop=("@@never@@",))
+    rid = engine.add_request("hello", params)
+    streamed = ""
+    while len(engine.get_request(rid).output_token_ids) < 5:
+        streamed += "".join(o.new_text for o in engine.step() if o.request_id == rid)
+    streamed += engine.pause_for_tool(rid)
+    ids = engine.get_request(rid).output_token_ids
+    assert streamed == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    engine.abort(rid)
+    assert_all_blocks_free(engine)

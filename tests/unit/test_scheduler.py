@@ -120,3 +120,45 @@ def test_no_block_leaks_under_random_operations(operations) -> None:
         s.finish(r, FinishCause.ABORT)
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_decodes_go_before_long_chunks_of_older_requests() -> None:
+    s = make(budget=8)
+    a, b = req("a", 3, max_tokens=20), req("b", 3, max_tokens=20)
+    s.add(a), s.add(b)
+    run_step(s)
+    s.pause_for_tool(a)
+    s.resume(a, list(range(30)))              # a, the older request, now has 31 tokens to prefill
+    out = run_step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("b", 1), ("a", 7)]
+
+
+def test_requests_waiting_on_tools_give_up_their_kv_first() -> None:
+    s = make(num_blocks=6, block_size=4, budget=64)
+    a = req("a", 12, max_tokens=20)
+    b = Request("b", list(range(100, 116)), SamplingParams(max_tokens=2))   # shares no prefix with a
+    s.add(a)
+    run_step(s)
+    s.pause_for_tool(a)
+    assert len(a.block_table) == 3
+    s.add(b)
+    run_step(s)                               # b needs 4 blocks, 3 are free: a's KV is dropped
+    assert a.block_table == [] and a.num_computed_tokens == 0 and a.num_preemptions == 1
+    assert b.state is RequestState.RUNNING
+    s.resume(a, [5, 6])
+    assert a.state is RequestState.WAITING    # recomputes from the queue
+    while not (a.finished and b.finished):
+        run_step(s)
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+
+
+def test_config_values_are_checked() -> None:
+    import pytest
+
+    from conveyor.config import CacheConfig, ModelConfig
+
+    for make_bad in (lambda: SchedulerConfig(max_num_batched_tokens=0), lambda: SchedulerConfig(max_num_seqs=0),
+                     lambda: CacheConfig(block_size=0), lambda: CacheConfig(num_blocks=-1),
+                     lambda: ModelConfig(device="tpu")):
+        with pytest.raises(ValueError):
+            make_bad()

@@ -27,7 +27,7 @@ SMALL_BATCH = 16
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
     """Whether oneDNN can run bf16 matmuls natively on this CPU (AVX512-BF16/AMX class)."""
-    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class Linear(torch.nn.Module):
