@@ -40,6 +40,14 @@ def test_preemption_recomputes_to_the_same_tokens(tiny_llama) -> None:
     assert_all_blocks_free(engine)
 
 
+def assert_continues_like_fresh(model_dir, request, num_before_pause: int, appended: list[int]) -> None:
+    """The tokens sampled after a pause equal greedy decoding of the whole history from scratch."""
+    history = request.token_ids[:len(request.prompt_token_ids) + num_before_pause] + appended
+    params = SamplingParams(max_tokens=request.params.max_tokens - num_before_pause, ignore_eos=True)
+    expected = make_engine(model_dir, budget=64).generate([history], params)[0].output_token_ids
+    assert request.output_token_ids[num_before_pause:] == expected
+
+
 def test_pause_resume_continues_like_a_fresh_prefill(tiny_qwen2) -> None:
     engine = make_engine(tiny_qwen2, budget=64)
     rid = engine.add_request([3, 1, 4, 1, 5, 9, 2, 6], SamplingParams(max_tokens=30, ignore_eos=True))
@@ -55,10 +63,7 @@ def test_pause_resume_continues_like_a_fresh_prefill(tiny_qwen2) -> None:
     assert request.num_computed_total - before == len(appended) + 1   # last sampled token + appended
     while not request.finished:
         engine.step()
-    history = request.token_ids[:8 + 5] + appended
-    fresh = make_engine(tiny_qwen2, budget=64)
-    expected = fresh.generate([history], SamplingParams(max_tokens=25, ignore_eos=True))[0].output_token_ids
-    assert request.output_token_ids[5:] == expected
+    assert_continues_like_fresh(tiny_qwen2, request, 5, appended)
     assert_all_blocks_free(engine)
 
 
@@ -109,8 +114,5 @@ def test_resume_after_kv_was_reclaimed_continues_exactly(tiny_llama) -> None:
     engine.resume(rid, appended)
     while not request.finished:
         engine.step()
-    history = request.token_ids[:20 + 3] + appended
-    fresh = make_engine(tiny_llama, budget=64)
-    expected = fresh.generate([history], SamplingParams(max_tokens=27, ignore_eos=True))[0].output_token_ids
-    assert request.output_token_ids[3:] == expected
+    assert_continues_like_fresh(tiny_llama, request, 3, appended)
     assert_all_blocks_free(engine)
