@@ -40,18 +40,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Store the step's keys and values ``[num_tokens, num_kv_heads, head_dim]`` in their slots."""
     num_kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for a mixed step. ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are
-    the step's own keys and values, already written to the cache. Returns ``[num_tokens, num_heads * head_dim]``
-    in ``q``'s dtype."""
+    the step's own keys and values, which this stores in their cache slots first. Runs in the
+    cache's dtype; returns ``[num_tokens, num_heads * head_dim]`` in ``q``'s dtype."""
     num_tokens, num_heads, head_dim = q.shape
-    act_dtype = q.dtype   # attention runs in the cache's dtype
+    act_dtype = q.dtype
     q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     if meta.num_decodes:
         out[:meta.num_decodes] = _decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale)

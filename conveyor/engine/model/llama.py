@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from conveyor.engine.model.attention import AttentionMetadata, paged_attention, write_kv
+from conveyor.engine.model.attention import AttentionMetadata, paged_attention
 from conveyor.engine.model.linear import Linear, cpu_has_fast_bf16
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -120,7 +120,6 @@ class Layer(torch.nn.Module):
         q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
         k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim ** -0.5))
         h = F.rms_norm(x, (a.hidden_size,), self.post_attention_norm, a.rms_norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
