@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from conveyor.config import CacheConfig, ModelConfig, SchedulerConfig, add_flags, engine_config_from_flags, from_flags
+from conveyor.config import (
+    CacheConfig, ModelConfig, SchedulerConfig, ToolConfig, add_flags, engine_config_from_flags, from_flags,
+)
 from conveyor.engine.model.loader import ModelLoadError
 from conveyor.engine.request import SamplingParams
 
@@ -13,6 +15,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, ModelConfig, "model")
     add_flags(parser, CacheConfig, "KV cache")
     add_flags(parser, SchedulerConfig, "scheduler")
+    add_flags(parser, ToolConfig, "tools")
 
 
 def _chat(args: argparse.Namespace) -> int:

@@ -68,10 +68,37 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolConfig:
+    tools: tuple[str, ...] = field(default=("python",), metadata=_help(
+        "tools to serve: built-in names (python, sqlite, calculator, http_get, validate) or module:object specs"))
+    tool_mode: str = field(default="partial", metadata=_help(
+        "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"))
+    constrained: bool = field(default=True, metadata=_help(
+        "once a call starts (<tool_call>), mask logits so it names a known tool and fits its schema"))
+    max_tool_rounds: int = field(default=4, metadata=_help("most tool-result turns per request"))
+    num_workers: int = field(default=4, metadata=_help("tool worker processes, started before they are needed"))
+    call_timeout_s: float = field(default=30.0, metadata=_help(
+        "wall-clock limit of one call from its end in the stream; a worker past it is killed and replaced"))
+    cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
+    memory_mb: int = field(default=2048, metadata=_help("memory limit of a worker's data segment, in MiB"))
+    file_size_mb: int = field(default=64, metadata=_help("largest file a tool may write, in MiB"))
+
+    def __post_init__(self) -> None:
+        _require([(self.tool_mode in ("partial", "lazy"), f"tool_mode must be partial or lazy, got {self.tool_mode!r}"),
+                  (self.max_tool_rounds >= 0, "max_tool_rounds must be >= 0"),
+                  (self.num_workers > 0, "num_workers must be positive"),
+                  (self.call_timeout_s > 0, "call_timeout_s must be positive"),
+                  (self.cpu_time_s > 0, "cpu_time_s must be positive"),
+                  (self.memory_mb > 0, "memory_mb must be positive"),
+                  (self.file_size_mb > 0, "file_size_mb must be positive")])
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    tools: ToolConfig = ToolConfig()
 
 
 def cache_root() -> Path:
@@ -106,4 +133,4 @@ def from_flags(cls: type[T], args: argparse.Namespace) -> T:
 
 def engine_config_from_flags(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=from_flags(ModelConfig, args), cache=from_flags(CacheConfig, args),
-                        scheduler=from_flags(SchedulerConfig, args))
+                        scheduler=from_flags(SchedulerConfig, args), tools=from_flags(ToolConfig, args))
