@@ -6,16 +6,21 @@ from 0. Any split of a text into feeds yields the same events as the whole text,
 that Text deltas may be cut differently (merge adjacent ones to compare).
 
 `make_parser(kind)` builds one parser per response:
-- "hermes": JSON calls in `<tool_call>` tags, ```json fences or bare JSON objects
-  (`hermes.py`); FieldDone per top-level argument; malformed JSON never raises: a named
-  call ends with `CallEnd(index, raw_json_text)`, an unnamed block goes out as Text.
+- "hermes": JSON calls in `<tool_call>` tags, ```json / ```tool_call fences (any case) or
+  bare JSON objects (`hermes.py`); a block may hold one call object or a JSON list of them
+  (one call per element); FieldDone per top-level argument; malformed JSON never raises:
+  a named call ends with `CallEnd(index, raw_json_text)`, an unnamed block goes out as Text.
 - "python": ```python fences, a call named "python", a Line per top-level statement,
   CallEnd with the code string (`python_code.py`).
-- "plan": LLMCompiler numbered plan lines, a call named "plan", a Line per step,
-  CallEnd with the plan text (`plan.py`; `parse_step` gives step, tool, args, deps).
+- "plan": LLMCompiler numbered plan lines, a call named "plan", a Line per step (a step
+  may span lines until its brackets close), CallEnd with the plan text (`plan.py`;
+  `parse_step` gives step, tool, args, deps).
+- "auto": the "hermes" formats and ```python fences in the same response, each emitted
+  exactly as its own parser does, call indices counting across both (`auto.py`).
 """
 from __future__ import annotations
 
+from conveyor.tools.parsers.auto import AutoParser
 from conveyor.tools.parsers.base import StreamParser
 from conveyor.tools.parsers.events import (
     CallEnd,
@@ -33,11 +38,12 @@ PARSERS: dict[str, type[StreamParser]] = {
     "hermes": HermesParser,
     "python": PythonParser,
     "plan": PlanParser,
+    "auto": AutoParser,
 }
 
 
 def make_parser(kind: str) -> StreamParser:
-    """A fresh parser for one response; `kind` is "hermes", "python" or "plan"."""
+    """A fresh parser for one response; `kind` is "hermes", "python", "plan" or "auto"."""
     try:
         return PARSERS[kind]()
     except KeyError:

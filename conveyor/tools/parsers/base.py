@@ -58,22 +58,33 @@ class StreamParser:
         return events
 
 
+def fold(text: str) -> str:
+    """Lower-case ASCII text for marker matching (non-ASCII text is left as is, so that no
+    other character can fold onto a marker's letter)."""
+    return text.lower() if text.isascii() else text
+
+
 class MarkerParser(StreamParser):
-    """Text mode that watches for opening markers (held back while they may still match)."""
+    """Text mode that watches for opening markers (held back while they may still match).
+
+    Markers are matched regardless of ASCII case (```JSON opens like ```json); `_open` gets
+    the text as written, and `fold(marker)` is the marker it matched.
+    """
 
     __slots__ = ("_held", "_line_start", "_markers")
 
     def __init__(self, markers: tuple[str, ...]) -> None:
         super().__init__()
-        self._markers = markers
+        self._markers = tuple(fold(m) for m in markers)
         self._held = ""
         self._line_start = True
 
     def _text_step(self, c: str) -> None:
         """One character in text mode: extend a marker match, open a block, or pass it on."""
         s, self._held = self._held + c, ""
-        if any(m.startswith(s) for m in self._markers):
-            if s in self._markers:
+        folded = fold(s)
+        if any(m.startswith(folded) for m in self._markers):
+            if folded in self._markers:
                 self._open(s)
             else:
                 self._held = s

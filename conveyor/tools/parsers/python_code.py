@@ -6,48 +6,56 @@ so far parses with `ast`, or when the fence closes. Blank and comment lines betw
 statements are skipped. `CallEnd.args` is the whole code string. At `close()` without a
 closing fence, the last statement is emitted only if it parses (it may be cut short).
 A statement that never parses is held until the fence closes and then emitted as one Line.
+
+`PythonBody` handles the inside of one fence, so that other parsers (`auto.py`) can host
+python fences next to their own formats.
 """
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
 
 from conveyor.tools.parsers.base import MarkerParser
-from conveyor.tools.parsers.events import CallEnd, CallStart, Line
+from conveyor.tools.parsers.events import CallEnd, CallStart, Event, Line
 
+PYTHON_MARKERS = ("```python\n", "```py\n")
 _CONTINUATION = re.compile(r"(else|elif|except|finally|case)\b")
 
 
-class PythonParser(MarkerParser):
-    """Streaming parser for ```python / ```py fences."""
+class PythonBody:
+    """The code of one fence, pushed one character at a time; emits CallStart at once,
+    a Line per statement, and CallEnd when the fence closes (`step` returns True) or at
+    `close()`."""
 
-    __slots__ = ("_code", "_in_code", "_index", "_line", "_statement")
+    __slots__ = ("_code", "_emit", "_index", "_line", "_statement")
 
-    def __init__(self) -> None:
-        super().__init__(("```python\n", "```py\n"))
-        self._in_code = False
-        self._index = 0
+    def __init__(self, index: int, emit: Callable[[Event], None]) -> None:
+        self._index = index
+        self._emit = emit
         self._line: list[str] = []
         self._code: list[str] = []
         self._statement: list[str] = []
+        emit(CallStart(index, "python"))
 
-    def _open(self, marker: str) -> None:
-        self._in_code = True
-        self._index = self._new_index()
-        self._code, self._statement, self._line = [], [], []
-        self._emit(CallStart(self._index, "python"))
-
-    def _step(self, c: str) -> None:
-        if not self._in_code:
-            self._text_step(c)
-            return
+    def step(self, c: str) -> bool:
+        """One character of the fence; True when it closed the fence (the call ended)."""
         self._line.append(c)
         if c == "\n":
             self._on_line("".join(self._line))
             self._line = []
         elif c == "`" and "".join(self._line).strip() == "```":
             self._line = []
-            self._end_call(fenced=True)
+            self._end(fenced=True)
+            return True
+        return False
+
+    def close(self) -> None:
+        """The response ended inside the fence."""
+        rest = "".join(self._line)
+        if rest and not rest.strip().startswith("```"):
+            self._on_line(rest)
+        self._end(fenced=False)
 
     def _on_line(self, line: str) -> None:
         """A complete physical line of code."""
@@ -60,22 +68,37 @@ class PythonParser(MarkerParser):
             self._statement = []
         self._statement.append(line)
 
-    def _end_call(self, fenced: bool) -> None:
-        """The fence closed (or the response ended): flush the last statement, end the call."""
+    def _end(self, fenced: bool) -> None:
+        """Flush the last statement and end the call."""
         if self._statement and (fenced or _parses(self._statement)):
             self._emit(Line(self._index, "".join(self._statement).rstrip()))
         self._emit(CallEnd(self._index, "".join(self._code)))
-        self._in_code = False
-        self._line_start = False
+
+
+class PythonParser(MarkerParser):
+    """Streaming parser for ```python / ```py fences."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self) -> None:
+        super().__init__(PYTHON_MARKERS)
+        self._body: PythonBody | None = None
+
+    def _open(self, marker: str) -> None:
+        self._body = PythonBody(self._new_index(), self._emit)
+
+    def _step(self, c: str) -> None:
+        if self._body is None:
+            self._text_step(c)
+        elif self._body.step(c):
+            self._body = None
 
     def _finish(self) -> None:
-        if not self._in_code:
+        if self._body is None:
             self._flush_held()
-            return
-        rest = "".join(self._line)
-        if rest and not rest.strip().startswith("```"):
-            self._on_line(rest)
-        self._end_call(fenced=False)
+        else:
+            self._body.close()
+            self._body = None
 
 
 def _parses(lines: list[str]) -> bool:
