@@ -1,0 +1,303 @@
+"""WorkerPool: results and timings, parallel calls and queueing, rejection, cancel, crashes,
+limits (CPU, memory, file writes) and clean shutdown. One pool serves most tests; each test
+leaves it idle."""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import time
+from multiprocessing import forkserver
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from conveyor.config import ToolConfig
+from conveyor.tools import workers as workers_module
+from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolRejected, ToolResult
+from conveyor.tools.builtin.python import PythonTool
+from conveyor.tools.workers import WorkerPool
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = ToolConfig(num_workers=2, call_timeout_s=3, cpu_time_s=2)
+
+
+class EchoTool(Tool):
+    name = "echo"
+    side_effects = "none"
+
+    def start(self, call: CallInfo) -> None:
+        self.seen: list[str] = []
+
+    def on_field(self, key: str, value: Any) -> None:
+        self.seen.append(f"{key}={value}")
+
+    def on_line(self, line: str) -> None:
+        self.seen.append(line)
+
+    def finish(self, args: dict[str, Any]) -> Any:
+        return {"seen": self.seen, "args": args, "pid": os.getpid(), "cwd": os.getcwd()}
+
+
+class RejectTool(Tool):
+    name = "reject"
+
+    def on_field(self, key: str, value: Any) -> None:
+        if value < 0:
+            raise ToolRejected(f"{key} must be >= 0, got {value}")
+
+    def finish(self, args: dict[str, Any]) -> str:
+        return "accepted"
+
+
+class CrashTool(Tool):
+    name = "crash"
+
+    def finish(self, args: dict[str, Any]) -> str:
+        os._exit(1)
+
+
+class UnpicklableTool(Tool):
+    name = "unpicklable"
+
+    def __init__(self) -> None:
+        self.fn = lambda: None
+
+    def finish(self, args: dict[str, Any]) -> str:
+        return ""
+
+
+def _cannot_load() -> Tool:
+    raise ValueError("this tool cannot be loaded here")
+
+
+class UnloadableTool(Tool):
+    name = "unloadable"
+
+    def __reduce__(self) -> Any:
+        return _cannot_load, ()
+
+
+_ids = itertools.count()
+
+
+def run_call(pool: WorkerPool, name: str, fields: dict[str, Any] | None = None,
+             lines: tuple[str, ...] = (), args: dict[str, Any] | None = None) -> ToolResult:
+    """Open a call, send its fields and lines, finish it and wait for its result."""
+    call_id = open_call(pool, name)
+    for key, value in (fields or {}).items():
+        pool.send_field(call_id, key, value, time.perf_counter())
+    for line in lines:
+        pool.send_line(call_id, line, time.perf_counter())
+    pool.finish(call_id, args if args is not None else dict(fields or {}))
+    return wait_results(pool, {call_id})[call_id]
+
+
+def open_call(pool: WorkerPool, name: str) -> str:
+    call_id = f"call-{next(_ids)}"
+    pool.open_call(CallInfo(call_id, name, "request"), time.perf_counter())
+    return call_id
+
+
+def wait_results(pool: WorkerPool, call_ids: set[str], timeout_s: float = 15.0) -> dict[str, ToolResult]:
+    results: dict[str, ToolResult] = {}
+    deadline = time.perf_counter() + timeout_s
+    while set(results) != call_ids:
+        assert time.perf_counter() < deadline, f"no result for {call_ids - set(results)}"
+        results.update((r.call_id, r) for r in pool.poll(0.5))
+    return results
+
+
+def python(pool: WorkerPool, *lines: str) -> ToolResult:
+    return run_call(pool, "python", lines=lines, args={"code": "\n".join(lines)})
+
+
+def assert_healthy(pool: WorkerPool) -> None:
+    """Every worker comes back and a new call runs normally."""
+    assert python(pool, "1 + 1").content == "2"
+    assert (pool.num_busy, pool.num_queued) == (0, 0)
+
+
+def children() -> set[int]:
+    """Live child processes, less multiprocessing's resource tracker (shared; exits with us)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())}
+
+
+# ---- own pools (first, while no other pool holds the forkserver) ---------------------------
+def test_start_fails_clearly_and_leaves_no_process() -> None:
+    with pytest.raises(RuntimeError, match="'unpicklable' cannot be sent to a worker"):
+        WorkerPool(ToolRegistry([UnpicklableTool()]), CONFIG).start()
+    before = children()
+    with pytest.raises(RuntimeError, match="this tool cannot be loaded here"):
+        WorkerPool(ToolRegistry([UnloadableTool()]), CONFIG).start()
+    assert children() <= before
+
+
+def test_close_leaves_no_worker_process() -> None:
+    pool = WorkerPool(ToolRegistry([EchoTool()]), CONFIG)
+    pool.start()
+    workers = {w.process.pid for w in pool._workers}
+    assert workers <= children()
+    call_id = open_call(pool, "echo")                  # a busy worker stops too
+    server_pid = forkserver._forkserver._forkserver_pid
+    pool.close()
+    pool.close()                                       # idempotent
+    alive = children()
+    assert not workers & alive
+    if workers_module._num_open_pools == 0:            # the last pool stops the forkserver too
+        assert server_pid not in alive and forkserver._forkserver._forkserver_pid is None
+    with pytest.raises(KeyError):
+        pool.finish(call_id, {})
+
+
+# ---- one shared pool ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pool():
+    registry = ToolRegistry([EchoTool(), RejectTool(), CrashTool(), PythonTool()])
+    with WorkerPool(registry, CONFIG) as pool:
+        yield pool
+
+
+def test_result_and_hook_delays(pool: WorkerPool) -> None:
+    before = time.perf_counter()
+    result = run_call(pool, "echo", fields={"a": 1, "b": [2, 3]}, lines=("x = 1",))
+    assert not result.is_error
+    content = eval(result.content.replace("null", "None"))   # JSON of plain values
+    assert content["seen"] == ["a=1", "b=[2, 3]", "x = 1"]
+    assert content["args"] == {"a": 1, "b": [2, 3]}
+    assert len(result.hook_delays_s) == 3 and all(0 <= d < 1 for d in result.hook_delays_s)
+    assert before <= result.started_at <= result.done_at <= time.perf_counter()
+
+
+def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
+    first, second, third = (open_call(pool, "echo") for _ in range(3))
+    assert (pool.num_busy, pool.num_idle, pool.num_queued) == (2, 0, 1)
+    pool.send_field(third, "k", "queued", time.perf_counter())
+    for call_id in (first, second):
+        pool.finish(call_id, {})
+    results = wait_results(pool, {first, second})
+    pids = {eval(results[c].content.replace("null", "None"))["pid"] for c in (first, second)}
+    assert len(pids) == 2                             # two workers ran them side by side
+    assert (pool.num_busy, pool.num_queued) == (1, 0)  # the queued call got a worker
+    pool.finish(third, {"k": "queued"})
+    result = wait_results(pool, {third})[third]
+    assert '"seen": ["k=queued"]' in result.content and len(result.hook_delays_s) == 1
+    assert pool.num_busy == 0
+
+
+def test_rejection_is_reported_at_once(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "reject")
+    pool.send_field(call_id, "n", -1, time.perf_counter())
+    result = wait_results(pool, {call_id})[call_id]
+    assert result.rejected and result.is_error and result.content == "n must be >= 0, got -1"
+    pool.send_field(call_id, "m", 2, time.perf_counter())   # later messages are dropped
+    pool.finish(call_id, {"n": -1, "m": 2})
+    assert pool.poll(0.1) == [] and pool.num_busy == 0
+    assert run_call(pool, "reject", fields={"n": 1}).content == "accepted"
+
+
+def test_hook_error_is_the_result(pool: WorkerPool) -> None:
+    result = run_call(pool, "reject", fields={"n": "text"})   # "text" < 0 raises TypeError
+    assert result.is_error and not result.rejected and result.content.startswith("TypeError: ")
+
+
+def test_cancel_frees_the_worker(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "echo")
+    pool.send_field(call_id, "a", 1, time.perf_counter())
+    pool.cancel(call_id)
+    restarts = pool.num_restarts
+    while pool.num_busy:
+        assert pool.poll(0.5) == []
+    assert pool.num_restarts == restarts               # acknowledged, not killed
+    assert_healthy(pool)
+
+
+def test_cancel_of_a_stuck_call_replaces_its_worker(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "python")
+    pool.send_line(call_id, "import time; time.sleep(60)", time.perf_counter())
+    pool.cancel(call_id)
+    restarts = pool.num_restarts
+    while pool.num_restarts == restarts:
+        assert pool.poll(0.5) == []                     # no result for a cancelled call
+    assert_healthy(pool)
+
+
+@pytest.mark.parametrize("crash", ["tool", "python"])
+def test_crash_gives_an_error_and_a_new_worker(pool: WorkerPool, crash: str) -> None:
+    restarts = pool.num_restarts
+    if crash == "tool":
+        result = run_call(pool, "crash")
+    else:
+        result = python(pool, "import os, signal", "os.kill(os.getpid(), signal.SIGKILL)")
+    assert result.is_error and "worker process died" in result.content
+    assert pool.num_restarts == restarts + 1
+    assert_healthy(pool)
+
+
+def test_endless_loop_hits_the_cpu_limit(pool: WorkerPool) -> None:
+    result = python(pool, "print('before')", "while True: pass", "print('after')")
+    assert result.is_error and ("CPU time limit exceeded" in result.content or "TimeoutError" in result.content)
+    assert "after" not in result.content
+    assert_healthy(pool)
+
+
+def test_timeout_replaces_the_worker(pool: WorkerPool) -> None:
+    restarts = pool.num_restarts
+    started = time.perf_counter()
+    result = python(pool, "import time", "time.sleep(60)")
+    assert result.is_error and result.content.startswith("TimeoutError: ")
+    assert CONFIG.call_timeout_s <= time.perf_counter() - started < CONFIG.call_timeout_s + 5
+    assert pool.num_restarts == restarts + 1
+    assert_healthy(pool)
+
+
+def test_huge_allocation_is_a_memory_error(pool: WorkerPool) -> None:
+    restarts = pool.num_restarts
+    result = python(pool, "x = bytearray(10 * 2**30)")
+    assert result.is_error and "MemoryError" in result.content
+    assert pool.num_restarts == restarts                # the worker survived
+    assert_healthy(pool)
+
+
+@pytest.mark.parametrize("target", ["/tmp/conveyor-escape-test.txt", str(REPO / "conveyor-escape-test.txt")])
+def test_writes_outside_the_temp_dir_are_refused(pool: WorkerPool, target: str) -> None:
+    result = python(pool, f"open({target!r}, 'w').write('escaped')")
+    assert result.is_error and "PermissionError" in result.content
+    assert not os.path.exists(target)
+    result = python(pool, f"import os; os.remove({str(REPO / 'pyproject.toml')!r})")
+    assert result.is_error and "PermissionError" in result.content
+    assert (REPO / "pyproject.toml").exists()
+
+
+def test_the_forkserver_socket_is_out_of_reach(pool: WorkerPool) -> None:
+    address = forkserver._forkserver._forkserver_address     # it would fork unconfined processes
+    result = python(pool, "import socket", f"socket.socket(socket.AF_UNIX).connect({address!r})")
+    assert result.is_error and "PermissionError" in result.content
+
+
+def _landlock_abi() -> int:
+    return ctypes.CDLL(None, use_errno=True).syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+
+
+@pytest.mark.skipif(_landlock_abi() <= 0, reason="the kernel has no Landlock")
+def test_landlock_refuses_writes_that_bypass_python(pool: WorkerPool) -> None:
+    target = "/tmp/conveyor-escape-test.txt"
+    code = f"import ctypes; ctypes.CDLL(None).open({target.encode()!r}, 0o101, 0o644)"   # O_WRONLY|O_CREAT
+    assert python(pool, code).content == "-1"
+    assert not os.path.exists(target)
+
+
+def test_writes_inside_the_call_directory_work(pool: WorkerPool) -> None:
+    result = python(pool, "open('out.txt', 'w').write('hello')", "print(open('out.txt').read())",
+                    "import sqlite3; db = sqlite3.connect('db.sqlite')",
+                    "db.execute('create table t (x)'); db.execute('insert into t values (42)')",
+                    "db.execute('select x from t').fetchone()[0]",
+                    "import tempfile; tempfile.NamedTemporaryFile().name.startswith(tempfile.gettempdir())")
+    assert result.content == "hello\nTrue", result.content
+    for _ in range(3):   # a fresh directory per call; a worker removes its last one before the next
+        result = python(pool, "import os", "calls = [d for d in os.listdir('..') if d.startswith('call-')]",
+                        "os.listdir('.'), calls == [os.path.basename(os.getcwd())]")
+        assert result.content == "([], True)"
