@@ -46,6 +46,13 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_calls(args: argparse.Namespace) -> int:
+    from conveyor.bench.calls import run_calls_bench
+
+    run_calls_bench(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor: a tool-aware LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrencies at which to split a decode step's time")
     _engine_flags(engine)
     engine.set_defaults(run=_bench_engine)
+    calls = bench.add_parser("calls", help="tool-call success rate with and without constrained decoding")
+    calls.add_argument("--json", default="docs/results/calls.json", help="where to write the results")
+    calls.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt, besides the greedy one")
+    calls.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled runs")
+    calls.add_argument("--max-tokens", type=int, default=160, help="most tokens per reply")
+    calls.add_argument("--modes", nargs="+", default=["auto", "required", "auto-grammar"],
+                       choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
+    _engine_flags(calls)
+    calls.set_defaults(run=_bench_calls)
     return parser
 
 

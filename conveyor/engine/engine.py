@@ -73,8 +73,9 @@ class LLMEngine:
         return list(ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-                    request_id: str | None = None, tools: list[dict] | None = None) -> str:
-        """Queue a request; raises ValueError before allocating anything if the input is unusable."""
+                    request_id: str | None = None, tools: list[dict] | None = None, constraint: Any = None) -> str:
+        """Queue a request; raises ValueError before allocating anything if the input is unusable.
+        ``constraint``: a ``tools.grammar.Constraint`` that masks the turn's tokens (None: free)."""
         params = _sampling_params(params)
         token_ids = self.encode(prompt, tools)
         if len(token_ids) >= self.max_model_len:
@@ -84,7 +85,7 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
+        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops), constraint=constraint)
         self._requests[request_id] = (request, Detokenizer(self.tokenizer, token_ids, params.stop))
         self.scheduler.add(request)
         return request_id

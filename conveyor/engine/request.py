@@ -8,6 +8,7 @@ import enum
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class RequestState(enum.Enum):
@@ -121,6 +122,7 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()   # the model's EOS ids (unless ignored) and the params'
     num_computed_total: int = 0     # tokens run through the model, recomputes included
     num_preemptions: int = 0
+    constraint: Any = None    # the current turn's tools.grammar.Constraint: the runner masks logits by it
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -10,10 +10,16 @@ from pathlib import Path
 import torch
 
 from conveyor.config import CacheConfig, ModelConfig
-from conveyor.engine.model.attention import AttentionMetadata, PrefillSegment, decode_mask, prefill_mask
+from conveyor.engine.model.attention import (
+    AttentionMetadata,
+    PrefillSegment,
+    decode_mask,
+    prefill_mask,
+)
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
-from conveyor.engine.sampler import Sampler
+from conveyor.engine.request import Request
+from conveyor.engine.sampler import GrammarMask, Sampler
 from conveyor.engine.scheduler import Chunk, SchedulerOutput
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -50,6 +56,7 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
         self.sampler = Sampler(self.device)
+        self.grammar_mask = GrammarMask()
 
     def _blocks_for_mb(self, mb: int) -> int:
         a = self.args
@@ -59,14 +66,23 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token of each chunk (None where it did not sample)."""
         logits, order = self.forward(out)
-        sampling = [out.chunks[i] for i in order if out.chunks[i].sample]
-        tokens = iter(self.sampler(logits, [c.request.params for c in sampling],
-                                   [len(c.request.output_token_ids) for c in sampling]))
+        sampled_chunks = [i for i in order if out.chunks[i].sample]
+        requests = [out.chunks[i].request for i in sampled_chunks]
+        constrained = self._constrain(logits, requests)
+        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests])
+        for row in constrained:
+            requests[row].constraint.accept(tokens[row])
         result: list[int | None] = [None] * len(out.chunks)
-        for i in order:
-            if out.chunks[i].sample:
-                result[i] = next(tokens)
+        for i, token in zip(sampled_chunks, tokens):
+            result[i] = token
         return result
+
+    def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """Mask the logits rows of requests with an active grammar constraint; returns those rows."""
+        rows = [row for row, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
+        if rows:
+            self.grammar_mask.apply(logits, rows, [requests[row].constraint for row in rows])
+        return rows
 
     @torch.inference_mode()
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
@@ -91,7 +107,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if c.sample:
                 logit_rows.append(len(ids) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
         return as_tensor(ids), as_tensor(positions), as_tensor(slots), as_tensor(logit_rows)
 
     def _metadata(self, chunks: list[Chunk], slots: torch.Tensor) -> AttentionMetadata:

@@ -1,9 +1,12 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds; grammar masks.
 
 A seeded request draws each token from a generator seeded by (seed, output
 position), so its tokens do not depend on which other requests share the batch.
+Rows of requests with a grammar constraint are masked before sampling.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -43,3 +46,22 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+class GrammarMask:
+    """One reusable xgrammar bitmask that masks the logits rows of constrained requests in place."""
+
+    def __init__(self) -> None:
+        self._bitmask: torch.Tensor | None = None
+
+    def apply(self, logits: torch.Tensor, rows: list[int], constraints: list[Any]) -> None:
+        """Set to -inf the tokens each constraint forbids in its row of ``logits`` [rows, vocab]."""
+        import xgrammar as xgr  # only once some request is constrained
+
+        bitmask = self._bitmask
+        if bitmask is None or bitmask.shape[0] < logits.shape[0] or bitmask.shape[1] * 32 < logits.shape[1]:
+            bitmask = self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+        for row, constraint in zip(rows, constraints):
+            constraint.fill_mask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        vocab_size=logits.shape[1], indices=rows)

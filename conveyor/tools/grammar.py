@@ -1,0 +1,122 @@
+"""Constrained tool calls: xgrammar grammars for the Qwen/Hermes call format.
+
+A call is `<tool_call>\\n{"name": "<tool>", "arguments": <JSON>}\\n</tool_call>`, where the
+name is one of the request's tools and the arguments fit that tool's parameters schema.
+xgrammar's built-in "qwen_3" structural tag is exactly this format (Qwen2.5 shares it),
+so it is used as is for "auto" (free text, and a constrained call after each
+`<tool_call>` trigger) and for a named tool (exactly one call of it). For "required" the
+built-in allows free text after the first call; here the reply is calls only, separated
+by newlines, and may end after the first.
+
+A `ToolGrammar` belongs to one tokenizer and compiles each (tools, choice) once; a
+`Constraint` is one model turn's matcher, which the runner uses to mask logits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import xgrammar as xgr
+from xgrammar.structural_tag import StructuralTag, TagsWithSeparatorFormat
+
+log = logging.getLogger(__name__)
+
+ToolChoice = str | dict[str, Any]
+CALL_FORMAT = "qwen_3"      # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
+CALL_SEPARATOR = "\n"       # between calls of a "required" reply, as the Qwen chat template joins them
+
+
+class Constraint:
+    """One model turn's grammar state (an xgrammar GrammarMatcher).
+
+    Before sampling, `fill_mask` writes the allowed next tokens into a bitmask row; after
+    sampling, `accept` advances by the sampled token. A token the grammar rejects (it can
+    only come from unmasked logits) is logged and ends the constraint: the rest of the
+    turn is unconstrained, and the engine carries on.
+    """
+
+    __slots__ = ("_failed", "_matcher")
+
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._failed = False
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar accepted a stop token: the turn is complete."""
+        return self._matcher.is_terminated()
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token is masked: neither terminated nor given up after a rejection."""
+        return not self._failed and not self._matcher.is_terminated()
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into row `row` of an `xgrammar.allocate_token_bitmask`."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> None:
+        """Advance past `token`; a rejected token ends the constraint (see the class docstring)."""
+        if self.active and not self._matcher.accept_token(token):
+            log.warning("tool-call grammar rejected token %d; the rest of the turn is unconstrained", token)
+            self._failed = True
+
+
+class ToolGrammar:
+    """Compiles tool-call grammars for one tokenizer; caches compiled grammars by (tools, choice).
+
+    `vocab_size` is the width of the model's logits (it may exceed the tokenizer's);
+    `stop_token_ids` end a turn (the engine's `eos_token_ids`) and are allowed wherever
+    the grammar may end. `max_whitespace` caps runs of whitespace inside arguments, so a
+    sampled call cannot stall in endless blanks.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int] | None = None, *,
+                 max_whitespace: int | None = 16, max_cached: int = 64) -> None:
+        stops = sorted(stop_token_ids) if stop_token_ids is not None else None
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
+        self.vocab_size = vocab_size
+        self.max_whitespace = max_whitespace
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._max_cached = max_cached
+
+    def constraint(self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto") -> Constraint | None:
+        """A fresh matcher for one turn, or None when nothing is constrained ("none", no tools).
+
+        `tools` are OpenAI tool specs; `tool_choice` is "auto", "required", "none" or
+        `{"type": "function", "function": {"name": ...}}`. Raises ValueError for a choice
+        that names no given tool or a schema xgrammar cannot compile.
+        """
+        if tool_choice == "none" or not tools:
+            return None
+        return Constraint(self.compiled(tools, tool_choice))
+
+    def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> xgr.CompiledGrammar:
+        """The compiled grammar of (tools, choice), from the cache when it was compiled before."""
+        key = json.dumps([tools, tool_choice], sort_keys=True)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            compiled = self._compiler.compile_structural_tag(self.structural_tag(tools, tool_choice))
+        except RuntimeError as e:    # xgrammar reports unsupported schemas this way
+            raise ValueError(f"cannot build a tool-call grammar: {e}") from e
+        self._cache[key] = compiled
+        if len(self._cache) > self._max_cached:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def structural_tag(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> StructuralTag:
+        """The xgrammar structural tag of one (tools, choice); see the module docstring."""
+        tag = xgr.get_model_structural_tag(
+            CALL_FORMAT, tools=tools, tool_choice=tool_choice, reasoning="disabled",
+            exclude_special_tokens=False, max_whitespace_cnt=self.max_whitespace)
+        if tool_choice == "required":
+            calls = TagsWithSeparatorFormat(tags=tag.format.tags, separator=CALL_SEPARATOR, at_least_one=True)
+            tag = StructuralTag(format=calls)
+        return tag

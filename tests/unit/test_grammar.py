@@ -1,0 +1,128 @@
+"""Tool-call grammars on the tiny byte-level tokenizer: names, end of turn, cache, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import xgrammar as xgr
+
+from conveyor.tools.grammar import ToolGrammar
+from tests.tiny import byte_tokenizer
+
+PREFIX = '<tool_call>\n{"name": "'
+SEARCH = {"type": "function", "function": {"name": "search", "description": "web search", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string"}, "k": {"type": "integer"}},
+    "required": ["query"], "additionalProperties": False}}}
+CALC = {"type": "function", "function": {"name": "calculator", "description": "arithmetic", "parameters": {
+    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+TOOLS = [SEARCH, CALC]
+NAMED_SEARCH = {"type": "function", "function": {"name": "search"}}
+CALL = PREFIX + 'search", "arguments": {"query": "cats"}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def grammar(tokenizer) -> ToolGrammar:
+    return ToolGrammar(tokenizer, len(tokenizer) + 5, [tokenizer.eos_token_id])
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def allowed_after(grammar: ToolGrammar, tokenizer, text: str, choice="required") -> set[int]:
+    """Token ids the grammar allows after the tokens of ``text``."""
+    constraint = grammar.constraint(TOOLS, choice)
+    for token in ids(tokenizer, text):
+        constraint.accept(token)
+    assert constraint.active, f"the grammar rejected {text!r}"
+    bitmask = xgr.allocate_token_bitmask(1, grammar.vocab_size)
+    constraint.fill_mask(bitmask, 0)
+    logits = torch.zeros(1, grammar.vocab_size)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+    return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+
+
+def one(tokenizer, char: str) -> int:
+    (token,) = ids(tokenizer, char)
+    return token
+
+
+def test_mask_allows_only_known_tool_names(grammar, tokenizer) -> None:
+    allowed = allowed_after(grammar, tokenizer, PREFIX)
+    assert allowed == {one(tokenizer, "s"), one(tokenizer, "c")}
+    assert one(tokenizer, "x") not in allowed
+
+
+def test_named_choice_allows_only_that_tool(grammar, tokenizer) -> None:
+    assert allowed_after(grammar, tokenizer, PREFIX, NAMED_SEARCH) == {one(tokenizer, "s")}
+
+
+def test_arguments_follow_the_schema(grammar, tokenizer) -> None:
+    allowed = allowed_after(grammar, tokenizer, PREFIX + 'search", "arguments": {"query": "a", "')
+    assert one(tokenizer, "k") in allowed and one(tokenizer, "z") not in allowed
+
+
+def test_required_ends_only_after_a_whole_call(grammar, tokenizer) -> None:
+    eos = tokenizer.eos_token_id
+    assert eos not in allowed_after(grammar, tokenizer, "")
+    assert one(tokenizer, "<") in allowed_after(grammar, tokenizer, "")
+    assert eos not in allowed_after(grammar, tokenizer, CALL[:-3])
+    after = allowed_after(grammar, tokenizer, CALL)
+    assert after == {eos, one(tokenizer, "\n")}          # end, or a second call
+    assert eos in allowed_after(grammar, tokenizer, CALL + "\n" + CALL)
+
+
+def test_named_choice_is_exactly_one_call(grammar, tokenizer) -> None:
+    assert allowed_after(grammar, tokenizer, CALL, NAMED_SEARCH) == {tokenizer.eos_token_id}
+
+
+def test_auto_is_free_text_until_the_trigger(grammar, tokenizer) -> None:
+    eos = tokenizer.eos_token_id
+    free = allowed_after(grammar, tokenizer, "Sure, here", "auto")
+    assert eos in free and one(tokenizer, "x") in free
+    assert allowed_after(grammar, tokenizer, "Let me look. " + PREFIX, "auto") == {
+        one(tokenizer, "s"), one(tokenizer, "c")}
+    assert eos in allowed_after(grammar, tokenizer, "Let me look. " + CALL + " Done", "auto")
+
+
+def test_padding_ids_beyond_the_tokenizer_are_never_allowed(grammar, tokenizer) -> None:
+    assert max(allowed_after(grammar, tokenizer, "hi", "auto")) < len(tokenizer)
+
+
+def test_stop_token_ends_the_turn(grammar, tokenizer) -> None:
+    constraint = grammar.constraint(TOOLS, "required")
+    for token in ids(tokenizer, CALL) + [tokenizer.eos_token_id]:
+        constraint.accept(token)
+    assert constraint.is_terminated and not constraint.active
+
+
+def test_rejected_token_stops_constraining_without_raising(grammar, tokenizer) -> None:
+    constraint = grammar.constraint(TOOLS, "required")
+    for token in ids(tokenizer, PREFIX + "x"):
+        constraint.accept(token)
+    assert not constraint.active and not constraint.is_terminated
+    constraint.accept(one(tokenizer, "y"))        # still harmless
+
+
+def test_compiled_once_per_tools_and_choice(grammar) -> None:
+    assert grammar.compiled(TOOLS, "required") is grammar.compiled([dict(t) for t in TOOLS], "required")
+    assert grammar.compiled(TOOLS, "required") is not grammar.compiled(TOOLS, "auto")
+
+
+def test_none_or_no_tools_is_unconstrained(grammar) -> None:
+    assert grammar.constraint(TOOLS, "none") is None
+    assert grammar.constraint([], "required") is None
+
+
+@pytest.mark.parametrize("tools, choice, message", [
+    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "nope"),
+    (TOOLS, "sometimes", "sometimes"),
+    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "vector"}}}], "auto", "grammar"),
+])
+def test_bad_choice_or_schema_is_a_value_error(grammar, tools, choice, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        grammar.constraint(tools, choice)
