@@ -1,4 +1,4 @@
-"""`conveyor chat | model | bench`; flags are generated from the config dataclasses."""
+"""`conveyor chat | demo | model | bench`; flags are generated from the config dataclasses."""
 from __future__ import annotations
 
 import argparse
@@ -25,10 +25,27 @@ def _chat(args: argparse.Namespace) -> int:
     engine = LLMEngine(engine_config_from_flags(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
-    for out in engine.stream(messages, params):
-        sys.stdout.write(out.new_text)
-        sys.stdout.flush()
+    with engine:
+        for out in engine.stream(messages, params, tools=list(engine.config.tools.tools)):
+            sys.stdout.write(out.new_text)
+            for result in out.tool_results:
+                sys.stdout.write(f"\n[{result.name} result]\n{result.content}\n")
+            sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from conveyor.bench.overhead import run_overhead_bench
+
+    run_overhead_bench(args)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from conveyor.bench.demo import run_demo
+
+    run_demo(args)
     return 0
 
 
@@ -64,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(chat, SamplingParams, "sampling")
     chat.set_defaults(run=_chat)
 
+    demo = commands.add_parser("demo", help="a tool-using request on the default model, partial vs lazy")
+    from conveyor.bench.demo import add_demo_flags
+
+    add_demo_flags(demo)
+    _engine_flags(demo)
+    demo.set_defaults(run=_demo)
+
     model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="install, verify and convert a built-in model")
     pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
@@ -81,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="concurrencies at which to split a decode step's time")
     _engine_flags(engine)
     engine.set_defaults(run=_bench_engine)
+
+    from conveyor.bench.overhead import add_overhead_flags
+
+    overhead = bench.add_parser("overhead", help="CPU cost of parsing and dispatch, and field-to-hook latency")
+    add_overhead_flags(overhead)
+    _engine_flags(overhead)
+    overhead.set_defaults(run=_bench_overhead)
     calls = bench.add_parser("calls", help="tool-call success rate with and without constrained decoding")
     calls.add_argument("--json", default="docs/results/calls.json", help="where to write the results")
     calls.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt, besides the greedy one")

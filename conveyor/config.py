@@ -69,8 +69,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ToolConfig:
-    tools: tuple[str, ...] = field(default=("python",), metadata=_help(
-        "tools to serve: built-in names (python, sqlite, calculator, http_get, validate) or module:object specs"))
+    tools: tuple[str, ...] = field(default=(), metadata=_help(
+        "tools the engine runs: built-in names (python, sqlite, calculator, http_get, search, validate) "
+        "or module:object specs; worker processes start with the engine when any are given"))
     tool_mode: str = field(default="partial", metadata=_help(
         "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"))
     constrained: bool = field(default=True, metadata=_help(

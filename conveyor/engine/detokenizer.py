@@ -32,7 +32,7 @@ class Detokenizer:
         self.ids.extend(ids)
         self._read = len(self.ids)
         self._prefix = max(self._read - _CONTEXT, 0)
-        self.text, self.emitted = "", 0
+        self.text, self.emitted, self.stopped = "", 0, False
 
     def push(self, token_id: int) -> str:
         """Add one output token; return the text that is now final."""

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from conveyor.config import EngineConfig
 from conveyor.engine.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
-from conveyor.engine.request import FinishCause, Request, SamplingParams
+from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
 from conveyor.engine.scheduler import Scheduler
+from conveyor.engine.tool_loop import Span, ToolLoop
+from conveyor.engine.tool_rounds import ToolRounds
+from conveyor.tools.base import ToolResult
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
@@ -27,13 +30,20 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
+    timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
 
 
-class LLMEngine:
+class LLMEngine(ToolRounds):
     """The synchronous engine loop over one model runner. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True) -> None:
-        from transformers import AutoTokenizer  # heavy imports stay off `import conveyor`
+    def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
+                 tools: Iterable[Any] = ()) -> None:
+        """`tools`: more tools to serve besides `config.tools.tools` (Tool objects, typed
+        functions or module:object specs); worker processes start here when there are any."""
+        from transformers import (
+            AutoTokenizer,  # heavy imports stay off `import conveyor`
+        )
 
         from conveyor.engine.model.loader import resolve_model
         from conveyor.engine.runner import ModelRunner
@@ -49,6 +59,24 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         self._requests: dict[str, tuple[Request, Detokenizer]] = {}
         self._ids = itertools.count()
+        self.tool_loop: ToolLoop | None = None
+        self._grammar: Any = None
+        specs = [*config.tools.tools, *tools]
+        if specs:
+            from conveyor.engine.tool_setup import start_tool_loop
+
+            self.tool_loop = start_tool_loop(specs, config.tools, self.tokenizer)
+
+    def close(self) -> None:
+        """Stop the tool workers (the engine serves no more tool calls after this)."""
+        if self.tool_loop is not None:
+            self.tool_loop.executor.pool.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- requests -------------------------------------------------------------------------
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
@@ -73,11 +101,21 @@ class LLMEngine:
         return list(ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
-                    request_id: str | None = None, tools: list[dict] | None = None, constraint: Any = None) -> str:
+                    request_id: str | None = None, tools: list[str | dict] | None = None,
+                    tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
+                    max_tool_rounds: int | None = None, constraint: Any = None) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
-        ``constraint``: a ``tools.grammar.Constraint`` that masks the turn's tokens (None: free)."""
+
+        `tools`: names of the engine's tools the model may call (the engine runs them and
+        continues the request with their results) and/or OpenAI tool specs (dicts), which are
+        only shown to the model. `tool_mode` (partial | lazy), `call_format` (hermes, python,
+        plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request.
+        `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
+        the first turn, or a callable that returns one per turn number (default: the tool-call
+        grammar from `tool_choice` and ToolConfig.constrained)."""
         params = _sampling_params(params)
-        token_ids = self.encode(prompt, tools)
+        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
+        token_ids = self.encode(prompt, self._tool_specs(tools or []))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                              f"(max_model_len {self.max_model_len} leaves room for one output token)")
@@ -85,7 +123,12 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops), constraint=constraint)
+        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
+        factory = constraint if callable(constraint) else None
+        request.constraint = self._constraint(options, 0, factory) if constraint is None or factory else constraint
+        if options is not None:
+            request.pause_on_stop = True
+            self.tool_loop.attach(request_id, options).constraint_factory = factory
         self._requests[request_id] = (request, Detokenizer(self.tokenizer, token_ids, params.stop))
         self.scheduler.add(request)
         return request_id
@@ -99,7 +142,7 @@ class LLMEngine:
             return None
         request, detok = self._requests.pop(request_id)
         self.scheduler.finish(request, FinishCause.ABORT)
-        return self._output(request, [], detok.flush())
+        return self._output(request, [], detok.flush(), timeline=self._detach_tools(request))
 
     def pause_for_tool(self, request_id: str) -> str:
         """Take a running request out of the batch while its tools run; its KV stays.
@@ -124,15 +167,18 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.tool_loop and self.tool_loop.num_waiting)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, update requests; returns outputs of requests that changed."""
+        """Collect tool results, schedule, run one forward pass, update requests; returns
+        outputs of requests that changed. Waits briefly for tools when nothing else can run."""
+        outputs = self._poll_tools(0.0)
         plan = self.scheduler.schedule()
         if not plan.chunks:
-            return []
+            if self.tool_loop is not None and self.tool_loop.num_waiting:
+                outputs += self._poll_tools(0.05)
+            return outputs
         sampled = self.runner.execute(plan)
-        outputs = []
         for request in self.scheduler.postprocess(plan, sampled):
             outputs.append(self._update(request))
         return outputs
@@ -140,20 +186,31 @@ class LLMEngine:
     def _update(self, request: Request) -> RequestOutput:
         _, detok = self._requests[request.request_id]
         token = request.output_token_ids[-1]
-        text = "" if token in request.stop_token_ids else detok.push(token)
+        by_token = token in request.stop_token_ids
+        text = "" if by_token else detok.push(token)
+        tools = self.tool_loop is not None and request.request_id in self.tool_loop.sessions
+        if tools:
+            self.tool_loop.feed(request.request_id, text)
         if detok.stopped:   # a stop string wins over a length limit reached on the same token
             if request.finished:
                 request.finish_cause = FinishCause.STOP_STRING
+            elif tools:
+                self.scheduler.pause_for_tool(request)
             else:
                 self.scheduler.finish(request, FinishCause.STOP_STRING)
+        if request.state is RequestState.AWAITING_TOOL:
+            return self._end_turn(request, detok, text, self.tokenizer.decode([token]) if by_token else None)
+        timeline = None
         if request.finished:
             text += detok.flush()
             del self._requests[request.request_id]
-        return self._output(request, [token], text)
+            timeline = self._detach_tools(request)
+        return self._output(request, [token], text, timeline=timeline)
 
-    def _output(self, request: Request, tokens: list[int], text: str) -> RequestOutput:
+    def _output(self, request: Request, tokens: list[int], text: str, results: list[ToolResult] | None = None,
+                timeline: list[Span] | None = None) -> RequestOutput:
         return RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
-                             len(request.prompt_token_ids), len(request.output_token_ids))
+                             len(request.prompt_token_ids), len(request.output_token_ids), results or [], timeline)
 
     def _request(self, request_id: str) -> tuple[Request, Detokenizer]:
         try:
@@ -162,10 +219,11 @@ class LLMEngine:
             raise ValueError(f"unknown or finished request {request_id!r}") from None
 
     # ---- conveniences ---------------------------------------------------------------------
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None) -> Iterator[RequestOutput]:
-        """Add one request and step the engine until it finishes, yielding its outputs.
-        Outputs of other requests in the engine are not returned: serve many with ``step``."""
-        request_id = self.add_request(prompt, params)
+    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None,
+               **options: Any) -> Iterator[RequestOutput]:
+        """Add one request (``options`` as for ``add_request``) and step the engine until it
+        finishes, yielding its outputs. Other requests' outputs are not returned: serve many with ``step``."""
+        request_id = self.add_request(prompt, params, **options)
         try:
             while request_id in self._requests:
                 for out in self.step():

@@ -123,6 +123,7 @@ class Request:
     num_computed_total: int = 0     # tokens run through the model, recomputes included
     num_preemptions: int = 0
     constraint: Any = None    # the current turn's tools.grammar.Constraint: the runner masks logits by it
+    pause_on_stop: bool = False     # a stop token ends the turn, not the request: the engine decides
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -160,7 +160,9 @@ class Scheduler:
             request.output_token_ids.append(token)
             updated.append(request)
             cause = self._stop_cause(request, token)
-            if cause is not None:
+            if cause is FinishCause.STOP_TOKEN and request.pause_on_stop:
+                self.pause_for_tool(request)    # keeps its KV; the engine finishes or resumes it
+            elif cause is not None:
                 self.finish(request, cause)
         return updated
 
@@ -174,10 +176,13 @@ class Scheduler:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def pause_for_tool(self, request: Request) -> None:
-        """Take a running request out of the batch; its KV stays in its blocks."""
-        if request.state is not RequestState.RUNNING:
+        """Take a running (or preempted, waiting) request out of the batch; KV it has stays."""
+        if request.state is RequestState.RUNNING:
+            self.running.remove(request)
+        elif request.state is RequestState.WAITING and request.output_token_ids:
+            self.waiting.remove(request)
+        else:
             raise ValueError(f"request {request.request_id} is {request.state.value}, not running")
-        self.running.remove(request)
         request.state = RequestState.AWAITING_TOOL
         self.awaiting_tool[request.request_id] = request
 

@@ -71,7 +71,7 @@ class Tool:
 
     name: str = ""
     description: str = ""
-    parameters: dict[str, Any] = {"type": "object", "properties": {}}
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}  # noqa: RUF012 - subclasses replace it
     side_effects: SideEffects = "external"
     body_field: str | None = None
 
@@ -250,7 +250,9 @@ def as_tool(obj: Any) -> Tool:
 def load_spec(spec: str) -> Any:
     """Resolve a built-in tool name (python, sqlite, ...) or a `module:object` spec."""
     if ":" not in spec:
-        from conveyor.tools.builtin import BUILTIN_TOOLS   # built-ins import only when named
+        from conveyor.tools.builtin import (
+            BUILTIN_TOOLS,  # built-ins import only when named
+        )
 
         if spec not in BUILTIN_TOOLS:
             raise ValueError(f"unknown tool {spec!r}: built-ins are {', '.join(sorted(BUILTIN_TOOLS))}; "

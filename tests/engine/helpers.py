@@ -6,18 +6,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ToolConfig
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.request import Request, SamplingParams
 from conveyor.engine.scheduler import Chunk, SchedulerOutput
 
 
 def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,
-                budget: int = 16, max_seqs: int = 8, prefix_caching: bool = True) -> LLMEngine:
+                budget: int = 16, max_seqs: int = 8, prefix_caching: bool = True,
+                tools: ToolConfig = ToolConfig()) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), dtype=dtype),
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget))
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), tools=tools)
     return LLMEngine(config, progress=False)
 
 

@@ -29,8 +29,8 @@ def gemv_kernel() -> ModuleType | None:
     """The compiled extension, or None where it is unavailable on this machine."""
     if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         return None
-    from torch.utils.cpp_extension import load
     from rich.console import Console
+    from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
     build_dir = cache_root() / "kernels" / f"gemv_bf16-{digest}"

@@ -39,7 +39,7 @@ class ModelArgs:
     qkv_bias: bool
 
     @classmethod
-    def from_hf_config(cls, config: dict) -> "ModelArgs":
+    def from_hf_config(cls, config: dict) -> ModelArgs:
         arch = (config.get("architectures") or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
@@ -59,7 +59,7 @@ class ModelArgs:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> "ModelArgs":
+    def from_dir(cls, model_dir: Path) -> ModelArgs:
         return cls.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 

@@ -23,8 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from conveyor.config import cache_root
 
@@ -275,7 +283,7 @@ def _convert_gguf(build_dir: Path, progress: bool) -> None:
     check_checkpoint_dir(build_dir)
 
 
-def _drop_quantization_markers(model: "PreTrainedModel") -> None:
+def _drop_quantization_markers(model: PreTrainedModel) -> None:
     """Let ``save_pretrained`` write a GGUF-loaded model; its tensors are already plain bf16."""
     model.hf_quantizer = None
     model.is_quantized = False

@@ -1,0 +1,184 @@
+"""`conveyor bench overhead`: what partial execution costs per decoded token.
+
+1. Live: the default model at batch 1 (the shortest step, so the largest share) decodes
+   a Python program for the `python` tool, a JSON call (constrained to the schema of a probe
+   tool with several fields) and an LLMCompiler plan, in partial mode. Measured: the decode
+   step time, and for every field or line the delay from the parser emitting it to the
+   tool's hook running in its worker (under real contention with the forward pass).
+2. Replay: the same text deltas, fed again through fresh turns on the same executor and
+   workers, timed with the feeding thread's CPU clock: parsing + dispatch per token. The
+   JSON request's tokens also go through a fresh grammar constraint (fill + apply + accept):
+   the mask's cost per constrained token.
+Share = (parse + dispatch [+ mask]) per token / decode step time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.bench.demo import SYSTEM, TASK
+from conveyor.tools.base import Tool
+
+PLAN_SYSTEM = ("Plan with numbered steps, one call per line, like:\n1. probe(\"a\", 1)\n2. probe(\"$1\", 2)\n"
+               "Then write <END_OF_PLAN>.")
+
+
+class Probe(Tool):
+    """A tool that does nothing: its hooks only mark when they ran."""
+
+    name = "probe"
+    side_effects = "none"
+    description = "Record a city's weather observation."
+    parameters = {"type": "object", "additionalProperties": False,  # noqa: RUF012
+                  "required": ["city", "country", "temperature_c", "conditions", "notes"],
+                  "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                 "temperature_c": {"type": "number"}, "conditions": {"type": "string"},
+                                 "notes": {"type": "string"}}}
+
+    def finish(self, args: dict[str, Any]) -> Any:
+        return "recorded"
+
+
+REQUESTS = [   # (name, messages, add_request options)
+    ("python", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}],
+     {"tools": ["python"], "max_tool_rounds": 1}),
+    ("json", [{"role": "user", "content": "Record today's weather in Lyon, France: 14.5 C, light rain, "
+                                          "wind from the west."}],
+     {"tools": ["probe"], "tool_choice": "required", "max_tool_rounds": 1}),
+    ("plan", [{"role": "system", "content": PLAN_SYSTEM},
+              {"role": "user", "content": "Record the weather of five French cities, one step each."}],
+     {"tools": ["probe"], "call_format": "plan", "max_tool_rounds": 1}),
+]
+
+
+def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from conveyor.config import engine_config_from_flags
+    from conveyor.engine.engine import LLMEngine
+
+    config = engine_config_from_flags(args)
+    tools = dataclasses.replace(config.tools, tools=("python", "conveyor.bench.overhead:Probe"), tool_mode="partial")
+    console = Console()
+    with LLMEngine(dataclasses.replace(config, tools=tools)) as engine:
+        live = {name: _live(engine, messages, options, args.max_tokens) for name, messages, options in REQUESTS}
+        replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(REQUESTS, live.values())}
+        mask = _mask_cost(engine, live["json"], REQUESTS[1][2])
+    report = _summarise(live, replay, mask)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    _print(console, report)
+    return report
+
+
+def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[str, Any]:
+    """One request at batch 1: its first turn's text deltas, decode step times, hook delays."""
+    engine.add_request(messages, {"max_tokens": max_tokens, "temperature": 0.0}, **options)
+    deltas, steps_s, delays, first_turn = [], [], [], True
+    while engine.has_unfinished:
+        t0 = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - t0
+        if any(o.new_token_ids for o in outs):
+            steps_s.append(elapsed)
+        for out in outs:
+            if out.tool_results:
+                first_turn = False
+                delays += [d for r in out.tool_results for d in r.hook_delays_s]
+            elif first_turn:
+                deltas.append(out.new_text)
+    return {"deltas": deltas, "steps_s": steps_s[1:], "hook_delays_s": delays}
+
+
+def _replay(engine, run: dict[str, Any], options: dict) -> dict[str, Any]:
+    """Feed the recorded deltas through a fresh turn; CPU time of parse + dispatch."""
+    loop = engine.tool_loop
+    parser = options.get("call_format") or ("auto" if "python" in options["tools"] else "hermes")
+    turn = loop.executor.open_turn("replay", 0, tools=options["tools"], parser=parser)
+    cpu_s = 0.0
+    for delta in run["deltas"]:
+        t0 = time.thread_time()
+        turn.feed(delta)
+        loop.executor.poll(0.0)
+        cpu_s += time.thread_time() - t0
+    turn.end(clean=True)
+    deadline = time.perf_counter() + 60
+    while not turn.done and time.perf_counter() < deadline:
+        loop.executor.poll(0.1)
+    delays = [d for r in turn.results() for d in r.hook_delays_s]
+    return {"num_tokens": len(run["deltas"]), "cpu_s": cpu_s, "hook_delays_s": delays,
+            "num_calls": len(turn.calls)}
+
+
+def _mask_cost(engine, run: dict[str, Any], options: dict) -> dict[str, float]:
+    """Fill + apply + accept of a fresh constraint over the JSON request's tokens."""
+    import torch
+    import xgrammar as xgr
+
+    specs = [engine.tool_loop.executor.registry.get(n).spec() for n in options["tools"]]
+    constraint = engine._grammar.constraint(specs, options["tool_choice"])
+    text = "".join(run["deltas"])
+    ids = engine.tokenizer.encode(text, add_special_tokens=False) + [min(engine.eos_token_ids)]
+    logits = torch.zeros(1, engine.runner.args.vocab_size)
+    bitmask = xgr.allocate_token_bitmask(1, logits.shape[1])
+    times = []
+    for token in ids:
+        if not constraint.active:
+            break
+        t0 = time.perf_counter()
+        constraint.fill_mask(bitmask, 0)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[0])
+        constraint.accept(token)
+        times.append(time.perf_counter() - t0)
+    return {"num_tokens": len(times), "mean_us": statistics.fmean(times) * 1e6 if times else 0.0}
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def _summarise(live: dict, replay: dict, mask: dict[str, float]) -> dict[str, Any]:
+    step_s = statistics.median([s for run in live.values() for s in run["steps_s"]])
+    per_token = {name: r["cpu_s"] / max(r["num_tokens"], 1) for name, r in replay.items()}
+    worst = max(per_token.values())
+    live_delays = [d for run in live.values() for d in run["hook_delays_s"]]
+    replay_delays = [d for r in replay.values() for d in r["hook_delays_s"]]
+    return {
+        "decode_step_ms_batch1": step_s * 1e3,
+        "parse_dispatch_us_per_token": {k: v * 1e6 for k, v in per_token.items()},
+        "mask_us_per_constrained_token": mask["mean_us"],
+        "share_of_step_pct": {"parse_dispatch_worst": worst / step_s * 100,
+                              "parse_dispatch_plus_mask": (worst + mask["mean_us"] / 1e6) / step_s * 100},
+        "hook_latency_ms": {
+            "live": {"n": len(live_delays), "p50": _pct(live_delays, 0.5) * 1e3, "p99": _pct(live_delays, 0.99) * 1e3},
+            "replay": {"n": len(replay_delays), "p50": _pct(replay_delays, 0.5) * 1e3,
+                       "p99": _pct(replay_delays, 0.99) * 1e3}},
+        "num_calls": {k: r["num_calls"] for k, r in replay.items()},
+        "goals": {"share_pct_max": 0.5, "hook_p99_ms_max": 1.0},
+    }
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"tool-layer overhead (decode step {report['decode_step_ms_batch1']:.1f} ms at batch 1)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, us in report["parse_dispatch_us_per_token"].items():
+        table.add_row(f"parse + dispatch per token, {name}", f"{us:.1f} µs")
+    table.add_row("grammar mask per constrained token", f"{report['mask_us_per_constrained_token']:.1f} µs")
+    for name, pct in report["share_of_step_pct"].items():
+        table.add_row(f"share of a decode step, {name}", f"{pct:.3f} %")
+    for phase, lat in report["hook_latency_ms"].items():
+        table.add_row(f"field/line -> hook, {phase} (n={lat['n']})", f"p50 {lat['p50']:.3f} / p99 {lat['p99']:.3f} ms")
+    console.print(table)
+
+
+def add_overhead_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default="docs/results/overhead.json", help="where to write the results")
+    parser.add_argument("--max-tokens", type=int, default=400, help="tokens per request")

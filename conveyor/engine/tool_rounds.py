@@ -1,0 +1,108 @@
+"""The engine's tool rounds: a request's turn ends with calls -> it waits out of the batch
+with its KV kept -> the results are appended as a tool-result turn -> it runs again.
+
+`ToolRounds` is mixed into LLMEngine and uses its scheduler, requests and tool loop.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from conveyor.engine.detokenizer import Detokenizer
+from conveyor.engine.request import FinishCause, Request
+from conveyor.engine.tool_loop import Span, ToolOptions
+
+if TYPE_CHECKING:
+    from conveyor.engine.engine import RequestOutput
+
+
+class ToolRounds:
+    """Tool-round methods of LLMEngine (see the module docstring)."""
+
+
+    def _end_turn(self, request: Request, detok: Detokenizer, text: str, stop_text: str | None) -> RequestOutput:
+        """The model's turn ended cleanly: wait for its calls, or finish."""
+        held = detok.flush()
+        self.tool_loop.feed(request.request_id, held)
+        decision = self.tool_loop.end_turn(request.request_id, stop_text)
+        if decision != "wait":
+            cause = {"finish": FinishCause.STOP_STRING if detok.stopped else FinishCause.STOP_TOKEN,
+                     "tool_calls": FinishCause.TOOL_CALLS}[decision]
+            self.scheduler.finish(request, cause)
+            del self._requests[request.request_id]
+            return self._output(request, request.output_token_ids[-1:], text + held,
+                                timeline=self._detach_tools(request))
+        return self._output(request, request.output_token_ids[-1:], text + held)
+
+    def _poll_tools(self, timeout_s: float) -> list[RequestOutput]:
+        """Tool results in: cut off turns whose call was rejected; resume requests whose
+        results are all in."""
+        if self.tool_loop is None or not self.tool_loop.sessions:
+            return []
+        cut, ready = self.tool_loop.poll(timeout_s)
+        outputs = []
+        for request_id in cut:
+            request, detok = self._requests[request_id]
+            self.scheduler.pause_for_tool(request)
+            self.tool_loop.cut_turn(request_id)
+            outputs.append(self._output(request, [], detok.flush()))
+        _, cut_ready = self.tool_loop.poll(0.0) if cut else ([], [])
+        return outputs + [self._resume_with_results(request_id) for request_id in ready + cut_ready]
+
+    def _resume_with_results(self, request_id: str) -> RequestOutput:
+        request, _ = self._requests[request_id]
+        text, results = self.tool_loop.next_turn(request_id)
+        try:
+            self.resume(request_id, text)
+        except ValueError:      # the results do not fit in max_model_len
+            self.scheduler.finish(request, FinishCause.LENGTH)
+            del self._requests[request_id]
+            return self._output(request, [], "", results, self._detach_tools(request))
+        session = self.tool_loop.sessions[request_id]
+        request.constraint = self._constraint(session.options, session.rounds, session.constraint_factory)
+        return self._output(request, [], "", results)
+
+    def _detach_tools(self, request: Request) -> list[Span] | None:
+        if self.tool_loop is None:
+            return None
+        clean = request.finish_cause in (FinishCause.STOP_TOKEN, FinishCause.STOP_STRING)
+        session = self.tool_loop.detach(request.request_id, cancel=not clean)
+        return session.timeline if session else None
+
+    def _tool_options(self, tools: list[str | dict], tool_choice: str | dict, mode: str | None,
+                      call_format: str | None, max_tool_rounds: int | None) -> ToolOptions | None:
+        """The request's tool session settings, or None when it calls none of the engine's tools."""
+        names = tuple(t for t in tools if isinstance(t, str))
+        if not names or tool_choice == "none":
+            return None
+        if self.tool_loop is None:
+            raise ValueError(f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}")
+        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds)
+
+    def _tool_specs(self, tools: list[str | dict]) -> list[dict] | None:
+        if not tools:
+            return None
+        if self.tool_loop is None and any(isinstance(t, str) for t in tools):
+            raise ValueError("this engine serves no tools (start it with ToolConfig(tools=...))")
+        registry = self.tool_loop.executor.registry if self.tool_loop else None
+        unknown = [t for t in tools if isinstance(t, str) and t not in registry]
+        if unknown:
+            raise ValueError(f"unknown tools {unknown}; this engine serves {registry.names}")
+        return [registry.get(t).spec() if isinstance(t, str) else t for t in tools]
+
+    def _constraint(self, options: ToolOptions | None, turn: int, factory: Any = None) -> Any:
+        """The logits constraint of a turn: from the request's factory, else the call format and
+        schemas of the offered tools (`tool_choice` applies to the first turn; later ones are "auto")."""
+        if factory is not None:
+            return factory(turn)
+        if options is None:
+            return None
+        choice = options.tool_choice if turn == 0 else "auto"
+        constrained = self.config.tools.constrained if options.constrained is None else options.constrained
+        if choice == "auto" and not constrained:
+            return None
+        if self._grammar is None:
+            from conveyor.tools.grammar import ToolGrammar
+
+            self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
+        return self._grammar.constraint(self._tool_specs(list(options.tools)), choice)
+
