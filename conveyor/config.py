@@ -83,6 +83,9 @@ class ToolConfig:
     cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
     memory_mb: int = field(default=2048, metadata=_help("memory limit of a worker's data segment, in MiB"))
     file_size_mb: int = field(default=64, metadata=_help("largest file a tool may write, in MiB"))
+    worker_nice: int = field(default=10, metadata=_help(
+        "CPU priority of tool workers below the engine (0-19): where tools and decoding share CPU cores, "
+        "tools running during decoding take the cycles decoding leaves"))
 
     def __post_init__(self) -> None:
         _require([(self.tool_mode in ("partial", "lazy"), f"tool_mode must be partial or lazy, got {self.tool_mode!r}"),
@@ -91,7 +94,8 @@ class ToolConfig:
                   (self.call_timeout_s > 0, "call_timeout_s must be positive"),
                   (self.cpu_time_s > 0, "cpu_time_s must be positive"),
                   (self.memory_mb > 0, "memory_mb must be positive"),
-                  (self.file_size_mb > 0, "file_size_mb must be positive")])
+                  (self.file_size_mb > 0, "file_size_mb must be positive"),
+                  (0 <= self.worker_nice <= 19, "worker_nice must be between 0 and 19")])
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ class Probe(Tool):
 
 REQUESTS = [   # (name, messages, add_request options)
     ("python", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}],
-     {"tools": ["python"], "max_tool_rounds": 1}),
+     {"tools": ["python"], "call_format": "python", "max_tool_rounds": 1}),
     ("json", [{"role": "user", "content": "Record today's weather in Lyon, France: 14.5 C, light rain, "
                                           "wind from the west."}],
      {"tools": ["probe"], "tool_choice": "required", "max_tool_rounds": 1}),
@@ -67,6 +67,7 @@ def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
     tools = dataclasses.replace(config.tools, tools=("python", "conveyor.bench.overhead:Probe"), tool_mode="partial")
     console = Console()
     with LLMEngine(dataclasses.replace(config, tools=tools)) as engine:
+        _warm_workers(engine)
         live = {name: _live(engine, messages, options, args.max_tokens) for name, messages, options in REQUESTS}
         replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(REQUESTS, live.values())}
         mask = _mask_cost(engine, live["json"], REQUESTS[1][2])
@@ -94,6 +95,20 @@ def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[
             elif first_turn:
                 deltas.append(out.new_text)
     return {"deltas": deltas, "steps_s": steps_s[1:], "hook_delays_s": delays}
+
+
+def _warm_workers(engine) -> None:
+    """One probe call per worker first, so the numbers are of warm workers, not of first imports."""
+    executor = engine.tool_loop.executor
+    turns = [executor.open_turn(f"warm{i}", 0, tools=["probe"]) for i in range(engine.config.tools.num_workers)]
+    call = '<tool_call>\n{"name": "probe", "arguments": {"city": "a", "country": "b", "temperature_c": 1, ' \
+           '"conditions": "c", "notes": "d"}}\n</tool_call>'
+    for turn in turns:
+        turn.feed(call)
+        turn.end(clean=True)
+    deadline = time.perf_counter() + 60
+    while not all(t.done for t in turns) and time.perf_counter() < deadline:
+        executor.poll(0.1)
 
 
 def _replay(engine, run: dict[str, Any], options: dict) -> dict[str, Any]:

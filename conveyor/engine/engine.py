@@ -1,6 +1,7 @@
 """LLMEngine: add requests, step, abort; one step is schedule -> run -> update."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,7 @@ from conveyor.engine.detokenizer import Detokenizer
 from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.tool_loop import Span, ToolLoop
-from conveyor.engine.tool_rounds import ToolRounds
+from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
 from conveyor.tools.base import ToolResult
 
 Prompt = str | list[int] | list[dict[str, Any]]
@@ -108,14 +109,18 @@ class LLMEngine(ToolRounds):
 
         `tools`: names of the engine's tools the model may call (the engine runs them and
         continues the request with their results) and/or OpenAI tool specs (dicts), which are
-        only shown to the model. `tool_mode` (partial | lazy), `call_format` (hermes, python,
+        only shown to the model. With `call_format` "python" or "plan" the engine's tools are not
+        listed as JSON functions in the chat template: the prompt describes the format. `tool_mode` (partial | lazy), `call_format` (hermes, python,
         plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request.
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained)."""
         params = _sampling_params(params)
         options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
-        token_ids = self.encode(prompt, self._tool_specs(tools or []))
+        shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
+        if call_format in BODY_FORMATS:     # no JSON calls to constrain: the body is free text
+            options = options and dataclasses.replace(options, constrained=False)
+        token_ids = self.encode(prompt, self._tool_specs(shown))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                              f"(max_model_len {self.max_model_len} leaves room for one output token)")

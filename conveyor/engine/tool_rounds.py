@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from conveyor.engine.engine import RequestOutput
 
 
+BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as JSON
+
+
 class ToolRounds:
     """Tool-round methods of LLMEngine (see the module docstring)."""
 

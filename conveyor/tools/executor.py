@@ -68,6 +68,15 @@ class ToolExecutor:
         self.pool = pool
         self.mode = mode
         self._calls: dict[str, tuple[Turn, Any]] = {}   # call id -> (turn, Call or PlanCall)
+        self._validators: dict[str, Any] = {}
+
+    def validator(self, tool: Tool) -> Any:
+        """The tool's argument validator, built once (checking a schema per call costs milliseconds)."""
+        if tool.name not in self._validators:
+            cls = jsonschema.validators.validator_for(tool.parameters)
+            cls.check_schema(tool.parameters)
+            self._validators[tool.name] = cls(tool.parameters)
+        return self._validators[tool.name]
 
     def open_turn(self, request_id: str, number: int, *, tools: Iterable[str] | None = None,
                   mode: str | None = None, parser: str = "hermes") -> Turn:
@@ -232,10 +241,9 @@ class Turn:
             args = {call.tool.body_field: args}
         if not isinstance(args, dict):
             return f"the arguments of {call.name} are not a valid JSON object: {args[:200]!r}"
-        try:
-            jsonschema.validate(args, call.tool.parameters)
-        except jsonschema.ValidationError as e:
-            return f"invalid arguments for {call.name}: {e.message}"
+        error = jsonschema.exceptions.best_match(self.executor.validator(call.tool).iter_errors(args))
+        if error is not None:
+            return f"invalid arguments for {call.name}: {error.message}"
         call.args = args
         return None
 

@@ -36,6 +36,7 @@ class Limits:
     cpu_time_s: int
     memory_mb: int
     file_size_mb: int
+    nice: int = 0
 
 
 class CpuTimeExceeded(BaseException):
@@ -92,6 +93,7 @@ def apply_sandbox(temp_root: str, limits: Limits) -> int:
     for limit, mb in ((resource.RLIMIT_DATA, limits.memory_mb), (resource.RLIMIT_FSIZE, limits.file_size_mb)):
         resource.setrlimit(limit, (mb << 20, mb << 20))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.nice(limits.nice)        # below the engine: on a shared CPU, decoding keeps its cycles
     _set_environment(temp_root)
     abi = _landlock(temp_root)
     if os.geteuid() == 0:

@@ -76,7 +76,7 @@ class WorkerPool:
         self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
         self.landlock_abi = 0      # what the workers report; 0: file writes confined by an audit hook only
         self._tools: list[Tool] = list(registry)
-        self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb)
+        self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
         self._tools_blob = b""
         self._workers: list[_Worker] = []
         self._calls: dict[str, _Call] = {}     # open calls, bound or queued
