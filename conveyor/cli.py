@@ -5,7 +5,13 @@ import argparse
 import sys
 
 from conveyor.config import (
-    CacheConfig, ModelConfig, SchedulerConfig, ToolConfig, add_flags, engine_config_from_flags, from_flags,
+    CacheConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ToolConfig,
+    add_flags,
+    engine_config_from_flags,
+    from_flags,
 )
 from conveyor.engine.model.loader import ModelLoadError
 from conveyor.engine.request import SamplingParams
@@ -93,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
     pull.set_defaults(run=_model_pull)
 
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    _add_bench(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True))
+    return parser
+
+
+def _add_bench(bench: argparse._SubParsersAction) -> None:
+    """The `conveyor bench ...` subcommands."""
     engine = bench.add_parser("engine", help="decode and prefill speed against transformers")
     engine.add_argument("--json", default="docs/results/engine.json", help="where to write the results")
     engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_overhead_flags(overhead)
     _engine_flags(overhead)
     overhead.set_defaults(run=_bench_overhead)
+
     calls = bench.add_parser("calls", help="tool-call success rate with and without constrained decoding")
     calls.add_argument("--json", default="docs/results/calls.json", help="where to write the results")
     calls.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt, besides the greedy one")
@@ -121,7 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
     _engine_flags(calls)
     calls.set_defaults(run=_bench_calls)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

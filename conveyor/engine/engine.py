@@ -1,7 +1,6 @@
 """LLMEngine: add requests, step, abort; one step is schedule -> run -> update."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -118,8 +117,6 @@ class LLMEngine(ToolRounds):
         params = _sampling_params(params)
         options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
         shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
-        if call_format in BODY_FORMATS:     # no JSON calls to constrain: the body is free text
-            options = options and dataclasses.replace(options, constrained=False)
         token_ids = self.encode(prompt, self._tool_specs(shown))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "

@@ -79,7 +79,9 @@ class ToolRounds:
             return None
         if self.tool_loop is None:
             raise ValueError(f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}")
-        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds)
+        # a python or plan body is free text: no JSON call to constrain
+        constrained = False if call_format in BODY_FORMATS else None
+        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained)
 
     def _tool_specs(self, tools: list[str | dict]) -> list[dict] | None:
         if not tools:
