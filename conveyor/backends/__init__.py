@@ -1,0 +1,17 @@
+"""Where an engine comes from. `open_engine` is the one place that picks the embedded engine
+(`conveyor.engine.LLMEngine`) or, later, a remote OpenAI-compatible backend with the same
+public interface (add_request, step, abort, has_unfinished, stream, close); servers,
+benchmarks and commands create engines through it."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from conveyor.config import EngineConfig
+
+
+def open_engine(config: EngineConfig = EngineConfig(), *, progress: bool = True, tools: Iterable[Any] = ()) -> Any:
+    """An engine for `config`: today always the embedded `LLMEngine`."""
+    from conveyor.engine.engine import LLMEngine
+
+    return LLMEngine(config, progress=progress, tools=tools)
