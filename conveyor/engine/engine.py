@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,11 @@ class LLMEngine(ToolRounds):
     """The synchronous engine loop over one model runner. Not thread-safe: drive it from one thread."""
 
     def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
-                 tools: Iterable[Any] = ()) -> None:
+                 tools: Iterable[Any] = (), runner_factory: Callable[..., Any] | None = None) -> None:
         """`tools`: more tools to serve besides `config.tools.tools` (Tool objects, typed
-        functions or module:object specs); worker processes start here when there are any."""
+        functions or module:object specs); worker processes start here when there are any.
+        `runner_factory(model_config, cache_config, model_dir)`: a stand-in for ModelRunner (the
+        paced workload benchmark replays recorded tokens on a fixed clock through it)."""
         from transformers import (
             AutoTokenizer,  # heavy imports stay off `import conveyor`
         )
@@ -51,7 +53,7 @@ class LLMEngine(ToolRounds):
         self.config = config
         self.model_dir = resolve_model(config.model.model, progress=progress)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.runner = ModelRunner(config.model, config.cache, self.model_dir)
+        self.runner = (runner_factory or ModelRunner)(config.model, config.cache, self.model_dir)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
         max_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len)
