@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from conveyor.config import EngineConfig
 from conveyor.engine.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
+from conveyor.engine.intercept import Costs
 from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.tool_loop import Span, ToolLoop
@@ -32,6 +34,15 @@ class RequestOutput:
     num_output_tokens: int
     tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
     timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
+    num_cached_tokens: int = 0                  # tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counts for monitoring (the server's /metrics)."""
+    num_blocks: int
+    num_used_blocks: int
+    num_awaiting_tools: int
 
 
 class LLMEngine(ToolRounds):
@@ -54,9 +65,11 @@ class LLMEngine(ToolRounds):
         self.model_dir = resolve_model(config.model.model, progress=progress)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = (runner_factory or ModelRunner)(config.model, config.cache, self.model_dir)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
+        num_host_blocks = self.runner.init_host_pool(config.cache)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching,
+                                          num_host_blocks)
         max_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len, self._measure_costs())
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         self._requests: dict[str, tuple[Request, Detokenizer]] = {}
@@ -68,6 +81,12 @@ class LLMEngine(ToolRounds):
             from conveyor.engine.tool_setup import start_tool_loop
 
             self.tool_loop = start_tool_loop(specs, config.tools, self.tokenizer)
+
+    def _measure_costs(self) -> Costs:
+        """The intercept policy's costs: a block copy timed now sets the per-step swap budget."""
+        copy_s = self.runner.time_block_copy()
+        budget_s = self.config.scheduler.swap_budget_ms / 1000
+        return Costs(swap_s_per_block=copy_s, swap_budget_blocks=max(1, int(budget_s / max(copy_s, 1e-9))))
 
     def close(self) -> None:
         """Stop the tool workers (the engine serves no more tool calls after this)."""
@@ -130,7 +149,7 @@ class LLMEngine(ToolRounds):
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
         factory = constraint if callable(constraint) else None
         request.constraint = self._constraint(options, 0, factory) if constraint is None or factory else constraint
-        if options is not None:
+        if options is not None and options.tools:     # engine tools: a tool session runs the calls
             request.pause_on_stop = True
             self.tool_loop.attach(request_id, options).constraint_factory = factory
         self._requests[request_id] = (request, Detokenizer(self.tokenizer, token_ids, params.stop))
@@ -148,11 +167,12 @@ class LLMEngine(ToolRounds):
         self.scheduler.finish(request, FinishCause.ABORT)
         return self._output(request, [], detok.flush(), timeline=self._detach_tools(request))
 
-    def pause_for_tool(self, request_id: str) -> str:
-        """Take a running request out of the batch while its tools run; its KV stays.
+    def pause_for_tool(self, request_id: str, tool: str | None = None, declared_s: float | None = None) -> str:
+        """Take a running request out of the batch while its tools run; the intercept policy keeps,
+        swaps or drops its KV (``tool`` and its ``declared_s`` estimate set the expected wait).
         Returns the turn's text still held back (stop-string look-ahead, a partial character)."""
         request, detok = self._request(request_id)
-        self.scheduler.pause_for_tool(request)
+        self.scheduler.pause_for_tool(request, tool, declared_s)
         return detok.flush()
 
     def resume(self, request_id: str, appended: list[int] | str) -> None:
@@ -168,6 +188,10 @@ class LLMEngine(ToolRounds):
         self.scheduler.resume(request, ids)
         detok.skip_context(ids)
 
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0)
+
     # ---- the loop -------------------------------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
@@ -178,11 +202,15 @@ class LLMEngine(ToolRounds):
         outputs of requests that changed. Waits briefly for tools when nothing else can run."""
         outputs = self._poll_tools(0.0)
         plan = self.scheduler.schedule()
+        if plan.swaps:
+            self.runner.swap(plan.swaps)
         if not plan.chunks:
             if self.tool_loop is not None and self.tool_loop.num_waiting:
                 outputs += self._poll_tools(0.05)
             return outputs
+        start = time.perf_counter()
         sampled = self.runner.execute(plan)
+        self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)
         for request in self.scheduler.postprocess(plan, sampled):
             outputs.append(self._update(request))
         return outputs
@@ -213,8 +241,11 @@ class LLMEngine(ToolRounds):
 
     def _output(self, request: Request, tokens: list[int], text: str, results: list[ToolResult] | None = None,
                 timeline: list[Span] | None = None) -> RequestOutput:
+        # tokens that needed KV so far, minus those the model computed: the prefix cache's share
+        cached = max(0, request.num_tokens - 1 - request.num_computed_total)
         return RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
-                             len(request.prompt_token_ids), len(request.output_token_ids), results or [], timeline)
+                             len(request.prompt_token_ids), len(request.output_token_ids), results or [], timeline,
+                             cached)
 
     def _request(self, request_id: str) -> tuple[Request, Detokenizer]:
         try:

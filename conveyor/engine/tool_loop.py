@@ -29,6 +29,7 @@ class ToolOptions:
     call_format: str | None = None            # parser: hermes | python | plan | auto
     max_tool_rounds: int | None = None
     constrained: bool | None = None
+    client_tools: tuple[dict, ...] = ()      # OpenAI specs the caller runs: a call to one ends the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,10 @@ class ToolLoop:
         self._close_turn(session, stop_text)
         if not session.turn.has_calls:
             return "finish"
+        client = {t["function"]["name"] for t in session.options.client_tools}
+        if any(getattr(c, "name", None) in client for c in session.turn.calls.values()):
+            session.turn.cancel()       # the caller runs its own tools: the request ends here
+            return "tool_calls"
         rounds = self.default_rounds if session.options.max_tool_rounds is None else session.options.max_tool_rounds
         if session.rounds >= rounds:
             session.turn.cancel()

@@ -21,7 +21,6 @@ BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as J
 class ToolRounds:
     """Tool-round methods of LLMEngine (see the module docstring)."""
 
-
     def _end_turn(self, request: Request, detok: Detokenizer, text: str, stop_text: str | None) -> RequestOutput:
         """The model's turn ended cleanly: wait for its calls, or finish."""
         held = detok.flush()
@@ -73,15 +72,18 @@ class ToolRounds:
 
     def _tool_options(self, tools: list[str | dict], tool_choice: str | dict, mode: str | None,
                       call_format: str | None, max_tool_rounds: int | None) -> ToolOptions | None:
-        """The request's tool session settings, or None when it calls none of the engine's tools."""
+        """The request's tool settings, or None when it offers no tools. A tool session (the
+        engine runs calls) exists only when `tools` names engine tools; `client_tools` (OpenAI
+        specs) are the caller's: a turn that calls one ends the request (finish "tool_calls")."""
         names = tuple(t for t in tools if isinstance(t, str))
-        if not names or tool_choice == "none":
+        client = tuple(t for t in tools if isinstance(t, dict))
+        if not (names or client) or tool_choice == "none":
             return None
-        if self.tool_loop is None:
+        if names and self.tool_loop is None:
             raise ValueError(f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}")
         # a python or plan body is free text: no JSON call to constrain
         constrained = False if call_format in BODY_FORMATS else None
-        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained)
+        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained, client)
 
     def _tool_specs(self, tools: list[str | dict]) -> list[dict] | None:
         if not tools:
@@ -109,5 +111,6 @@ class ToolRounds:
             from conveyor.tools.grammar import ToolGrammar
 
             self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
-        return self._grammar.constraint(self._tool_specs(list(options.tools)), choice)
+        specs = (self._tool_specs(list(options.tools)) or []) + list(options.client_tools)
+        return self._grammar.constraint(specs, choice)
 
