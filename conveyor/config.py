@@ -99,6 +99,26 @@ class ToolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
+    port: int = field(default=8000, metadata=_help("port to listen on (0: any free port)"))
+    api_key: str = field(default="", metadata=_help(
+        "require 'Authorization: Bearer KEY' on every /v1 route (also read from CONVEYOR_API_KEY); empty: no auth"))
+    served_model_name: str = field(default="", metadata=_help(
+        "the model name clients send; empty: the --model value's last path part"))
+    max_pending: int = field(default=256, metadata=_help(
+        "most requests in flight; more get HTTP 429 until some finish"))
+    default_max_tokens: int = field(default=1024, metadata=_help("max_tokens of requests that give none"))
+    mcp: tuple[str, ...] = field(default=(), metadata=_help(
+        "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"))
+
+    def __post_init__(self) -> None:
+        _require([(0 <= self.port < 65536, "port must be in [0, 65535]"),
+                  (self.max_pending > 0, "max_pending must be positive"),
+                  (self.default_max_tokens > 0, "default_max_tokens must be positive")])
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
