@@ -49,10 +49,15 @@ class CacheConfig:
     kv_cache_mb: int = field(default=1024, metadata=_help("memory for the paged KV cache, in MiB"))
     num_blocks: int = field(default=0, metadata=_help("KV blocks; 0 derives the count from --kv-cache-mb"))
     prefix_caching: bool = field(default=True, metadata=_help("reuse the KV of full blocks seen before"))
+    swap_space_mb: int = field(default=1024, metadata=_help(
+        "host memory for KV blocks swapped out while their request waits on a tool, in MiB"))
+    num_host_blocks: int = field(default=0, metadata=_help("host KV blocks; 0 derives the count from --swap-space-mb"))
 
     def __post_init__(self) -> None:
         _require([(self.block_size > 0, "block_size must be positive"),
                   (self.kv_cache_mb > 0, "kv_cache_mb must be positive"),
+                  (self.swap_space_mb >= 0, "swap_space_mb must be >= 0"),
+                  (self.num_host_blocks >= 0, "num_host_blocks must be >= 0 (0 derives it from swap_space_mb)"),
                   (self.num_blocks >= 0, "num_blocks must be >= 0 (0 derives it from kv_cache_mb)")])
 
 
@@ -61,10 +66,23 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_help("most requests in one step's batch"))
     max_num_batched_tokens: int = field(default=512, metadata=_help(
         "token budget of one step: decodes plus prefill chunks"))
+    intercept: str = field(default="preserve", metadata=_help(
+        "KV of requests waiting on a tool: preserve (keep; when blocks run out the newest is dropped), "
+        "discard (recompute on resume), swap (to host memory), auto (least waste per request, InferCept) "
+        "or new-request (today's servers: the continuation is a new request that prefills everything)"))
+    swap_budget_ms: float = field(default=5.0, metadata=_help(
+        "time one step may spend copying KV blocks each way; turned into blocks by a copy timed at start-up"))
+    default_tool_s: float = field(default=1.0, metadata=_help(
+        "expected tool time before a tool has a declared estimate or a past call"))
 
     def __post_init__(self) -> None:
+        from conveyor.engine.intercept import POLICIES
+
         _require([(self.max_num_seqs > 0, "max_num_seqs must be positive"),
-                  (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive")])
+                  (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
+                  (self.intercept in POLICIES, f"intercept must be one of {', '.join(POLICIES)}, got {self.intercept!r}"),
+                  (self.swap_budget_ms >= 0, "swap_budget_ms must be >= 0"),
+                  (self.default_tool_s >= 0, "default_tool_s must be >= 0")])
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,10 @@ before it, so a later request whose prompt starts with the same tokens (the next
 turn of a conversation, a request resumed after a tool result, a preempted request
 recomputed) adopts the block instead of prefilling it again. Freed blocks keep
 their hash and stay adoptable until allocation reuses them, oldest first.
+
+A second pool of ``num_host_blocks`` blocks lives in host memory: ``swap_out`` moves a
+request's blocks there and ``swap_in`` back; each returns the (from, to) block pairs that
+the runner copies.
 """
 from __future__ import annotations
 
@@ -34,14 +38,17 @@ class Block:
 class BlockManager:
     """Owns the block pool; requests hold block ids in their ``block_table``."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
-        if num_blocks <= 0 or block_size <= 0:
-            raise ValueError("num_blocks and block_size must be positive")
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
+        if num_blocks <= 0 or block_size <= 0 or num_host_blocks < 0:
+            raise ValueError("num_blocks and block_size must be positive, num_host_blocks >= 0")
         self.block_size = block_size
         self.prefix_caching = prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._by_hash: dict[bytes, int] = {}
+        self.num_host_blocks = num_host_blocks
+        self._host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
 
     # ---- counters -------------------------------------------------------------------------
     @property
@@ -55,6 +62,10 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return len(self.blocks) - len(self._free)
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self._host_free)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -123,7 +134,40 @@ class BlockManager:
         return True
 
     def free(self, request: Request) -> None:
-        """Release every block of ``request``; tail blocks become the first to be reused."""
+        """Release every block of ``request`` in both pools; tail blocks become the first to be reused."""
+        self._host_free.extend(reversed(request.host_block_table))
+        request.host_block_table = []
+        self._release_device(request)
+
+    # ---- swapping -------------------------------------------------------------------------
+    def swap_out(self, request: Request) -> list[tuple[int, int]] | None:
+        """Move the request's device blocks to the host pool; the (device, host) pairs to copy,
+        or None if the host pool lacks room. Shared (prefix) blocks are copied too."""
+        if request.host_block_table:
+            raise RuntimeError(f"request {request.request_id} is already swapped out")
+        if len(request.block_table) > len(self._host_free):
+            return None
+        pairs = [(block_id, self._host_free.pop()) for block_id in request.block_table]
+        request.host_block_table = [host for _, host in pairs]
+        self._release_device(request)
+        return pairs
+
+    def swap_in(self, request: Request) -> list[tuple[int, int]] | None:
+        """Move the request's host blocks back into fresh device blocks; the (host, device)
+        pairs to copy, or None if the device pool lacks room. Its full blocks are registered
+        for prefix reuse again."""
+        if request.block_table:
+            raise RuntimeError(f"request {request.request_id} already holds device blocks")
+        if len(request.host_block_table) > self.num_free_blocks:
+            return None
+        pairs = [(host, self._take(next(iter(self._free)), evict=True)) for host in request.host_block_table]
+        request.block_table = [device for _, device in pairs]
+        self._host_free.extend(reversed(request.host_block_table))
+        request.host_block_table = []
+        self.register_full_blocks(request)
+        return pairs
+
+    def _release_device(self, request: Request) -> None:
         for block_id in reversed(request.block_table):
             block = self.blocks[block_id]
             if block.ref_count <= 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from conveyor.config import EngineConfig
 from conveyor.engine.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
+from conveyor.engine.intercept import Costs
 from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
 from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.tool_loop import Span, ToolLoop
@@ -63,9 +65,12 @@ class LLMEngine(ToolRounds):
         self.model_dir = resolve_model(config.model.model, progress=progress)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = (runner_factory or ModelRunner)(config.model, config.cache, self.model_dir)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching)
+        # a stand-in runner without a host pool serves no swapping (intercept: preserve or discard)
+        num_host_blocks = self.runner.init_host_pool(config.cache) if hasattr(self.runner, "init_host_pool") else 0
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching,
+                                          num_host_blocks)
         max_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len, self._measure_costs())
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         self._requests: dict[str, tuple[Request, Detokenizer]] = {}
@@ -77,6 +82,14 @@ class LLMEngine(ToolRounds):
             from conveyor.engine.tool_setup import start_tool_loop
 
             self.tool_loop = start_tool_loop(specs, config.tools, self.tokenizer)
+
+    def _measure_costs(self) -> Costs:
+        """The intercept policy's costs: a block copy timed now sets the per-step swap budget."""
+        if not self.block_manager.num_host_blocks:
+            return Costs()
+        copy_s = self.runner.time_block_copy()
+        budget_s = self.config.scheduler.swap_budget_ms / 1000
+        return Costs(swap_s_per_block=copy_s, swap_budget_blocks=max(1, int(budget_s / max(copy_s, 1e-9))))
 
     def close(self) -> None:
         """Stop the tool workers (the engine serves no more tool calls after this)."""
@@ -157,11 +170,12 @@ class LLMEngine(ToolRounds):
         self.scheduler.finish(request, FinishCause.ABORT)
         return self._output(request, [], detok.flush(), timeline=self._detach_tools(request))
 
-    def pause_for_tool(self, request_id: str) -> str:
-        """Take a running request out of the batch while its tools run; its KV stays.
+    def pause_for_tool(self, request_id: str, tool: str | None = None, declared_s: float | None = None) -> str:
+        """Take a running request out of the batch while its tools run; the intercept policy keeps,
+        swaps or drops its KV (``tool`` and its ``declared_s`` estimate set the expected wait).
         Returns the turn's text still held back (stop-string look-ahead, a partial character)."""
         request, detok = self._request(request_id)
-        self.scheduler.pause_for_tool(request)
+        self.scheduler.pause_for_tool(request, tool, declared_s)
         return detok.flush()
 
     def resume(self, request_id: str, appended: list[int] | str) -> None:
@@ -191,11 +205,15 @@ class LLMEngine(ToolRounds):
         outputs of requests that changed. Waits briefly for tools when nothing else can run."""
         outputs = self._poll_tools(0.0)
         plan = self.scheduler.schedule()
+        if plan.swaps:
+            self.runner.swap(plan.swaps)
         if not plan.chunks:
             if self.tool_loop is not None and self.tool_loop.num_waiting:
                 outputs += self._poll_tools(0.05)
             return outputs
+        start = time.perf_counter()
         sampled = self.runner.execute(plan)
+        self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)
         for request in self.scheduler.postprocess(plan, sampled):
             outputs.append(self._update(request))
         return outputs

@@ -14,7 +14,8 @@ from typing import Any
 class RequestState(enum.Enum):
     WAITING = "waiting"            # queued; no KV yet, or preempted (KV dropped, recompute later)
     RUNNING = "running"            # in the batch: prefilling or decoding
-    AWAITING_TOOL = "awaiting_tool"  # out of the batch, KV kept, waiting for tool results
+    AWAITING_TOOL = "awaiting_tool"  # out of the batch, waiting for tool results (KV kept, swapped or dropped)
+    SWAPPED = "swapped"            # tool results in; its KV waits in host memory to be swapped in
     FINISHED = "finished"
 
 
@@ -101,6 +102,11 @@ def _finite(x: object) -> bool:
 _arrival_counter = itertools.count()
 
 
+def new_arrival() -> int:
+    """The next arrival number: requests are served in this order."""
+    return next(_arrival_counter)
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One generation: its tokens, its KV bookkeeping and where it is in its life.
@@ -111,7 +117,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival: int = field(default_factory=lambda: next(_arrival_counter))
+    arrival: int = field(default_factory=new_arrival)
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)   # sampled tokens only
@@ -124,6 +130,13 @@ class Request:
     num_preemptions: int = 0
     constraint: Any = None    # the current turn's tools.grammar.Constraint: the runner masks logits by it
     pause_on_stop: bool = False     # a stop token ends the turn, not the request: the engine decides
+    # interception (engine/intercept.py): where the KV of a request waiting on a tool went
+    host_block_table: list[int] = field(default_factory=list)   # blocks swapped out to the host pool
+    recompute_until: int = 0        # tokens that had KV before it was dropped: prefilling them again is recompute
+    skip_prefix_cache: bool = False  # the new-request baseline: its continuation prefills everything
+    tool: str | None = None         # the tool it waits on, its declared time and when the wait began
+    tool_declared_s: float | None = None
+    paused_at_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -5,6 +5,7 @@ only rows that sample go through the final norm and the output layer.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,9 +19,8 @@ from conveyor.engine.model.attention import (
 )
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
-from conveyor.engine.request import Request
-from conveyor.engine.sampler import GrammarMask, Sampler
-from conveyor.engine.scheduler import Chunk, SchedulerOutput
+from conveyor.engine.sampler import Sampler
+from conveyor.engine.scheduler import Chunk, SchedulerOutput, Swap
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -56,7 +56,6 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
         self.sampler = Sampler(self.device)
-        self.grammar_mask = GrammarMask()
 
     def _blocks_for_mb(self, mb: int) -> int:
         a = self.args
@@ -68,21 +67,12 @@ class ModelRunner:
         logits, order = self.forward(out)
         sampled_chunks = [i for i in order if out.chunks[i].sample]
         requests = [out.chunks[i].request for i in sampled_chunks]
-        constrained = self._constrain(logits, requests)
-        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests])
-        for row in constrained:
-            requests[row].constraint.accept(tokens[row])
+        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests],
+                              [r.constraint for r in requests])
         result: list[int | None] = [None] * len(out.chunks)
         for i, token in zip(sampled_chunks, tokens):
             result[i] = token
         return result
-
-    def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """Mask the logits rows of requests with an active grammar constraint; returns those rows."""
-        rows = [row for row, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
-        if rows:
-            self.grammar_mask.apply(logits, rows, [requests[row].constraint for row in rows])
-        return rows
 
     @torch.inference_mode()
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
@@ -128,3 +118,40 @@ class ModelRunner:
             meta.prefills.append(PrefillSegment(row, c.num_tokens, c.start, table, mask))
             row += c.num_tokens
         return meta
+
+    # ---- the host pool: KV of requests waiting on tools, swapped out (engine/intercept.py) ----
+    def init_host_pool(self, cache_config: CacheConfig) -> int:
+        """Allocate the host-memory block pool (same layout as ``self.kv``); its block count. Left
+        uninitialised (no memory is touched until a block is swapped out: every block is written
+        before it is read)."""
+        a = self.args
+        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        num = cache_config.num_host_blocks or cache_config.swap_space_mb * 2**20 // per_block
+        self.host_kv = torch.empty(a.num_layers, 2, num, self.block_size, a.num_kv_heads, a.head_dim,
+                                   dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        return num
+
+    @torch.inference_mode()
+    def swap(self, swaps: list[Swap]) -> None:
+        """Copy blocks between the pools, in order (a block freed by one copy may be the target of
+        a later one): all layers, K and V, in one gather and one scatter per copy."""
+        for s in swaps:
+            src, dst = (self.kv, self.host_kv) if s.to_host else (self.host_kv, self.kv)
+            src_ids = torch.tensor([p[0] for p in s.pairs], dtype=torch.long, device=src.device)
+            dst_ids = torch.tensor([p[1] for p in s.pairs], dtype=torch.long, device=dst.device)
+            dst.index_copy_(2, dst_ids, src.index_select(2, src_ids).to(dst.device, non_blocking=True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_block_copy(self, num_blocks: int = 8, repeats: int = 3) -> float:
+        """Seconds to copy one block one way (out and back, timed at start-up, best of ``repeats``)."""
+        n = min(num_blocks, self.num_blocks, self.host_kv.shape[2])
+        if n == 0:
+            return 0.0
+        pairs = [(i, i) for i in range(n)]
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.swap([Swap(True, pairs), Swap(False, pairs)])
+            best = min(best, time.perf_counter() - start)
+        return best / (2 * n)

@@ -3,20 +3,27 @@
 Pure Python. Every request is scheduled the same way: its next chunk is the tokens
 that have no KV yet (a prompt, a decode token, tool-result tokens after a resume,
 or a whole context after preemption), cut to what the step's budget still allows.
-Running requests go first (decodes, then longer chunks, each oldest first); then
-waiting ones, strictly first come, first served by original arrival. When blocks
-run out, requests waiting on tools give up their KV first (they recompute it on
-resume), then the newest running request is preempted: its blocks are freed
-(they stay in the prefix cache) and it is recomputed later.
+Each step first settles the KV of requests waiting on tools by the intercept policy
+(engine/intercept.py: preserve, discard, swap to host memory, or least waste). Then, as
+in InferCept, three queues by original arrival: resumed requests whose KV is in host
+memory are swapped back in (within the step's swap budget), running requests go first
+(decodes, then longer chunks, each oldest first), then waiting ones, strictly first come,
+first served, and only when no swapped request is left. When blocks run out, requests
+waiting on tools give up their KV first (swapped or dropped), then the newest running
+request is preempted: its blocks are freed (they stay in the prefix cache) and it is
+recomputed later.
 """
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conveyor.config import SchedulerConfig
+from conveyor.engine import intercept
 from conveyor.engine.block_manager import BlockManager
-from conveyor.engine.request import FinishCause, Request, RequestState
+from conveyor.engine.request import FinishCause, Request, RequestState, new_arrival
 
 
 @dataclass(slots=True)
@@ -28,14 +35,27 @@ class Chunk:
     sample: bool  # the chunk reaches the last known token: sample the next one
 
 
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """Block copies between the pools: (device, host) pairs out, or (host, device) pairs in."""
+    to_host: bool
+    pairs: list[tuple[int, int]]
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swaps: list[Swap] = field(default_factory=list)   # copy in this order, before the forward pass
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_recompute_tokens(self) -> int:
+        """Tokens that had KV once before (dropped, then prefilled again)."""
+        return sum(max(0, min(c.start + c.num_tokens, c.request.recompute_until) - c.start) for c in self.chunks)
 
 
 def _by_arrival(request: Request) -> int:
@@ -45,18 +65,23 @@ def _by_arrival(request: Request) -> int:
 class Scheduler:
     """Queues requests by state and plans each step; owns block allocation for them."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 costs: intercept.Costs | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.block_manager = block_manager
         # a request must always fit in the whole pool, or a preempted one could never come back
         self.max_model_len = min(max_model_len, block_manager.num_blocks * block_manager.block_size)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
         self.awaiting_tool: dict[str, Request] = {}
+        self.costs = costs or intercept.Costs()
+        self.tool_times = intercept.ToolTimes(config.default_tool_s)
+        self.clock = clock
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def add(self, request: Request) -> None:
         request.state = RequestState.WAITING
@@ -65,10 +90,67 @@ class Scheduler:
     # ---- planning -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._intercept(out)
+        self._schedule_swapped(out)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
+        if not out.preempted and not self.swapped:
             self._schedule_waiting(out, budget)
         return out
+
+    # ---- the KV of requests waiting on tools ----------------------------------------------
+    def _intercept(self, out: SchedulerOutput) -> None:
+        """Swap out or drop the KV of requests waiting on tools, by the intercept policy."""
+        holding = [r for r in self.awaiting_tool.values() if r.block_table]
+        if not holding:
+            return
+        policy, host_free = self.config.intercept, self.block_manager.num_free_host_blocks
+        if policy == "auto":
+            decisions = intercept.choose([self._waste(r) for r in holding], self._num_needed_blocks(),
+                                         self.costs.swap_budget_blocks, host_free)
+        else:
+            decisions = intercept.fixed(policy, holding, host_free)
+        for request in decisions.swap:
+            self._swap_out(request, out)
+        for request in decisions.discard:
+            self._drop_kv(request)
+
+    def _waste(self, request: Request) -> intercept.Waste:
+        expected_s = self.tool_times.expected_s(request.tool, request.tool_declared_s)
+        remaining_s = expected_s - (self.clock() - request.paused_at_s)
+        running_blocks = sum(len(r.block_table) for r in self.running)
+        return intercept.waste_of(request, remaining_s, running_blocks, self.costs)
+
+    def _num_needed_blocks(self) -> int:
+        """Blocks that queued requests (swapped and waiting) and one more token of each running
+        request need beyond the free ones: what freeing KV of requests on tools could serve."""
+        bm = self.block_manager
+        queued = sum(bm.blocks_for(r.num_tokens) - len(r.block_table) for r in self.swapped + self.waiting)
+        growth = sum(max(0, bm.blocks_for(r.num_tokens + 1) - len(r.block_table)) for r in self.running)
+        return queued + growth - bm.num_free_blocks
+
+    def _swap_out(self, request: Request, out: SchedulerOutput) -> bool:
+        pairs = self.block_manager.swap_out(request)
+        if pairs is None:
+            return False
+        out.swaps.append(Swap(True, pairs))
+        return True
+
+    def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        """Swap resumed requests back in by arrival while the step's swap budget lasts (the last
+        one may overrun it, so a request larger than the budget still moves)."""
+        budget = self.costs.swap_budget_blocks
+        while self.swapped and budget > 0:
+            request = self.swapped[0]
+            pairs = self.block_manager.swap_in(request)
+            while pairs is None and self._reclaim_from_awaiting(out):
+                pairs = self.block_manager.swap_in(request)
+            if pairs is None:
+                return
+            out.swaps.append(Swap(False, pairs))
+            budget -= len(pairs)
+            self.swapped.pop(0)
+            request.state = RequestState.RUNNING
+            bisect.insort(self.running, request, key=_by_arrival)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # decodes first, so a long resume or recompute chunk never starves them
@@ -91,7 +173,7 @@ class Scheduler:
         """Blocks for ``n`` more tokens: reclaim from requests waiting on tools first, then
         preempt the newest running request not yet scheduled (possibly ``request`` itself)."""
         while not self.block_manager.try_allocate(request, n):
-            if self._reclaim_from_awaiting():
+            if self._reclaim_from_awaiting(out):
                 continue
             victim = max((r for r in self.running if r.request_id not in scheduled), key=_by_arrival)
             self.running.remove(victim)
@@ -101,19 +183,25 @@ class Scheduler:
                 return False
         return True
 
-    def _reclaim_from_awaiting(self) -> bool:
-        """Drop the KV of the newest request waiting on a tool (it recomputes on resume).
-        Issue 7's intercept policy will choose between keeping, swapping and dropping."""
+    def _reclaim_from_awaiting(self, out: SchedulerOutput) -> bool:
+        """Blocks are short: free the KV of one request waiting on a tool, the newest (auto: the
+        one whose keeping wastes most); swapped out where the policy swaps and the host pool
+        has room, else dropped (it recomputes on resume)."""
         holding = [r for r in self.awaiting_tool.values() if r.block_table]
         if not holding:
             return False
-        self._drop_kv(max(holding, key=_by_arrival))
+        if self.config.intercept == "auto":
+            victim = max((self._waste(r) for r in holding), key=lambda w: w.preserve).request
+        else:
+            victim = max(holding, key=_by_arrival)
+        if self.config.intercept not in ("swap", "auto") or not self._swap_out(victim, out):
+            self._drop_kv(victim)
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(out.chunks) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = self._allocate_waiting(request, budget)
+            n = self._allocate_waiting(request, budget, out)
             if n is None:
                 return
             self.waiting.pop(0)
@@ -122,21 +210,24 @@ class Scheduler:
             out.chunks.append(Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens))
             budget -= n
 
-    def _allocate_waiting(self, request: Request, budget: int) -> int | None:
+    def _allocate_waiting(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Adopt the request's cached prefix and allocate its first chunk; the chunk's size, or
         None if it does not fit even after reclaiming from requests waiting on tools."""
-        while True:
-            prefix = self.block_manager.lookup_prefix(request.token_ids)   # reclaiming may evict some
+        while True:   # reclaiming may evict cached blocks: look the prefix up each time
+            prefix = [] if request.skip_prefix_cache else self.block_manager.lookup_prefix(request.token_ids)
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
-            if not self._reclaim_from_awaiting():
+            if not self._reclaim_from_awaiting(out):
                 return None
 
     def _drop_kv(self, request: Request) -> None:
+        request.recompute_until = max(request.recompute_until, request.num_computed_tokens)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        if self.config.intercept == "new-request" and request.state is RequestState.AWAITING_TOOL:
+            request.skip_prefix_cache = True
 
     def _preempt(self, request: Request) -> None:
         self._drop_kv(request)
@@ -175,8 +266,10 @@ class Scheduler:
         return None
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def pause_for_tool(self, request: Request) -> None:
-        """Take a running (or preempted, waiting) request out of the batch; KV it has stays."""
+    def pause_for_tool(self, request: Request, tool: str | None = None, declared_s: float | None = None) -> None:
+        """Take a running (or preempted, waiting) request out of the batch; KV it has stays until
+        the intercept policy decides at the next step. ``tool`` and ``declared_s`` (the tool's
+        own estimate of its time) feed the expected waiting time."""
         if request.state is RequestState.RUNNING:
             self.running.remove(request)
         elif request.state is RequestState.WAITING and request.output_token_ids:
@@ -184,6 +277,7 @@ class Scheduler:
         else:
             raise ValueError(f"request {request.request_id} is {request.state.value}, not running")
         request.state = RequestState.AWAITING_TOOL
+        request.tool, request.tool_declared_s, request.paused_at_s = tool, declared_s, self.clock()
         self.awaiting_tool[request.request_id] = request
 
     def resume(self, request: Request, appended_token_ids: list[int]) -> None:
@@ -194,11 +288,17 @@ class Scheduler:
         if request.num_tokens + len(appended_token_ids) >= self.max_model_len:
             raise ValueError(f"request {request.request_id} would exceed max_model_len={self.max_model_len}")
         del self.awaiting_tool[request.request_id]
+        self.tool_times.record(request.tool, self.clock() - request.paused_at_s)
         request.token_ids.extend(appended_token_ids)
         if request.block_table:
             request.state = RequestState.RUNNING
             bisect.insort(self.running, request, key=_by_arrival)
-        else:   # its KV was reclaimed while it waited: queue it to recompute (the prefix cache may help)
+        elif request.host_block_table:
+            request.state = RequestState.SWAPPED
+            bisect.insort(self.swapped, request, key=_by_arrival)
+        else:   # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
+            if self.config.intercept == "new-request":
+                request.arrival = new_arrival()     # the continuation is a new request, last in line
             self.add(request)
 
     def finish(self, request: Request, cause: FinishCause) -> None:
@@ -209,6 +309,8 @@ class Scheduler:
             self.waiting.remove(request)
         elif request.state is RequestState.RUNNING:
             self.running.remove(request)
+        elif request.state is RequestState.SWAPPED:
+            self.swapped.remove(request)
         else:
             del self.awaiting_tool[request.request_id]
         self.block_manager.free(request)

@@ -1,0 +1,133 @@
+"""What happens to the KV of a request waiting on a tool: preserve, discard or swap.
+
+Pure Python. Follows InferCept (Abhyankar et al., ICML 2024, github.com/WukLab/InferCept,
+``vllm/core/scheduler_v2.py``): the cost of each choice is the memory it wastes, in
+block-seconds, and each step the scheduler takes the choice of least waste per request.
+
+- **preserve**: the blocks stay on the device while the tool runs:
+  ``blocks x expected remaining tool time``.
+- **discard**: the blocks are freed and the context is prefilled again on resume, in chunks
+  within the step budget; while it recomputes, the running batch's memory and the request's
+  own are held for the extra forward time: ``recompute_s x (running blocks + blocks)``.
+- **swap**: the blocks are copied to the host pool and back before resume; on a CPU the copies
+  are not overlapped with the forward pass, so they stall the batch the same way:
+  ``2 x blocks x swap_s_per_block x (running blocks + blocks)``; at most ``swap_budget_blocks``
+  per step (measured at start-up).
+
+Fixed policies (``preserve``, ``discard``, ``swap``) are the baselines; ``new-request``
+behaves like today's servers: the tool call ends the request and the continuation is a new
+request (new arrival, no prefix cache) that prefills everything.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from conveyor.engine.request import Request
+
+POLICIES = ("preserve", "discard", "swap", "auto", "new-request")
+
+
+@dataclass(slots=True)
+class Costs:
+    """Measured costs: one block's copy one way (at start-up) and prefill time per token
+    (a running average over the engine's forward passes)."""
+    swap_s_per_block: float = 1e-4
+    swap_budget_blocks: int = 64
+    prefill_s_per_token: float = 1e-3
+
+    def observe_step(self, num_tokens: int, elapsed_s: float, weight: float = 0.1) -> None:
+        """Fold one forward pass into the per-token average (steps of a few tokens are mostly
+        fixed cost, so only steps of at least 16 tokens count)."""
+        if num_tokens >= 16 and elapsed_s > 0:
+            self.prefill_s_per_token += weight * (elapsed_s / num_tokens - self.prefill_s_per_token)
+
+
+@dataclass(slots=True)
+class ToolTimes:
+    """Expected tool time: the tool's declared estimate, else a running mean of that tool's
+    past calls, else ``default_s``."""
+    default_s: float = 1.0
+    _sum_s: dict[str | None, float] = field(default_factory=dict)
+    _count: dict[str | None, int] = field(default_factory=dict)
+
+    def expected_s(self, tool: str | None, declared_s: float | None = None) -> float:
+        if declared_s is not None:
+            return declared_s
+        n = self._count.get(tool, 0)
+        return self._sum_s[tool] / n if n else self.default_s
+
+    def record(self, tool: str | None, duration_s: float) -> None:
+        self._sum_s[tool] = self._sum_s.get(tool, 0.0) + duration_s
+        self._count[tool] = self._count.get(tool, 0) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Waste:
+    """Block-seconds each choice would waste for one request waiting on a tool."""
+    request: Request
+    num_blocks: int
+    preserve: float
+    discard: float
+    swap: float
+
+    @property
+    def gain(self) -> float:
+        """What freeing the blocks saves over keeping them (by the cheaper way to free them)."""
+        return self.preserve - min(self.discard, self.swap)
+
+
+def waste_of(request: Request, remaining_s: float, running_blocks: int, costs: Costs) -> Waste:
+    """The three wastes of ``request``, which holds ``len(request.block_table)`` device blocks."""
+    blocks = len(request.block_table)
+    held = running_blocks + blocks
+    recompute_s = request.num_computed_tokens * costs.prefill_s_per_token
+    swap_s = 2 * blocks * costs.swap_s_per_block
+    return Waste(request, blocks, blocks * max(remaining_s, 0.0), recompute_s * held, swap_s * held)
+
+
+@dataclass(slots=True)
+class Decisions:
+    swap: list[Request] = field(default_factory=list)
+    discard: list[Request] = field(default_factory=list)
+
+
+def choose(wastes: Sequence[Waste], need_blocks: int, swap_budget_blocks: int, host_free_blocks: int) -> Decisions:
+    """Min-waste choice for one step: requests in order of what freeing them gains, most first;
+    each is swapped if that is its least waste and the swap budget and host pool allow, else
+    discarded if that wastes less than preserving, else preserved; stop once ``need_blocks``
+    are freed (memory nobody asks for is not worth any waste)."""
+    decisions = Decisions()
+    freed = 0
+    swap_room = min(swap_budget_blocks, host_free_blocks)
+    for w in sorted(wastes, key=lambda w: w.gain, reverse=True):
+        if freed >= need_blocks or w.gain <= 0:
+            break
+        if w.swap <= w.discard and w.num_blocks <= swap_room:
+            decisions.swap.append(w.request)
+            swap_room -= w.num_blocks
+        elif w.discard < w.preserve:
+            decisions.discard.append(w.request)
+        else:
+            continue
+        freed += w.num_blocks
+    return decisions
+
+
+def fixed(policy: str, holding: Sequence[Request], host_free_blocks: int) -> Decisions:
+    """The fixed policies: every request that still holds device blocks is swapped (while the
+    host pool has room, else discarded), discarded, or kept."""
+    decisions = Decisions()
+    if policy in ("discard", "new-request"):
+        decisions.discard.extend(holding)
+    elif policy == "swap":
+        for request in holding:
+            n = len(request.block_table)
+            if n <= host_free_blocks:
+                decisions.swap.append(request)
+                host_free_blocks -= n
+            else:
+                decisions.discard.append(request)
+    elif policy not in ("preserve", "auto"):
+        raise ValueError(f"unknown intercept policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return decisions
