@@ -155,13 +155,15 @@ def compile_costs(engine: LLMEngine) -> tuple[ToolGrammar, dict[str, Any]]:
 
 
 def mask_costs(engine: LLMEngine, grammar: ToolGrammar, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-token mask time, replaying the constrained replies through the runner's GrammarMask
-    on one row of float32 logits: `fill` alone, and `fill + apply` as a step does it."""
+    """Per-token mask time, replaying the constrained replies through the sampler's GrammarMask
+    on one row of float32 logits: `fill` alone, and `fill + apply` as a masked step does it."""
     import xgrammar as xgr
+
+    from conveyor.engine.sampler import GrammarMask
 
     specs = [t.spec() for t in TOOLS.values()]
     vocab = engine.runner.args.vocab_size
-    bitmask, logits = xgr.allocate_token_bitmask(1, vocab), torch.randn(1, vocab)
+    bitmask, logits, mask = xgr.allocate_token_bitmask(1, vocab), torch.randn(1, vocab), GrammarMask()
     fill: list[float] = []
     total: list[float] = []
     for result in (r for r in results if r["constrained"]):
@@ -173,7 +175,7 @@ def mask_costs(engine: LLMEngine, grammar: ToolGrammar, results: list[dict[str, 
                 t0 = time.perf_counter()
                 constraint.fill_mask(bitmask, 0)
                 t1 = time.perf_counter()
-                engine.runner.grammar_mask.apply(logits, [0], [constraint])
+                mask.apply(logits, [0], [constraint])
                 fill.append(t1 - t0)
                 total.append(time.perf_counter() - t1)
                 constraint.accept(token)

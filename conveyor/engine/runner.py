@@ -19,8 +19,7 @@ from conveyor.engine.model.attention import (
 )
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
-from conveyor.engine.request import Request
-from conveyor.engine.sampler import GrammarMask, Sampler
+from conveyor.engine.sampler import Sampler
 from conveyor.engine.scheduler import Chunk, SchedulerOutput, Swap
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -57,7 +56,6 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
         self.sampler = Sampler(self.device)
-        self.grammar_mask = GrammarMask()
 
     def _blocks_for_mb(self, mb: int) -> int:
         a = self.args
@@ -69,21 +67,12 @@ class ModelRunner:
         logits, order = self.forward(out)
         sampled_chunks = [i for i in order if out.chunks[i].sample]
         requests = [out.chunks[i].request for i in sampled_chunks]
-        constrained = self._constrain(logits, requests)
-        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests])
-        for row in constrained:
-            requests[row].constraint.accept(tokens[row])
+        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests],
+                              [r.constraint for r in requests])
         result: list[int | None] = [None] * len(out.chunks)
         for i, token in zip(sampled_chunks, tokens):
             result[i] = token
         return result
-
-    def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """Mask the logits rows of requests with an active grammar constraint; returns those rows."""
-        rows = [row for row, r in enumerate(requests) if r.constraint is not None and r.constraint.active]
-        if rows:
-            self.grammar_mask.apply(logits, rows, [requests[row].constraint for row in rows])
-        return rows
 
     @torch.inference_mode()
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:

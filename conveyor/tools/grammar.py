@@ -33,10 +33,11 @@ CALL_SEPARATOR = "\n"       # between calls of a "required" reply, as the Qwen c
 class Constraint:
     """One model turn's grammar state (an xgrammar GrammarMatcher).
 
-    Before sampling, `fill_mask` writes the allowed next tokens into a bitmask row; after
-    sampling, `accept` advances by the sampled token. A token the grammar rejects (it can
-    only come from unmasked logits) is logged and ends the constraint: the rest of the
-    turn is unconstrained, and the engine carries on.
+    The sampler first offers its unmasked choice to `try_accept`; only when that refuses
+    does `fill_mask` write the allowed next tokens into a bitmask row, and `accept` advance
+    by the token drawn from the masked row. A token `accept` rejects (it can only come from
+    unmasked logits) is logged and ends the constraint: the rest of the turn is
+    unconstrained, and the engine carries on.
     """
 
     __slots__ = ("_failed", "_matcher")
@@ -58,6 +59,10 @@ class Constraint:
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an `xgrammar.allocate_token_bitmask`."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def try_accept(self, token: int) -> bool:
+        """Advance past `token` if the grammar allows it; otherwise change nothing, return False."""
+        return self._matcher.accept_token(token)
 
     def accept(self, token: int) -> None:
         """Advance past `token`; a rejected token ends the constraint (see the class docstring)."""

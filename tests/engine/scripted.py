@@ -21,6 +21,12 @@ class Scripted:
         bit = token % 32
         bitmask[row, token // 32] = -(2**31) if bit == 31 else 1 << bit
 
+    def try_accept(self, token: int) -> bool:
+        if token != self.token_ids[self.position]:
+            return False
+        self.position += 1
+        return True
+
     def accept(self, token: int) -> None:
         assert token == self.token_ids[self.position], "the scripted token was not sampled"
         self.position += 1
