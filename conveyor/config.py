@@ -137,11 +137,44 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendConfig:
+    backend: str | None = field(default=None, metadata=_help(
+        "URL of a remote OpenAI-compatible engine (vLLM, SGLang, llama.cpp server), e.g. http://127.0.0.1:8080: "
+        "Conveyor's tool layer drives its /v1/completions stream; unset: the embedded engine"))
+    backend_model: str = field(default="", metadata=_help(
+        "the model name sent to the remote engine; empty: the first one its /v1/models lists"))
+    backend_api_key: str = field(default="", metadata=_help(
+        "bearer token for the remote engine (also read from CONVEYOR_BACKEND_API_KEY)"))
+    backend_dialect: str = field(default="llama.cpp", metadata=_help(
+        "how constrained calls are asked of the remote engine: llama.cpp (json_schema), vllm (structured_outputs) "
+        "or none"))
+    connect_timeout_s: float = field(default=5.0, metadata=_help("limit on opening a connection to the remote engine"))
+    read_timeout_s: float = field(default=60.0, metadata=_help(
+        "longest wait for the remote engine's next streamed chunk (the first one includes its prefill)"))
+    max_retries: int = field(default=2, metadata=_help(
+        "retries of a remote request that failed before its first token (connection refused, 429, 502-504); "
+        "never once text has reached the tool layer"))
+    retry_backoff_s: float = field(default=0.2, metadata=_help("wait before the first retry; doubles each time"))
+    max_connections: int = field(default=64, metadata=_help("pooled HTTP connections to the remote engine"))
+
+    def __post_init__(self) -> None:
+        _require([(self.backend is None or self.backend.startswith(("http://", "https://")),
+                   f"backend must be an http(s) URL, got {self.backend!r}"),
+                  (self.backend_dialect in ("llama.cpp", "vllm", "none"),
+                   f"backend_dialect must be llama.cpp, vllm or none, got {self.backend_dialect!r}"),
+                  (self.connect_timeout_s > 0 and self.read_timeout_s > 0, "backend timeouts must be positive"),
+                  (self.max_retries >= 0, "max_retries must be >= 0"),
+                  (self.retry_backoff_s >= 0, "retry_backoff_s must be >= 0"),
+                  (self.max_connections > 0, "max_connections must be positive")])
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     tools: ToolConfig = ToolConfig()
+    backend: BackendConfig = BackendConfig()
 
 
 def cache_root() -> Path:
@@ -176,4 +209,5 @@ def from_flags(cls: type[T], args: argparse.Namespace) -> T:
 
 def engine_config_from_flags(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=from_flags(ModelConfig, args), cache=from_flags(CacheConfig, args),
-                        scheduler=from_flags(SchedulerConfig, args), tools=from_flags(ToolConfig, args))
+                        scheduler=from_flags(SchedulerConfig, args), tools=from_flags(ToolConfig, args),
+                        backend=from_flags(BackendConfig, args) if hasattr(args, "backend") else BackendConfig())
