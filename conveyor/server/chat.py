@@ -1,0 +1,161 @@
+"""/v1/chat/completions: a validated request -> engine request -> chunks or one response.
+
+Client tools (the request's `tools`) come back as `tool_calls` with finish_reason
+"tool_calls". Server tools (registered at start, MCP included) are offered to every request
+unless tool_choice is "none"; the engine runs them while the model decodes and continues the
+same request with their results. In a stream, a server call shows as an ordinary
+`tool_calls` delta, and its result follows as a chunk whose delta has the shape of the
+tool message a client would send: `{"role": "tool", "tool_call_id": ..., "content": ...}`.
+A non-streamed response lists them in `message.server_tool_calls` (each call with its
+`result`); `message.tool_calls` holds only the calls the client must run.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.server.calls import CallStream, StreamedCall, merge
+from conveyor.server.client import GenerateRequest, OutputStream
+from conveyor.server.protocol import ChatCompletionRequest, chat_messages
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with 400 before anything reaches the engine."""
+
+
+@dataclass(slots=True)
+class ChatRun:
+    """One chat request in flight: its engine stream, call translation and timings."""
+
+    id: str
+    model: str
+    calls: CallStream
+    parallel: bool
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    server_results: list[tuple[StreamedCall, str]] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_tools: dict[str, dict],
+               default_max_tokens: int, parser: str) -> tuple[GenerateRequest, ChatRun]:
+    """Check the request against the served tools and turn it into an engine request."""
+    client = [t.model_dump() for t in body.tools or []]
+    names = {t["function"]["name"] for t in client}
+    choice: Any = body.tool_choice or "auto"
+    offered_server = [] if choice == "none" else [n for n in server_tools if n not in names]
+    if not isinstance(choice, str):
+        wanted = choice.function.name
+        if wanted not in names and wanted not in offered_server:
+            raise BadRequest(f"tool_choice names an unknown tool {wanted!r}")
+        choice = choice.model_dump()
+    try:
+        messages = chat_messages(body.messages)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    params = {"max_tokens": body.token_limit or default_max_tokens, "temperature": body.temperature,
+              "top_p": body.top_p, "seed": body.seed, "stop": body.stops}
+    tools = [] if choice == "none" else [*offered_server, *client]
+    options = {"tools": tools, "tool_choice": choice} if tools else {}
+    calls = CallStream(request_id, set(offered_server), parse=bool(tools), parser=parser)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
+    return GenerateRequest(request_id, messages, params, options), run
+
+
+async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:
+    """The request's deltas (OpenAI delta dicts) as the engine produces them; sets
+    `run.finish_reason` and `run.usage` at the end. Aborts the request when closed early."""
+    try:
+        async for out in stream:
+            _timing(run, out, metrics)
+            if out.tool_results:
+                for delta in _turn_results(run, out.tool_results):
+                    yield delta
+            for delta in merge(run.calls.feed(out.new_text)):
+                yield delta
+            if out.finished:
+                for delta in merge(run.calls.end_turn()[0]):
+                    yield delta
+                _finish(run, out, metrics)
+                return
+            if not run.parallel and any(c.ended for c in run.calls.client_calls):
+                _finish(run, out, metrics, reason="tool_calls")     # one call asked for: stop here
+                return
+    finally:
+        await stream.aclose()
+
+
+def _turn_results(run: ChatRun, results: list[Any]) -> list[dict[str, Any]]:
+    """A server tool round is over: the turn's last deltas, then one delta per result."""
+    deltas, calls = run.calls.end_turn()
+    out = merge(deltas)
+    for call, result in zip(calls, results):
+        run.server_results.append((call, result.content))
+        out.append({"role": "tool", "tool_call_id": call.id, "content": result.content})
+    return out
+
+
+def _timing(run: ChatRun, out: Any, metrics: Any) -> None:
+    if not out.new_token_ids:
+        return
+    now = time.perf_counter()
+    if not run.first_token_at:
+        run.first_token_at = now
+        metrics.ttft_s.observe(now - run.arrived)
+    else:
+        metrics.itl_s.observe(now - run.last_token_at)
+    run.last_token_at = now
+
+
+def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> None:
+    reason = reason or out.finish_reason
+    if run.calls.client_calls or reason == "tool_calls":
+        reason = "tool_calls"
+    run.finish_reason = "stop" if reason == "abort" else reason
+    run.usage = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
+                 "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+                 "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    if out.finished:
+        metrics.observe_finished(out)
+
+
+def chunk(run: ChatRun, delta: dict[str, Any] | None, finish_reason: str | None = None,
+          usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One `chat.completion.chunk`; `delta` None gives the usage-only last chunk."""
+    body: dict[str, Any] = {"id": run.id, "object": "chat.completion.chunk", "created": run.created,
+                            "model": run.model, "choices": []}
+    if delta is not None:
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    if run.include_usage:
+        body["usage"] = usage
+    return body
+
+
+async def stream_chunks(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:
+    yield chunk(run, {"role": "assistant", "content": ""})
+    async for delta in drive(run, stream, metrics):
+        yield chunk(run, delta)
+    yield chunk(run, {}, run.finish_reason)
+    if run.include_usage:
+        yield chunk(run, None, usage=run.usage)
+
+
+async def complete(run: ChatRun, stream: OutputStream, metrics: Any) -> dict[str, Any]:
+    """The whole response of a non-streamed request."""
+    content = []
+    async for delta in drive(run, stream, metrics):
+        content.append(delta.get("content", "") if "role" not in delta else "")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None,
+                               "tool_calls": [c.as_tool_call() for c in run.calls.client_calls] or None}
+    if run.server_results:
+        message["server_tool_calls"] = [{**c.as_tool_call(), "result": r} for c, r in run.server_results]
+    return {"id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
+            "usage": run.usage}

@@ -1,0 +1,100 @@
+"""`conveyor serve`: build the app, load the engine behind it, run uvicorn.
+
+`ServerThread` runs a server inside this process (tests, benchmarks): it binds a port (0 for
+any free one) and `start()` returns once uvicorn listens and the engine is loaded.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Self
+
+from conveyor.config import EngineConfig, ServerConfig
+from conveyor.server.app import create_app
+from conveyor.server.client import EngineClient
+
+
+def served_name(config: EngineConfig, server: ServerConfig) -> str:
+    return server.served_model_name or Path(config.model.model.rstrip("/")).name or config.model.model
+
+
+def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[Any] = (),
+                  engine_factory: Callable[..., Any] | None = None) -> Callable[[], tuple[EngineClient, dict, str]]:
+    """The app's `load`: MCP tools listed, the engine opened (`backends.open_engine`, or
+    `engine_factory(config, tools=...)`), its client started; returns (client, server tool
+    specs by name, call parser kind)."""
+    def load() -> tuple[EngineClient, dict, str]:
+        from conveyor.backends import open_engine
+        from conveyor.tools.base import ToolRegistry
+        from conveyor.tools.mcp import mcp_tools
+
+        extra = list(tools)
+        for command in server.mcp:
+            extra += mcp_tools(command)
+        registry = ToolRegistry([*config.tools.tools, *extra])
+        specs = {t.name: t.spec() for t in registry}
+        engine = (engine_factory or open_engine)(config, progress=False, tools=extra)
+        parser = "auto" if "python" in specs else "hermes"
+        return EngineClient(engine), specs, parser
+    return load
+
+
+def build_app(config: EngineConfig, server: ServerConfig, load: Callable[[], tuple[EngineClient, dict, str]]) -> Any:
+    key = server.api_key or os.environ.get("CONVEYOR_API_KEY", "")
+    if key != server.api_key:
+        from dataclasses import replace
+
+        server = replace(server, api_key=key)
+    return create_app(load, server, served_name(config, server))
+
+
+def serve(config: EngineConfig, server: ServerConfig) -> None:
+    """Run until interrupted (Ctrl-C stops uvicorn, then the engine and its tool workers)."""
+    import uvicorn
+
+    app = build_app(config, server, engine_loader(config, server))
+    uvicorn.run(app, host=server.host, port=server.port, log_level="info")
+
+
+class ServerThread:
+    """A live server in a thread of this process, on loopback (see the module docstring)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        started = threading.Event()
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets)
+                started.set()
+
+        self.app = app
+        self._started = started
+        self._server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="conveyor-server", daemon=True)
+
+    def start(self, timeout_s: float = 120.0) -> ServerThread:
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise RuntimeError("the server did not start")
+        if not self.app.state.conveyor.loaded.wait(timeout_s):
+            raise RuntimeError("the engine did not load")
+        return self
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(60)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,74 @@
+"""A live server on loopback over a tiny random model whose replies are scripted."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.config import ServerConfig, ToolConfig
+from conveyor.server.client import EngineClient
+from conveyor.server.serve import ServerThread, build_app
+from conveyor.tools.base import ToolRegistry
+from conveyor.tools.mcp import mcp_tools
+from tests.engine.scripted import script
+from tests.tiny import build_tiny_model
+
+API_KEY = "sk-test"
+MCP_COMMAND = f"{sys.executable} {Path(__file__).with_name('mcp_server.py')}"
+TOOLS = ("tests.server.tools:lookup", "tests.server.tools:slow")
+
+# the last message's content -> the model's turns (text the tiny model is forced to write)
+SCRIPTS = {
+    "script:weather": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'],
+    "22C": ["It is 22C in Paris."],
+    "script:two-calls": [('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+                         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')],
+    "script:lookup": ['<tool_call>\n{"name": "lookup", "arguments": {"key": "k1"}}\n</tool_call>',
+                      "The value is value-of-k1."],
+    "script:mcp": ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', "2 + 3 = 5."],
+    "script:slow": ['<tool_call>\n{"name": "slow", "arguments": {"key": "k"}}\n</tool_call>', "done"],
+}
+
+
+class ScriptedEngine:
+    """An LLMEngine whose replies follow SCRIPTS (keyed by the last message); other prompts
+    decode freely. Everything else is the wrapped engine's."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def add_request(self, prompt: Any, params: Any = None, **options: Any) -> str:
+        turns = SCRIPTS.get(prompt[-1]["content"]) if isinstance(prompt, list) and prompt and \
+            isinstance(prompt[-1], dict) else None
+        if turns is not None:
+            options["constraint"] = lambda n: script(self.engine, turns[n]) if n < len(turns) else None
+        return self.engine.add_request(prompt, params, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(server, engine): tools lookup and slow, plus the test MCP server's tools."""
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen2")
+    extra = mcp_tools(MCP_COMMAND)
+    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120)
+    engine = _engine_with(model_dir, config, extra)
+    specs = {t.name: t.spec() for t in ToolRegistry([*TOOLS, *extra])}
+    server_config = ServerConfig(api_key=API_KEY, served_model_name="tiny")
+    app = build_app(engine.config, server_config, lambda: (EngineClient(ScriptedEngine(engine)), specs, "hermes"))
+    with ServerThread(app) as server:
+        yield server, engine
+
+
+def _engine_with(model_dir: Path, tools: ToolConfig, extra: list) -> Any:
+    from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from conveyor.engine.engine import LLMEngine
+
+    config = EngineConfig(model=ModelConfig(model=str(model_dir), dtype="float32"),
+                          cache=CacheConfig(num_blocks=256, block_size=4),
+                          scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=128), tools=tools)
+    return LLMEngine(config, progress=False, tools=extra)

@@ -1,0 +1,19 @@
+"""Server tools for the server tests (loaded by module:object spec in the tool workers)."""
+from __future__ import annotations
+
+import time
+
+from conveyor.tools.base import tool
+
+
+@tool(side_effects="none")
+def lookup(key: str) -> str:
+    """Look a key up."""
+    return f"value-of-{key}"
+
+
+@tool(side_effects="none")
+def slow(key: str) -> str:
+    """Take a long time (a disconnect must cancel it)."""
+    time.sleep(60)
+    return key
