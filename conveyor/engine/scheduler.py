@@ -218,7 +218,8 @@ class Scheduler:
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
-            if not self._reclaim_from_awaiting(out):
+            # auto has already freed what is worth freeing for the queue (``_intercept``)
+            if self.config.intercept == "auto" or not self._reclaim_from_awaiting(out):
                 return None
 
     def _drop_kv(self, request: Request) -> None:

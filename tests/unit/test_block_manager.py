@@ -84,3 +84,43 @@ def test_prefix_caching_off() -> None:
     a.num_computed_tokens = 3
     bm.register_full_blocks(a)
     assert bm.lookup_prefix([1, 2, 3]) == [] and bm.num_cached_blocks == 0
+
+
+def test_swap_out_and_in_move_blocks_between_pools() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2, num_host_blocks=3)
+    a = make_request([1, 2, 3, 4, 5], "a")
+    bm.try_allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.register_full_blocks(a)
+    device = list(a.block_table)
+    out = bm.swap_out(a)
+    assert [d for d, _ in out] == device and a.block_table == [] and len(a.host_block_table) == 3
+    assert bm.num_free_blocks == 4 and bm.num_free_host_blocks == 0
+    b = make_request([9] * 8, "b")
+    assert bm.swap_out(b) == [] and bm.try_allocate(b, 8)     # b takes every device block
+    assert bm.swap_in(a) is None                              # no room: nothing changes
+    assert len(a.host_block_table) == 3 and bm.num_free_host_blocks == 0
+    assert bm.swap_out(b) is None                             # the host pool is full
+    bm.free(b)
+    back = bm.swap_in(a)
+    assert [h for h, _ in back] == [h for _, h in out] and a.block_table == [d for _, d in back]
+    assert bm.num_free_host_blocks == 3 and len(a.block_hashes) == 2   # full blocks registered again
+    bm.free(a)
+    assert bm.num_free_blocks == 4
+
+
+def test_free_releases_host_blocks_and_shared_blocks_survive_a_swap() -> None:
+    bm = BlockManager(num_blocks=6, block_size=2, num_host_blocks=4)
+    a = make_request([1, 2, 3, 4, 5], "a")
+    bm.try_allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.register_full_blocks(a)
+    b = make_request([1, 2, 3, 4, 7], "b")
+    bm.try_allocate(b, 1, bm.lookup_prefix(b.token_ids))      # shares a's two full blocks
+    shared = b.block_table[:2]
+    bm.swap_out(a)
+    assert all(bm.blocks[i].ref_count == 1 for i in shared)   # still b's
+    bm.free(a)
+    assert bm.num_free_host_blocks == 4 and a.host_block_table == []
+    bm.free(b)
+    assert bm.num_free_blocks == 6

@@ -107,9 +107,9 @@ def test_no_block_leaks_under_random_operations(operations) -> None:
             s.finish(target, FinishCause.ABORT)
         elif op == "pause" and target and target.state is RequestState.RUNNING:
             s.pause_for_tool(target)
-        elif op == "resume" and target and target.state is RequestState.AWAITING_TOOL:
-            if target.num_tokens + n % 5 < 60:
-                s.resume(target, [9] * (n % 5))
+        elif (op == "resume" and target and target.state is RequestState.AWAITING_TOOL
+              and target.num_tokens + n % 5 < 60):
+            s.resume(target, [9] * (n % 5))
         live = {k: r for k, r in live.items() if not r.finished}
         held = sum(len(set(r.block_table)) for r in live.values())
         refs = sum(b.ref_count for b in bm.blocks)
@@ -162,3 +162,132 @@ def test_config_values_are_checked() -> None:
                      lambda: ModelConfig(device="tpu")):
         with pytest.raises(ValueError):
             make_bad()
+
+
+# ---- intercept policies (engine/intercept.py) ---------------------------------------------
+def make_policy(policy: str, num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 64,
+                clock=lambda: 0.0, prefix_caching: bool = True) -> Scheduler:
+    from conveyor.engine.intercept import Costs
+
+    bm = BlockManager(num_blocks, 4, prefix_caching, num_host_blocks=num_host_blocks)
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, intercept=policy)
+    return Scheduler(config, bm, 64, Costs(swap_s_per_block=1e-4, swap_budget_blocks=8,
+                                           prefill_s_per_token=1e-3), clock=clock)
+
+
+def fresh(rid: str, n: int) -> Request:
+    """A request sharing no prefix with ``req``'s."""
+    return Request(rid, list(range(100, 100 + n)), SamplingParams(max_tokens=2), stop_token_ids=frozenset({EOS}))
+
+
+def paused_after_prompt(s: Scheduler, rid: str, n: int, **pause) -> Request:
+    r = req(rid, n, max_tokens=20)
+    s.add(r)
+    run_step(s)
+    s.pause_for_tool(r, **pause)
+    return r
+
+
+def test_swap_policy_swaps_out_then_in_before_resuming() -> None:
+    s = make_policy("swap")
+    a = paused_after_prompt(s, "a", 10)
+    device = list(a.block_table)
+    out = run_step(s)
+    assert out.chunks == [] and [(w.to_host, [d for d, _ in w.pairs]) for w in out.swaps] == [(True, device)]
+    assert a.block_table == [] and len(a.host_block_table) == 3 and a.num_computed_tokens == 10
+    s.resume(a, [40, 41])
+    assert a.state is RequestState.SWAPPED and s.has_work
+    out = run_step(s)
+    assert [w.to_host for w in out.swaps] == [False] and a.host_block_table == []
+    assert [(c.start, c.num_tokens) for c in out.chunks] == [(10, 3)]   # no recompute
+    assert out.num_recompute_tokens == 0
+
+
+def test_discard_policy_recomputes_the_whole_context_in_chunks() -> None:
+    s = make_policy("discard", budget=8, prefix_caching=False)   # else the freed blocks, unless reused, are adopted
+    a = paused_after_prompt(s, "a", 8)
+    run_step(s)
+    assert a.block_table == [] and a.num_computed_tokens == 0 and a.recompute_until == 8
+    s.resume(a, [40])
+    assert a.state is RequestState.WAITING
+    chunks = [run_step(s) for _ in range(2)]
+    assert [(c.chunks[0].start, c.chunks[0].num_tokens) for c in chunks] == [(0, 8), (8, 2)]
+    assert [c.num_recompute_tokens for c in chunks] == [8, 0]
+
+
+def test_new_request_policy_goes_to_the_back_of_the_queue_without_prefix_cache() -> None:
+    s = make_policy("new-request", num_blocks=5)
+    a = paused_after_prompt(s, "a", 8)
+    b = fresh("b", 16)
+    s.add(b)                               # arrives after a, waits: a's blocks are dropped first
+    run_step(s)
+    assert a.block_table == [] and a.skip_prefix_cache
+    s.resume(a, [40])
+    assert [r.request_id for r in s.waiting][-1] == "a" and a.arrival > b.arrival
+
+
+def test_auto_swaps_a_long_tool_wait_when_the_queue_needs_memory() -> None:
+    s = make_policy("auto", num_blocks=6)
+    a = paused_after_prompt(s, "a", 12, tool="tts", declared_s=20.0)
+    s.add(b := fresh("b", 16))                 # needs 4 blocks, 3 free
+    out = run_step(s)
+    assert a.host_block_table and a.block_table == [] and b.state is RequestState.RUNNING
+    assert out.swaps[0].to_host
+
+
+def test_auto_discards_without_a_host_pool_and_keeps_a_short_wait() -> None:
+    s = make_policy("auto", num_blocks=6, num_host_blocks=0)
+    a = paused_after_prompt(s, "a", 12, tool="tts", declared_s=20.0)
+    s.add(fresh("b", 16))
+    run_step(s)
+    assert a.block_table == [] and a.host_block_table == [] and a.num_preemptions == 1
+    s = make_policy("auto", num_blocks=6)
+    a = paused_after_prompt(s, "a", 12, tool="calc", declared_s=0.0)
+    s.add(b := fresh("b", 16))
+    assert run_step(s).chunks == [] and len(a.block_table) == 3 and b.state is RequestState.WAITING
+
+
+def test_resume_records_the_tool_time() -> None:
+    now = [0.0]
+    s = make_policy("auto", clock=lambda: now[0])
+    a = paused_after_prompt(s, "a", 4, tool="search")
+    now[0] = 2.5
+    s.resume(a, [1])
+    assert s.tool_times.expected_s("search") == 2.5
+
+
+policy_ops = st.lists(st.tuples(st.sampled_from(["add", "step", "abort", "pause", "resume"]),
+                                st.integers(0, 7), st.integers(1, 30)), max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["preserve", "discard", "swap", "auto", "new-request"]), st.integers(0, 8), policy_ops)
+def test_no_block_leaks_in_either_pool(policy, num_host_blocks, operations) -> None:
+    now = [0.0]
+    s = make_policy(policy, num_blocks=10, num_host_blocks=num_host_blocks, budget=12, clock=lambda: now[0])
+    bm = s.block_manager
+    live: dict[str, Request] = {}
+    for i, (op, pick, n) in enumerate(operations):
+        now[0] += 0.1 * n
+        names = sorted(live)
+        target = live[names[pick % len(names)]] if names else None
+        if op == "add":
+            live[f"r{i}"] = r = req(f"r{i}", n, max_tokens=1 + n % 6)
+            s.add(r)
+        elif op == "step":
+            run_step(s, token=EOS if n % 9 == 0 else 3)
+        elif op == "abort" and target:
+            s.finish(target, FinishCause.ABORT)
+        elif op == "pause" and target and target.state is RequestState.RUNNING:
+            s.pause_for_tool(target, declared_s=float(n % 4))
+        elif (op == "resume" and target and target.state is RequestState.AWAITING_TOOL
+              and target.num_tokens + n % 5 < 60):
+            s.resume(target, [9] * (n % 5))
+        live = {k: r for k, r in live.items() if not r.finished}
+        assert sum(b.ref_count for b in bm.blocks) == sum(len(r.block_table) for r in live.values())
+        assert bm.num_host_blocks - bm.num_free_host_blocks == sum(len(r.host_block_table) for r in live.values())
+        assert all(not (r.block_table and r.host_block_table) for r in live.values())
+    for r in list(live.values()):
+        s.finish(r, FinishCause.ABORT)
+    assert bm.num_free_blocks == bm.num_blocks and bm.num_free_host_blocks == bm.num_host_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
