@@ -130,8 +130,11 @@ class SearchTool(_HttpTool):
     description = "Search the document collection; returns the best matching pages (id, title, snippet, url)."
 
     def __init__(self, base_url: str | None = None, *, default_k: int = 3, max_k: int = 20,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, fetch_chars: int = 0) -> None:
+        """`fetch_chars` > 0: also fetch each hit's page right after the search (on the same
+        connection) and add its first `fetch_chars` characters to the hit as "text"."""
         super().__init__(base_url or os.environ.get(SEARCH_URL_ENV), timeout_s)
+        self.fetch_chars = fetch_chars
         self.default_k = default_k
         self.max_k = max_k
         self.parameters = {
@@ -177,4 +180,9 @@ class SearchTool(_HttpTool):
         response = self._get(url, 1_000_000)
         if response.status != 200:
             raise RuntimeError(f"the search service answered {response.status}: {response.text[:200]}")
-        return json.loads(response.text)["hits"]
+        hits = json.loads(response.text)["hits"]
+        if self.fetch_chars > 0:
+            for hit in hits:
+                page = self._get(urljoin(self.base_url, hit["url"]), self.fetch_chars)
+                hit["text"] = page.text if page.status == 200 else f"(HTTP {page.status})"
+        return hits

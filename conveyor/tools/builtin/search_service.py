@@ -4,6 +4,8 @@ term scoring, JSON over HTTP, on loopback by default.
 - `GET /search?q=...&k=3` -> `{"query": q, "hits": [{"id", "title", "snippet", "score", "url"}]}`
 - `GET /docs/<id>` -> the document's text (text/plain)
 
+`latency_s` holds every response back that long, emulating a network round trip.
+
 Scoring: for each query term in a document, idf * tf / (tf + 1). With no corpus given it
 serves `DEMO_DOCUMENTS`, the help pages of the fictional shop of the `sqlite` demo. Run it
 with `python -m conveyor.tools.builtin.search_service [--port 8765] [--corpus docs.jsonl]`
@@ -16,6 +18,7 @@ import json
 import math
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -91,6 +94,8 @@ class SearchHandler(BaseHTTPRequestHandler):
     server: SearchServer
 
     def do_GET(self) -> None:
+        if self.server.latency_s > 0:
+            time.sleep(self.server.latency_s)      # the injected network round trip
         url = urlsplit(self.path)
         doc = self.server.corpus.documents.get(unquote(url.path.removeprefix("/docs/")))
         if url.path == "/search":
@@ -123,9 +128,11 @@ class SearchHandler(BaseHTTPRequestHandler):
 class SearchServer(ThreadingHTTPServer):
     """The service bound to (host, port); port 0 picks a free one (see `url`)."""
 
-    def __init__(self, corpus: Corpus | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, corpus: Corpus | None = None, host: str = "127.0.0.1", port: int = 0,
+                 latency_s: float = 0.0) -> None:
         super().__init__((host, port), SearchHandler)
         self.corpus = corpus or Corpus(DEMO_DOCUMENTS)
+        self.latency_s = latency_s
 
     @property
     def url(self) -> str:
