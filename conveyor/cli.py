@@ -76,6 +76,13 @@ def _bench_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_workloads(args: argparse.Namespace) -> int:
+    from conveyor.bench.workloads.command import run_workloads_bench
+
+    run_workloads_bench(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor: a tool-aware LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +140,13 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
                        choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
     _engine_flags(calls)
     calls.set_defaults(run=_bench_calls)
+
+    from conveyor.bench.workloads.command import add_workloads_flags
+
+    workloads = bench.add_parser("workloads", help="the six tool workloads, partial vs lazy (paced or live)")
+    add_workloads_flags(workloads)
+    _engine_flags(workloads)
+    workloads.set_defaults(run=_bench_workloads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,64 @@
+"""The `conveyor bench workloads` command: flags, the run, the JSON, the table and the plots."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+from conveyor.bench.workloads import BUILDERS
+from conveyor.bench.workloads.base import WorkloadOptions
+from conveyor.bench.workloads.paced import Pace
+from conveyor.bench.workloads.report import print_table, report, write_json
+from conveyor.bench.workloads.runner import RECORDED, BenchOptions, run_workloads
+from conveyor.config import engine_config_from_flags
+
+
+def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["paced", "live"], default="paced",
+                        help="paced: recorded outputs on an emulated decode clock; live: the model on this machine")
+    parser.add_argument("--rounds", type=int, default=3, help="lazy/partial pairs per case")
+    parser.add_argument("--json", default=None, help="where to write the results "
+                        "(default docs/results/workloads-<mode>.json)")
+    parser.add_argument("--plots", default="docs/results", help="folder for the PNG plots ('' for none)")
+    parser.add_argument("--workloads", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--token-latency-ms", type=float, default=Pace.token_latency_ms,
+                        help="paced: one decode step (default: a 7B model at batch 1 on an A100)")
+    parser.add_argument("--prefill-ms-per-token", type=float, default=Pace.prefill_ms_per_token,
+                        help="paced: cost of each prompt token a step prefills")
+    parser.add_argument("--search-latency-ms", type=float, default=WorkloadOptions.search_latency_ms,
+                        help="injected round trip of every search-service request")
+    parser.add_argument("--temperature", type=float, default=0.0, help="live: sampling temperature")
+    parser.add_argument("--record", action="store_true",
+                        help="live: write each case's lazy-round tokens as the paced mode's recorded output")
+    parser.add_argument("--recorded-dir", default=str(RECORDED), help="where recorded outputs are read and written")
+
+
+def run_workloads_bench(args: argparse.Namespace) -> dict:
+    config = engine_config_from_flags(args)
+    pace = Pace(args.token_latency_ms, args.prefill_ms_per_token)
+    options = BenchOptions(args.mode, args.rounds, tuple(args.workloads), pace,
+                           WorkloadOptions(search_latency_ms=args.search_latency_ms), args.temperature,
+                           Path(args.recorded_dir), args.record)
+    rounds = run_workloads(config, options)
+    paced = args.mode == "paced"
+    extra = {"search_latency_ms": args.search_latency_ms,
+             "prefill_ms_per_token": args.prefill_ms_per_token if paced else None,
+             "model": config.model.model, "temperature": None if paced else args.temperature}
+    data = report(args.mode, args.token_latency_ms if paced else None, rounds, extra)
+    write_json(Path(args.json or f"docs/results/workloads-{args.mode}.json"), data)
+    print_table(Console(), data)
+    if args.plots:
+        _plots(data, Path(args.plots))
+    return data
+
+
+def _plots(data: dict, folder: Path) -> None:
+    from conveyor.bench.plots import plot_bars, plot_timeline
+
+    mode = data["mode"]
+    label = (f"paced: emulated {data['token_latency_ms']:g} ms/token decode clock" if mode == "paced"
+             else "live: default model on this CPU")
+    plot_bars(data, label, folder / f"workloads-{mode}-latency.png")
+    for name, row in data["workloads"].items():
+        plot_timeline(name, row, label, folder / f"workloads-{mode}-timeline-{name}.png")

@@ -1,0 +1,81 @@
+"""Each workload end to end in paced mode on a tiny random model: the model's turns are
+scripted (replayed through the engine loop), the tools are the real ones."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conveyor.bench.workloads import BUILDERS
+from conveyor.bench.workloads.base import WorkloadOptions
+from conveyor.bench.workloads.paced import Pace
+from conveyor.bench.workloads.report import summarize
+from conveyor.bench.workloads.runner import BenchOptions, run_workloads
+from conveyor.config import CacheConfig, EngineConfig, ModelConfig, ToolConfig
+from tests.tiny import build_tiny_model, byte_tokenizer
+
+FORM = ('{"customer": "Dana Moss", "email": "%s", "ship_date": "2025-03-14", "country": "Canada", '
+        '"address": "88 Queen Street West, Toronto", "items": [{"product": "desk lamp", "quantity": 2}], '
+        '"gift_message": "Happy birthday!", "delivery_notes": "Back door after 5 pm."}')
+SCRIPTS = {
+    "codegen": ["```python\nimport math\nprimes = 114155\nprint(primes, math.pi)\n```", "There are 114155 primes."],
+    "search": ['<tool_call>\n{"name": "search", "arguments": {"query": "serialize object JSON string", "k": 2}}'
+               "\n</tool_call>", "Use json.dumps."],
+    "planning": ['1. search("argparse command line options", 1)\n2. search("csv reader file", 1)\n'
+                 '3. search("shutil copy2 metadata", 1)\n4. join()\n<END_OF_PLAN>', "Use argparse, csv, shutil."],
+    "validation-valid": ['<tool_call>\n{"name": "submit_order", "arguments": %s}\n</tool_call>'
+                         % (FORM % "dana.moss@example.com"), "Filed."],
+    "validation-invalid": ['<tool_call>\n{"name": "submit_order", "arguments": %s}\n</tool_call>'
+                           % (FORM % "dana.moss.example.com"), "Please fix the e-mail address."],
+    "database": ['<tool_call>\n{"name": "sqlite", "arguments": {"query": "SELECT species, avg(petal_length) FROM '
+                 'iris GROUP BY species"}}\n</tool_call>', "Setosa 1.46, versicolor 4.26, virginica 5.55."],
+    "calculator": ['<tool_call>\n{"name": "calculator", "arguments": {"expression": "48271 * 9133 - 2**20"}}\n'
+                   "</tool_call>", "439822467 screws are left."],
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model (its position limit raised: paced mode runs no forward pass) and the
+    scripted turns written as recorded outputs."""
+    root = tmp_path_factory.mktemp("workloads")
+    model_dir = build_tiny_model(root / "model", "qwen2")
+    config_path = model_dir / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_position_embeddings": 8192}))
+    tokenizer = byte_tokenizer()
+    recorded = root / "recorded"
+    recorded.mkdir()
+    for name, turns in SCRIPTS.items():
+        ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in turns]
+        (recorded / f"{name}.json").write_text(json.dumps({"case": name, "turns": ids}))
+    config = EngineConfig(model=ModelConfig(model=str(model_dir)), cache=CacheConfig(num_blocks=512),
+                          tools=ToolConfig(num_workers=2, call_timeout_s=20))
+    return config, recorded
+
+
+@pytest.mark.parametrize("workload", list(BUILDERS))
+def test_workload_runs_end_to_end_in_both_modes(setup, workload, monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path))        # the database is built here
+    config, recorded = setup
+    options = BenchOptions("paced", 1, (workload,), Pace(2.0, 0.0),
+                           WorkloadOptions(search_latency_ms=5.0), recorded_dir=recorded)
+    rounds = run_workloads(config, options)
+    assert set(rounds) == {name for name in SCRIPTS if name.startswith(workload)}
+    for name, runs in rounds.items():
+        assert [r.tool_mode for r in runs] == ["lazy", "partial"]
+        for run in runs:
+            assert run.valid_call, (name, run.tool_mode, [r.content for r in run.results])
+            assert run.correct, (name, run.tool_mode, [r.content[:300] for r in run.results])
+            assert len(run.turns) == 2
+        row = summarize(runs)
+        assert row["rounds"] == 1 and row["success_rate"] == 1.0
+        assert row["ideal_reduction"] >= 0.0
+
+
+def test_a_rejected_field_cuts_the_partial_turn_short(setup, monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path))
+    config, recorded = setup
+    options = BenchOptions("paced", 1, ("validation",), Pace(2.0, 0.0), recorded_dir=recorded)
+    lazy, partial = run_workloads(config, options)["validation-invalid"]
+    assert len(partial.turns[0]) < len(lazy.turns[0])         # decoding stopped at the bad e-mail
+    assert lazy.ideal_saving_s > 0.0                          # the lazy round knows when it was decoded
