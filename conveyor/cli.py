@@ -69,6 +69,13 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_intercept(args: argparse.Namespace) -> int:
+    from conveyor.bench.intercept import run_intercept_bench
+
+    run_intercept_bench(args)
+    return 0
+
+
 def _bench_calls(args: argparse.Namespace) -> int:
     from conveyor.bench.calls import run_calls_bench
 
@@ -140,6 +147,12 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
                        choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
     _engine_flags(calls)
     calls.set_defaults(run=_bench_calls)
+
+    from conveyor.bench.intercept import add_intercept_flags
+
+    intercept = bench.add_parser("intercept", help="KV policies for requests waiting on tools, under Poisson load")
+    add_intercept_flags(intercept)
+    intercept.set_defaults(run=_bench_intercept)
 
     from conveyor.bench.workloads.command import add_workloads_flags
 
