@@ -38,7 +38,10 @@ class ToolRounds:
     def _poll_tools(self, timeout_s: float) -> list[RequestOutput]:
         """Tool results in: cut off turns whose call was rejected; resume requests whose
         results are all in."""
-        if self.tool_loop is None or not self.tool_loop.sessions:
+        if self.tool_loop is None:
+            return []
+        if not self.tool_loop.sessions:     # still let the pool reap workers of cancelled calls
+            self.tool_loop.executor.poll(0.0)
             return []
         cut, ready = self.tool_loop.poll(timeout_s)
         outputs = []
