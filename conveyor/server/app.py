@@ -38,9 +38,12 @@ from conveyor.server.protocol import (
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    """An error answered in OpenAI's JSON shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
 @dataclass(slots=True)
@@ -96,7 +99,7 @@ async def _load(state: State, load: Callable[[], tuple[EngineClient, dict[str, d
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.kind, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:

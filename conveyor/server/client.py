@@ -57,10 +57,11 @@ class EngineStats:
     num_requests: int = 0
 
 
+IDLE_TICK_S = 0.25
 _ACCEPTED = object()     # the first item of an accepted request's queue
 
 
-class EngineFailed(RuntimeError):  # noqa: N818 - a state, not a bug class
+class EngineFailed(RuntimeError):
     """The engine failed while the request ran (its step raised)."""
 
 
@@ -142,10 +143,12 @@ class EngineClient:
     def _run(self) -> None:
         while True:
             idle = not self.engine.has_unfinished
-            try:
-                command = self._commands.get(block=idle)
+            try:    # idle: wake now and then, so the engine can reap tool workers of aborted calls
+                command = self._commands.get(block=idle, timeout=IDLE_TICK_S if idle else None)
             except queue.Empty:
                 command = None
+                if idle:
+                    self._step()
             while command is not None:
                 if isinstance(command, _Stop):
                     self._abort_all()
