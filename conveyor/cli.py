@@ -8,6 +8,7 @@ from conveyor.config import (
     CacheConfig,
     ModelConfig,
     SchedulerConfig,
+    ServerConfig,
     ToolConfig,
     add_flags,
     engine_config_from_flags,
@@ -90,6 +91,20 @@ def _bench_workloads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from conveyor.server.serve import serve
+
+    serve(engine_config_from_flags(args), from_flags(ServerConfig, args))
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from conveyor.bench.serve import run_serve_bench
+
+    run_serve_bench(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor: a tool-aware LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_flags(demo)
     _engine_flags(demo)
     demo.set_defaults(run=_demo)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with server-side tools")
+    _engine_flags(serve)
+    add_flags(serve, ServerConfig, "server")
+    serve.set_defaults(run=_serve)
 
     model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="install, verify and convert a built-in model")
@@ -147,6 +167,12 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
                        choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
     _engine_flags(calls)
     calls.set_defaults(run=_bench_calls)
+
+    from conveyor.bench.serve import add_serve_bench_flags
+
+    serve = bench.add_parser("serve", help="the HTTP server under load: throughput, TTFT, inter-token latency")
+    add_serve_bench_flags(serve)
+    serve.set_defaults(run=_bench_serve)
 
     from conveyor.bench.intercept import add_intercept_flags
 
