@@ -37,10 +37,12 @@ class BackendError(RuntimeError):
 
 @dataclass(slots=True)
 class RemoteOutput(RequestOutput):
-    """A RequestOutput with the remote engine's error message when finish_reason is "error".
+    """A RequestOutput with the remote engine's error message when finish_reason is "error"
+    and the prompt tokens it computed over all turns (the rest came from its prefix cache).
     `new_token_ids` stays empty: the remote stream carries text."""
 
     error: str | None = None
+    num_prefill_tokens: int = 0
 
 
 class RemoteEngine(RemoteRounds):

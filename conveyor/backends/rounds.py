@@ -43,6 +43,7 @@ class RemoteRequest:
     num_turn_tokens: int = 0     # output tokens of the turns before this one
     num_cached_tokens: int = 0   # prompt tokens the remote engine found in its prefix cache, all turns
     num_prefill_tokens: int = 0  # prompt tokens it had to compute, all turns
+    turn_usage: list[dict[str, Any]] = field(default_factory=list)   # the remote's usage report per turn
     finish_reason: str | None = None
     error: str | None = None
 
@@ -88,6 +89,7 @@ class RemoteRounds:
 
     def _account(self, request: RemoteRequest, usage: dict[str, Any]) -> None:
         """Token counts of a finished turn from the remote engine's usage report, where it sends one."""
+        request.turn_usage.append(usage)
         if "completion_tokens" in usage:
             request.num_output_tokens = request.num_turn_tokens + int(usage["completion_tokens"])
         request.num_turn_tokens = request.num_output_tokens
@@ -144,7 +146,7 @@ class RemoteRounds:
 
         return RemoteOutput(request.request_id, [], text, request.finished, request.finish_reason,
                             request.num_prompt_tokens, request.num_output_tokens, results or [], timeline,
-                            request.num_cached_tokens, request.error)
+                            request.num_cached_tokens, request.error, request.num_prefill_tokens)
 
     def _turn_constraint(self, request: RemoteRequest) -> tuple[dict[str, Any], str]:
         """Extra body fields of a turn and the text it is forced to start with. The caller's
