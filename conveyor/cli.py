@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from conveyor.backends import BackendError
 from conveyor.config import (
+    BackendConfig,
     CacheConfig,
     ModelConfig,
     SchedulerConfig,
@@ -23,13 +25,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, CacheConfig, "KV cache")
     add_flags(parser, SchedulerConfig, "scheduler")
     add_flags(parser, ToolConfig, "tools")
+    add_flags(parser, BackendConfig, "remote backend (Conveyor's tool layer in front of vLLM, SGLang, llama.cpp)")
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from conveyor.engine.engine import LLMEngine
+    from conveyor.backends import open_engine
 
     params = from_flags(SamplingParams, args)
-    engine = LLMEngine(engine_config_from_flags(args))
+    engine = open_engine(engine_config_from_flags(args))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     with engine:
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, ModelLoadError) as e:
+    except (ValueError, ModelLoadError, BackendError) as e:
         print(f"conveyor: error: {e}", file=sys.stderr)
         return 2
 
