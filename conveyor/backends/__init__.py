@@ -11,6 +11,10 @@ from typing import Any
 from conveyor.config import EngineConfig
 
 
+class BackendError(RuntimeError):
+    """The remote engine cannot be used (unreachable, or it answered with an error at start-up)."""
+
+
 def open_engine(config: EngineConfig = EngineConfig(), *, progress: bool = True, tools: Iterable[Any] = ()) -> Any:
     """An engine for `config`: the remote backend if `config.backend.backend` is set, else the embedded one."""
     if config.backend.backend:

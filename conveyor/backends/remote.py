@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from conveyor.backends import BackendError
 from conveyor.backends.rounds import RemoteRounds, RemoteRequest
 from conveyor.backends.stream import Delta, Done, Event, Failed, RemoteStream, RetryPolicy
 from conveyor.config import EngineConfig
@@ -29,10 +30,6 @@ from conveyor.engine.engine import EngineStats, Prompt, RequestOutput, _sampling
 from conveyor.engine.request import SamplingParams
 from conveyor.engine.tool_loop import ToolLoop
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
-
-
-class BackendError(RuntimeError):
-    """The remote engine cannot be used (unreachable, or it answered with an error at start-up)."""
 
 
 @dataclass(slots=True)

@@ -37,14 +37,14 @@ class DemoRun:
 def run_demo(args: argparse.Namespace) -> list[DemoRun]:
     """Run the task once per mode on one engine; print answer, timelines and time saved."""
     from conveyor.config import engine_config_from_flags
-    from conveyor.engine.engine import LLMEngine
+    from conveyor.backends import open_engine
 
     config = engine_config_from_flags(args)
     config = dataclasses.replace(config, tools=dataclasses.replace(config.tools, tools=("python",)))
     console = Console()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": args.task}]
     runs = []
-    with LLMEngine(config) as engine:
+    with open_engine(config) as engine:
         # warm up: both modes then find the prompt's KV cached
         engine.generate([messages], {"max_tokens": 1})
         for mode in ("partial", "lazy"):

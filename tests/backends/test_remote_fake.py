@@ -7,7 +7,8 @@ import socket
 import pytest
 
 from conveyor.backends import open_engine
-from conveyor.backends.remote import BackendError, RemoteEngine
+from conveyor.backends import BackendError
+from conveyor.backends.remote import RemoteEngine
 from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
 from tests.backends.fake_server import FakeEngine, Reply, chunks_of
 from tests.engine.test_tools import CALL, QUESTION, TOOLS
