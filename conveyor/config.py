@@ -96,6 +96,9 @@ class ToolConfig:
         "once a call starts (<tool_call>), mask logits so it names a known tool and fits its schema"))
     max_tool_rounds: int = field(default=4, metadata=_help("most tool-result turns per request"))
     num_workers: int = field(default=4, metadata=_help("tool worker processes, started before they are needed"))
+    handoff_ms: float = field(default=1.0, metadata=_help(
+        "after sending a worker new work, the engine waits up to this long for the worker to take it "
+        "(its core then runs the tool's hook at once instead of after a scheduler slice); 0 disables"))
     call_timeout_s: float = field(default=30.0, metadata=_help(
         "wall-clock limit of one call from its end in the stream; a worker past it is killed and replaced"))
     cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
@@ -110,6 +113,7 @@ class ToolConfig:
                   (self.max_tool_rounds >= 0, "max_tool_rounds must be >= 0"),
                   (self.num_workers > 0, "num_workers must be positive"),
                   (self.call_timeout_s > 0, "call_timeout_s must be positive"),
+                  (0 <= self.handoff_ms <= 1000, "handoff_ms must be in [0, 1000]"),
                   (self.cpu_time_s > 0, "cpu_time_s must be positive"),
                   (self.memory_mb > 0, "memory_mb must be positive"),
                   (self.file_size_mb > 0, "file_size_mb must be positive"),

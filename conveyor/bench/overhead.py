@@ -5,11 +5,13 @@
    tool with several fields) and an LLMCompiler plan, in partial mode. Measured: the decode
    step time, and for every field or line the delay from the parser emitting it to the
    tool's hook running in its worker (under real contention with the forward pass).
+   Also measured live: the sampler's time on constraints per constrained token (the grammar's
+   accept check, and the mask and redraw where the grammar refused the unmasked token), and
+   the workers' hand-off waits (the engine's thread sleeping until a worker took new work).
 2. Replay: the same text deltas, fed again through fresh turns on the same executor and
-   workers, timed with the feeding thread's CPU clock: parsing + dispatch per token. The
-   JSON request's tokens also go through a fresh grammar constraint (fill + apply + accept):
-   the mask's cost per constrained token.
-Share = (parse + dispatch [+ mask]) per token / decode step time.
+   workers, timed with the feeding thread's CPU clock: parsing + dispatch per token.
+Share = (parse + dispatch [+ constraint time per constrained token] [+ hand-off wait per
+token]) / decode step time.
 """
 from __future__ import annotations
 
@@ -70,8 +72,7 @@ def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
         _warm_workers(engine)
         live = {name: _live(engine, messages, options, args.max_tokens) for name, messages, options in REQUESTS}
         replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(REQUESTS, live.values())}
-        mask = _mask_cost(engine, live["json"], REQUESTS[1][2])
-    report = _summarise(live, replay, mask)
+    report = _summarise(live, replay)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     _print(console, report)
@@ -82,6 +83,8 @@ def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[
     """One request at batch 1: its first turn's text deltas, decode step times, hook delays."""
     engine.add_request(messages, {"max_tokens": max_tokens, "temperature": 0.0}, **options)
     deltas, steps_s, delays, first_turn = [], [], [], True
+    stats, pool = engine.runner.sampler.constraint_stats, engine.tool_loop.executor.pool
+    constrained0, handoff0 = dataclasses.replace(stats), pool.handoff_s
     while engine.has_unfinished:
         t0 = time.perf_counter()
         outs = engine.step()
@@ -94,7 +97,10 @@ def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[
                 delays += [d for r in out.tool_results for d in r.hook_delays_s]
             elif first_turn:
                 deltas.append(out.new_text)
-    return {"deltas": deltas, "steps_s": steps_s[1:], "hook_delays_s": delays}
+    return {"deltas": deltas, "steps_s": steps_s[1:], "hook_delays_s": delays, "handoff_s": pool.handoff_s - handoff0,
+            "constrained": {"num_tokens": stats.num_tokens - constrained0.num_tokens,
+                            "num_masked": stats.num_masked - constrained0.num_masked,
+                            "seconds": stats.seconds - constrained0.seconds}}
 
 
 def _warm_workers(engine) -> None:
@@ -131,46 +137,30 @@ def _replay(engine, run: dict[str, Any], options: dict) -> dict[str, Any]:
             "num_calls": len(turn.calls)}
 
 
-def _mask_cost(engine, run: dict[str, Any], options: dict) -> dict[str, float]:
-    """Fill + apply + accept of a fresh constraint over the JSON request's tokens."""
-    import torch
-    import xgrammar as xgr
-
-    specs = [engine.tool_loop.executor.registry.get(n).spec() for n in options["tools"]]
-    constraint = engine._grammar.constraint(specs, options["tool_choice"])
-    text = "".join(run["deltas"])
-    ids = engine.tokenizer.encode(text, add_special_tokens=False) + [min(engine.eos_token_ids)]
-    logits = torch.zeros(1, engine.runner.args.vocab_size)
-    bitmask = xgr.allocate_token_bitmask(1, logits.shape[1])
-    times = []
-    for token in ids:
-        if not constraint.active:
-            break
-        t0 = time.perf_counter()
-        constraint.fill_mask(bitmask, 0)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=[0])
-        constraint.accept(token)
-        times.append(time.perf_counter() - t0)
-    return {"num_tokens": len(times), "mean_us": statistics.fmean(times) * 1e6 if times else 0.0}
-
-
 def _pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def _summarise(live: dict, replay: dict, mask: dict[str, float]) -> dict[str, Any]:
+def _summarise(live: dict, replay: dict) -> dict[str, Any]:
     step_s = statistics.median([s for run in live.values() for s in run["steps_s"]])
     per_token = {name: r["cpu_s"] / max(r["num_tokens"], 1) for name, r in replay.items()}
     worst = max(per_token.values())
+    constrained = {k: sum(run["constrained"][k] for run in live.values()) for k in ("num_tokens", "num_masked", "seconds")}
+    constraint_s = constrained["seconds"] / max(constrained["num_tokens"], 1)
+    num_tokens = sum(len(run["steps_s"]) + 1 for run in live.values())
+    handoff_s = sum(run["handoff_s"] for run in live.values()) / num_tokens
     live_delays = [d for run in live.values() for d in run["hook_delays_s"]]
     replay_delays = [d for r in replay.values() for d in r["hook_delays_s"]]
     return {
         "decode_step_ms_batch1": step_s * 1e3,
         "parse_dispatch_us_per_token": {k: v * 1e6 for k, v in per_token.items()},
-        "mask_us_per_constrained_token": mask["mean_us"],
+        "constraint_us_per_constrained_token": constraint_s * 1e6,
+        "constrained_tokens": constrained,
+        "handoff_wait_us_per_token": handoff_s * 1e6,
         "share_of_step_pct": {"parse_dispatch_worst": worst / step_s * 100,
-                              "parse_dispatch_plus_mask": (worst + mask["mean_us"] / 1e6) / step_s * 100},
+                              "parse_dispatch_plus_constraint": (worst + constraint_s) / step_s * 100,
+                              "plus_handoff_wait": (worst + constraint_s + handoff_s) / step_s * 100},
         "hook_latency_ms": {
             "live": {"n": len(live_delays), "p50": _pct(live_delays, 0.5) * 1e3, "p99": _pct(live_delays, 0.99) * 1e3},
             "replay": {"n": len(replay_delays), "p50": _pct(replay_delays, 0.5) * 1e3,
@@ -186,7 +176,10 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for name, us in report["parse_dispatch_us_per_token"].items():
         table.add_row(f"parse + dispatch per token, {name}", f"{us:.1f} µs")
-    table.add_row("grammar mask per constrained token", f"{report['mask_us_per_constrained_token']:.1f} µs")
+    c = report["constrained_tokens"]
+    table.add_row(f"constraint per constrained token ({c['num_masked']} of {c['num_tokens']} masked)",
+                  f"{report['constraint_us_per_constrained_token']:.1f} µs")
+    table.add_row("hand-off wait per token (all tokens)", f"{report['handoff_wait_us_per_token']:.1f} µs")
     for name, pct in report["share_of_step_pct"].items():
         table.add_row(f"share of a decode step, {name}", f"{pct:.3f} %")
     for phase, lat in report["hook_latency_ms"].items():

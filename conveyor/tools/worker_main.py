@@ -1,7 +1,8 @@
 """The child side of the tool workers: typed pipe messages and the loop that serves calls.
 
 Parent -> worker: Start, Field, LineMsg, Finish, Cancel, Stop. Worker -> parent: Ready or
-Failed (once, at start), then Done (a call's result) and Cancelled (a Cancel's
+Failed (once, at start), then Began (each message taken, before it is handled: the
+parent's hand-off wait ends on it), Done (a call's result) and Cancelled (a Cancel's
 acknowledgement). A worker serves one call at a time and ignores messages for any call but
 its current one (they belong to a call already over: rejected, failed or cancelled).
 
@@ -74,6 +75,14 @@ class Stop:
 class Ready:
     pid: int
     landlock_abi: int     # 0: Landlock unavailable, writes are confined by the audit hook only
+
+
+@dataclass(frozen=True, slots=True)
+class Began:
+    """The worker's main thread took the next message (a hook is about to run)."""
+
+
+BEGAN = Began()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +175,7 @@ class _Server:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         threading.Thread(target=_read_into, args=(self.conn, inbox), daemon=True).start()
         while not isinstance(msg := inbox.get(), Stop):
+            self.conn.send(BEGAN)
             self._handle(msg)
 
     def _handle(self, msg: Any) -> None:

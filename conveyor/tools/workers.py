@@ -8,58 +8,43 @@ or dead, is killed with its process group and replaced at once; its call gets an
 without waiting for the replacement. Workers come from the "forkserver" start method (fork is
 unsafe in a parent with torch and OpenMP threads; spawn is slow); like spawn, each worker
 imports the parent's main module, so scripts need the `if __name__ == "__main__":` guard.
-The child side is `worker_main.py`, its sandbox `sandbox.py`. Not thread-safe: one thread
-(the engine's) drives a pool.
+The child side is `worker_main.py`, its sandbox `sandbox.py`, the processes themselves
+`worker_procs.py`. Not thread-safe: one thread (the engine's) drives a pool.
+
+Hand-off: where tools and decoding share CPU cores, a worker woken by a message queues
+behind the forward pass's threads for a scheduler slice (2-5 ms measured here). So `poll`
+first waits, up to `config.handoff_ms`, until each worker sent new work while it was caught
+up has taken it (its `Began`): the engine's thread sleeps, its core runs the worker's hook
+at once, and the wait is paid only by steps that sent work (~0.2 ms each).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import multiprocessing
-import os
-import shutil
-import signal
-import tempfile
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing import forkserver
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from multiprocessing.connection import wait
 from typing import Any, Self
 
 from conveyor.config import ToolConfig
 from conveyor.tools import worker_main as wm
+from conveyor.tools import worker_procs as procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
 from conveyor.tools.sandbox import Limits
+from conveyor.tools.worker_procs import Worker
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
-STOP_GRACE_S = 1.0         # close(): workers exit within this, or are killed
-_ctx = multiprocessing.get_context("forkserver")
-_num_open_pools = 0        # the forkserver is stopped when the last pool closes
-
-
-@dataclass(slots=True, eq=False)
-class _Worker:
-    process: BaseProcess
-    conn: Connection
-    temp_root: str
-    ready: bool = False
-    call_id: str | None = None
-    cancelling: bool = False       # Cancel sent, acknowledgement awaited
-    deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
 
 
 @dataclass(slots=True, eq=False)
 class _Call:
     info: CallInfo
     pending: list[Any]             # messages held while the call waits for a worker
-    worker: _Worker | None = None
+    worker: Worker | None = None
     finished: bool = False
 
 
@@ -75,10 +60,11 @@ class WorkerPool:
         self.config = config
         self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
         self.landlock_abi = 0      # what the workers report; 0: file writes confined by an audit hook only
+        self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
         self._tools: list[Tool] = list(registry)
         self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
         self._tools_blob = b""
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self._calls: dict[str, _Call] = {}     # open calls, bound or queued
         self._queue: deque[str] = deque()
         self._dropped: set[str] = set()
@@ -87,16 +73,14 @@ class WorkerPool:
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         """Start the workers and wait until each is Ready (RuntimeError with the cause if not)."""
-        global _num_open_pools
         if self._finalizer is not None:
             raise RuntimeError("the worker pool was already started")
         self._tools_blob = wm.pickle_tools(self._tools)
-        _ctx.set_forkserver_preload(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
+        procs.open_pool(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
             type(t).__module__ for t in self._tools if type(t).__module__.startswith("conveyor.")}))
-        _num_open_pools += 1
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)   # also at exit
+        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers)   # also at exit
         try:
-            self._workers.extend(self._spawn() for _ in range(self.config.num_workers))
+            self._workers.extend(procs.spawn(self._tools_blob, self._limits) for _ in range(self.config.num_workers))
             deadline = time.perf_counter() + READY_TIMEOUT_S
             while not all(w.ready for w in self._workers):
                 if time.perf_counter() >= deadline:
@@ -158,13 +142,14 @@ class WorkerPool:
         if call is not None and call.worker is None:
             self._queue.remove(call_id)
         elif call is not None and call.worker is not None:
-            _send(call.worker, wm.Cancel(call_id))
+            procs.send(call.worker, wm.Cancel(call_id))
             call.worker.cancelling, call.worker.deadline = True, time.perf_counter() + CANCEL_ACK_S
 
     # ---- results ------------------------------------------------------------------------------
     def poll(self, timeout_s: float = 0.0) -> list[ToolResult]:
         """Finished results; with timeout_s > 0, block until one arrives or timeout_s passes."""
         results: list[ToolResult] = []
+        self._hand_off(results)
         stop_at = time.perf_counter() + timeout_s
         while True:
             wake_at = min([stop_at, *(w.deadline for w in self._workers)])
@@ -187,19 +172,18 @@ class WorkerPool:
         return len(self._queue)
 
     # ---- internals ----------------------------------------------------------------------------
-    def _spawn(self) -> _Worker:
-        temp_root = tempfile.mkdtemp(prefix="conveyor-worker-")
-        conn, child_conn = _ctx.Pipe()
-        process = _ctx.Process(target=wm.serve, args=(child_conn, self._tools_blob, temp_root, self._limits),
-                               name="conveyor-tool-worker", daemon=True)
-        try:
-            process.start()
-        except BaseException:
-            shutil.rmtree(temp_root, ignore_errors=True)
-            raise
-        finally:
-            child_conn.close()
-        return _Worker(process, conn, temp_root)
+    def _hand_off(self, results: list[ToolResult]) -> None:
+        """Wait (up to `config.handoff_ms`) until workers just sent new work have taken it."""
+        start = time.perf_counter()
+        stop_at = start + self.config.handoff_ms / 1e3
+        while waiting := [w for w in self._workers if w.handing_off and w.num_unbegun]:
+            left = stop_at - time.perf_counter()
+            if left <= 0:
+                break
+            self._receive(left, results, waiting)
+        for worker in self._workers:
+            worker.handing_off = False
+        self.handoff_s += time.perf_counter() - start
 
     def _forward(self, call_id: str, msg: Any) -> None:
         if call_id in self._dropped:
@@ -208,7 +192,7 @@ class WorkerPool:
         if call.worker is None:
             call.pending.append(msg)
         else:
-            _send(call.worker, msg)
+            procs.send(call.worker, msg)
 
     def _dispatch(self) -> None:
         """Bind queued calls to idle workers and send what each has so far."""
@@ -217,15 +201,15 @@ class WorkerPool:
             call, worker = self._calls[self._queue.popleft()], idle.pop()
             call.worker, worker.call_id = worker, call.info.call_id
             for msg in call.pending:
-                _send(worker, msg)
+                procs.send(worker, msg)
             call.pending.clear()
             if call.finished:
                 worker.deadline = time.perf_counter() + self.config.call_timeout_s
 
-    def _receive(self, wait_s: float, results: list[ToolResult]) -> None:
-        """Wait up to wait_s for replies or exits, and handle them."""
-        owners: dict[Any, _Worker] = {}
-        for w in self._workers:
+    def _receive(self, wait_s: float, results: list[ToolResult], workers: list[Worker] | None = None) -> None:
+        """Wait up to wait_s for replies or exits (of `workers`, default all), and handle them."""
+        owners: dict[Any, Worker] = {}
+        for w in self._workers if workers is None else workers:
             owners[w.conn] = owners[w.process.sentinel] = w
         for ready in wait(list(owners), wait_s):
             worker = owners[ready]
@@ -239,10 +223,12 @@ class WorkerPool:
                 hung_up = True
             if hung_up or not worker.process.is_alive():
                 self._replace(worker, results, "RuntimeError: the tool's worker process died "
-                                               f"({_exit_text(worker.process)})")
+                                               f"({procs.exit_text(worker.process)})")
 
-    def _on_message(self, worker: _Worker, msg: Any, results: list[ToolResult]) -> None:
+    def _on_message(self, worker: Worker, msg: Any, results: list[ToolResult]) -> None:
         match msg:
+            case wm.Began():
+                worker.num_unbegun -= 1
             case wm.Ready(landlock_abi=abi):
                 worker.ready = True
                 self.landlock_abi = abi
@@ -252,10 +238,10 @@ class WorkerPool:
                 call = self._calls.pop(result.call_id)
                 if not call.finished:
                     self._dropped.add(result.call_id)      # rejected: later messages are dropped
-                _free(worker)
+                procs.free(worker)
                 results.append(result)
             case wm.Cancelled(call_id=call_id) if call_id == worker.call_id and worker.cancelling:
-                _free(worker)
+                procs.free(worker)
 
     def _enforce_deadlines(self, results: list[ToolResult]) -> None:
         now = time.perf_counter()
@@ -263,68 +249,16 @@ class WorkerPool:
             self._replace(worker, results, f"TimeoutError: the call did not finish within "
                                            f"{self.config.call_timeout_s:g} s; its worker was stopped")
 
-    def _replace(self, worker: _Worker, results: list[ToolResult], error: str) -> None:
+    def _replace(self, worker: Worker, results: list[ToolResult], error: str) -> None:
         """Kill the worker, start its replacement, and give its call (if any) an error result."""
-        _stop(worker, grace_s=0.0)
+        procs.stop(worker, grace_s=0.0)
         if not worker.ready:
-            raise RuntimeError(f"a tool worker exited before it was ready ({_exit_text(worker.process)})")
+            raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
         call = self._calls.pop(worker.call_id, None) if worker.call_id and not worker.cancelling else None
         if call is not None:
             if not call.finished:
                 self._dropped.add(call.info.call_id)
             results.append(ToolResult(call.info.call_id, call.info.name, error, is_error=True,
                                       done_at=time.perf_counter()))
-        self._workers[self._workers.index(worker)] = self._spawn()
+        self._workers[self._workers.index(worker)] = procs.spawn(self._tools_blob, self._limits)
         self.num_restarts += 1
-
-
-def _send(worker: _Worker, msg: Any) -> None:
-    with contextlib.suppress(OSError):    # a dead worker: poll() notices its exit
-        worker.conn.send(msg)
-
-
-def _free(worker: _Worker) -> None:
-    worker.call_id, worker.cancelling, worker.deadline = None, False, math.inf
-
-
-def _exit_text(process: BaseProcess) -> str:
-    code = process.exitcode
-    if code is None:
-        return "still running"
-    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
-def _stop(worker: _Worker, grace_s: float) -> None:
-    """Let the worker exit within grace_s, then kill its process group; clean up after it."""
-    worker.process.join(grace_s)
-    if worker.process.exitcode is None:
-        try:
-            os.killpg(worker.process.pid, signal.SIGKILL)   # with any children it started
-        except OSError:
-            worker.process.kill()                           # not yet the leader of its own group
-        worker.process.join(STOP_GRACE_S)
-    worker.conn.close()
-    shutil.rmtree(worker.temp_root, ignore_errors=True)
-
-
-def _shutdown(workers: list[_Worker]) -> None:
-    """Stop every worker; the forkserver too once no pool is open."""
-    global _num_open_pools
-    for worker in workers:
-        _send(worker, wm.Stop())
-    deadline = time.perf_counter() + STOP_GRACE_S
-    for worker in workers:
-        _stop(worker, grace_s=max(0.0, deadline - time.perf_counter()))
-    workers.clear()
-    _num_open_pools -= 1
-    if _num_open_pools == 0:
-        _stop_forkserver()
-
-
-def _stop_forkserver() -> None:
-    server = forkserver._forkserver
-    if server._forkserver_pid is None:
-        return
-    with contextlib.suppress(OSError):
-        os.kill(server._forkserver_pid, signal.SIGTERM)  # so the wait below cannot hang on a forked
-    server._stop()                                        # child holding the "alive" pipe

@@ -15,13 +15,13 @@ import psutil
 import pytest
 
 from conveyor.config import ToolConfig
-from conveyor.tools import workers as workers_module
+from conveyor.tools import worker_procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolRejected, ToolResult
 from conveyor.tools.builtin.python import PythonTool
 from conveyor.tools.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = ToolConfig(num_workers=2, call_timeout_s=3, cpu_time_s=2)
+CONFIG = ToolConfig(num_workers=2, call_timeout_s=3, cpu_time_s=2, handoff_ms=300)
 
 
 class EchoTool(Tool):
@@ -147,7 +147,7 @@ def test_close_leaves_no_worker_process() -> None:
     pool.close()                                       # idempotent
     alive = children()
     assert not workers & alive
-    if workers_module._num_open_pools == 0:            # the last pool stops the forkserver too
+    if worker_procs._num_open_pools == 0:            # the last pool stops the forkserver too
         assert server_pid not in alive and forkserver._forkserver._forkserver_pid is None
     with pytest.raises(KeyError):
         pool.finish(call_id, {})
@@ -170,6 +170,22 @@ def test_result_and_hook_delays(pool: WorkerPool) -> None:
     assert content["args"] == {"a": 1, "b": [2, 3]}
     assert len(result.hook_delays_s) == 3 and all(0 <= d < 1 for d in result.hook_delays_s)
     assert before <= result.started_at <= result.done_at <= time.perf_counter()
+
+
+def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "python")
+    pool.send_line(call_id, "import time", time.perf_counter())
+    pool.poll(0.0)
+    assert [w.num_unbegun for w in pool._workers] == [0, 0]      # the worker has taken both
+    pool.send_line(call_id, "time.sleep(2)", time.perf_counter())
+    pool.poll(0.0)
+    pool.send_line(call_id, "x = 1", time.perf_counter())       # queued behind the sleep
+    start = time.perf_counter()
+    pool.poll(0.0)
+    assert time.perf_counter() - start < 1.0                     # the hand-off wait is capped
+    assert sorted(w.num_unbegun for w in pool._workers) == [0, 1]
+    pool.finish(call_id, {"code": "import time\ntime.sleep(2)\nx = 1"})
+    assert not wait_results(pool, {call_id})[call_id].is_error
 
 
 def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:

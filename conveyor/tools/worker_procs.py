@@ -1,0 +1,116 @@
+"""Tool worker processes themselves: start one from the forkserver, send to it, stop it, and
+stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they do."""
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing import forkserver
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from conveyor.tools import worker_main as wm
+from conveyor.tools.sandbox import Limits
+
+STOP_GRACE_S = 1.0         # workers exit within this after Stop, or are killed
+_ctx = multiprocessing.get_context("forkserver")
+_num_open_pools = 0        # the forkserver is stopped when the last pool closes
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    process: BaseProcess
+    conn: Connection
+    temp_root: str
+    ready: bool = False
+    call_id: str | None = None
+    cancelling: bool = False       # Cancel sent, acknowledgement awaited
+    deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
+    num_unbegun: int = 0           # messages sent that its main thread has not taken yet
+    handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
+
+
+def open_pool(preload: list[str]) -> None:
+    """Count a pool in; `preload`: modules the forkserver imports once for every worker."""
+    global _num_open_pools
+    _ctx.set_forkserver_preload(preload)
+    _num_open_pools += 1
+
+
+def spawn(tools_blob: bytes, limits: Limits) -> Worker:
+    """Start one worker (it says Ready when its tools are loaded and it is sandboxed)."""
+    temp_root = tempfile.mkdtemp(prefix="conveyor-worker-")
+    conn, child_conn = _ctx.Pipe()
+    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, temp_root, limits),
+                           name="conveyor-tool-worker", daemon=True)
+    try:
+        process.start()
+    except BaseException:
+        shutil.rmtree(temp_root, ignore_errors=True)
+        raise
+    finally:
+        child_conn.close()
+    return Worker(process, conn, temp_root)
+
+
+def send(worker: Worker, msg: Any) -> None:
+    """Send `msg`; a dead worker is noticed by the pool's poll (its exit), not here."""
+    if worker.num_unbegun == 0 and not isinstance(msg, wm.Stop):
+        worker.handing_off = True
+    worker.num_unbegun += 1
+    with contextlib.suppress(OSError):
+        worker.conn.send(msg)
+
+
+def free(worker: Worker) -> None:
+    worker.call_id, worker.cancelling, worker.deadline = None, False, math.inf
+
+
+def exit_text(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def stop(worker: Worker, grace_s: float) -> None:
+    """Let the worker exit within grace_s, then kill its process group; clean up after it."""
+    worker.process.join(grace_s)
+    if worker.process.exitcode is None:
+        try:
+            os.killpg(worker.process.pid, signal.SIGKILL)   # with any children it started
+        except OSError:
+            worker.process.kill()                           # not yet the leader of its own group
+        worker.process.join(STOP_GRACE_S)
+    worker.conn.close()
+    shutil.rmtree(worker.temp_root, ignore_errors=True)
+
+
+def shutdown(workers: list[Worker]) -> None:
+    """Stop every worker; the forkserver too once no pool is open."""
+    global _num_open_pools
+    for worker in workers:
+        send(worker, wm.Stop())
+    deadline = time.perf_counter() + STOP_GRACE_S
+    for worker in workers:
+        stop(worker, grace_s=max(0.0, deadline - time.perf_counter()))
+    workers.clear()
+    _num_open_pools -= 1
+    if _num_open_pools == 0:
+        _stop_forkserver()
+
+
+def _stop_forkserver() -> None:
+    server = forkserver._forkserver
+    if server._forkserver_pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(server._forkserver_pid, signal.SIGTERM)  # so the wait below cannot hang on a forked
+    server._stop()                                        # child holding the "alive" pipe
