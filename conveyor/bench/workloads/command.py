@@ -22,11 +22,11 @@ def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
                         "(default docs/results/workloads-<mode>.json)")
     parser.add_argument("--plots", default="docs/results", help="folder for the PNG plots ('' for none)")
     parser.add_argument("--workloads", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
-    parser.add_argument("--token-latency-ms", type=float, default=Pace.token_latency_ms,
+    parser.add_argument("--token-latency-ms", type=float, default=Pace().token_latency_ms,
                         help="paced: one decode step (default: a 7B model at batch 1 on an A100)")
-    parser.add_argument("--prefill-ms-per-token", type=float, default=Pace.prefill_ms_per_token,
+    parser.add_argument("--prefill-ms-per-token", type=float, default=Pace().prefill_ms_per_token,
                         help="paced: cost of each prompt token a step prefills")
-    parser.add_argument("--search-latency-ms", type=float, default=WorkloadOptions.search_latency_ms,
+    parser.add_argument("--search-latency-ms", type=float, default=WorkloadOptions().search_latency_ms,
                         help="injected round trip of every search-service request")
     parser.add_argument("--temperature", type=float, default=0.0, help="live: sampling temperature")
     parser.add_argument("--record", action="store_true",

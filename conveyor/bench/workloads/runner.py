@@ -3,6 +3,7 @@ mode; per case the latencies, the reduction, the ideal reduction and the success
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,7 @@ def run_workloads(config: EngineConfig, options: BenchOptions) -> dict[str, list
                         rounds[case.name] = _run_pairs(engine, case, tools, options, progress, task)
             finally:
                 workload.close()
+                gc.collect()        # free this engine's model and KV before the next one loads
     return rounds
 
 
