@@ -211,6 +211,7 @@ class LLMEngine(ToolRounds):
             if self.tool_loop is not None and self.tool_loop.num_waiting:
                 outputs += self._poll_tools(0.05)
             return outputs
+        self._share_cores()
         start = time.perf_counter()
         sampled = self.runner.execute(plan)
         self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)

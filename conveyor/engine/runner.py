@@ -56,6 +56,7 @@ class ModelRunner:
                               dtype=self.dtype, device=self.device)
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
         self.sampler = Sampler(self.device)
+        self.num_threads = torch.get_num_threads()
 
     def _blocks_for_mb(self, mb: int) -> int:
         a = self.args
@@ -73,6 +74,13 @@ class ModelRunner:
         for i, token in zip(sampled_chunks, tokens):
             result[i] = token
         return result
+
+    def reserve_cores(self, num_cores: int) -> None:
+        """On CPU, run the next steps on `num_cores` threads fewer (at least one), e.g. for
+        tool workers busy on this machine; 0 gives the forward pass all its threads back."""
+        threads = max(1, self.num_threads - num_cores)
+        if self.device.type == "cpu" and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     @torch.inference_mode()
     def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:

@@ -53,6 +53,13 @@ class ToolRounds:
         _, cut_ready = self.tool_loop.poll(0.0) if cut else ([], [])
         return outputs + [self._resume_with_results(request_id) for request_id in ready + cut_ready]
 
+    def _share_cores(self) -> None:
+        """Leave a CPU core to each worker running a tool (`ToolConfig.share_cores`); runners
+        without `reserve_cores` (the paced benchmark's stand-in) are left alone."""
+        reserve = getattr(self.runner, "reserve_cores", None)
+        if self.tool_loop is not None and self.config.tools.share_cores and reserve is not None:
+            reserve(self.tool_loop.executor.pool.num_running)
+
     def _resume_with_results(self, request_id: str) -> RequestOutput:
         request, _ = self._requests[request_id]
         text, results = self.tool_loop.next_turn(request_id)

@@ -1,9 +1,9 @@
 """The child side of the tool workers: typed pipe messages and the loop that serves calls.
 
 Parent -> worker: Start, Field, LineMsg, Finish, Cancel, Stop. Worker -> parent: Ready or
-Failed (once, at start), then Began (each message taken, before it is handled: the
-parent's hand-off wait ends on it), Done (a call's result) and Cancelled (a Cancel's
-acknowledgement). A worker serves one call at a time and ignores messages for any call but
+Failed (once, at start), then Began (each message taken, before it is handled) and Idle
+(all handled, nothing queued) which tell the parent whether a worker is running a tool,
+Done (a call's result) and Cancelled (a Cancel's acknowledgement). A worker serves one call at a time and ignores messages for any call but
 its current one (they belong to a call already over: rejected, failed or cancelled).
 
 The sandbox it runs in is `sandbox.py`.
@@ -82,7 +82,12 @@ class Began:
     """The worker's main thread took the next message (a hook is about to run)."""
 
 
-BEGAN = Began()
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """The worker's main thread handled everything it was sent and waits for more."""
+
+
+BEGAN, IDLE = Began(), Idle()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +182,8 @@ class _Server:
         while not isinstance(msg := inbox.get(), Stop):
             self.conn.send(BEGAN)
             self._handle(msg)
+            if inbox.empty():
+                self.conn.send(IDLE)
 
     def _handle(self, msg: Any) -> None:
         current = self.call.info.call_id if self.call else None

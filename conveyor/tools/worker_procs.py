@@ -34,6 +34,7 @@ class Worker:
     cancelling: bool = False       # Cancel sent, acknowledgement awaited
     deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
     num_unbegun: int = 0           # messages sent that its main thread has not taken yet
+    running: bool = False          # between a Began and the next Idle: running a tool's code
     handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
 
 

@@ -13,9 +13,11 @@ The child side is `worker_main.py`, its sandbox `sandbox.py`, the processes them
 
 Hand-off: where tools and decoding share CPU cores, a worker woken by a message queues
 behind the forward pass's threads for a scheduler slice (2-5 ms measured here). So `poll`
-first waits, up to `config.handoff_ms`, until each worker sent new work while it was caught
-up has taken it (its `Began`): the engine's thread sleeps, its core runs the worker's hook
-at once, and the wait is paid only by steps that sent work (~0.2 ms each).
+first waits, up to `config.handoff_ms`, for each worker sent new work while it was caught
+up to take it and go idle again (its `Began`, then `Idle`): the engine's thread sleeps, its
+core runs the hook at once, a short hook ends within the wait, and the wait is paid only
+by steps that sent work. `num_running` counts workers still running a tool's code after
+that, for the engine to leave them a core (`ToolConfig.share_cores`).
 """
 from __future__ import annotations
 
@@ -168,6 +170,11 @@ class WorkerPool:
         return sum(w.ready and w.call_id is None for w in self._workers)
 
     @property
+    def num_running(self) -> int:
+        """Workers running a tool's code (a hook, or a call's finish) right now, as last heard."""
+        return sum(w.running for w in self._workers)
+
+    @property
     def num_queued(self) -> int:
         return len(self._queue)
 
@@ -176,7 +183,7 @@ class WorkerPool:
         """Wait (up to `config.handoff_ms`) until workers just sent new work have taken it."""
         start = time.perf_counter()
         stop_at = start + self.config.handoff_ms / 1e3
-        while waiting := [w for w in self._workers if w.handing_off and w.num_unbegun]:
+        while waiting := [w for w in self._workers if w.handing_off and (w.num_unbegun or w.running)]:
             left = stop_at - time.perf_counter()
             if left <= 0:
                 break
@@ -229,6 +236,9 @@ class WorkerPool:
         match msg:
             case wm.Began():
                 worker.num_unbegun -= 1
+                worker.running = True
+            case wm.Idle():
+                worker.running = False
             case wm.Ready(landlock_abi=abi):
                 worker.ready = True
                 self.landlock_abi = abi

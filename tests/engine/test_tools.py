@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from conveyor.config import ToolConfig
 from conveyor.engine.request import RequestState
@@ -121,6 +122,27 @@ def test_python_fence_lines_run_and_results_come_back(engine) -> None:
     code = "```python\nx = 6 * 7\nfor i in range(2):\n    x += 1\nprint(x)\n```"
     outputs = run(engine, [code, "Done."], tools=["python"])
     assert results_of(outputs) == ["44\n"] or results_of(outputs)[0].strip() == "44"
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two torch threads to give one up")
+def test_a_running_tool_gets_a_core_while_decoding_goes_on(engine, monkeypatch) -> None:
+    threads, execute = [], engine.runner.execute
+
+    def execute_and_record(plan):
+        threads.append((torch.get_num_threads(), bool(results_of(outputs))))
+        return execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", execute_and_record)
+    outputs: list = []
+    code = "```python\nimport time\ntime.sleep(1.0)\nx = 1\n```"
+    rid = engine.add_request(QUESTION, {"max_tokens": 50}, tools=["python"],
+                             constraint=lambda n: script(engine, [code, "Done."][n]) if n < 2 else None)
+    while engine.has_unfinished:
+        outputs += [o for o in engine.step() if o.request_id == rid]
+    full = engine.runner.num_threads
+    assert (full - 1, False) in threads                  # decoded on with the sleep running
+    assert (full, True) in threads                       # and all threads back after it
+    assert torch.get_num_threads() == full
 
 
 def test_a_rejected_field_cuts_the_turn_off(engine) -> None:

@@ -15,6 +15,7 @@ class InlinePool:
         self.results: list[ToolResult] = []
         self.log: list[tuple[str, str, Any]] = []   # (call_id, hook, detail)
         self.dead: set[str] = set()
+        self.num_running = 0                         # hooks run inline, never in the background
 
     def open_call(self, call: CallInfo, sent_at: float) -> None:
         tool = self.registry.get(call.name).for_call()

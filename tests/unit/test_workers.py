@@ -177,8 +177,10 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     pool.send_line(call_id, "import time", time.perf_counter())
     pool.poll(0.0)
     assert [w.num_unbegun for w in pool._workers] == [0, 0]      # the worker has taken both
+    assert pool.num_running == 0                                 # ... and run them: short hooks
     pool.send_line(call_id, "time.sleep(2)", time.perf_counter())
     pool.poll(0.0)
+    assert pool.num_running == 1                                 # a long one is still running
     pool.send_line(call_id, "x = 1", time.perf_counter())       # queued behind the sleep
     start = time.perf_counter()
     pool.poll(0.0)
@@ -186,6 +188,10 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     assert sorted(w.num_unbegun for w in pool._workers) == [0, 1]
     pool.finish(call_id, {"code": "import time\ntime.sleep(2)\nx = 1"})
     assert not wait_results(pool, {call_id})[call_id].is_error
+    deadline = time.perf_counter() + 10                          # its Idle follows the result
+    while pool.num_running and time.perf_counter() < deadline:
+        pool.poll(0.05)
+    assert pool.num_running == 0
 
 
 def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
