@@ -150,12 +150,11 @@ class Turn:
             elif call.result is not None or (call.ended and call.dispatched):
                 continue            # done, or complete and running
             elif not call.ended:
-                self._cancel(call, "the call was not complete when the turn ended")
+                self.cancel_call(call, "the call was not complete when the turn ended")
             elif self.clean:        # a complete call held back for its side effects
-                self._dispatch(call)
-                self._send_finish(call)
+                self.run_complete(call)
             else:
-                self._cancel(call, "not run: the turn was cut off before it ended")
+                self.cancel_call(call, "not run: the turn was cut off before it ended")
 
     def cancel(self) -> None:
         """The request is aborted: cancel every call, nothing more runs."""
@@ -164,7 +163,7 @@ class Turn:
             if isinstance(call, PlanCall):
                 call.cancel()
             elif call.result is None:
-                self._cancel(call, "aborted")
+                self.cancel_call(call, "aborted")
 
     @property
     def has_calls(self) -> bool:
@@ -230,14 +229,13 @@ class Turn:
         if call is None or call.result is not None:
             return
         call.ended, call.ended_at = True, now
-        error = self._check_args(call, event.args)
+        error = self.check_args(call, event.args)
         if error:
-            self._cancel(call, error)
+            self.cancel_call(call, error)
         elif call.tool.side_effects != "external":
-            self._dispatch(call, now)
-            self._send_finish(call)
+            self.run_complete(call, now)
 
-    def _check_args(self, call: Call, args: dict | str) -> str | None:
+    def check_args(self, call: Call, args: dict | str) -> str | None:
         """Arguments as a dict that fits the tool's schema, else the error for the model."""
         if isinstance(args, str) and call.tool.body_field and not args.lstrip().startswith("{"):
             args = {call.tool.body_field: args}
@@ -273,10 +271,14 @@ class Turn:
         else:
             self.executor.pool.send_line(call.call_id, a, sent_at)
 
-    def _send_finish(self, call: Call) -> None:
+    def run_complete(self, call: Call, now: float | None = None, owner: Any = None) -> None:
+        """Run a call whose arguments are complete and checked (`check_args`); its result goes
+        to `owner` (a plan) or to the call itself."""
+        self._dispatch(call, now, owner)
         self.executor.pool.finish(call.call_id, call.args)
 
-    def _cancel(self, call: Call, reason: str) -> None:
+    def cancel_call(self, call: Call, reason: str) -> None:
+        """Drop the call (its worker, if it has one, cancels); its result is an error saying `reason`."""
         if call.dispatched:
             self.executor.untrack(call.call_id)
         call.result = _error(call, reason)

@@ -80,7 +80,7 @@ class PlanCall:
     def cancel(self) -> None:
         for step in self.steps.values():
             if step.result is None and step.call is not None:
-                self.turn._cancel(step.call, "aborted")
+                self.turn.cancel_call(step.call, "aborted")
                 step.result = step.call.result
         if self.result is None:
             self.result = self._error("the plan was cut off before it ended")
@@ -124,13 +124,12 @@ class PlanCall:
         except ValueError as e:
             step.result = self._error(f"step {step.number}: {e}")
             return
-        error = self.turn._check_args(call, args)
+        error = self.turn.check_args(call, args)
         if error:
             step.result = self._error(f"step {step.number}: {error}")
             return
         step.call = call
-        self.turn._dispatch(call, owner=self)
-        self.turn._send_finish(call)
+        self.turn.run_complete(call, owner=self)
 
     def _done(self, number: int) -> bool:
         step = self.steps.get(number)
