@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import pytest
 
@@ -19,7 +20,7 @@ def test_jobs_follow_the_mix_and_the_caps() -> None:
     args = bench_args("--num-requests", "40", "--max-calls", "3", "--time-scale", "0.5")
     jobs = make_jobs(2.0, args, vocab=1000, seed=1)
     assert len(jobs) == 40 and make_jobs(2.0, args, vocab=1000, seed=1) == jobs   # seeded
-    assert all(a.arrival_s < b.arrival_s for a, b in zip(jobs, jobs[1:]))
+    assert all(a.arrival_s < b.arrival_s for a, b in itertools.pairwise(jobs))
     shapes = {s.name: s for s in MIX}
     for job in jobs:
         assert 1 <= len(job.calls) <= 3 and 32 <= len(job.prompt_ids) <= 128
