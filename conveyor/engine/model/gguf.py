@@ -1,0 +1,92 @@
+"""De-quantize a GGUF checkpoint with transformers into bf16 safetensors and tokenizer files
+beside it (the loader decides where, and makes the directory appear atomically)."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+class UnsupportedGGUF(ValueError):
+    """The file is not GGUF, or holds an architecture we do not run."""
+
+
+def gguf_architecture(gguf: Path) -> str:
+    """The HF architecture for a GGUF file, from its header alone."""
+    from transformers.integrations.gguf.reader import read_gguf_metadata
+
+    try:
+        metadata, _ = read_gguf_metadata(str(gguf))
+    except (OSError, ValueError) as error:
+        raise UnsupportedGGUF(f"cannot read {gguf.resolve()} as GGUF: {error}") from error
+    name = metadata.get("general.architecture")
+    if name not in GGUF_ARCHITECTURES:
+        supported = ", ".join(f"{hf} ({g})" for g, hf in GGUF_ARCHITECTURES.items())
+        raise UnsupportedGGUF(f"unsupported architecture {name} in {gguf.resolve()}; supported: {supported}")
+    return GGUF_ARCHITECTURES[name]
+
+
+def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
+    """Write bf16 safetensors, config and tokenizer files beside `gguf`, then delete it."""
+    build_dir = gguf.parent
+    architecture = gguf_architecture(gguf)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _steps(progress, f"converting {architecture}", console) as step, _quiet_transformers():
+        step("reading GGUF and de-quantizing (slow)")
+        model = AutoModelForCausalLM.from_pretrained(build_dir, gguf_file=str(gguf), dtype=torch.bfloat16)
+        _drop_quantization_markers(model)
+        step("writing model.safetensors")
+        model.save_pretrained(build_dir)
+        del model
+        step("converting tokenizer")
+        AutoTokenizer.from_pretrained(build_dir, gguf_file=str(gguf)).save_pretrained(build_dir)
+    gguf.unlink()
+
+
+def _drop_quantization_markers(model: PreTrainedModel) -> None:
+    """Let ``save_pretrained`` write a GGUF-loaded model; its tensors are already plain bf16."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@contextmanager
+def _steps(enabled: bool, title: str, console: Console) -> Iterator[Callable[[str], None]]:
+    """A spinner with elapsed time; the yielded function names the current step."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not enabled) as bar:
+        task = bar.add_task(title, total=None)
+        yield lambda step: bar.update(task, description=f"{title}: {step}")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars while our own progress shows."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging
+
+    verbosity, bars_were_on, tqdm = logging.get_verbosity(), logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    # The GGUF loader calls tqdm directly, past transformers' own progress-bar switch.
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = tqdm
+        logging.set_verbosity(verbosity)
+        if bars_were_on:
+            logging.enable_progress_bar()
