@@ -3,8 +3,8 @@
 `Replay` is a request's per-turn constraint that holds the recorded tokens of one model
 turn; `PacedRunner` stands in for ModelRunner (`LLMEngine(runner_factory=...)`): it runs no
 forward pass, returns each sampling chunk's next recorded token, and sleeps until the step
-has taken `token_latency_ms` plus `prefill_ms_per_token` for each prompt token it carries.
-Everything else (scheduler, detokenizer, parsers, executor, tool workers, tool rounds, the
+has taken `token_latency_ms` plus `prefill_ms_per_token` for each prompt token it carries, on
+top of the engine's own time between steps. Everything else (scheduler, detokenizer, parsers, executor, tool workers, tool rounds, the
 model's tokenizer and chat template) is the real engine: the tools see the stream timing of
 a GPU server. This is an emulation of the decode clock, and is labelled as such.
 """
@@ -70,6 +70,8 @@ class PacedRunner:
         self.eos_token_id = eos_token_id
         self.args = ModelArgs.from_dir(model_dir)
         self.num_blocks = num_blocks
+        self._deadline: float | None = None     # when the last step's emulated time was up
+        self._returned = 0.0                    # when the last step actually returned
 
     @classmethod
     def factory(cls, pace: Pace, eos_token_id: int, num_blocks: int = 4096) -> Any:
@@ -78,13 +80,19 @@ class PacedRunner:
                                                                  cache_config.num_blocks or num_blocks)
 
     def execute(self, out: Any) -> list[int | None]:
-        start = time.perf_counter()
+        """The step's tokens, returned when the step's emulated time is up: the previous step's
+        deadline, plus the engine's own time since that step returned, plus this step's cost.
+        The OS waking the sleeper late is thus caught up on the next step, not accumulated."""
+        now = time.perf_counter()
         tokens: list[int | None] = []
         for chunk in out.chunks:
             tokens.append(self._next(chunk.request) if chunk.sample else None)
         num_prefill = sum(c.num_tokens for c in out.chunks if c.num_tokens > 1)
         cost_s = (self.pace.token_latency_ms + self.pace.prefill_ms_per_token * num_prefill) / 1000
-        _sleep_until(start + cost_s)
+        base = now if self._deadline is None else self._deadline + (now - self._returned)
+        self._deadline = base + cost_s
+        _sleep_until(self._deadline)
+        self._returned = time.perf_counter()
         return tokens
 
     def _next(self, request: Any) -> int:
