@@ -17,14 +17,21 @@ import itertools
 import os
 import queue
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from conveyor.backends import BackendError
-from conveyor.backends.rounds import RemoteRounds, RemoteRequest
-from conveyor.backends.stream import Delta, Done, Event, Failed, RemoteStream, RetryPolicy
+from conveyor.backends.rounds import RemoteRequest, RemoteRounds
+from conveyor.backends.stream import (
+    Delta,
+    Done,
+    Event,
+    Failed,
+    RemoteStream,
+    RetryPolicy,
+)
 from conveyor.config import EngineConfig
 from conveyor.engine.engine import EngineStats, Prompt, RequestOutput, _sampling_params
 from conveyor.engine.request import SamplingParams
@@ -90,8 +97,11 @@ class RemoteEngine(RemoteRounds):
 
     def close(self) -> None:
         """Abort every request (closing its stream), stop the tool workers, drop the connections."""
+        streams = [r.stream for r in self._requests.values() if r.stream is not None]
         for request_id in list(self._requests):
             self.abort(request_id)
+        for stream in streams:
+            stream.join(1.0)        # readers wake at once from the socket shutdown
         if self.tool_loop is not None:
             self.tool_loop.executor.pool.close()
         self.client.close()
@@ -174,6 +184,8 @@ class RemoteEngine(RemoteRounds):
         outputs = self._poll_tools(0.0)
         if not self._requests:
             return outputs
+        if not outputs and all(r.stream is None for r in self._requests.values()):
+            return self._poll_tools(0.02)       # every request waits on its tools: wait on the workers
         try:
             events = [self.events.get(timeout=0.0 if outputs else 0.02)]
         except queue.Empty:

@@ -1,9 +1,13 @@
-"""llama.cpp's server (the xllamacpp wheel) with SmolLM2-135M on a free loopback port, in a
-child process; ready once /health answers 200 (polled against a deadline)."""
+"""llama.cpp's server (the xllamacpp wheel) with SmolLM2-135M (or another GGUF) on a free
+loopback port, in a child process; ready once /health answers 200 (polled against a deadline).
+
+By hand, for `--backend` runs: `python -m tests.backends.llamacpp [MODEL.gguf] [THREADS]`
+prints the URL and serves until interrupted."""
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +22,8 @@ p.model.path = sys.argv[1]
 p.port = 0
 p.n_parallel = 2
 p.n_ctx = 4096
-p.cpuparams.n_threads = 1
-p.cpuparams_batch.n_threads = 1
+p.cpuparams.n_threads = int(sys.argv[2])
+p.cpuparams_batch.n_threads = int(sys.argv[2])
 p.endpoint_metrics = True
 p.endpoint_slots = True
 p.warmup = False
@@ -41,9 +45,10 @@ def smollm2_gguf() -> Path:
 
 
 @contextmanager
-def llama_server(deadline_s: float = 120.0) -> Iterator[str]:
+def llama_server(model: Path | None = None, num_threads: int = 1, deadline_s: float = 120.0) -> Iterator[str]:
     """Yields the server's base URL; the child process is stopped on exit."""
-    child = subprocess.Popen([sys.executable, "-c", _MAIN, str(smollm2_gguf())], stdin=subprocess.PIPE,
+    args = [str(model or smollm2_gguf()), str(num_threads)]
+    child = subprocess.Popen([sys.executable, "-c", _MAIN, *args], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = _address(child)
@@ -75,3 +80,13 @@ def _wait_healthy(url: str, deadline: float) -> None:
             pass
         time.sleep(0.1)     # polling a readiness endpoint, not waiting for an event we could observe
     raise RuntimeError(f"llama.cpp server at {url} not healthy in time")
+
+
+if __name__ == "__main__":
+    with llama_server(Path(sys.argv[1]) if len(sys.argv) > 1 else None,
+                      int(sys.argv[2]) if len(sys.argv) > 2 else 2) as base_url:
+        print(base_url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass

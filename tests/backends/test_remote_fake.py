@@ -6,8 +6,7 @@ import socket
 
 import pytest
 
-from conveyor.backends import open_engine
-from conveyor.backends import BackendError
+from conveyor.backends import BackendError, open_engine
 from conveyor.backends.remote import RemoteEngine
 from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
 from tests.backends.fake_server import FakeEngine, Reply, chunks_of
@@ -22,8 +21,9 @@ def fake():
     server.close()
 
 
-def config(model_dir, url: str, tools: tuple[str, ...] = TOOLS, **backend) -> EngineConfig:
-    """Tool workers take seconds to start on a busy box: engines of single tests serve none."""
+def config(model_dir, url: str, tools: tuple[str, ...] = TOOLS[:3], **backend) -> EngineConfig:
+    """The test tools without python; tool workers take seconds to start on a busy box, so
+    engines of single tests serve none."""
     tools = ToolConfig(tools=tools, constrained=False, num_workers=2, call_timeout_s=10)
     backend = {"max_retries": 2, "retry_backoff_s": 0.01, "read_timeout_s": 5.0, **backend}
     return EngineConfig(model=ModelConfig(model=str(model_dir)), tools=tools,
