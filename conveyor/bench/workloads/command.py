@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -31,6 +32,8 @@ def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="live: sampling temperature")
     parser.add_argument("--record", action="store_true",
                         help="live: write each case's lazy-round tokens as the paced mode's recorded output")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of workloads not run now from an existing --json file")
     parser.add_argument("--recorded-dir", default=str(RECORDED), help="where recorded outputs are read and written")
 
 
@@ -46,7 +49,10 @@ def run_workloads_bench(args: argparse.Namespace) -> dict:
              "prefill_ms_per_token": args.prefill_ms_per_token if paced else None,
              "model": config.model.model, "temperature": None if paced else args.temperature}
     data = report(args.mode, args.token_latency_ms if paced else None, rounds, extra)
-    write_json(Path(args.json or f"docs/results/workloads-{args.mode}.json"), data)
+    path = Path(args.json or f"docs/results/workloads-{args.mode}.json")
+    if args.merge and path.exists():
+        data["workloads"] = {**json.loads(path.read_text())["workloads"], **data["workloads"]}
+    write_json(path, data)
     print_table(Console(), data)
     if args.plots:
         _plots(data, Path(args.plots))

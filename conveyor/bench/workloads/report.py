@@ -32,6 +32,7 @@ def summarize(runs: list[Round]) -> dict[str, Any]:
         "rounds": len(lazy),
         "success_rate": round(sum(r.correct for r in runs) / len(runs), 4),
         "valid_call_rate": round(sum(r.valid_call for r in runs) / len(runs), 4),
+        "loadavg_1m": round(median([r.loadavg_1m for r in runs]), 2),      # median over the rounds
         "timelines": {r.tool_mode: _timeline(r) for r in (lazy[-1], partial[-1])},
     }
 

@@ -2,6 +2,7 @@
 out the ideal saving from the timeline (`timing.py`)."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ class Round:
     results_by_turn: dict[int, list[ToolResult]] = field(default_factory=dict)
     correct: bool = False
     ideal_saving_s: float = 0.0
+    loadavg_1m: float = 0.0            # the machine's load when the round ended (other work disturbs timings)
 
     @property
     def valid_call(self) -> bool:
@@ -60,6 +62,7 @@ def run_case(engine: Any, case: Case, tool_mode: str, params: dict, constraint: 
     run.results = [_relative(r, start) for r in run.results]
     run.results_by_turn = {n: [_relative(r, start) for r in rs] for n, rs in run.results_by_turn.items()}
     run.correct = case.check(run.results, run.text)
+    run.loadavg_1m = os.getloadavg()[0]
     return run
 
 
