@@ -84,7 +84,7 @@ def _wait_healthy(url: str, deadline: float) -> None:
 
 if __name__ == "__main__":
     with llama_server(Path(sys.argv[1]) if len(sys.argv) > 1 else None,
-                      int(sys.argv[2]) if len(sys.argv) > 2 else 2) as base_url:
+                      int(sys.argv[2]) if len(sys.argv) > 2 else 1) as base_url:
         print(base_url, flush=True)
         try:
             threading.Event().wait()
