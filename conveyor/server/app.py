@@ -25,6 +25,7 @@ from conveyor.config import ServerConfig
 from conveyor.server import chat
 from conveyor.server.client import (
     EngineClient,
+    EngineFailed,
     EngineStats,
     GenerateRequest,
     RequestRejected,
@@ -101,6 +102,10 @@ def _errors(app: FastAPI) -> None:
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
 
+    @app.exception_handler(EngineFailed)
+    async def engine_failed(_: Request, e: EngineFailed) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "server_error", "engine_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
@@ -167,9 +172,8 @@ def _routes(app: FastAPI, state: State) -> None:
         from conveyor.server.completions import complete_text, stream_text
 
         client, request_id = _admit(state, body.model, "cmpl")
-        params = {"max_tokens": body.max_tokens or 16, "temperature": body.temperature, "top_p": body.top_p,
-                  "seed": body.seed, "stop": body.stops}
-        stream = await _submit(state, client, GenerateRequest(request_id, body.prompt, params))
+        request = GenerateRequest(request_id, body.prompt, body.engine_params(body.max_tokens or 16))
+        stream = await _submit(state, client, request)
         if not body.stream:
             try:
                 return await complete_text(request_id, state.model, body, stream, state.metrics)

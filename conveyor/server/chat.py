@@ -59,8 +59,7 @@ def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_
         messages = chat_messages(body.messages)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    params = {"max_tokens": body.token_limit or default_max_tokens, "temperature": body.temperature,
-              "top_p": body.top_p, "seed": body.seed, "stop": body.stops}
+    params = body.engine_params(body.token_limit or default_max_tokens)
     tools = [] if choice == "none" else [*offered_server, *client]
     options = {"tools": tools, "tool_choice": choice} if tools else {}
     calls = CallStream(request_id, set(offered_server), parse=bool(tools), parser=parser)

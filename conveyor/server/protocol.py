@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MIN_TOP_P = 1e-6      # below 1 / vocabulary size for any vocabulary under a million tokens
+
 
 class FunctionDef(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -70,6 +72,13 @@ class _Sampling(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def engine_params(self, max_tokens: int) -> dict[str, Any]:
+        """The engine's sampling params. A top_p below MIN_TOP_P is raised to it: the nucleus is
+        then still exactly the most likely token (its probability is at least 1/vocabulary),
+        while a value that rounds to 0 in float32 would leave no token at all."""
+        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": max(self.top_p, MIN_TOP_P),
+                "seed": self.seed, "stop": self.stops}
 
 
 class ChatCompletionRequest(_Sampling):

@@ -53,6 +53,12 @@ def test_completions(client):
     assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
 
 
+def test_tiny_top_p_is_the_most_likely_token(client):
+    greedy = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
+    tiny = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=1, top_p=1e-300)
+    assert tiny.choices[0].text == greedy.choices[0].text      # 1e-300 is 0 in float32: once a 500
+
+
 def test_client_tool_streamed_then_follow_up_hits_prefix_cache(client):
     messages = ask("script:weather")
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], stream=True))
