@@ -67,8 +67,12 @@ class RemoteEngine(RemoteRounds):
         self.config = config
         self.url = backend.backend.rstrip("/")
         self.client = client or _client(config)
-        self.model_name = backend.backend_model or self._discover_model()
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.model, progress=progress))
+        try:
+            self.model_name = backend.backend_model or self._discover_model()
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.model, progress=progress))
+        except BaseException:
+            self.client.close()         # nothing is left open by a failed start
+            raise
         self.max_model_len = config.model.max_model_len
         self.retry = RetryPolicy(backend.max_retries, backend.retry_backoff_s)
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
