@@ -115,7 +115,7 @@ def _timing(run: ChatRun, out: Any, metrics: Any) -> None:
 
 def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> None:
     reason = reason or out.finish_reason
-    if run.calls.client_calls or reason == "tool_calls":
+    if reason != "length" and run.calls.client_calls:     # "length": the last call may be cut short
         reason = "tool_calls"
     run.finish_reason = "stop" if reason == "abort" else reason
     run.usage = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
