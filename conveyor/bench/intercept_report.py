@@ -73,6 +73,21 @@ between decode segments, the tool times drawn from the InferCept workload mix (s
 benchmark pauses a request at each call and resumes it with the result tokens when the
 sampled time has passed. Every policy serves the same requests at each rate.
 
+Sources. From the InferCept paper (Abhyankar et al., ICML 2024, arXiv 2402.01869): the three
+choices and the idea of ranking them by memory waste, the baseline that ends the request at
+each call (its reported 37-40% of forward time spent recomputing), the six workload kinds and
+the normalized latency (end-to-end latency per output token, tool time included). From its code
+(github.com/WukLab/InferCept, `vllm/core/scheduler_v2.py`): preserve waste = remaining tool
+time x blocks held; discard waste charged for the memory of the running batch during the
+recompute (`discard_waste`); per-step swap-in/out budgets in blocks (`max_swap_in_blocks`,
+`max_swap_out_blocks`); running, swapped and waiting queues each sorted by arrival, waiting
+requests admitted only when none is swapped. Our swap waste charges the copy time like a
+recompute (a CPU does not overlap copies with the forward pass, unlike InferCept's GPU
+pipelining), and the budget comes from a copy timed at start-up, not from a profile. The tool
+times, calls per request and result lengths of the mix (`MIX` in `conveyor/bench/intercept.py`)
+are the paper's Table 1 figures as we read them; the dataset behind them is not in the
+repository, so they were not checked against it here.
+
 """
 
 
