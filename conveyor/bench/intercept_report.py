@@ -126,7 +126,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("arrival rate (requests/s)")
     ax.set_ylabel("normalized latency (s per output token)")
     ax.set_yscale("log")
-    ax.set_title(f"intercept policies, {result['config']['model']}")
+    c = result["config"]
+    ax.set_title(f"intercept policies, {c['model']}" + (f" ({c['num_layers']} layers)" if c["num_layers"] else ""))
     ax.legend()
     fig.tight_layout()
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
