@@ -131,4 +131,3 @@ def test_64_concurrent_streams(live):
     results = asyncio.run(main())
     assert len(results) == 64 and all(reason in ("length", "stop") for _, reason in results)
     assert sum(bool(text) for text, _ in results) >= 32
-
