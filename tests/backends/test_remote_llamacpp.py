@@ -74,9 +74,9 @@ def test_partial_and_lazy_give_the_same_conversation(engine) -> None:
 
 def test_abort_stops_the_server_decoding(engine, server) -> None:
     rid = engine.add_request(QUESTION, {"max_tokens": 2000, "ignore_eos": True})
-    while not any(out.new_text for out in engine.step()):
+    while engine.has_unfinished and not any(out.new_text for out in engine.step()):
         pass
-    engine.abort(rid)
+    assert engine.abort(rid) is not None                     # still decoding when aborted
     deadline = time.monotonic() + 10
     while _processing(server) and time.monotonic() < deadline:
         time.sleep(0.05)        # polling the server's gauge
