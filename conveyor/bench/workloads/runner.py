@@ -21,6 +21,7 @@ from conveyor.config import EngineConfig, ToolConfig
 
 RECORDED = Path(__file__).parent / "recorded"
 MODES = ("paced", "live")
+STOP = "<tool_response>"     # the small model tends to write a tool result itself after the real one
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
     for number in range(options.rounds):
         order = ("lazy", "partial") if number % 2 == 0 else ("partial", "lazy")
         for tool_mode in order:
-            params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": number}
+            params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": number, "stop": [STOP]}
             run = run_case(engine, case, tool_mode, params, replay_factory(turns) if turns else None)
             if tool_mode == "lazy":
                 run.ideal_saving_s = ideal_of(run, case.call_format, tools)

@@ -12,9 +12,10 @@ from conveyor.tools.builtin.http import SearchTool
 from conveyor.tools.builtin.search_service import SearchServer
 
 SYSTEM = ("You answer questions about the Python standard library. Search its documentation with the search "
-          "tool, then answer in two sentences from the pages you get.")
+          "tool, using the module and function names you expect as the query (for example, to learn how to read "
+          "a gzip file, search for \"gzip open read file\"), then answer in two sentences from the pages you get.")
 TASK = "How do I serialize a Python object to a JSON formatted string, and how do I make the output indented?"
-PAGE_CHARS = 1500
+PAGE_CHARS = 600
 
 
 def start_service(options: WorkloadOptions) -> tuple[str, Callable[[], None]]:
