@@ -20,7 +20,7 @@ class Case:
     messages: tuple[dict[str, str], ...]
     tools: tuple[str, ...]
     call_format: str = "hermes"
-    tool_choice: str = "required"
+    tool_choice: str | dict = "required"
     max_tokens: int = 400
     check: Check = field(default=lambda results, text: bool(results) and not results[0].is_error)
     rejects: bool = False

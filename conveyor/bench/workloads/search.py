@@ -14,7 +14,7 @@ from conveyor.tools.builtin.search_service import SearchServer
 SYSTEM = ("You answer questions about the Python standard library. Search its documentation with the search "
           "tool, using the module and function names you expect as the query (for example, to learn how to read "
           "a gzip file, search for \"gzip open read file\"), then answer in two sentences from the pages you get.")
-TASK = "How do I serialize a Python object to a JSON formatted string, and how do I make the output indented?"
+TASK = "Look up json.dumps in the documentation: how do I turn a Python object into an indented JSON string?"
 PAGE_CHARS = 600
 
 
@@ -40,5 +40,6 @@ def _check(results, text: str) -> bool:
 
 def build(options: WorkloadOptions) -> Workload:
     url, stop = start_service(options)
-    case = Case("search", (system(SYSTEM), user(TASK)), ("search",), max_tokens=200, check=_check)
+    one_call = {"type": "function", "function": {"name": "search"}}     # exactly one call, then the answer
+    case = Case("search", (system(SYSTEM), user(TASK)), ("search",), tool_choice=one_call, max_tokens=200, check=_check)
     return Workload("search", [case], [SearchTool(url, fetch_chars=PAGE_CHARS)], [stop])
