@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,15 +58,24 @@ def _start_server(model: str, port: int) -> subprocess.Popen:
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:
-    """A server in its own process group (its children are stopped with it)."""
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    """A server in its own process group (its children are stopped with it); its stderr goes
+    to an unnamed temporary file (a pipe nobody reads would fill up and stall a chatty server)."""
+    log = tempfile.TemporaryFile()     # noqa: SIM115 - lives as long as the server; _stop closes it
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    server.stderr = log                 # Popen keeps only pipes there: keep the file for _stderr_tail
+    return server
+
+
+def _stderr_tail(server: subprocess.Popen, num_chars: int = 2000) -> str:
+    server.stderr.seek(0)
+    return server.stderr.read().decode(errors="replace")[-num_chars:]
 
 
 def _wait_healthy(server: subprocess.Popen, url: str, name: str, timeout_s: float = 900.0) -> subprocess.Popen:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"{name} exited: {server.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"{name} exited: {_stderr_tail(server)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return server
@@ -86,6 +96,7 @@ def _stop(server: subprocess.Popen) -> None:
         pass
     _signal_group(server.pid, signal.SIGKILL)
     server.wait()
+    server.stderr.close()
 
 
 def _signal_group(pgid: int, sig: int) -> None:
