@@ -24,6 +24,7 @@ class Case:
     max_tokens: int = 400
     check: Check = field(default=lambda results, text: bool(results) and not results[0].is_error)
     rejects: bool = False
+    max_tool_rounds: int | None = None        # None: the engine's default
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,8 @@ def run_case(engine: Any, case: Case, tool_mode: str, params: dict, constraint: 
     """Run `case` once to completion on `engine` (no other requests in flight)."""
     start = time.perf_counter()
     rid = engine.add_request(list(case.messages), params, tools=list(case.tools), tool_choice=case.tool_choice,
-                             tool_mode=tool_mode, call_format=case.call_format, constraint=constraint)
+                             tool_mode=tool_mode, call_format=case.call_format, constraint=constraint,
+                             max_tool_rounds=case.max_tool_rounds)
     run = Round(case.name, tool_mode, 0.0, "", [], [], [[]])
     while engine.has_unfinished:
         for out in engine.step():
