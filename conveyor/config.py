@@ -107,9 +107,10 @@ class ToolConfig:
     cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
     memory_mb: int = field(default=2048, metadata=_help("memory limit of a worker's data segment, in MiB"))
     file_size_mb: int = field(default=64, metadata=_help("largest file a tool may write, in MiB"))
-    worker_nice: int = field(default=10, metadata=_help(
-        "CPU priority of tool workers below the engine (0-19): where tools and decoding share CPU cores, "
-        "tools running during decoding take the cycles decoding leaves"))
+    worker_nice: int = field(default=0, metadata=_help(
+        "CPU priority of tool workers below the engine (0-19). 0: a worker woken by new work runs at "
+        "once (niced workers waited 1-5 ms behind busy decode threads here), and --share-cores gives "
+        "running tools their own core; raise it where tools must never slow decoding"))
 
     def __post_init__(self) -> None:
         _require([(self.tool_mode in ("partial", "lazy"), f"tool_mode must be partial or lazy, got {self.tool_mode!r}"),

@@ -40,7 +40,9 @@ class ToolResult:
     Times are `time.perf_counter()` values (CLOCK_MONOTONIC, comparable across processes on
     Linux): `started_at` when the worker ran `start`, `done_at` when the result was ready.
     `hook_delays_s`: for each field/line hook, the time from the parser event to the hook
-    running. `rejected`: an `on_field`/`on_line` hook cut the call off.
+    running; `hook_queued_s`: of that, the time its worker was still busy with the call's
+    earlier hooks (e.g. the previous statement of a program), so the delay less this is the
+    dispatch latency. `rejected`: an `on_field`/`on_line` hook cut the call off.
     """
 
     call_id: str
@@ -51,6 +53,7 @@ class ToolResult:
     started_at: float = 0.0
     done_at: float = 0.0
     hook_delays_s: tuple[float, ...] = ()
+    hook_queued_s: tuple[float, ...] = ()
 
 
 class ToolRejected(Exception):

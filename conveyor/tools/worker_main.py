@@ -156,6 +156,7 @@ class _Active:
     tool: Tool | None = None
     error: str | None = None                         # a hook failed: the result, at Finish
     delays: list[float] = field(default_factory=list)
+    queued: list[float] = field(default_factory=list)
 
 
 def serve(conn: Connection, tools_blob: bytes, temp_root: str, limits: Limits) -> None:
@@ -174,6 +175,7 @@ class _Server:
     def __init__(self, conn: Connection, tools: dict[str, Tool], temp_root: str, cpu_time_s: int) -> None:
         self.conn, self.tools, self.temp_root, self.cpu_time_s = conn, tools, temp_root, cpu_time_s
         self.call: _Active | None = None
+        self.free_since = 0.0          # when the last message was handled: later ones queued until then
 
     def run(self) -> None:
         # A reader thread keeps the pipe drained, so the parent never blocks on a busy worker.
@@ -182,6 +184,7 @@ class _Server:
         while not isinstance(msg := inbox.get(), Stop):
             self.conn.send(BEGAN)
             self._handle(msg)
+            self.free_since = time.perf_counter()
             if inbox.empty():
                 self.conn.send(IDLE)
 
@@ -221,7 +224,9 @@ class _Server:
     def _hook(self, sent_at: float, name: str, *args: Any) -> None:
         call = self.call
         assert call is not None
-        call.delays.append(time.perf_counter() - sent_at)
+        now = time.perf_counter()
+        call.delays.append(now - sent_at)
+        call.queued.append(max(0.0, self.free_since - sent_at))
         if call.error is not None:
             return
         try:
@@ -252,7 +257,8 @@ class _Server:
             content = (f"{content[:MAX_CONTENT_CHARS]}\n[truncated: the first {MAX_CONTENT_CHARS} "
                        f"of {len(content)} characters]")
         self.conn.send(Done(ToolResult(call.info.call_id, call.info.name, content, is_error, rejected,
-                                       call.started_at, time.perf_counter(), tuple(call.delays))))
+                                       call.started_at, time.perf_counter(), tuple(call.delays),
+                                       tuple(call.queued))))
 
     def _end(self, *, cancel: bool) -> None:
         call, self.call = self.call, None

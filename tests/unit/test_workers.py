@@ -21,7 +21,7 @@ from conveyor.tools.builtin.python import PythonTool
 from conveyor.tools.workers import WorkerPool
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = ToolConfig(num_workers=2, call_timeout_s=3, cpu_time_s=2, handoff_ms=300)
+CONFIG = ToolConfig(num_workers=2, call_timeout_s=3, cpu_time_s=2, handoff_ms=300, worker_nice=5)
 
 
 class EchoTool(Tool):
@@ -38,7 +38,8 @@ class EchoTool(Tool):
         self.seen.append(line)
 
     def finish(self, args: dict[str, Any]) -> Any:
-        return {"seen": self.seen, "args": args, "pid": os.getpid(), "cwd": os.getcwd()}
+        return {"seen": self.seen, "args": args, "pid": os.getpid(), "cwd": os.getcwd(),
+                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 class RejectTool(Tool):
@@ -187,11 +188,19 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     assert time.perf_counter() - start < 1.0                     # the hand-off wait is capped
     assert sorted(w.num_unbegun for w in pool._workers) == [0, 1]
     pool.finish(call_id, {"code": "import time\ntime.sleep(2)\nx = 1"})
-    assert not wait_results(pool, {call_id})[call_id].is_error
+    result = wait_results(pool, {call_id})[call_id]
+    assert not result.is_error and len(result.hook_queued_s) == 3
+    assert result.hook_queued_s[2] > 1.0                         # "x = 1" waited for the sleep
+    assert result.hook_delays_s[2] - result.hook_queued_s[2] < 1.0
     deadline = time.perf_counter() + 10                          # its Idle follows the result
     while pool.num_running and time.perf_counter() < deadline:
         pool.poll(0.05)
     assert pool.num_running == 0
+
+
+def test_tool_code_runs_at_the_configured_priority(pool: WorkerPool) -> None:
+    content = eval(run_call(pool, "echo").content.replace("null", "None"))
+    assert content["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CONFIG.worker_nice)
 
 
 def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
