@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 
 class Replay:
-    """The recorded tokens of one model turn, as a logits constraint (see `Scripted` in the
-    tests): `fill_mask` allows only the next token, so a real runner would sample it too."""
+    """The recorded tokens of one model turn, as a logits constraint (the tests script tiny
+    models' tool calls with it): `fill_mask` allows only the next token, so a real runner
+    samples it too, and `try_accept` takes only that token."""
 
     def __init__(self, token_ids: list[int]) -> None:
         self.token_ids = list(token_ids)
@@ -39,6 +40,12 @@ class Replay:
         bitmask[row].zero_()
         bit = token % 32
         bitmask[row, token // 32] = -(2**31) if bit == 31 else 1 << bit
+
+    def try_accept(self, token: int) -> bool:
+        if token != self.next_token():
+            return False
+        self.position += 1
+        return True
 
     def accept(self, token: int) -> None:
         if token != self.next_token():
