@@ -45,18 +45,18 @@ class Sampler:
                  constraints: list[Any] | None = None) -> list[int]:
         """One token per row of ``logits`` [rows, vocab]; ``positions`` are the rows' output
         indices; ``constraints`` (None entries for free rows) restrict rows and advance."""
-        tokens = self._draw(logits, params, positions)
-        if constraints is not None:
-            rows = [row for row, c in enumerate(constraints) if c is not None and c.active]
-            if rows:
-                self._constrain(logits, params, positions, [(row, constraints[row]) for row in rows], tokens)
+        rows = [(row, c) for row, c in enumerate(constraints or ()) if c is not None and c.active]
+        mask_first = {row for row, _ in rows if not _unmasked_is_exact(params[row])}   # no draw to waste
+        tokens = self._draw(logits, params, positions, skip=mask_first)
+        if rows:
+            self._constrain(logits, params, positions, rows, tokens)
         return tokens
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-              salt: int = 0) -> list[int]:
+              salt: int = 0, skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
         tokens = logits.argmax(dim=-1).tolist()
         for i, p in enumerate(params):
-            if not p.greedy:
+            if not p.greedy and i not in skip:
                 tokens[i] = self._sample_row(logits[i], p, positions[i], salt)
         return tokens
 
