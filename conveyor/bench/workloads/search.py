@@ -16,6 +16,15 @@ SYSTEM = ("You answer questions about the Python standard library. Search its do
           "a gzip file, search for \"gzip open read file\"), then answer in two sentences from the pages you get.")
 TASK = "Look up json.dumps in the documentation: how do I turn a Python object into an indented JSON string?"
 PAGE_CHARS = 600
+# One worked exchange: without it the default model searched for "example", "Python" or
+# "Python programming" whatever the task named; with it, it searches for the function.
+SHOT = ({"role": "user", "content": "How do I read a gzip-compressed file line by line?"},
+        {"role": "assistant", "content": '<tool_call>\n{"name": "search", "arguments": '
+                                         '{"query": "gzip open read", "k": 3}}\n</tool_call>'},
+        {"role": "tool", "content": '[{"id": "gzip.open", "title": "gzip.open", '
+                                    '"snippet": "Open a gzip-compressed file in binary or text mode"}]'},
+        {"role": "assistant", "content": "Use gzip.open(path, 'rt') and iterate over the file object; "
+                                         "each iteration yields one decoded line."})
 
 
 def start_service(options: WorkloadOptions) -> tuple[str, Callable[[], None]]:
@@ -41,5 +50,5 @@ def _check(results, text: str) -> bool:
 def build(options: WorkloadOptions) -> Workload:
     url, stop = start_service(options)
     one_call = {"type": "function", "function": {"name": "search"}}     # exactly one call, then the answer
-    case = Case("search", (system(SYSTEM), user(TASK)), ("search",), tool_choice=one_call, max_tokens=200, check=_check)
+    case = Case("search", (system(SYSTEM), *SHOT, user(TASK)), ("search",), tool_choice=one_call, max_tokens=200, check=_check)
     return Workload("search", [case], [SearchTool(url, fetch_chars=PAGE_CHARS)], [stop])
