@@ -10,6 +10,7 @@ from conveyor.backends import BackendError, open_engine
 from conveyor.backends.remote import RemoteEngine
 from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
 from tests.backends.fake_server import FakeEngine, Reply, chunks_of
+from tests.engine.helpers import drain, results_of, text_of
 from tests.engine.test_tools import CALL, QUESTION, TOOLS
 from tests.tiny import build_tiny_model
 
@@ -42,21 +43,7 @@ def engine(model_dir, fake):
 
 
 def run(engine, **options):
-    rid = engine.add_request(QUESTION, {"max_tokens": 100}, **options)
-    outputs = []
-    while engine.has_unfinished:
-        for out in engine.step():
-            assert out.request_id == rid
-            outputs.append(out)
-    return outputs
-
-
-def text_of(outputs) -> str:
-    return "".join(o.new_text for o in outputs)
-
-
-def results_of(outputs) -> list[str]:
-    return [r.content for o in outputs for r in o.tool_results]
+    return drain(engine, engine.add_request(QUESTION, {"max_tokens": 100}, **options))
 
 
 def test_open_engine_picks_the_remote_backend(engine) -> None:

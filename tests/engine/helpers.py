@@ -42,3 +42,21 @@ def prompt_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
         return engine.runner.forward(SchedulerOutput([Chunk(request, 0, len(prompt), True)]))[0][0]
     finally:
         engine.block_manager.free(request)
+
+
+def drain(engine, request_id: str) -> list:
+    """Step until the engine is idle; the outputs, all of which must be `request_id`'s."""
+    outputs = []
+    while engine.has_unfinished:
+        for out in engine.step():
+            assert out.request_id == request_id
+            outputs.append(out)
+    return outputs
+
+
+def text_of(outputs) -> str:
+    return "".join(o.new_text for o in outputs)
+
+
+def results_of(outputs) -> list[str]:
+    return [r.content for o in outputs for r in o.tool_results]

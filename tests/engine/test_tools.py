@@ -13,7 +13,13 @@ import torch
 from conveyor.config import ToolConfig
 from conveyor.engine.request import RequestState
 from conveyor.tools.base import Tool, ToolRejected, tool
-from tests.engine.helpers import assert_all_blocks_free, make_engine
+from tests.engine.helpers import (
+    assert_all_blocks_free,
+    drain,
+    make_engine,
+    results_of,
+    text_of,
+)
 from tests.engine.scripted import script
 from tests.tiny import build_tiny_model
 
@@ -62,20 +68,7 @@ def run(engine, turns: list[str], **kwargs):
     """Run one request whose turns are scripted (free greedy decoding after the last); returns its outputs."""
     rid = engine.add_request(QUESTION, {"max_tokens": 500}, **kwargs,
                              constraint=lambda n: script(engine, turns[n]) if n < len(turns) else None)
-    outputs = []
-    while engine.has_unfinished:
-        for out in engine.step():
-            assert out.request_id == rid
-            outputs.append(out)
-    return outputs
-
-
-def text_of(outputs) -> str:
-    return "".join(o.new_text for o in outputs)
-
-
-def results_of(outputs) -> list[str]:
-    return [r.content for o in outputs for r in o.tool_results]
+    return drain(engine, rid)
 
 
 @pytest.mark.parametrize("mode", ["partial", "lazy"])
