@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from conveyor.bench.demo import SYSTEM, TASK
@@ -49,16 +51,23 @@ class Probe(Tool):
         return "recorded"
 
 
-REQUESTS = [   # (name, messages, add_request options)
-    ("python", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}],
-     {"tools": ["python"], "call_format": "python", "max_tool_rounds": 1}),
-    ("json", [{"role": "user", "content": "Record today's weather in Lyon, France: 14.5 C, light rain, "
-                                          "wind from the west."}],
-     {"tools": ["probe"], "tool_choice": "required", "max_tool_rounds": 1}),
-    ("plan", [{"role": "system", "content": PLAN_SYSTEM},
-              {"role": "user", "content": "Record the weather of five French cities, one step each."}],
-     {"tools": ["probe"], "call_format": "plan", "max_tool_rounds": 1}),
-]
+WEATHER = [("Lyon, France", "14.5 C, light rain, wind from the west"), ("Oslo, Norway", "-3 C, snow"),
+           ("Cairo, Egypt", "31 C, clear sky"), ("Lima, Peru", "18 C, overcast, drizzle in the morning"),
+           ("Osaka, Japan", "22.5 C, humid, scattered clouds"), ("Perth, Australia", "27 C, strong sea breeze"),
+           ("Quebec, Canada", "-11 C, freezing fog"), ("Nairobi, Kenya", "24 C, afternoon thunderstorms")]
+
+
+def requests(num_json: int) -> list[tuple[str, list[dict], dict]]:
+    """(name, messages, add_request options): the python program, `num_json` JSON calls, the plan."""
+    json_calls = [(f"json{i}", [{"role": "user", "content": f"Record today's weather in {city}: {obs}."}],
+                   {"tools": ["probe"], "tool_choice": "required", "max_tool_rounds": 1})
+                  for i, (city, obs) in enumerate(WEATHER[j % len(WEATHER)] for j in range(num_json))]
+    return [("python", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}],
+             {"tools": ["python"], "call_format": "python", "max_tool_rounds": 1}),
+            *json_calls,
+            ("plan", [{"role": "system", "content": PLAN_SYSTEM},
+                      {"role": "user", "content": "Record the weather of five French cities, one step each."}],
+             {"tools": ["probe"], "call_format": "plan", "max_tool_rounds": 1})]
 
 
 def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,8 +79,14 @@ def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     with LLMEngine(dataclasses.replace(config, tools=tools)) as engine:
         _warm_workers(engine)
-        live = {name: _live(engine, messages, options, args.max_tokens) for name, messages, options in REQUESTS}
-        replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(REQUESTS, live.values())}
+        todo = requests(args.json_requests)
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("live requests", total=len(todo))
+            live = {}
+            for name, messages, options in todo:
+                live[name] = _live(engine, messages, options, args.max_tokens)
+                progress.advance(task)
+        replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(todo, live.values())}
     report = _summarise(live, replay)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -157,7 +172,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def _summarise(live: dict, replay: dict) -> dict[str, Any]:
     step_s = statistics.median([s for run in live.values() for s in run["steps_s"]])
-    per_token = {name: r["cpu_s"] / max(r["num_tokens"], 1) for name, r in replay.items()}
+    per_token = {kind: sum(r["cpu_s"] for r in runs) / max(sum(r["num_tokens"] for r in runs), 1)
+                 for kind, runs in _by_kind(replay).items()}
     worst = max(per_token.values())
     constrained = {k: sum(run["constrained"][k] for run in live.values()) for k in ("num_tokens", "num_masked", "seconds")}
     constraint_s = constrained["seconds"] / max(constrained["num_tokens"], 1)
@@ -176,9 +192,19 @@ def _summarise(live: dict, replay: dict) -> dict[str, Any]:
                               "plus_handoff_wait": (worst + constraint_s + handoff_s) / step_s * 100},
         "hook_latency_ms": {
             "live": _latency_ms(live_delays), "replay": _latency_ms(replay_delays)},
-        "num_calls": {k: r["num_calls"] for k, r in replay.items()},
+        "live_dispatch_ms": sorted(round((d - q) * 1e3, 3) for d, q in live_delays),
+        "num_calls": {kind: sum(r["num_calls"] for r in runs) for kind, runs in _by_kind(replay).items()},
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "goals": {"share_pct_max": 0.5, "hook_p99_ms_max": 1.0},
     }
+
+
+def _by_kind(runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """Runs grouped by kind: "json3" is a "json" run."""
+    kinds: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        kinds.setdefault(name.rstrip("0123456789"), []).append(run)
+    return kinds
 
 
 def _print(console: Console, report: dict[str, Any]) -> None:
@@ -203,4 +229,6 @@ def _print(console: Console, report: dict[str, Any]) -> None:
 
 def add_overhead_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="docs/results/overhead.json", help="where to write the results")
+    parser.add_argument("--json-requests", type=int, default=20,
+                        help="JSON calls to a 5-field probe tool (5 field hooks each: the latency samples)")
     parser.add_argument("--max-tokens", type=int, default=700, help="tokens per request (the python program needs ~600)")

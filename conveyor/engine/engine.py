@@ -217,6 +217,8 @@ class LLMEngine(ToolRounds):
         self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)
         for request in self.scheduler.postprocess(plan, sampled):
             outputs.append(self._update(request))
+        if self.tool_loop is not None:
+            self.tool_loop.executor.pool.hand_off()
         return outputs
 
     def _update(self, request: Request) -> RequestOutput:

@@ -12,11 +12,12 @@ The child side is `worker_main.py`, its sandbox `sandbox.py`, the processes them
 `worker_procs.py`. Not thread-safe: one thread (the engine's) drives a pool.
 
 Hand-off: where tools and decoding share CPU cores, a worker woken by a message queues
-behind the forward pass's threads for a scheduler slice (2-5 ms measured here). So `poll`
-first waits, up to `config.handoff_ms`, for each worker sent new work while it was caught
-up to take it and go idle again (its `Began`, then `Idle`): the engine's thread sleeps, its
-core runs the hook at once, a short hook ends within the wait, and the wait is paid only
-by steps that sent work. `num_running` counts workers still running a tool's code after
+behind the forward pass's threads for a scheduler slice (2-5 ms measured here). So
+`hand_off` (the engine calls it right after a step's updates; `poll` calls it too) waits,
+up to `config.handoff_ms`, for each worker sent new work while it was caught up to take it
+and go idle again (its `Began`, then `Idle`): the engine's thread sleeps, its core runs the
+hook at once, a short hook ends within the wait, and the wait is paid only by steps that
+sent work. Results that arrive during the wait are kept for the next `poll`. `num_running` counts workers still running a tool's code after
 that, for the engine to leave them a core (`ToolConfig.share_cores`).
 """
 from __future__ import annotations
@@ -63,6 +64,7 @@ class WorkerPool:
         self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
         self.landlock_abi = 0      # what the workers report; 0: file writes confined by an audit hook only
         self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
+        self._early: list[ToolResult] = []     # results received by `hand_off`, for the next poll
         self._tools: list[Tool] = list(registry)
         self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
         self._tools_blob = b""
@@ -150,7 +152,7 @@ class WorkerPool:
     # ---- results ------------------------------------------------------------------------------
     def poll(self, timeout_s: float = 0.0) -> list[ToolResult]:
         """Finished results; with timeout_s > 0, block until one arrives or timeout_s passes."""
-        results: list[ToolResult] = []
+        results, self._early = self._early, []
         self._hand_off(results)
         stop_at = time.perf_counter() + timeout_s
         while True:
@@ -160,6 +162,10 @@ class WorkerPool:
             self._dispatch()
             if results or time.perf_counter() >= stop_at:
                 return results
+
+    def hand_off(self) -> None:
+        """Let workers just sent new work take it now (see the module docstring)."""
+        self._hand_off(self._early)
 
     @property
     def num_busy(self) -> int:
