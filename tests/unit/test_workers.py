@@ -198,6 +198,17 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     assert pool.num_running == 0
 
 
+def test_hand_off_keeps_a_result_that_arrives_for_the_next_poll(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "echo")
+    pool.send_field(call_id, "a", 1, time.perf_counter())
+    pool.finish(call_id, {"a": 1})
+    pool.hand_off()                           # the short call runs and ends within the wait
+    assert [w.num_unbegun for w in pool._workers] == [0, 0]
+    results = pool.poll(0.0)
+    assert [r.call_id for r in results] == [call_id] and not results[0].is_error
+    assert pool.poll(0.0) == []               # handed out once
+
+
 def test_tool_code_runs_at_the_configured_priority(pool: WorkerPool) -> None:
     content = eval(run_call(pool, "echo").content.replace("null", "None"))
     assert content["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CONFIG.worker_nice)
