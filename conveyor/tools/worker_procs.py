@@ -71,7 +71,9 @@ def send(worker: Worker, msg: Any) -> None:
 
 
 def free(worker: Worker) -> None:
-    worker.call_id, worker.cancelling, worker.deadline = None, False, math.inf
+    """The worker's call is over (done or cancelled): it runs no tool code now, even if its
+    `Idle` comes later (the engine must not keep a core from the forward pass meanwhile)."""
+    worker.call_id, worker.cancelling, worker.deadline, worker.running = None, False, math.inf, False
 
 
 def exit_text(process: BaseProcess) -> str:

@@ -209,6 +209,15 @@ def test_hand_off_keeps_a_result_that_arrives_for_the_next_poll(pool: WorkerPool
     assert pool.poll(0.0) == []               # handed out once
 
 
+def test_a_finished_call_gives_its_core_back_before_its_idle_arrives(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "python")
+    code = "for i in range(3000): open(f'f{i}', 'w').close()"     # removing them delays the Idle
+    pool.send_line(call_id, code, time.perf_counter())
+    pool.finish(call_id, {"code": code})
+    assert not wait_results(pool, {call_id})[call_id].is_error
+    assert pool.num_running == 0              # the engine would otherwise decode on a thread fewer
+
+
 def test_tool_code_runs_at_the_configured_priority(pool: WorkerPool) -> None:
     content = eval(run_call(pool, "echo").content.replace("null", "None"))
     assert content["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CONFIG.worker_nice)
