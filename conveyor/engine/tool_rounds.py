@@ -54,11 +54,12 @@ class ToolRounds:
         return outputs + [self._resume_with_results(request_id) for request_id in ready + cut_ready]
 
     def _share_cores(self) -> None:
-        """Leave a CPU core to each worker running a tool (`ToolConfig.share_cores`); runners
+        """Leave a CPU core to each worker computing a tool's code (`ToolConfig.share_cores`;
+        one waiting on the network leaves the cores to the forward pass); runners
         without `reserve_cores` (the paced benchmark's stand-in) are left alone."""
         reserve = getattr(self.runner, "reserve_cores", None)
         if self.tool_loop is not None and self.config.tools.share_cores and reserve is not None:
-            reserve(self.tool_loop.executor.pool.num_running)
+            reserve(self.tool_loop.executor.pool.num_computing())
 
     def _resume_with_results(self, request_id: str) -> RequestOutput:
         request, _ = self._requests[request_id]

@@ -40,8 +40,8 @@ class Pool(Protocol):
     def finish(self, call_id: str, args: dict) -> None: ...
     def cancel(self, call_id: str) -> None: ...
     def poll(self, timeout_s: float = 0.0) -> list[ToolResult]: ...
-    @property
-    def num_running(self) -> int: ...           # workers running a tool's code on this machine
+    def hand_off(self) -> None: ...             # let workers just sent work take it (may wait ~1 ms)
+    def num_computing(self) -> int: ...         # workers busy on this machine's CPUs with a tool's code
 
 
 @dataclass(slots=True)

@@ -16,6 +16,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import psutil
+
 from conveyor.tools import worker_main as wm
 from conveyor.tools.sandbox import Limits
 
@@ -36,6 +38,7 @@ class Worker:
     num_unbegun: int = 0           # messages sent that its main thread has not taken yet
     running: bool = False          # between a Began and the next Idle: running a tool's code
     handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
+    cpu_mark: tuple[float, float] | None = None   # (wall, CPU seconds) when last measured while running
 
 
 def open_pool(preload: list[str]) -> None:
@@ -74,6 +77,16 @@ def free(worker: Worker) -> None:
     """The worker's call is over (done or cancelled): it runs no tool code now, even if its
     `Idle` comes later (the engine must not keep a core from the forward pass meanwhile)."""
     worker.call_id, worker.cancelling, worker.deadline, worker.running = None, False, math.inf, False
+    worker.cpu_mark = None
+
+
+def cpu_seconds(worker: Worker) -> float:
+    """CPU time the worker's process has used (user + system); 0.0 once it is gone."""
+    try:
+        times = psutil.Process(worker.process.pid).cpu_times()
+    except (psutil.Error, ValueError):
+        return 0.0
+    return times.user + times.system
 
 
 def exit_text(process: BaseProcess) -> str:

@@ -17,8 +17,9 @@ behind the forward pass's threads for a scheduler slice (2-5 ms measured here). 
 up to `config.handoff_ms`, for each worker sent new work while it was caught up to take it
 and go idle again (its `Began`, then `Idle`): the engine's thread sleeps, its core runs the
 hook at once, a short hook ends within the wait, and the wait is paid only by steps that
-sent work. Results that arrive during the wait are kept for the next `poll`. `num_running` counts workers still running a tool's code after
-that, for the engine to leave them a core (`ToolConfig.share_cores`).
+sent work. Results that arrive during the wait are kept for the next `poll`. `num_running`
+counts workers still running a tool's code after that; `num_computing`, those of them busy
+on a CPU, for the engine to leave them a core (`ToolConfig.share_cores`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
+COMPUTING_SHARE = 0.5      # a running worker on a CPU more than this share of the time is computing
 
 
 @dataclass(slots=True, eq=False)
@@ -179,6 +181,20 @@ class WorkerPool:
     def num_running(self) -> int:
         """Workers running a tool's code (a hook, or a call's finish) right now, as last heard."""
         return sum(w.running for w in self._workers)
+
+    def num_computing(self) -> int:
+        """Workers running a tool's code that kept a core busy (more than half of the time on
+        CPU) since the last call; one that began since counts until it has been measured. A
+        hook blocked on the network (a search, a fetch) stops counting after one measurement."""
+        now, count = time.perf_counter(), 0
+        for worker in self._workers:
+            if not worker.running:
+                worker.cpu_mark = None
+                continue
+            cpu_s, mark = procs.cpu_seconds(worker), worker.cpu_mark
+            count += mark is None or cpu_s - mark[1] > COMPUTING_SHARE * (now - mark[0])
+            worker.cpu_mark = (now, cpu_s)
+        return count
 
     @property
     def num_queued(self) -> int:

@@ -15,7 +15,12 @@ class InlinePool:
         self.results: list[ToolResult] = []
         self.log: list[tuple[str, str, Any]] = []   # (call_id, hook, detail)
         self.dead: set[str] = set()
-        self.num_running = 0                         # hooks run inline, never in the background
+
+    def hand_off(self) -> None:
+        """Nothing to hand off: hooks run inline, never in the background."""
+
+    def num_computing(self) -> int:
+        return 0
 
     def open_call(self, call: CallInfo, sent_at: float) -> None:
         tool = self.registry.get(call.name).for_call()

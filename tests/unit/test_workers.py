@@ -218,6 +218,24 @@ def test_a_finished_call_gives_its_core_back_before_its_idle_arrives(pool: Worke
     assert pool.num_running == 0              # the engine would otherwise decode on a thread fewer
 
 
+def test_num_computing_counts_a_hook_on_the_cpu_but_not_one_that_waits(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "python")
+    busy = "t = time.perf_counter()\nwhile time.perf_counter() - t < 1.0: pass"
+    for line in ("import time", "time.sleep(0.6)", busy):
+        pool.send_line(call_id, line, time.perf_counter())
+    pool.poll(0.05)
+    assert pool.num_running == 1 and pool.num_computing() == 1      # not measured yet: counted
+    pool.poll(0.2)
+    assert pool.num_computing() == 0                                # asleep for the whole window
+    pool.poll(0.5)                                                  # the sleep ends, the loop starts
+    pool.num_computing()
+    pool.poll(0.2)
+    assert pool.num_computing() == 1                                # on the CPU for the whole window
+    pool.finish(call_id, {"code": f"import time\ntime.sleep(0.6)\n{busy}"})
+    assert not wait_results(pool, {call_id})[call_id].is_error
+    assert pool.num_computing() == 0
+
+
 def test_tool_code_runs_at_the_configured_priority(pool: WorkerPool) -> None:
     content = eval(run_call(pool, "echo").content.replace("null", "None"))
     assert content["nice"] == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CONFIG.worker_nice)
