@@ -70,6 +70,9 @@ class Tool:
     so it never starts before the call is complete and the model's turn ended cleanly).
     `body_field`: for tools whose call arrives as a body of lines (a ```python fence, a plan),
     the argument that holds the whole body.
+    `cpu_bound`: its hooks mostly compute (the default) rather than wait on the network; on
+    CPU the forward pass leaves a core to a worker that just began one of its hooks, until
+    the worker's CPU time shows what it does.
     """
 
     name: str = ""
@@ -77,6 +80,7 @@ class Tool:
     parameters: dict[str, Any] = {"type": "object", "properties": {}}  # noqa: RUF012 - subclasses replace it
     side_effects: SideEffects = "external"
     body_field: str | None = None
+    cpu_bound: bool = True
 
     def for_call(self) -> Tool:
         """The instance that serves one call (a shallow copy: shared setup stays shared)."""

@@ -68,6 +68,7 @@ class WorkerPool:
         self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
         self._early: list[ToolResult] = []     # results received by `hand_off`, for the next poll
         self._tools: list[Tool] = list(registry)
+        self._by_name = {t.name: t for t in self._tools}
         self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
         self._tools_blob = b""
         self._workers: list[Worker] = []
@@ -184,15 +185,19 @@ class WorkerPool:
 
     def num_computing(self) -> int:
         """Workers running a tool's code that kept a core busy (more than half of the time on
-        CPU) since the last call; one that began since counts until it has been measured. A
-        hook blocked on the network (a search, a fetch) stops counting after one measurement."""
+        CPU) since the last call; one that began since counts if its tool is `cpu_bound`, until
+        it has been measured."""
         now, count = time.perf_counter(), 0
         for worker in self._workers:
             if not worker.running:
                 worker.cpu_mark = None
                 continue
             cpu_s, mark = procs.cpu_seconds(worker), worker.cpu_mark
-            count += mark is None or cpu_s - mark[1] > COMPUTING_SHARE * (now - mark[0])
+            if mark is None:
+                call = self._calls.get(worker.call_id or "")
+                count += call is None or getattr(self._by_name.get(call.info.name), "cpu_bound", True)
+            else:
+                count += cpu_s - mark[1] > COMPUTING_SHARE * (now - mark[0])
             worker.cpu_mark = (now, cpu_s)
         return count
 

@@ -42,6 +42,20 @@ class EchoTool(Tool):
                 "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
+class WaitTool(Tool):
+    """A tool whose hook waits (as on the network) and says so."""
+
+    name = "wait"
+    side_effects = "none"
+    cpu_bound = False
+
+    def on_field(self, key: str, value: Any) -> None:
+        time.sleep(value)
+
+    def finish(self, args: dict[str, Any]) -> str:
+        return "waited"
+
+
 class RejectTool(Tool):
     name = "reject"
 
@@ -157,7 +171,7 @@ def test_close_leaves_no_worker_process() -> None:
 # ---- one shared pool ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pool():
-    registry = ToolRegistry([EchoTool(), RejectTool(), CrashTool(), PythonTool()])
+    registry = ToolRegistry([EchoTool(), RejectTool(), CrashTool(), PythonTool(), WaitTool()])
     with WorkerPool(registry, CONFIG) as pool:
         yield pool
 
@@ -234,6 +248,15 @@ def test_num_computing_counts_a_hook_on_the_cpu_but_not_one_that_waits(pool: Wor
     pool.finish(call_id, {"code": f"import time\ntime.sleep(0.6)\n{busy}"})
     assert not wait_results(pool, {call_id})[call_id].is_error
     assert pool.num_computing() == 0
+
+
+def test_a_hook_of_a_tool_that_waits_leaves_the_cores_to_the_forward_pass(pool: WorkerPool) -> None:
+    call_id = open_call(pool, "wait")
+    pool.send_field(call_id, "s", 0.5, time.perf_counter())
+    pool.poll(0.05)
+    assert pool.num_running == 1 and pool.num_computing() == 0     # not cpu_bound: not counted
+    pool.finish(call_id, {"s": 0.5})
+    assert wait_results(pool, {call_id})[call_id].content == "waited"
 
 
 def test_tool_code_runs_at_the_configured_priority(pool: WorkerPool) -> None:

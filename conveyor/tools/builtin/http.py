@@ -34,6 +34,7 @@ class _HttpTool(Tool):
     when a base URL is known, replaced if a request goes to another origin."""
 
     side_effects = "idempotent"
+    cpu_bound = False          # its hooks wait on the network
 
     def __init__(self, base_url: str | None, timeout_s: float) -> None:
         self.base_url = base_url
