@@ -18,7 +18,7 @@ FORM = ('{"customer": "Dana Moss", "email": "%s", "ship_date": "2025-03-14", "co
         '"address": "88 Queen Street West, Toronto", "items": [{"product": "desk lamp", "quantity": 2}], '
         '"gift_message": "Happy birthday!", "delivery_notes": "Back door after 5 pm."}')
 SCRIPTS = {
-    "codegen": ["```python\nimport math\nprimes = 114155\nprint(primes, math.pi)\n```", "There are 114155 primes."],
+    "codegen": ["```python\nimport math\nprimes = 148933\nprint(primes, math.pi)\n```", "There are 148933 primes."],
     "search": ['<tool_call>\n{"name": "search", "arguments": {"query": "serialize object JSON string", "k": 2}}'
                "\n</tool_call>", "Use json.dumps."],
     "planning": ['1. search("argparse command line options", 1)\n2. search("csv reader file", 1)\n'

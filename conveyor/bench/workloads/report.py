@@ -28,13 +28,30 @@ def summarize(runs: list[Round]) -> dict[str, Any]:
         "partial_p90_s": round(percentile([r.latency_s for r in partial], 90), 4),
         "reduction": round(reduction, 4), "ideal_reduction": round(ideal, 4),
         "efficiency": _rounded(efficiency(reduction, ideal)),
+        # each pair's reduction over its own lazy round's ideal (the ideal varies with the tool's time)
+        "efficiency_pairs": _rounded(_median_or_none([efficiency(1 - p.latency_s / q.latency_s,
+                                                                 q.ideal_saving_s / q.latency_s)
+                                                      for q, p in zip(lazy, partial)])),
         "reduction_min": round(min(pairs), 4), "reduction_max": round(max(pairs), 4),
         "rounds": len(lazy),
         "success_rate": round(sum(r.correct for r in runs) / len(runs), 4),
         "valid_call_rate": round(sum(r.valid_call for r in runs) / len(runs), 4),
         "loadavg_1m": round(median([r.loadavg_1m for r in runs]), 2),      # median over the rounds
+        "same_text_rate": round(sum(p.turns == q.turns for q, p in zip(lazy, partial)) / len(lazy), 4),
         "timelines": {r.tool_mode: _timeline(r) for r in (lazy[-1], partial[-1])},
+        "round_details": [_detail(r) for r in runs],
     }
+
+
+def _detail(run: Round) -> dict[str, Any]:
+    """What one round decoded: tokens per model turn, and the end of its final answer."""
+    return {"mode": run.tool_mode, "latency_s": round(run.latency_s, 4), "tokens_per_turn": [len(t) for t in run.turns],
+            "correct": run.correct, "ideal_saving_s": round(run.ideal_saving_s, 4), "answer_tail": run.text[-160:]}
+
+
+def _median_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return median(known) if known else None
 
 
 def _rounded(value: float | None) -> float | None:

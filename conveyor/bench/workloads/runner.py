@@ -108,8 +108,11 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
 
 
 def _warm_up(engine: Any, case: Case) -> None:
-    """One token of the prompt, so that every measured round finds its KV cached alike."""
-    for _ in engine.stream(list(case.messages), {"max_tokens": 1}, tools=list(case.tools), tool_choice="none"):
+    """One token of the prompt, so that every measured round finds its KV cached alike. The
+    options are the case's own: they decide how the prompt is rendered (tool_choice="none"
+    left the prompt out of the cache, and the first round of each pair prefilled it)."""
+    for _ in engine.stream(list(case.messages), {"max_tokens": 1}, tools=list(case.tools), tool_mode="lazy",
+                           tool_choice=case.tool_choice, call_format=case.call_format, max_tool_rounds=0):
         pass
 
 
