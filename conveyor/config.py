@@ -100,8 +100,9 @@ class ToolConfig:
         "after sending a worker new work, the engine waits up to this long for the worker to take it "
         "(its core then runs the tool's hook at once instead of after a scheduler slice); 0 disables"))
     share_cores: bool = field(default=True, metadata=_help(
-        "on CPU, run the forward pass on one thread fewer per worker running a tool, so tools and "
-        "decoding do not oversubscribe the cores (a preempted thread stalls the whole parallel op)"))
+        "on CPU, run the forward pass on one thread fewer per worker computing a tool's code (not one "
+        "waiting on the network), so tools and decoding do not oversubscribe the cores (a preempted "
+        "thread stalls the whole parallel op)"))
     call_timeout_s: float = field(default=30.0, metadata=_help(
         "wall-clock limit of one call from its end in the stream; a worker past it is killed and replaced"))
     cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
