@@ -47,5 +47,5 @@ def _check(results, text: str) -> bool:
 
 def build(options: WorkloadOptions) -> Workload:
     case = Case("codegen", (system(SYSTEM), *SHOT, user(TASK)), ("python",), call_format="python",
-                tool_choice="auto", max_tokens=500, check=_check)
+                tool_choice="auto", max_tokens=800, check=_check)
     return Workload("codegen", [case], [PythonTool()])

@@ -37,10 +37,15 @@ def summarize(runs: list[Round]) -> dict[str, Any]:
         "success_rate": round(sum(r.correct for r in runs) / len(runs), 4),
         "valid_call_rate": round(sum(r.valid_call for r in runs) / len(runs), 4),
         "loadavg_1m": round(median([r.loadavg_1m for r in runs]), 2),      # median over the rounds
-        "same_text_rate": round(sum(p.turns == q.turns for q, p in zip(lazy, partial)) / len(lazy), 4),
+        "same_text_rate": round(sum(_decoded(p) == _decoded(q) for q, p in zip(lazy, partial)) / len(lazy), 4),
         "timelines": {r.tool_mode: _timeline(r) for r in (lazy[-1], partial[-1])},
         "round_details": [_detail(r) for r in runs],
     }
+
+
+def _decoded(run: Round) -> str:
+    """Everything the model decoded in the round, all turns (remote rounds carry no token ids)."""
+    return "".join(text for _, _, text in run.deltas)
 
 
 def _detail(run: Round) -> dict[str, Any]:
