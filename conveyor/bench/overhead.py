@@ -57,7 +57,7 @@ WEATHER = [("Lyon, France", "14.5 C, light rain, wind from the west"), ("Oslo, N
            ("Quebec, Canada", "-11 C, freezing fog"), ("Nairobi, Kenya", "24 C, afternoon thunderstorms")]
 
 
-def requests(num_json: int) -> list[tuple[str, list[dict], dict]]:
+def bench_requests(num_json: int) -> list[tuple[str, list[dict], dict]]:
     """(name, messages, add_request options): the python program, `num_json` JSON calls, the plan."""
     json_calls = [(f"json{i}", [{"role": "user", "content": f"Record today's weather in {city}: {obs}."}],
                    {"tools": ["probe"], "tool_choice": "required", "max_tool_rounds": 1})
@@ -79,7 +79,7 @@ def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
     console = Console()
     with LLMEngine(dataclasses.replace(config, tools=tools)) as engine:
         _warm_workers(engine)
-        todo = requests(args.json_requests)
+        todo = bench_requests(args.json_requests)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("live requests", total=len(todo))
             live = {}
