@@ -39,6 +39,7 @@ class Worker:
     running: bool = False          # between a Began and the next Idle: running a tool's code
     handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
     cpu_mark: tuple[float, float] | None = None   # (wall, CPU seconds) when last measured while running
+    ps: psutil.Process | None = None              # its handle for CPU times, made on first use
 
 
 def open_pool(preload: list[str]) -> None:
@@ -83,7 +84,9 @@ def free(worker: Worker) -> None:
 def cpu_seconds(worker: Worker) -> float:
     """CPU time the worker's process has used (user + system); 0.0 once it is gone."""
     try:
-        times = psutil.Process(worker.process.pid).cpu_times()
+        if worker.ps is None:       # made once: a new handle costs twice the read it serves
+            worker.ps = psutil.Process(worker.process.pid)
+        times = worker.ps.cpu_times()
     except (psutil.Error, ValueError):
         return 0.0
     return times.user + times.system
