@@ -23,6 +23,7 @@ import httpx
 from rich.progress import Progress
 
 from conveyor.backends.remote import RemoteEngine
+from conveyor.bench.results import write_json
 from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
 
 QUESTIONS = ("What is 1234 * 5678? Use the calculator.", "What is (17 + 25) * 3 - 8? Use the calculator.",
@@ -109,10 +110,7 @@ def main() -> None:
     parser.add_argument("--json", default="docs/results/remote-continuation.json", help="where to write the results")
     args = parser.parse_args()
     data = run_continuation_bench(args.url, args.model)
-    path = Path(args.json)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(Path(args.json), data)
     print(json.dumps(data, indent=1))
 
 

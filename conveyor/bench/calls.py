@@ -14,7 +14,6 @@ choice, and the per-token mask (fill plus apply, replayed over the constrained r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conveyor.config import engine_config_from_flags
+from conveyor.bench.results import write_json
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.request import SamplingParams
 from conveyor.tools.base import FunctionTool
@@ -206,7 +206,7 @@ def run_calls_bench(args: argparse.Namespace) -> dict[str, Any]:
               "grammar": costs, "modes": [summarize(r) for r in results],
               "runs": {r["mode"]: [_without_tokens(rec) for rec in r["records"]] for r in results}}
     _report(console, result)
-    _write_json(Path(args.json), result)
+    write_json(Path(args.json), result, indent=2)
     console.print(f"wrote {args.json}")
     return result
 
@@ -237,8 +237,4 @@ def _report(console: Console, result: dict[str, Any]) -> None:
                       f"fill + apply p50 {mask['fill_apply_p50_us']:.1f} us, p99 {mask['fill_apply_p99_us']:.1f} us")
 
 
-def _write_json(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+

@@ -9,7 +9,6 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from rich.table import Table
 from conveyor.config import engine_config_from_flags
 from conveyor.engine.engine import LLMEngine
 from conveyor.bench.step_profile import profile_decode
+from conveyor.bench.results import write_json
 from conveyor.engine.request import SamplingParams
 
 TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
@@ -148,8 +148,5 @@ def _report(console: Console, result: dict, path: str) -> None:
                   f"{result['memory_bandwidth_gb_s']:.1f} GB/s -> batch-1 ceiling "
                   f"{result['bandwidth_ceiling_tok_s']:.1f} tok/s")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, result, indent=2)
     console.print(f"wrote {out}")

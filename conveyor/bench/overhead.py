@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -29,6 +28,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from conveyor.bench.demo import SYSTEM, TASK
+from conveyor.bench.results import write_json
 from conveyor.tools.base import Tool
 
 PLAN_SYSTEM = ("Plan with numbered steps, one call per line, like:\n1. probe(\"a\", 1)\n2. probe(\"$1\", 2)\n"
@@ -88,8 +88,7 @@ def run_overhead_bench(args: argparse.Namespace) -> dict[str, Any]:
                 progress.advance(task)
         replay = {name: _replay(engine, run, options) for (name, _, options), run in zip(todo, live.values())}
     report = _summarise(live, replay)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(Path(args.json), report, indent=2)
     _print(console, report)
     return report
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import signal
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 from rich.progress import Progress
 
+from conveyor.bench.results import write_json
 from conveyor.bench.loadgen import check_loopback, run_load, summarize
 
 PROMPTS = ["Write a Python function that reverses a string.", "Explain what a hash map is in two sentences.",
@@ -168,10 +168,7 @@ def _ratios(ours: dict, peer: dict | None) -> dict:
 
 
 def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, result, indent=2)
     lines = [("| server | rate (req/s) | ok/sent | output tokens | output tok/s | TTFT p50 / p90 (s) | "
               "ITL p50 / p90 (s) | load avg 1 min before / after |"), "|---|---|---|---|---|---|---|---|"]
     for name in ("conveyor", "peer"):

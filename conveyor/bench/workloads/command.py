@@ -10,7 +10,8 @@ from rich.console import Console
 from conveyor.bench.workloads import BUILDERS
 from conveyor.bench.workloads.base import WorkloadOptions
 from conveyor.bench.workloads.paced import Pace
-from conveyor.bench.workloads.report import print_table, report, write_json
+from conveyor.bench.results import write_json
+from conveyor.bench.workloads.report import print_table, report
 from conveyor.bench.workloads.runner import RECORDED, BenchOptions, run_workloads
 from conveyor.config import engine_config_from_flags
 

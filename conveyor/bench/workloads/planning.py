@@ -2,7 +2,7 @@
 search service; each step runs as soon as its line and the steps it refers to (`$N`) are done."""
 from __future__ import annotations
 
-from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system, user
+from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system
 from conveyor.bench.workloads.search import PAGE_CHARS, start_service
 from conveyor.tools.builtin.calculator import CalculatorTool
 from conveyor.tools.builtin.http import SearchTool

@@ -1,10 +1,8 @@
 """Summaries of the workload rounds: the JSON the issue asks for, and a rich table."""
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -74,14 +72,6 @@ def report(mode: str, token_latency_ms: float | None, rounds: dict[str, list[Rou
     return {"mode": mode, "token_latency_ms": token_latency_ms, **extra,
             "loadavg": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M"),
             "workloads": {name: summarize(runs) for name, runs in rounds.items()}}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write atomically: a temp file beside the target, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
 
 
 def print_table(console: Console, data: dict[str, Any]) -> None:

@@ -13,11 +13,12 @@ from typing import Any
 
 from rich.progress import Progress
 
+from conveyor.bench.results import write_json
 from conveyor.bench.workloads import BUILDERS
 from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions
 from conveyor.bench.workloads.paced import Pace, PacedRunner, replay_factory
 from conveyor.bench.workloads.rounds import Round, ideal_of, run_case
-from conveyor.config import EngineConfig, ToolConfig
+from conveyor.config import EngineConfig
 
 RECORDED = Path(__file__).parent / "recorded"
 MODES = ("paced", "live")
@@ -129,8 +130,4 @@ def _record(directory: Path, case: Case, runs: list[Round]) -> None:
     best = next((r for r in lazy if r.correct), lazy[0])
     data = {"case": case.name, "correct": best.correct, "turns": best.turns, "text": "".join(d[2] for d in best.deltas),
             "results": [r.content[:400] for r in best.results]}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{case.name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(directory / f"{case.name}.json", data)
