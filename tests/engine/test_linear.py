@@ -12,7 +12,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
     return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 8, 12, 40])
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 12, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_matches_fp32_reference(rows: int, dtype: torch.dtype) -> None:
     torch.manual_seed(rows)
@@ -36,10 +36,10 @@ def test_gemv_kernel_is_exact_in_fp32_accumulation() -> None:
         pytest.skip("the AVX2 kernel is not available on this machine")
     torch.manual_seed(0)
     w = torch.randn(130, 4864).bfloat16()
-    for rows in range(1, 9):
+    for rows in [*range(1, 10), 12, 16, 17, 32]:     # one group of 8 rows, and several
         x = torch.randn(rows, 4864).bfloat16()
         got = kernel.gemv_bf16(x, w)
         assert got.dtype == torch.float32 and got.shape == (rows, 130)
         assert torch.allclose(got, reference(x, w, None), rtol=1e-4, atol=1e-3)
     with pytest.raises(RuntimeError, match="unsupported shape"):
-        kernel.gemv_bf16(torch.randn(9, 4864).bfloat16(), w)
+        kernel.gemv_bf16(torch.randn(33, 4864).bfloat16(), w)

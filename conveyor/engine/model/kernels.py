@@ -1,6 +1,6 @@
 """Our one hand-written CPU kernel (csrc/gemv_bf16.cpp), compiled on first use and cached.
 
-It multiplies bf16 weights by up to 8 activation rows, reading each weight once:
+It multiplies bf16 weights by up to 32 activation rows, reading each weight from memory once:
 PyTorch's own bf16 path on AVX2-only CPUs re-reads (and re-widens) the weights
 for every row. Built with torch's C++ extension loader into
 ``$CONVEYOR_CACHE/kernels/``; if it cannot be built (no compiler, no AVX2) the
@@ -21,7 +21,7 @@ import torch
 from conveyor.config import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.cpp"
-MAX_ROWS = 8
+MAX_ROWS = 32
 
 
 @functools.cache

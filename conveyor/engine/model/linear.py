@@ -5,7 +5,7 @@ CI machine), PyTorch's bf16 GEMM re-reads and re-widens the weights for every
 row: the default model's layers took 0.43 s for 8 rows against 0.07 s for one.
 So on such CPUs a bf16 layer runs
 - up to ``SMALL_BATCH`` rows through our AVX2 kernel (``kernels.py``), which
-  reads each bf16 weight once for up to 8 rows and accumulates in fp32;
+  reads each bf16 weight from memory once and accumulates in fp32;
 - more rows (prefill chunks, large decode batches) through oneDNN with an
   fp32-packed copy of the weight, which is compute-bound there and fastest.
 Both paths accumulate in fp32 and return the input's dtype (the model keeps its
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from conveyor.engine.model.kernels import MAX_ROWS, gemv_kernel
 
-SMALL_BATCH = 16
+SMALL_BATCH = 16     # from 17-20 rows on, oneDNN's fp32 path was as fast here
+assert SMALL_BATCH <= MAX_ROWS
 
 
 @functools.cache
@@ -68,9 +69,7 @@ class Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
         if self._gemv is not None and 0 < rows <= SMALL_BATCH:
-            gemv = self._gemv.gemv_bf16
-            y = gemv(x, self.weight) if rows <= MAX_ROWS else torch.cat(
-                [gemv(x[i:i + MAX_ROWS], self.weight) for i in range(0, rows, MAX_ROWS)])
+            y = self._gemv.gemv_bf16(x, self.weight)
             if self.bias is not None:
                 y += self.bias
             return y.to(x.dtype)
