@@ -2,13 +2,12 @@
 the ratios the issue asks for, a table (Markdown) and a plot of normalized latency vs rate."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from conveyor.bench.results import save_figure, write_json, write_text
 
 FIXED = ("preserve", "discard", "swap")
 
@@ -36,8 +35,8 @@ def summarize(result: dict) -> dict:
 def write_report(result: dict, json_path: Path) -> None:
     """Write the JSON (atomically), the Markdown table next to it and the plot; print the table."""
     result["summary"] = summarize(result)
-    _write_atomic(json_path, json.dumps(result, indent=1))
-    _write_atomic(json_path.with_suffix(".md"), METHOD + _setup(result) + markdown(result) + _verdict(result))
+    write_json(json_path, result)
+    write_text(json_path.with_suffix(".md"), METHOD + _setup(result) + markdown(result) + _verdict(result))
     plot(result, json_path.with_suffix(".png"))
     console = Console()
     rich_table = Table("policy", "rate", "req/s", "tok/s", "norm. latency s/tok", "recompute share")
@@ -130,14 +129,5 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"intercept policies, {c['model']}" + (f" ({c['num_layers']} layers)" if c["num_layers"] else ""))
     ax.legend()
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as f:
-        fig.savefig(f.name, dpi=120)
-    os.replace(f.name, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)

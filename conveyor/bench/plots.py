@@ -2,22 +2,12 @@
 runs, lazy above partial) and a bar chart of the median latencies."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from conveyor.bench.results import save_figure
+
 COLORS = {"decode": "tab:green", "wait": "lightgray", "tool": "tab:orange"}
-
-
-def _save(fig: Any, path: Path) -> None:
-    """Write atomically (a temp file, then rename) and release the figure."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _pyplot() -> Any:
@@ -44,7 +34,7 @@ def plot_timeline(name: str, row: dict[str, Any], mode_label: str, path: Path) -
     ax.set_yticks([0, 1], ["partial", "lazy"])
     ax.set_xlabel("seconds from the request's arrival")
     ax.set_title(f"{name} ({mode_label}): decode (green), waiting (gray), tool running (orange)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def plot_bars(data: dict[str, Any], mode_label: str, path: Path) -> None:
@@ -64,4 +54,4 @@ def plot_bars(data: dict[str, Any], mode_label: str, path: Path) -> None:
     ax.set_ylabel("completion latency, s (median; whisker p90)")
     ax.set_title(f"lazy vs partial execution, {mode_label}", fontsize=9)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")

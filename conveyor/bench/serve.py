@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 from rich.progress import Progress
 
-from conveyor.bench.results import write_json
 from conveyor.bench.loadgen import check_loopback, run_load, summarize
+from conveyor.bench.results import write_json, write_text
 
 PROMPTS = ["Write a Python function that reverses a string.", "Explain what a hash map is in two sentences.",
            "List three uses of a queue.", "What does HTTP status 429 mean?"]
@@ -182,9 +182,7 @@ def _write(path: Path, result: dict) -> None:
         ratios = (f"\nconveyor / peer, per rate: output tokens/s {result['ratio_output_tokens_per_s']}, "
                   f"TTFT p50 {result['ratio_ttft_p50']}\n")
     load = result["loadavg_before_after"]
-    md = path.with_suffix(".md")
-    tmp_md = md.with_suffix(".md.tmp")
-    tmp_md.write_text(f"# conveyor bench serve\n\nmodel {result['model']}, {result['max_tokens']} tokens per "
-                      f"answer, load average (1/5/15 min) before {load['before']}, after {load['after']}\n\n"
-                      + "\n".join(lines) + "\n" + ratios)
-    tmp_md.replace(md)
+    write_text(path.with_suffix(".md"),
+               f"# conveyor bench serve\n\nmodel {result['model']}, {result['max_tokens']} tokens per answer, "
+               f"load average (1/5/15 min) before {load['before']}, after {load['after']}\n\n"
+               + "\n".join(lines) + "\n" + ratios)
