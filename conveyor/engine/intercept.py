@@ -30,16 +30,20 @@ POLICIES = ("preserve", "discard", "swap", "auto", "new-request")
 
 @dataclass(slots=True)
 class Costs:
-    """Measured costs: one block's copy one way (at start-up) and prefill time per token
-    (a running average over the engine's forward passes)."""
+    """Measured costs: one block's copy one way (at start-up), prefill time per token and the
+    time of a step (running averages over the engine's forward passes)."""
     swap_s_per_block: float = 1e-4
     swap_budget_blocks: int = 64
     prefill_s_per_token: float = 1e-3
+    step_s: float = 0.05
 
     def observe_step(self, num_tokens: int, elapsed_s: float, weight: float = 0.1) -> None:
-        """Fold one forward pass into the per-token average (steps of a few tokens are mostly
-        fixed cost, so only steps of at least 16 tokens count)."""
-        if num_tokens >= 16 and elapsed_s > 0:
+        """Fold one forward pass into the averages (steps of a few tokens are mostly fixed
+        cost, so only steps of at least 16 tokens count towards the per-token time)."""
+        if elapsed_s <= 0:
+            return
+        self.step_s += weight * (elapsed_s - self.step_s)
+        if num_tokens >= 16:
             self.prefill_s_per_token += weight * (elapsed_s / num_tokens - self.prefill_s_per_token)
 
 
@@ -92,26 +96,45 @@ class Decisions:
     discard: list[Request] = field(default_factory=list)
 
 
-def choose(wastes: Sequence[Waste], need_blocks: int, swap_budget_blocks: int, host_free_blocks: int) -> Decisions:
+def choose(wastes: Sequence[Waste], need_blocks: int, swap_budget_blocks: int, host_free_blocks: int,
+           step_s: float = 0.0) -> Decisions:
     """Min-waste choice for one step: requests in order of what freeing them gains, most first;
     each is swapped if that is its least waste and the swap budget and host pool allow, else
     discarded if that wastes less than preserving, else preserved; stop once ``need_blocks``
-    are freed (memory nobody asks for is not worth any waste)."""
+    are freed (memory nobody asks for is not worth any waste).
+
+    A swap the step's budget cannot take is deferred rather than discarded when keeping the
+    blocks until a later step's budget (``step_s`` per step) and swapping then wastes less than
+    recomputing: the budget is per step, so on a CPU, where copies are cheap next to a
+    recompute, a burst of calls is swapped over a few steps instead of mostly dropped."""
     decisions = Decisions()
-    freed = 0
-    swap_room = min(swap_budget_blocks, host_free_blocks)
+    freed = deferred = 0
+    budget_room, host_room = swap_budget_blocks, host_free_blocks
     for w in sorted(wastes, key=lambda w: w.gain, reverse=True):
         if freed >= need_blocks or w.gain <= 0:
             break
-        if w.swap <= w.discard and w.num_blocks <= swap_room:
+        n = w.num_blocks
+        fits_budget = n <= budget_room or budget_room == swap_budget_blocks   # a big one may overrun
+        if w.swap <= w.discard and n <= host_room and fits_budget:
             decisions.swap.append(w.request)
-            swap_room -= w.num_blocks
+            budget_room -= n
+            host_room -= n
+        elif w.swap <= w.discard and n <= host_room and _deferral_waste(w, deferred, swap_budget_blocks,
+                                                                         step_s) <= w.discard:
+            deferred += n            # kept this step; swapped once a step's budget reaches it
+            host_room -= n
         elif w.discard < w.preserve:
             decisions.discard.append(w.request)
         else:
             continue
-        freed += w.num_blocks
+        freed += n
     return decisions
+
+
+def _deferral_waste(w: Waste, blocks_ahead: int, swap_budget_blocks: int, step_s: float) -> float:
+    """Keeping ``w``'s blocks until the step whose swap budget reaches them (after
+    ``blocks_ahead`` deferred blocks), then swapping them."""
+    return w.num_blocks * (1 + blocks_ahead // max(swap_budget_blocks, 1)) * step_s + w.swap
 
 
 def fixed(policy: str, holding: Sequence[Request], host_free_blocks: int) -> Decisions:

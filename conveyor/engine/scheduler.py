@@ -106,7 +106,7 @@ class Scheduler:
         policy, host_free = self.config.intercept, self.block_manager.num_free_host_blocks
         if policy == "auto":
             decisions = intercept.choose([self._waste(r) for r in holding], self._num_needed_blocks(),
-                                         self.costs.swap_budget_blocks, host_free)
+                                         self.costs.swap_budget_blocks, host_free, self.costs.step_s)
         else:
             decisions = intercept.fixed(policy, holding, host_free)
         for request in decisions.swap:

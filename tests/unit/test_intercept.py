@@ -37,12 +37,13 @@ def test_tool_times_declared_then_running_mean_then_default() -> None:
     assert times.expected_s("search") == 3.0 and times.expected_s("tts") == 10.0
 
 
-def test_costs_average_only_long_steps() -> None:
-    costs = Costs(prefill_s_per_token=1.0)
+def test_costs_average_only_long_steps_per_token_and_every_step_per_step() -> None:
+    costs = Costs(prefill_s_per_token=1.0, step_s=1.0)
     costs.observe_step(4, 100.0)                   # a decode step: fixed cost dominates, ignored
     assert costs.prefill_s_per_token == 1.0
     costs.observe_step(100, 50.0, weight=0.5)      # 0.5 s/token folded in halfway
     assert costs.prefill_s_per_token == pytest.approx(0.75)
+    assert costs.step_s == pytest.approx(30.45)     # 1 -> 1 + 0.1 x 99 = 10.9 -> 10.9 + 0.5 x 39.1
 
 
 def waste(rid: str, blocks: int, preserve: float, discard: float, swap: float) -> Waste:
@@ -58,9 +59,26 @@ def test_choose_swaps_best_gain_within_budget_then_discards_or_preserves() -> No
               waste("mid", 4, preserve=50, discard=10, swap=2),           # gain 48: budget spent -> discard
               waste("short-tool", 4, preserve=1, discard=10, swap=2),     # gain -1: keep
               waste("cheap-recompute", 2, preserve=30, discard=1, swap=3)]  # gain 29: discard
-    d = choose(wastes, need_blocks=100, swap_budget_blocks=5, host_free_blocks=100)
+    d = choose(wastes, need_blocks=100, swap_budget_blocks=5, host_free_blocks=100, step_s=10.0)
     assert ids(d.swap) == ["long-tool"]
-    assert ids(d.discard) == ["mid", "cheap-recompute"]
+    assert ids(d.discard) == ["mid", "cheap-recompute"]     # waiting 10 s for a budget: 4 x 10 + 2 > 10
+
+
+def test_choose_defers_a_swap_past_the_budget_when_waiting_wastes_less_than_recomputing() -> None:
+    wastes = [waste("a", 4, preserve=100, discard=20, swap=5),       # fits this step's budget
+              waste("b", 4, preserve=90, discard=20, swap=5),        # next step: 4 x 0.1 + 5 <= 20
+              waste("c", 4, preserve=80, discard=20, swap=5),        # two steps on: 4 x 0.2 + 5 <= 20
+              waste("d", 4, preserve=70, discard=6, swap=5)]         # 4 x 0.3 + 5 > 6: recompute
+    d = choose(wastes, need_blocks=100, swap_budget_blocks=4, host_free_blocks=100, step_s=0.1)
+    assert ids(d.swap) == ["a"] and ids(d.discard) == ["d"]        # b and c are kept for now
+    full = choose(wastes[1:2], need_blocks=100, swap_budget_blocks=4, host_free_blocks=2, step_s=0.1)
+    assert ids(full.discard) == ["b"]                               # no host room: deferring cannot help
+
+
+def test_choose_lets_one_request_larger_than_the_budget_overrun_it() -> None:
+    d = choose([waste("big", 10, preserve=100, discard=20, swap=5), waste("next", 4, preserve=90, discard=20, swap=5)],
+               need_blocks=100, swap_budget_blocks=4, host_free_blocks=100, step_s=0.1)
+    assert ids(d.swap) == ["big"] and d.discard == []             # "next" waits for the next budget
 
 
 def test_choose_frees_only_what_is_needed() -> None:
