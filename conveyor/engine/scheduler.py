@@ -5,13 +5,14 @@ that have no KV yet (a prompt, a decode token, tool-result tokens after a resume
 or a whole context after preemption), cut to what the step's budget still allows.
 Each step first settles the KV of requests waiting on tools by the intercept policy
 (engine/intercept.py: preserve, discard, swap to host memory, or least waste). Then, as
-in InferCept, three queues by original arrival: resumed requests whose KV is in host
-memory are swapped back in (within the step's swap budget), running requests go first
+in InferCept, three queues by original arrival: requests whose KV is in host memory
+(resumed after a tool, or preempted) are swapped back in (within the step's swap budget),
+running requests go first
 (decodes, then longer chunks, each oldest first), then waiting ones, strictly first come,
 first served, and only when no swapped request is left. When blocks run out, requests
 waiting on tools give up their KV first (swapped or dropped), then the newest running
-request is preempted: its blocks are freed (they stay in the prefix cache) and it is
-recomputed later.
+request is preempted: swapped out where the policy swaps, else its blocks are freed (they
+stay in the prefix cache) and it is recomputed later.
 """
 from __future__ import annotations
 
@@ -136,8 +137,9 @@ class Scheduler:
         return True
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
-        """Swap resumed requests back in by arrival while the step's swap budget lasts (the last
-        one may overrun it, so a request larger than the budget still moves)."""
+        """Swap requests back in (resumed after a tool, or preempted) by arrival while the step's
+        swap budget lasts (the last one may overrun it, so a request larger than the budget
+        still moves)."""
         budget = self.costs.swap_budget_blocks
         while self.swapped and budget > 0:
             request = self.swapped[0]
@@ -177,7 +179,7 @@ class Scheduler:
                 continue
             victim = max((r for r in self.running if r.request_id not in scheduled), key=_by_arrival)
             self.running.remove(victim)
-            self._preempt(victim)
+            self._preempt(victim, out)
             out.preempted.append(victim)
             if victim is request:
                 return False
@@ -230,10 +232,23 @@ class Scheduler:
         if self.config.intercept == "new-request" and request.state is RequestState.AWAITING_TOOL:
             request.skip_prefix_cache = True
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Take a running request's KV away: swapped to the host pool where the policy swaps
+        (auto: where the copy costs less than the recompute) and there is room, else dropped."""
+        if self._swap_preempts(request) and self._swap_out(request, out):
+            request.num_preemptions += 1
+            request.state = RequestState.SWAPPED
+            bisect.insort(self.swapped, request, key=_by_arrival)
+            return
         self._drop_kv(request)
         request.state = RequestState.WAITING
         bisect.insort(self.waiting, request, key=_by_arrival)
+
+    def _swap_preempts(self, request: Request) -> bool:
+        if self.config.intercept == "swap":
+            return True
+        copy_s = 2 * len(request.block_table) * self.costs.swap_s_per_block
+        return self.config.intercept == "auto" and copy_s < request.num_computed_tokens * self.costs.prefill_s_per_token
 
     # ---- after the forward pass -----------------------------------------------------------
     def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
@@ -268,13 +283,15 @@ class Scheduler:
 
     # ---- lifecycle ------------------------------------------------------------------------
     def pause_for_tool(self, request: Request, tool: str | None = None, declared_s: float | None = None) -> None:
-        """Take a running (or preempted, waiting) request out of the batch; KV it has stays until
-        the intercept policy decides at the next step. ``tool`` and ``declared_s`` (the tool's
-        own estimate of its time) feed the expected waiting time."""
+        """Take a running (or preempted: waiting or swapped) request out of the batch; KV it has
+        stays until the intercept policy decides at the next step. ``tool`` and ``declared_s``
+        (the tool's own estimate of its time) feed the expected waiting time."""
         if request.state is RequestState.RUNNING:
             self.running.remove(request)
         elif request.state is RequestState.WAITING and request.output_token_ids:
             self.waiting.remove(request)
+        elif request.state is RequestState.SWAPPED:
+            self.swapped.remove(request)
         else:
             raise ValueError(f"request {request.request_id} is {request.state.value}, not running")
         request.state = RequestState.AWAITING_TOOL

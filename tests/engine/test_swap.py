@@ -85,3 +85,23 @@ def test_swap_out_then_in_gives_bit_identical_kv(tiny_llama) -> None:
     assert torch.equal(kv[:, :, request.block_table].flatten(2, 3)[:, :, :n], before)
     engine.abort(rid)
     assert_all_blocks_free(engine)
+
+
+def test_preempting_running_requests_by_swap_keeps_their_greedy_output(tiny_llama) -> None:
+    """Three requests on a pool too small for all of them: the swap policy preempts the newest
+    running one by swapping it out, and every request ends as it does with room to spare."""
+    prompts = [[7 + i, *PROMPT[i:]] for i in range(3)]
+
+    def outputs(num_blocks: int) -> tuple[list[list[int]], int]:
+        engine = make(tiny_llama, "swap", num_blocks=num_blocks)
+        requests = [engine.get_request(engine.add_request(p, PARAMS)) for p in prompts]
+        while engine.has_unfinished:
+            engine.step()
+        assert_all_blocks_free(engine)
+        assert engine.block_manager.num_free_host_blocks == engine.block_manager.num_host_blocks
+        assert all(r.num_computed_total == len(r.prompt_token_ids) + PARAMS.max_tokens - 1 for r in requests)
+        return [r.output_token_ids for r in requests], sum(r.num_preemptions for r in requests)
+
+    roomy, tight = outputs(64), outputs(16)
+    assert roomy[1] == 0 and tight[1] > 0                  # the tight pool did preempt
+    assert tight[0] == roomy[0]

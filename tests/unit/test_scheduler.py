@@ -247,6 +247,35 @@ def test_auto_discards_without_a_host_pool_and_keeps_a_short_wait() -> None:
     assert run_step(s).chunks == [] and len(a.block_table) == 3 and b.state is RequestState.WAITING
 
 
+def test_swap_and_auto_preempt_a_running_request_by_swapping_it_out() -> None:
+    for policy in ("swap", "auto"):
+        s = make_policy(policy, num_blocks=3, num_host_blocks=8)
+        a, b = req("a", 4, max_tokens=10), fresh("b", 4)
+        s.add(a), s.add(b)
+        run_step(s)                              # one block each, one token sampled
+        out = run_step(s)                        # a takes the third block; b (newest) is swapped out
+        assert b in out.preempted and b.state is RequestState.SWAPPED and b.num_preemptions == 1
+        assert b.block_table == [] and len(b.host_block_table) == 1 and b.num_computed_tokens == 4
+        assert [w.to_host for w in out.swaps] == [True]
+        s.pause_for_tool(b)                      # a call cut while it was swapped out
+        assert b.state is RequestState.AWAITING_TOOL and b.host_block_table
+        s.finish(a, FinishCause.ABORT)
+        s.resume(b, [40])
+        out = run_step(s)                        # back in, then only the new tokens run
+        assert [w.to_host for w in out.swaps] == [False] and out.num_recompute_tokens == 0
+        assert [(c.request, c.start, c.num_tokens) for c in out.chunks] == [(b, 4, 2)]
+
+
+def test_auto_preempts_by_recompute_when_that_is_cheaper_than_the_copy() -> None:
+    s = make_policy("auto", num_blocks=3, num_host_blocks=8)
+    s.costs.swap_s_per_block = 1.0               # copies dearer than recomputing 4 tokens at 1 ms
+    a, b = req("a", 4, max_tokens=10), fresh("b", 4)
+    s.add(a), s.add(b)
+    run_step(s)
+    out = run_step(s)
+    assert b in out.preempted and b.state is RequestState.WAITING and b.host_block_table == []
+
+
 def test_resume_records_the_tool_time() -> None:
     now = [0.0]
     s = make_policy("auto", clock=lambda: now[0])
