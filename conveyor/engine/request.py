@@ -102,6 +102,11 @@ def _finite(x: object) -> bool:
 _arrival_counter = itertools.count()
 
 
+def by_arrival(request: Request) -> int:
+    """Sort key of the scheduler's queues: original arrival, first come first served."""
+    return request.arrival
+
+
 def new_arrival() -> int:
     """The next arrival number: requests are served in this order."""
     return next(_arrival_counter)

@@ -19,8 +19,8 @@ from conveyor.engine.model.attention import (
 )
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
+from conveyor.engine.plan import Chunk, SchedulerOutput, Swap
 from conveyor.engine.sampler import Sampler
-from conveyor.engine.scheduler import Chunk, SchedulerOutput, Swap
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

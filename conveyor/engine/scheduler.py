@@ -7,63 +7,35 @@ Each step first settles the KV of requests waiting on tools by the intercept pol
 (engine/intercept.py: preserve, discard, swap to host memory, or least waste). Then, as
 in InferCept, three queues by original arrival: requests whose KV is in host memory
 (resumed after a tool, or preempted) are swapped back in (within the step's swap budget),
-running requests go first
-(decodes, then longer chunks, each oldest first), then waiting ones, strictly first come,
-first served, and only when no swapped request is left. When blocks run out, requests
+running requests go first (decodes, then longer chunks, each oldest first), then waiting
+ones, strictly first come, first served, and only when no swapped request is left. When blocks run out, requests
 waiting on tools give up their KV first (swapped or dropped), then the newest running
 request is preempted: swapped out where the policy swaps, else its blocks are freed (they
-stay in the prefix cache) and it is recomputed later.
+stay in the prefix cache) and it is recomputed later. The KV side of this (intercept
+policy, reclaiming, preemption) is `kv_policy.KVPolicy`; the plan handed to the runner is
+`plan.SchedulerOutput`.
 """
 from __future__ import annotations
 
 import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from conveyor.config import SchedulerConfig
 from conveyor.engine import intercept
 from conveyor.engine.block_manager import BlockManager
-from conveyor.engine.request import FinishCause, Request, RequestState, new_arrival
+from conveyor.engine.kv_policy import KVPolicy
+from conveyor.engine.plan import Chunk, SchedulerOutput, Swap
+from conveyor.engine.request import (
+    FinishCause,
+    Request,
+    RequestState,
+    by_arrival,
+    new_arrival,
+)
 
 
-@dataclass(slots=True)
-class Chunk:
-    """``num_tokens`` tokens of ``request`` starting at token index ``start``."""
-    request: Request
-    start: int
-    num_tokens: int
-    sample: bool  # the chunk reaches the last known token: sample the next one
-
-
-@dataclass(frozen=True, slots=True)
-class Swap:
-    """Block copies between the pools: (device, host) pairs out, or (host, device) pairs in."""
-    to_host: bool
-    pairs: list[tuple[int, int]]
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    chunks: list[Chunk] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-    swaps: list[Swap] = field(default_factory=list)   # copy in this order, before the forward pass
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def num_recompute_tokens(self) -> int:
-        """Tokens that had KV once before (dropped, then prefilled again)."""
-        return sum(max(0, min(c.start + c.num_tokens, c.request.recompute_until) - c.start) for c in self.chunks)
-
-
-def _by_arrival(request: Request) -> int:
-    return request.arrival
-
-
-class Scheduler:
+class Scheduler(KVPolicy):
     """Queues requests by state and plans each step; owns block allocation for them."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
@@ -86,7 +58,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.state = RequestState.WAITING
-        bisect.insort(self.waiting, request, key=_by_arrival)
+        bisect.insort(self.waiting, request, key=by_arrival)
 
     # ---- planning -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -97,44 +69,6 @@ class Scheduler:
         if not out.preempted and not self.swapped:
             self._schedule_waiting(out, budget)
         return out
-
-    # ---- the KV of requests waiting on tools ----------------------------------------------
-    def _intercept(self, out: SchedulerOutput) -> None:
-        """Swap out or drop the KV of requests waiting on tools, by the intercept policy."""
-        holding = [r for r in self.awaiting_tool.values() if r.block_table]
-        if not holding:
-            return
-        policy, host_free = self.config.intercept, self.block_manager.num_free_host_blocks
-        if policy == "auto":
-            decisions = intercept.choose([self._waste(r) for r in holding], self._num_needed_blocks(),
-                                         self.costs.swap_budget_blocks, host_free, self.costs.step_s)
-        else:
-            decisions = intercept.fixed(policy, holding, host_free)
-        for request in decisions.swap:
-            self._swap_out(request, out)
-        for request in decisions.discard:
-            self._drop_kv(request)
-
-    def _waste(self, request: Request) -> intercept.Waste:
-        expected_s = self.tool_times.expected_s(request.tool, request.tool_declared_s)
-        remaining_s = expected_s - (self.clock() - request.paused_at_s)
-        running_blocks = sum(len(r.block_table) for r in self.running)
-        return intercept.waste_of(request, remaining_s, running_blocks, self.costs)
-
-    def _num_needed_blocks(self) -> int:
-        """Blocks that queued requests (swapped and waiting) and one more token of each running
-        request need beyond the free ones: what freeing KV of requests on tools could serve."""
-        bm = self.block_manager
-        queued = sum(bm.blocks_for(r.num_tokens) - len(r.block_table) for r in self.swapped + self.waiting)
-        growth = sum(max(0, bm.blocks_for(r.num_tokens + 1) - len(r.block_table)) for r in self.running)
-        return queued + growth - bm.num_free_blocks
-
-    def _swap_out(self, request: Request, out: SchedulerOutput) -> bool:
-        pairs = self.block_manager.swap_out(request)
-        if pairs is None:
-            return False
-        out.swaps.append(Swap(True, pairs))
-        return True
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
         """Swap requests back in (resumed after a tool, or preempted) by arrival while the step's
@@ -152,7 +86,7 @@ class Scheduler:
             budget -= len(pairs)
             self.swapped.pop(0)
             request.state = RequestState.RUNNING
-            bisect.insort(self.running, request, key=_by_arrival)
+            bisect.insort(self.running, request, key=by_arrival)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # decodes first, so a long resume or recompute chunk never starves them
@@ -177,27 +111,12 @@ class Scheduler:
         while not self.block_manager.try_allocate(request, n):
             if self._reclaim_from_awaiting(out):
                 continue
-            victim = max((r for r in self.running if r.request_id not in scheduled), key=_by_arrival)
+            victim = max((r for r in self.running if r.request_id not in scheduled), key=by_arrival)
             self.running.remove(victim)
             self._preempt(victim, out)
             out.preempted.append(victim)
             if victim is request:
                 return False
-        return True
-
-    def _reclaim_from_awaiting(self, out: SchedulerOutput) -> bool:
-        """Blocks are short: free the KV of one request waiting on a tool, the newest (auto: the
-        one whose keeping wastes most); swapped out where the policy swaps and the host pool
-        has room, else dropped (it recomputes on resume)."""
-        holding = [r for r in self.awaiting_tool.values() if r.block_table]
-        if not holding:
-            return False
-        if self.config.intercept == "auto":
-            victim = max((self._waste(r) for r in holding), key=lambda w: w.preserve).request
-        else:
-            victim = max(holding, key=_by_arrival)
-        if self.config.intercept not in ("swap", "auto") or not self._swap_out(victim, out):
-            self._drop_kv(victim)
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -208,7 +127,7 @@ class Scheduler:
                 return
             self.waiting.pop(0)
             request.state = RequestState.RUNNING
-            bisect.insort(self.running, request, key=_by_arrival)
+            bisect.insort(self.running, request, key=by_arrival)
             out.chunks.append(Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens))
             budget -= n
 
@@ -223,32 +142,6 @@ class Scheduler:
             # auto has already freed what is worth freeing for the queue (``_intercept``)
             if self.config.intercept == "auto" or not self._reclaim_from_awaiting(out):
                 return None
-
-    def _drop_kv(self, request: Request) -> None:
-        request.recompute_until = max(request.recompute_until, request.num_computed_tokens)
-        self.block_manager.free(request)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        if self.config.intercept == "new-request" and request.state is RequestState.AWAITING_TOOL:
-            request.skip_prefix_cache = True
-
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Take a running request's KV away: swapped to the host pool where the policy swaps
-        (auto: where the copy costs less than the recompute) and there is room, else dropped."""
-        if self._swap_preempts(request) and self._swap_out(request, out):
-            request.num_preemptions += 1
-            request.state = RequestState.SWAPPED
-            bisect.insort(self.swapped, request, key=_by_arrival)
-            return
-        self._drop_kv(request)
-        request.state = RequestState.WAITING
-        bisect.insort(self.waiting, request, key=_by_arrival)
-
-    def _swap_preempts(self, request: Request) -> bool:
-        if self.config.intercept == "swap":
-            return True
-        copy_s = 2 * len(request.block_table) * self.costs.swap_s_per_block
-        return self.config.intercept == "auto" and copy_s < request.num_computed_tokens * self.costs.prefill_s_per_token
 
     # ---- after the forward pass -----------------------------------------------------------
     def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Request]:
@@ -310,10 +203,10 @@ class Scheduler:
         request.token_ids.extend(appended_token_ids)
         if request.block_table:
             request.state = RequestState.RUNNING
-            bisect.insort(self.running, request, key=_by_arrival)
+            bisect.insort(self.running, request, key=by_arrival)
         elif request.host_block_table:
             request.state = RequestState.SWAPPED
-            bisect.insort(self.swapped, request, key=_by_arrival)
+            bisect.insort(self.swapped, request, key=by_arrival)
         else:   # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
             if self.config.intercept == "new-request":
                 request.arrival = new_arrival()     # the continuation is a new request, last in line

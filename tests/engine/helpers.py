@@ -6,10 +6,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ToolConfig
+from conveyor.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ToolConfig,
+)
 from conveyor.engine.engine import LLMEngine
+from conveyor.engine.plan import Chunk, SchedulerOutput
 from conveyor.engine.request import Request, SamplingParams
-from conveyor.engine.scheduler import Chunk, SchedulerOutput
 
 
 def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,
