@@ -235,6 +235,3 @@ def _report(console: Console, result: dict[str, Any]) -> None:
     if mask["num_tokens"] > 1:
         console.print(f"mask per token over {mask['num_tokens']} tokens: fill p50 {mask['fill_p50_us']:.1f} us; "
                       f"fill + apply p50 {mask['fill_apply_p50_us']:.1f} us, p99 {mask['fill_apply_p99_us']:.1f} us")
-
-
-

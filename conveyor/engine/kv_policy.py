@@ -101,7 +101,7 @@ class KVPolicy:
         bisect.insort(self.waiting, request, key=by_arrival)
 
     def _swap_preempts(self, request: Request) -> bool:
-        if self.config.intercept == "swap":
-            return True
-        copy_s = 2 * len(request.block_table) * self.costs.swap_s_per_block
-        return self.config.intercept == "auto" and copy_s < request.num_computed_tokens * self.costs.prefill_s_per_token
+        if self.config.intercept != "auto":
+            return self.config.intercept == "swap"
+        waste = intercept.waste_of(request, 0.0, 0, self.costs)    # the same costs as a tool wait's
+        return waste.swap < waste.discard
