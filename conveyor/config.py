@@ -155,8 +155,8 @@ class BackendConfig:
     backend_api_key: str = field(default="", metadata=_help(
         "bearer token for the remote engine (also read from CONVEYOR_BACKEND_API_KEY)"))
     backend_dialect: str = field(default="llama.cpp", metadata=_help(
-        "how constrained calls are asked of the remote engine: llama.cpp (json_schema), vllm (structured_outputs) "
-        "or none"))
+        "how constrained calls are asked of the remote engine: llama.cpp (json_schema, and a lazy GBNF grammar for "
+        "\"auto\"), vllm (the embedded engine's xgrammar structural tag) or none"))
     connect_timeout_s: float = field(default=5.0, metadata=_help("limit on opening a connection to the remote engine"))
     read_timeout_s: float = field(default=60.0, metadata=_help(
         "longest wait for the remote engine's next streamed chunk (the first one includes its prefill)"))

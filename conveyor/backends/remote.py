@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from conveyor.backends import BackendError
+from conveyor.backends.constraints import TurnForm
 from conveyor.backends.rounds import RemoteRequest, RemoteRounds
 from conveyor.backends.stream import (
     Delta,
@@ -158,12 +159,12 @@ class RemoteEngine(RemoteRounds):
         self._open_turn(request, first)
         return request_id
 
-    def _open_turn(self, request: RemoteRequest, constraint: tuple[dict[str, Any], str] | None = None) -> None:
+    def _open_turn(self, request: RemoteRequest, form: TurnForm | None = None) -> None:
         """Send the conversation so far; the reply streams in on `self.events`."""
-        fields, forced = constraint or self._turn_constraint(request)
-        body = {"model": self.model_name, "prompt": request.prompt + forced, "stream": True,
-                "stream_options": {"include_usage": True}, **_sampling_fields(request), **fields}
-        request.forced = forced
+        form = form or self._turn_constraint(request)
+        body = {"model": self.model_name, "prompt": request.prompt + form.opening, "stream": True,
+                "stream_options": {"include_usage": True}, **_sampling_fields(request), **form.fields}
+        request.forced, request.closing = form.opening, form.closing
         request.stream = RemoteStream(self.client, "/v1/completions", body, (request.request_id, request.turn),
                                       self.events, self.retry)
 

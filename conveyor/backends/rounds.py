@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from conveyor.backends.constraints import TurnForm, remote_form
 from conveyor.engine.request import SamplingParams
 from conveyor.engine.tool_loop import Span, ToolOptions
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
@@ -20,8 +21,6 @@ from conveyor.tools.base import ToolResult
 if TYPE_CHECKING:
     from conveyor.backends.remote import RemoteOutput
     from conveyor.backends.stream import RemoteStream
-
-CALL_OPEN = "<tool_call>\n"     # a constrained call's forced start (Hermes format), as the embedded grammar
 
 
 @dataclass(slots=True)
@@ -36,6 +35,7 @@ class RemoteRequest:
     constraint: Any = None       # a dict of body fields (first turn) or a callable: turn -> dict
     turn: int = 0
     forced: str = ""             # text the turn was started with (the prompt ends with it), not yet shown
+    closing: str = ""            # text added to the turn after a clean stop (constraints.TurnForm)
     turn_text: list[str] = field(default_factory=list)
     output_text: list[str] = field(default_factory=list)
     stream: RemoteStream | None = None
@@ -74,6 +74,8 @@ class RemoteRounds:
         text = ""
         if request.forced:          # a turn that streamed nothing after its forced start
             text = self._on_text(request, "").new_text
+        if request.closing and finish_reason == "stop":
+            text += self._on_text(request, request.closing).new_text
         self._account(request, usage)
         request.prompt += "".join(request.turn_text)
         request.turn_text = []
@@ -148,29 +150,22 @@ class RemoteRounds:
                             request.num_prompt_tokens, request.num_output_tokens, results or [], timeline,
                             request.num_cached_tokens, request.error, request.num_prefill_tokens)
 
-    def _turn_constraint(self, request: RemoteRequest) -> tuple[dict[str, Any], str]:
-        """Extra body fields of a turn and the text it is forced to start with. The caller's
-        constraint wins; else a required or named `tool_choice` (first turn) becomes a JSON
-        schema of the call that the remote engine enforces, after a forced CALL_OPEN. "auto"
-        with ToolConfig.constrained (a grammar that starts at `<tool_call>`) has no remote form."""
+    def _turn_constraint(self, request: RemoteRequest) -> TurnForm:
+        """How the request's next turn is constrained. The caller's constraint wins (a
+        dict for the first turn, or a callable of the turn number); else, as in the embedded
+        engine, `tool_choice` for the first turn and "auto" for later ones (when
+        ToolConfig.constrained), in the remote form of `config.backend.backend_dialect`."""
         given = request.constraint
         if callable(given):
-            return dict(given(request.turn) or {}), ""
+            return TurnForm(dict(given(request.turn) or {}))
         if isinstance(given, dict):
-            return (dict(given), "") if request.turn == 0 else ({}, "")
-        options, dialect = request.options, self.config.backend.backend_dialect
-        if (options is None or request.turn > 0 or dialect == "none" or options.tool_choice in ("auto", "none")
-                or options.call_format in BODY_FORMATS):
-            return {}, ""
+            return TurnForm(dict(given) if request.turn == 0 else {})
+        options = request.options
+        if options is None or options.call_format in BODY_FORMATS:
+            return TurnForm()
+        choice = options.tool_choice if request.turn == 0 else "auto"
+        constrained = self.config.tools.constrained if options.constrained is None else options.constrained
+        if choice == "auto" and not constrained:
+            return TurnForm()
         specs = [*(ToolRounds._tool_specs(self, list(options.tools)) or []), *options.client_tools]
-        if isinstance(options.tool_choice, dict):
-            name = options.tool_choice.get("function", {}).get("name")
-            specs = [s for s in specs if s["function"]["name"] == name]
-            if not specs:
-                raise ValueError(f"tool_choice names {name!r}, which is not among the request's tools")
-        schema = {"anyOf": [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
-                             "properties": {"name": {"const": s["function"]["name"]},
-                                            "arguments": s["function"].get("parameters") or {"type": "object"}}}
-                            for s in specs]}
-        fields = {"json_schema": schema} if dialect == "llama.cpp" else {"structured_outputs": {"json": schema}}
-        return fields, CALL_OPEN
+        return remote_form(self.config.backend.backend_dialect, specs, choice)

@@ -118,10 +118,16 @@ class ToolGrammar:
 
     def structural_tag(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> StructuralTag:
         """The xgrammar structural tag of one (tools, choice); see the module docstring."""
-        tag = xgr.get_model_structural_tag(
-            CALL_FORMAT, tools=tools, tool_choice=tool_choice, reasoning="disabled",
-            exclude_special_tokens=False, max_whitespace_cnt=self.max_whitespace)
-        if tool_choice == "required":
-            calls = TagsWithSeparatorFormat(tags=tag.format.tags, separator=CALL_SEPARATOR, at_least_one=True)
-            tag = StructuralTag(format=calls)
-        return tag
+        return structural_tag(tools, tool_choice, self.max_whitespace)
+
+
+def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice, max_whitespace: int | None = 16) -> StructuralTag:
+    """The xgrammar structural tag of one (tools, choice), also sent as is to a remote engine
+    that compiles structural tags with xgrammar (vLLM); see the module docstring."""
+    tag = xgr.get_model_structural_tag(
+        CALL_FORMAT, tools=tools, tool_choice=tool_choice, reasoning="disabled",
+        exclude_special_tokens=False, max_whitespace_cnt=max_whitespace)
+    if tool_choice == "required":
+        calls = TagsWithSeparatorFormat(tags=tag.format.tags, separator=CALL_SEPARATOR, at_least_one=True)
+        tag = StructuralTag(format=calls)
+    return tag

@@ -2,6 +2,8 @@
 prompts, partial-vs-lazy equivalence, early close on rejection and abort, and fault cases."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from conveyor.backends import BackendError, open_engine
 from conveyor.backends.remote import RemoteEngine
 from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
+from conveyor.tools.grammar import structural_tag
 from tests.backends.fake_server import FakeEngine, Reply, chunks_of
 from tests.engine.helpers import drain, results_of, text_of
 from tests.engine.test_tools import CALL, QUESTION, TOOLS
@@ -165,13 +168,28 @@ def test_bad_requests_raise_before_anything_is_sent(engine, fake) -> None:
     assert fake.bodies == [] and not engine.has_unfinished and not engine.tool_loop.sessions
 
 
-def test_a_named_tool_choice_becomes_a_json_schema_and_a_forced_call_start(engine, fake) -> None:
+def test_a_named_tool_choice_becomes_a_json_schema_and_later_turns_a_lazy_grammar(model_dir, fake) -> None:
     args = '{"name": "lookup", "arguments": {"key": "k1"}}'
     fake.reset(Reply(chunks_of(args)), Reply(chunks_of("ok")))
-    outputs = run(engine, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "lookup"}})
-    body = fake.bodies[0]
-    assert body["prompt"].endswith("<tool_call>\n")
-    assert body["json_schema"]["anyOf"][0]["properties"]["name"] == {"const": "lookup"}
-    assert text_of(outputs).startswith("<tool_call>\n" + args)
+    tools = ToolConfig(tools=TOOLS[:3], constrained=True, num_workers=1, call_timeout_s=10)
+    with RemoteEngine(dataclasses.replace(config(model_dir, fake.url), tools=tools), progress=False) as engine:
+        outputs = run(engine, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "lookup"}})
+    first, second = fake.bodies
+    assert first["prompt"].endswith("<tool_call>\n")
+    assert first["json_schema"]["anyOf"][0]["properties"]["name"] == {"const": "lookup"}
+    # the call is closed as the model writes it, so the continuation reads as a whole call
+    assert text_of(outputs) == "<tool_call>\n" + args + "\n</tool_call>" + "ok"
+    assert args + "\n</tool_call><|im_end|>\n" in second["prompt"] and second["prompt"].count("<tool_call>") == 1
+    assert second["grammar_lazy"] is True and second["grammar_triggers"][0]["value"] == "<tool_call>"
     assert results_of(outputs) == ["value-of-k1"]
-    assert "json_schema" not in fake.bodies[1]          # later turns are "auto"
+
+
+def test_the_vllm_dialect_sends_the_embedded_engines_structural_tag(model_dir, fake) -> None:
+    fake.reset(Reply(chunks_of("Nothing to look up.")))
+    tools = ToolConfig(tools=TOOLS[:3], constrained=True, num_workers=1, call_timeout_s=10)
+    cfg = dataclasses.replace(config(model_dir, fake.url, backend_dialect="vllm"), tools=tools)
+    with RemoteEngine(cfg, progress=False) as engine:
+        run(engine, tools=["lookup"])
+        spec = engine.tool_loop.executor.registry.get("lookup").spec()
+    sent = json.loads(fake.bodies[0]["structured_outputs"]["structural_tag"])
+    assert sent == json.loads(structural_tag([spec], "auto").model_dump_json())

@@ -87,3 +87,20 @@ def _processing(url: str) -> int:
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
     return int(float(next(line.split()[1] for line in metrics.splitlines()
                           if line.startswith("llamacpp:requests_processing"))))
+
+
+def test_an_auto_turn_is_free_text_until_a_call_starts_then_follows_the_lazy_grammar(engine) -> None:
+    from conveyor.backends.constraints import remote_form
+
+    spec = engine.tool_loop.executor.registry.get("lookup").spec()
+    form = remote_form("llama.cpp", [spec], "auto")
+    calls = '<tool_call>\n{"name": "lookup", "arguments": {"key": "k%d"}}\n</tool_call>\n'
+    prompt = "Calls, one per line:\n" + "".join(calls % n for n in range(4))
+    request = engine._requests[engine.add_request(prompt, {"max_tokens": 60}, constraint=form.fields)]
+    while engine.has_unfinished:
+        engine.step()
+    # the model starts another call: from `<tool_call>` on it is held to one call of a served tool,
+    # which ends the turn (a stop, not the length limit)
+    assert request.finish_reason == "stop", request.text
+    _, _, call = request.text.partition("<tool_call>")
+    assert call.endswith("}\n</tool_call>") and call.strip().startswith('{"name": "lookup", "arguments": {')

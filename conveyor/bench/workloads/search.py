@@ -82,6 +82,10 @@ def _check(results, text: str) -> bool:
 
 def build(options: WorkloadOptions) -> Workload:
     url, stop = start_service(options)
-    one_call = {"type": "function", "function": {"name": "search"}}     # exactly one call, then the answer
-    case = Case("search", (system(SYSTEM), *SHOT, user(TASK)), ("search",), tool_choice=one_call, max_tokens=200, check=_check)
+    # exactly one call, then the answer: the first turn must call search, and a call in the turn
+    # after the results ends the round unrun (the default model, given its call back as the
+    # template spells it, repeats the call as bare JSON; see docs/results/workloads-remote.md)
+    one_call = {"type": "function", "function": {"name": "search"}}
+    case = Case("search", (system(SYSTEM), *SHOT, user(TASK)), ("search",), tool_choice=one_call, max_tokens=200,
+                check=_check, max_tool_rounds=1)
     return Workload("search", [case], [SearchTool(url, fetch_chars=PAGE_CHARS)], [stop])
