@@ -145,6 +145,9 @@ class ServerConfig:
                   (self.default_max_tokens > 0, "default_max_tokens must be positive")])
 
 
+BACKEND_DIALECTS = ("llama.cpp", "vllm", "none")     # how tool calls are constrained remotely (backends/constraints.py)
+
+
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     backend: str | None = field(default=None, metadata=_help(
@@ -169,7 +172,7 @@ class BackendConfig:
     def __post_init__(self) -> None:
         _require([(self.backend is None or self.backend.startswith(("http://", "https://")),
                    f"backend must be an http(s) URL, got {self.backend!r}"),
-                  (self.backend_dialect in ("llama.cpp", "vllm", "none"),
+                  (self.backend_dialect in BACKEND_DIALECTS,
                    f"backend_dialect must be llama.cpp, vllm or none, got {self.backend_dialect!r}"),
                   (self.connect_timeout_s > 0 and self.read_timeout_s > 0, "backend timeouts must be positive"),
                   (self.max_retries >= 0, "max_retries must be >= 0"),

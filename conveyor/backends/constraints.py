@@ -24,7 +24,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-DIALECTS = ("llama.cpp", "vllm", "none")
+from conveyor.config import BACKEND_DIALECTS
+
 CALL_OPEN = "<tool_call>\n"             # the Hermes/Qwen call format's start and end
 CALL_CLOSE = "\n</tool_call>"
 TRIGGER_WORD = 1                        # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_WORD
@@ -62,8 +63,8 @@ def call_schema(specs: list[dict[str, Any]]) -> dict[str, Any]:
 def remote_form(dialect: str, specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
     """How a remote engine of `dialect` is asked to constrain a turn to `choice` ("auto",
     "required" or a named tool) among the OpenAI tool specs `specs`; see the module docstring."""
-    if dialect not in DIALECTS:
-        raise ValueError(f"unknown backend dialect {dialect!r}; choose from {', '.join(DIALECTS)}")
+    if dialect not in BACKEND_DIALECTS:
+        raise ValueError(f"unknown backend dialect {dialect!r}; choose from {', '.join(BACKEND_DIALECTS)}")
     if isinstance(choice, dict):
         name = choice.get("function", {}).get("name")
         specs = [s for s in specs if s["function"]["name"] == name]

@@ -7,7 +7,7 @@ conversation the way `/v1/chat/completions` would (the chat template re-renderin
 assistant's call from its parsed arguments) and counts how many leading tokens that prompt
 shares with the one sent: a prefix cache can serve at most those. The remote engine's own
 counters (`/metrics`: llama.cpp `prompt_tokens_cached_total`, vLLM `prefix_cache_hits`) are
-read before and after. Usage: `python -m conveyor.backends.continuation_bench URL [--json PATH]`.
+read before and after. Usage: `python -m conveyor.backends.continuation_bench URL [--dialect vllm] [--json PATH]`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rich.progress import Progress
 
 from conveyor.backends.remote import RemoteEngine
 from conveyor.bench.results import write_json
-from conveyor.config import BackendConfig, EngineConfig, ModelConfig, ToolConfig
+from conveyor.config import BACKEND_DIALECTS, BackendConfig, EngineConfig, ModelConfig, ToolConfig
 
 QUESTIONS = ("What is 1234 * 5678? Use the calculator.", "What is (17 + 25) * 3 - 8? Use the calculator.",
              "How much is 2 ** 20 / 16? Use the calculator.")
@@ -33,9 +33,10 @@ _COUNTERS = re.compile(r"^(llamacpp:prompt_tokens(?:_cached)?_total|vllm:prefix_
                        r"(?:\{[^}]*\})? ([0-9.e+]+)$", re.MULTILINE)
 
 
-def run_continuation_bench(url: str, model: str = "default", max_tokens: int = 64) -> dict[str, Any]:
+def run_continuation_bench(url: str, model: str = "default", max_tokens: int = 64,
+                           dialect: str = "llama.cpp") -> dict[str, Any]:
     config = EngineConfig(model=ModelConfig(model=model), tools=ToolConfig(tools=("calculator",), num_workers=1),
-                          backend=BackendConfig(backend=url, read_timeout_s=300))
+                          backend=BackendConfig(backend=url, backend_dialect=dialect, read_timeout_s=300))
     rows = []
     with RemoteEngine(config) as engine, Progress() as progress:
         before = _counters(url)
@@ -44,7 +45,7 @@ def run_continuation_bench(url: str, model: str = "default", max_tokens: int = 6
             rows.append(_one(engine, question, max_tokens))
             progress.advance(task)
         after = _counters(url)
-    return {"url": url, "model": model, "remote_model": engine.model_name, "rows": rows,
+    return {"url": url, "model": model, "dialect": dialect, "remote_model": engine.model_name, "rows": rows,
             "remote_counters": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after},
             "loadavg": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
@@ -107,9 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", help="the remote engine's base URL")
     parser.add_argument("--model", default="default", help="the same model locally (tokenizer, chat template)")
+    parser.add_argument("--dialect", default="llama.cpp", choices=BACKEND_DIALECTS,
+                        help="how the named call is constrained on the remote engine (BackendConfig.backend_dialect)")
     parser.add_argument("--json", default="docs/results/remote-continuation.json", help="where to write the results")
     args = parser.parse_args()
-    data = run_continuation_bench(args.url, args.model)
+    data = run_continuation_bench(args.url, args.model, dialect=args.dialect)
     write_json(Path(args.json), data)
     print(json.dumps(data, indent=1))
 

@@ -62,8 +62,18 @@ class Detokenizer:
             self.stopped = True
 
     def _release(self, final: bool) -> str:
-        hold = 0 if final or not self.stop else max(len(s) for s in self.stop) - 1
-        end = max(len(self.text) - hold, self.emitted)
+        end = max(len(self.text) - (0 if final else self._held()), self.emitted)
         delta = self.text[self.emitted:end]
         self.emitted = end
         return delta
+
+    def _held(self) -> int:
+        """Characters at the end of the text that could still begin a stop string: only those
+        wait (a tool's parser sees the rest at once, which partial execution depends on)."""
+        held = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:n]):
+                    held = n
+                    break
+        return held

@@ -79,3 +79,25 @@ def test_a_rejected_field_cuts_the_partial_turn_short(setup, monkeypatch, tmp_pa
     lazy, partial = run_workloads(config, options)["validation-invalid"]
     assert len(partial.turns[0]) < len(lazy.turns[0])         # decoding stopped at the bad e-mail
     assert lazy.ideal_saving_s > 0.0                          # the lazy round knows when it was decoded
+
+
+def _first_turn(run) -> str:
+    return "".join(text for _, turn, text in run.deltas if turn == 0)
+
+
+@pytest.mark.parametrize("workload", ["search", "planning", "validation"])
+def test_paced_rounds_through_the_remote_backend(setup, workload, monkeypatch, tmp_path):
+    """--paced-remote: the same recorded turns streamed by the stand-in remote engine over HTTP."""
+    monkeypatch.setenv("CONVEYOR_CACHE", str(tmp_path))
+    config, recorded = setup
+    options = BenchOptions("paced", 1, (workload,), Pace(2.0, 0.0), WorkloadOptions(search_latency_ms=5.0),
+                           recorded_dir=recorded, paced_remote=True)
+    rounds = run_workloads(config, options)
+    for name, runs in rounds.items():
+        for run in runs:
+            assert run.valid_call and run.correct, (name, run.tool_mode, [r.content[:300] for r in run.results])
+            assert SCRIPTS[name][0].startswith(_first_turn(run)) and len(run.turns) == 2
+    if workload == "validation":
+        lazy, partial = rounds["validation-invalid"]
+        # lazily the form streams to its end; partially the stream is closed at the bad e-mail
+        assert '"delivery_notes"' in _first_turn(lazy) and '"ship_date"' not in _first_turn(partial)

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from conveyor.bench.workloads import BUILDERS
 from conveyor.bench.workloads.base import WorkloadOptions
+from conveyor.bench.workloads.compare import add_comparison, print_comparison
 from conveyor.bench.workloads.paced import Pace
 from conveyor.bench.results import write_json
 from conveyor.bench.workloads.report import print_table, report
@@ -36,6 +37,11 @@ def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of workloads not run now from an existing --json file")
     parser.add_argument("--recorded-dir", default=str(RECORDED), help="where recorded outputs are read and written")
+    parser.add_argument("--paced-remote", action="store_true",
+                        help="paced: drive the recorded outputs through the remote backend (RemoteEngine) and a "
+                        "stand-in remote engine that streams them over HTTP on the same clock")
+    parser.add_argument("--baseline", default=None, help="a workloads JSON to compare with (e.g. the embedded "
+                        "engine's, for a --backend run): the share of its reduction each workload keeps")
 
 
 def run_workloads_bench(args: argparse.Namespace) -> dict:
@@ -43,18 +49,26 @@ def run_workloads_bench(args: argparse.Namespace) -> dict:
     pace = Pace(args.token_latency_ms, args.prefill_ms_per_token)
     options = BenchOptions(args.mode, args.rounds, tuple(args.workloads), pace,
                            WorkloadOptions(search_latency_ms=args.search_latency_ms), args.temperature,
-                           Path(args.recorded_dir), args.record)
+                           Path(args.recorded_dir), args.record, args.paced_remote)
     rounds = run_workloads(config, options)
     paced = args.mode == "paced"
     extra = {"search_latency_ms": args.search_latency_ms,
              "prefill_ms_per_token": args.prefill_ms_per_token if paced else None,
-             "model": config.model.model, "temperature": None if paced else args.temperature}
+             "model": config.model.model, "temperature": None if paced else args.temperature,
+             "backend": "paced stand-in (--paced-remote)" if args.paced_remote else config.backend.backend,
+             "backend_dialect": config.backend.backend_dialect}
     data = report(args.mode, args.token_latency_ms if paced else None, rounds, extra)
-    path = Path(args.json or f"docs/results/workloads-{args.mode}.json")
+    name = {"paced": "workloads-paced-remote", "live": "workloads-remote"}[args.mode] if data["backend"] \
+        else f"workloads-{args.mode}"
+    path = Path(args.json or f"docs/results/{name}.json")
     if args.merge and path.exists():
         data["workloads"] = {**json.loads(path.read_text())["workloads"], **data["workloads"]}
+    if args.baseline:
+        add_comparison(data, Path(args.baseline))
     write_json(path, data)
     print_table(Console(), data)
+    if args.baseline:
+        print_comparison(Console(), data["baseline"]["workloads"], f"against {args.baseline}")
     if args.plots:
         _plots(data, Path(args.plots))
     return data
@@ -63,8 +77,8 @@ def run_workloads_bench(args: argparse.Namespace) -> dict:
 def _plots(data: dict, folder: Path) -> None:
     from conveyor.bench.plots import plot_bars, plot_timeline
 
-    mode = data["mode"]
-    label = (f"paced: emulated {data['token_latency_ms']:g} ms/token decode clock" if mode == "paced"
+    mode = data["mode"] + ("-remote" if data["backend"] else "")
+    label = (f"paced: emulated {data['token_latency_ms']:g} ms/token decode clock" if data["mode"] == "paced"
              else "live: default model on this CPU")
     plot_bars(data, label, folder / f"workloads-{mode}-latency.png")
     for name, row in data["workloads"].items():

@@ -35,6 +35,7 @@ class BenchOptions:
     temperature: float = 0.0              # live mode; each lazy/partial pair shares a seed
     recorded_dir: Path = RECORDED         # paced mode reads fixtures here; live mode writes them (record=True)
     record: bool = False
+    paced_remote: bool = False            # paced mode through RemoteEngine and a stand-in remote engine
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -44,6 +45,8 @@ class BenchOptions:
         unknown = set(self.workloads) - set(BUILDERS)
         if unknown:
             raise ValueError(f"unknown workloads {sorted(unknown)}; choose from {', '.join(BUILDERS)}")
+        if self.paced_remote and self.mode != "paced":
+            raise ValueError("paced_remote needs paced mode")
 
 
 def run_workloads(config: EngineConfig, options: BenchOptions) -> dict[str, list[Round]]:
@@ -68,6 +71,10 @@ def run_workloads(config: EngineConfig, options: BenchOptions) -> dict[str, list
 def _engine(config: EngineConfig, workload: Workload, options: BenchOptions) -> Iterator[Any]:
     tools = dataclasses.replace(config.tools, tools=(), num_workers=max(2, min(config.tools.num_workers, 4)))
     config = dataclasses.replace(config, tools=tools)
+    if options.paced_remote:
+        with _paced_remote_engine(config, workload, options) as engine:
+            yield engine
+        return
     if options.mode == "paced":
         from conveyor.engine.engine import LLMEngine
 
@@ -79,6 +86,22 @@ def _engine(config: EngineConfig, workload: Workload, options: BenchOptions) -> 
         engine = open_engine(config, tools=workload.tools)
     with engine:
         yield engine
+
+
+@contextmanager
+def _paced_remote_engine(config: EngineConfig, workload: Workload, options: BenchOptions) -> Iterator[Any]:
+    """RemoteEngine in front of the paced stand-in engine (`paced_remote.py`), stopped on exit."""
+    from conveyor.backends.remote import RemoteEngine
+    from conveyor.bench.workloads.paced_remote import start_paced_engine
+    from conveyor.engine.model.loader import resolve_model
+
+    url, stop = start_paced_engine(resolve_model(config.model.model, progress=False), options.pace, [_eos_of(config)])
+    try:
+        backend = dataclasses.replace(config.backend, backend=url, backend_dialect="none")
+        with RemoteEngine(dataclasses.replace(config, backend=backend), progress=False, tools=workload.tools) as engine:
+            yield engine
+    finally:
+        stop()
 
 
 def _eos_of(config: EngineConfig) -> int:
@@ -98,7 +121,7 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
         order = ("lazy", "partial") if number % 2 == 0 else ("partial", "lazy")
         for tool_mode in order:
             params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": number, "stop": [STOP]}
-            run = run_case(engine, case, tool_mode, params, replay_factory(turns) if turns else None)
+            run = run_case(engine, case, tool_mode, params, _replay(turns, options.paced_remote))
             if tool_mode == "lazy":
                 run.ideal_saving_s = ideal_of(run, case.call_format, tools)
             runs.append(run)
@@ -106,6 +129,16 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
     if options.record:
         _record(options.recorded_dir, case, runs)
     return runs
+
+
+def _replay(turns: list[list[int]] | None, remote: bool) -> Any:
+    """Paced mode's per-turn constraint: the recorded tokens, as a Replay for the embedded engine
+    or as the stand-in remote engine's `replay` field."""
+    if not turns:
+        return None
+    if remote:
+        return lambda n: {"replay": turns[n] if n < len(turns) else []}
+    return replay_factory(turns)
 
 
 def _warm_up(engine: Any, case: Case) -> None:

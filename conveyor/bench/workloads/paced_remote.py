@@ -1,0 +1,162 @@
+"""Paced mode through the remote backend: a stand-in remote engine that streams recorded turns.
+
+`conveyor bench workloads --mode paced --paced-remote` runs the recorded outputs through
+`RemoteEngine` (HTTP streaming, continuation prompts, the remote tool rounds) instead of the
+embedded engine, on the same emulated decode clock, so the two paths can be compared without the
+noise of live decoding. The stand-in runs in a process of its own, as a remote engine would, and
+speaks the streamed `/v1/completions` of the OpenAI API. Each request names the token ids to
+stream in its `replay` field (the bench's per-turn constraint); the first comes after
+`token_latency_ms` plus `prefill_ms_per_token` for each prompt token its prefix cache (the
+longest shared prefix with an earlier prompt) does not hold, the others every `token_latency_ms`.
+A stop token ends the turn ("stop"), `max_tokens` ("length"); a client that goes away stops it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from conveyor.bench.workloads.paced import Pace
+
+MODEL_NAME = "paced-replay"
+START_S = 120.0
+MAX_CACHED_PROMPTS = 32
+
+
+def start_paced_engine(model_dir: Path, pace: Pace, stop_token_ids: list[int]) -> tuple[str, Callable[[], None]]:
+    """Start the stand-in in a child process; returns its URL and a function that stops it."""
+    ctx = multiprocessing.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    process = ctx.Process(target=_serve, args=(child_conn, str(model_dir), pace, stop_token_ids),
+                          name="conveyor-paced-engine", daemon=True)
+    process.start()
+    child_conn.close()
+
+    def stop() -> None:
+        with contextlib.suppress(OSError):
+            conn.send("stop")
+        process.join(5.0)
+        if process.is_alive():
+            process.terminate()
+            process.join(5.0)
+        conn.close()
+
+    try:
+        if not conn.poll(START_S):
+            raise RuntimeError(f"the paced stand-in engine did not start within {START_S:g} s")
+        return conn.recv(), stop
+    except BaseException:
+        stop()
+        raise
+
+
+def _serve(conn: Connection, model_dir: str, pace: Pace, stop_token_ids: list[int]) -> None:
+    from transformers import AutoTokenizer
+
+    engine = _PacedEngine(AutoTokenizer.from_pretrained(model_dir), pace, set(stop_token_ids))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(engine))
+    server.daemon_threads = True
+
+    def stop_on_message() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            conn.recv()                       # "stop", or the parent is gone
+        server.shutdown()
+
+    threading.Thread(target=stop_on_message, daemon=True).start()
+    conn.send(f"http://127.0.0.1:{server.server_address[1]}")
+    server.serve_forever(poll_interval=0.05)
+    server.server_close()
+
+
+class _PacedEngine:
+    """The clock, the prefix cache and the detokenizer of the stand-in."""
+
+    def __init__(self, tokenizer: Any, pace: Pace, stop_token_ids: set[int]) -> None:
+        self.tokenizer, self.pace, self.stop_token_ids = tokenizer, pace, stop_token_ids
+        self._prompts: list[list[int]] = []
+        self._lock = threading.Lock()
+
+    def admit(self, prompt: str) -> tuple[int, int]:
+        """Prompt tokens and how many of them the emulated prefix cache holds."""
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        with self._lock:
+            cached = max((_common_prefix(ids, p) for p in self._prompts), default=0)
+            self._prompts = [ids, *self._prompts][:MAX_CACHED_PROMPTS]
+        return len(ids), min(cached, len(ids) - 1)      # the last prompt token is always computed
+
+    def turn(self, body: dict[str, Any]) -> tuple[list[tuple[float, str]], str, dict[str, Any]]:
+        """The deltas of one turn, each with its due time, its finish reason and its usage."""
+        num_prompt, cached = self.admit(body["prompt"])
+        replay, max_tokens = list(body.get("replay") or []), int(body.get("max_tokens") or 16)
+        due = time.perf_counter() + (self.pace.token_latency_ms + self.pace.prefill_ms_per_token
+                                     * (num_prompt - cached)) / 1000
+        deltas, emitted, text, finish = [], [], "", "length"
+        for token in replay[:max_tokens]:
+            if token in self.stop_token_ids:
+                finish = "stop"
+                break
+            emitted.append(token)
+            new = self.tokenizer.decode(emitted)
+            deltas.append((due, new[len(text):]))
+            text, due = new, due + self.pace.token_latency_ms / 1000
+        else:
+            finish = "length" if len(replay) >= max_tokens else "stop"
+        usage = {"prompt_tokens": num_prompt, "completion_tokens": len(emitted),
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        return deltas, finish, usage
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _handler(engine: _PacedEngine) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            payload = json.dumps({"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            deltas, finish, usage = engine.turn(body)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for due, text in deltas:
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    self._event({"choices": [{"index": 0, "text": text, "finish_reason": None}]})
+                self._event({"choices": [{"index": 0, "text": "", "finish_reason": finish}], "usage": usage})
+                self._write(b"data: [DONE]\n\n")
+                self._write(b"")
+
+        def _event(self, data: dict[str, Any]) -> None:
+            self._write(f"data: {json.dumps(data)}\n\n".encode())
+
+        def _write(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    return Handler
