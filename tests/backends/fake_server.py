@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from conveyor.bench.service import SseWriter
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -62,7 +64,7 @@ class FakeEngine:
 
 
 def _handler(fake: FakeEngine) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(SseWriter, BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: Any) -> None:
@@ -110,13 +112,6 @@ def _handler(fake: FakeEngine) -> type[BaseHTTPRequestHandler]:
             self._event({"choices": [{"index": 0, "text": "", "finish_reason": reply.finish_reason}], "usage": usage})
             self._write(b"data: [DONE]\n\n")
             self._write(b"")
-
-        def _event(self, data: dict[str, Any]) -> None:
-            self._write(f"data: {json.dumps(data)}\n\n".encode())
-
-        def _write(self, data: bytes) -> None:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
 
         def _json(self, status: int, data: dict[str, Any]) -> None:
             payload = json.dumps(data).encode()

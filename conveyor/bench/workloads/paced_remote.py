@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from conveyor.bench.service import SseWriter, serve_until_stopped, start_service
 from conveyor.bench.workloads.paced import Pace
 
 MODEL_NAME = "paced-replay"
@@ -32,29 +32,7 @@ MAX_CACHED_PROMPTS = 32
 
 def start_paced_engine(model_dir: Path, pace: Pace, stop_token_ids: list[int]) -> tuple[str, Callable[[], None]]:
     """Start the stand-in in a child process; returns its URL and a function that stops it."""
-    ctx = multiprocessing.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(child_conn, str(model_dir), pace, stop_token_ids),
-                          name="conveyor-paced-engine", daemon=True)
-    process.start()
-    child_conn.close()
-
-    def stop() -> None:
-        with contextlib.suppress(OSError):
-            conn.send("stop")
-        process.join(5.0)
-        if process.is_alive():
-            process.terminate()
-            process.join(5.0)
-        conn.close()
-
-    try:
-        if not conn.poll(START_S):
-            raise RuntimeError(f"the paced stand-in engine did not start within {START_S:g} s")
-        return conn.recv(), stop
-    except BaseException:
-        stop()
-        raise
+    return start_service(_serve, (str(model_dir), pace, stop_token_ids), "the paced stand-in engine", START_S)
 
 
 def _serve(conn: Connection, model_dir: str, pace: Pace, stop_token_ids: list[int]) -> None:
@@ -63,16 +41,7 @@ def _serve(conn: Connection, model_dir: str, pace: Pace, stop_token_ids: list[in
     engine = _PacedEngine(AutoTokenizer.from_pretrained(model_dir), pace, set(stop_token_ids))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(engine))
     server.daemon_threads = True
-
-    def stop_on_message() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            conn.recv()                       # "stop", or the parent is gone
-        server.shutdown()
-
-    threading.Thread(target=stop_on_message, daemon=True).start()
-    conn.send(f"http://127.0.0.1:{server.server_address[1]}")
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
+    serve_until_stopped(conn, server, f"http://127.0.0.1:{server.server_address[1]}")
 
 
 class _PacedEngine:
@@ -123,7 +92,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _handler(engine: _PacedEngine) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(SseWriter, BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: Any) -> None:
@@ -151,12 +120,5 @@ def _handler(engine: _PacedEngine) -> type[BaseHTTPRequestHandler]:
                 self._event({"choices": [{"index": 0, "text": "", "finish_reason": finish}], "usage": usage})
                 self._write(b"data: [DONE]\n\n")
                 self._write(b"")
-
-        def _event(self, data: dict[str, Any]) -> None:
-            self._write(f"data: {json.dumps(data)}\n\n".encode())
-
-        def _write(self, data: bytes) -> None:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
 
     return Handler

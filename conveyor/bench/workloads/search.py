@@ -3,12 +3,10 @@ every response held back by an injected network latency. Partial execution conne
 CallStart, sends the query when its field completes and fetches each hit's page right after."""
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from conveyor.bench import service
 from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system, user
 from conveyor.bench.workloads.corpus import Bm25Corpus, stdlib_documents
 from conveyor.tools.builtin.http import SearchTool
@@ -20,7 +18,6 @@ SYSTEM = ("You answer questions about the Python standard library. Search its do
 TASK = "Look up json.dumps in the documentation: how do I turn a Python object into an indented JSON string?"
 PAGE_CHARS = 600
 SERVICE_START_S = 120.0   # indexing every stdlib docstring takes a few seconds
-SERVICE_STOP_S = 5.0
 # One worked exchange: without it the default model searched for "example", "Python" or
 # "Python programming" whatever the task named; with it, it searches for the function.
 SHOT = ({"role": "user", "content": "How do I read a gzip-compressed file line by line?"},
@@ -36,43 +33,13 @@ def start_service(options: WorkloadOptions) -> tuple[str, Callable[[], None]]:
     """Serve the corpus from a process of its own, as a remote service would be (in a thread of
     the engine's process its request handling took the engine's GIL, slowing the decode of
     partial rounds only); returns its URL and a function that stops it."""
-    ctx = multiprocessing.get_context("spawn")
-    conn, child_conn = ctx.Pipe()
-    process = ctx.Process(target=_serve, args=(child_conn, options.corpus_limit, options.search_latency_ms / 1000),
-                          name="conveyor-search-service", daemon=True)
-    process.start()
-    child_conn.close()
-
-    def stop() -> None:
-        with contextlib.suppress(OSError):
-            conn.send("stop")                 # a clean exit: the child's finalizers run
-        process.join(SERVICE_STOP_S)
-        if process.is_alive():
-            process.terminate()
-            process.join(SERVICE_STOP_S)
-        conn.close()
-
-    try:
-        if not conn.poll(SERVICE_START_S):
-            raise RuntimeError(f"the search service did not start within {SERVICE_START_S:g} s")
-        return conn.recv(), stop
-    except BaseException:
-        stop()
-        raise
+    return service.start_service(_serve, (options.corpus_limit, options.search_latency_ms / 1000),
+                                 "conveyor-search-service", SERVICE_START_S)
 
 
 def _serve(conn: Connection, corpus_limit: int, latency_s: float) -> None:
     server = SearchServer(Bm25Corpus(stdlib_documents(corpus_limit)), latency_s=latency_s)
-
-    def stop_on_message() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            conn.recv()                       # "stop", or the parent is gone
-        server.shutdown()
-
-    threading.Thread(target=stop_on_message, daemon=True).start()
-    conn.send(server.url)
-    server.serve_forever(poll_interval=0.05)
-    server.server_close()
+    service.serve_until_stopped(conn, server, server.url)
 
 
 def _check(results, text: str) -> bool:
