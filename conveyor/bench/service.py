@@ -57,10 +57,23 @@ def serve_until_stopped(conn: Connection, server: BaseServer, url: str) -> None:
 
 
 class SseWriter:
-    """For a `BaseHTTPRequestHandler` answering with `Transfer-Encoding: chunked`: one
-    server-sent event per chunk, as OpenAI-compatible engines stream."""
+    """Mixed into a quiet HTTP/1.1 `BaseHTTPRequestHandler`: JSON answers, and streamed answers
+    (`Transfer-Encoding: chunked`) of one server-sent event per chunk, as OpenAI-compatible
+    engines stream."""
 
+    protocol_version = "HTTP/1.1"
     wfile: Any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, data: dict[str, Any]) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _event(self, data: dict[str, Any]) -> None:
         self._write(f"data: {json.dumps(data)}\n\n".encode())

@@ -65,11 +65,6 @@ class FakeEngine:
 
 def _handler(fake: FakeEngine) -> type[BaseHTTPRequestHandler]:
     class Handler(SseWriter, BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
         def setup(self) -> None:
             super().setup()
             fake.connections.add(self.connection)
@@ -112,13 +107,5 @@ def _handler(fake: FakeEngine) -> type[BaseHTTPRequestHandler]:
             self._event({"choices": [{"index": 0, "text": "", "finish_reason": reply.finish_reason}], "usage": usage})
             self._write(b"data: [DONE]\n\n")
             self._write(b"")
-
-        def _json(self, status: int, data: dict[str, Any]) -> None:
-            payload = json.dumps(data).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
 
     return Handler

@@ -93,18 +93,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _handler(engine: _PacedEngine) -> type[BaseHTTPRequestHandler]:
     class Handler(SseWriter, BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
         def do_GET(self) -> None:
-            payload = json.dumps({"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self._json(200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model"}]})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
