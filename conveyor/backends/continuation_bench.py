@@ -82,8 +82,7 @@ def _chat_rerender_prefix(engine: RemoteEngine, messages: list[dict], sent: str,
                                                {"role": "tool", "content": result.content}],
                                    tools=[spec], add_generation_prompt=True, tokenize=False)
     rendered = tok.encode(chat, add_special_tokens=False)
-    common = next((i for i, (a, b) in enumerate(zip(sent_ids, rendered)) if a != b),
-                  min(len(sent_ids), len(rendered)))
+    common = len(os.path.commonprefix([sent_ids, rendered]))      # works on any sequences
     return {"prompt_tokens": len(rendered), "common_prefix_tokens": common,
             "min_prefill_tokens": len(rendered) - common}
 

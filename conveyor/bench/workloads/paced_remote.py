@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 
 from conveyor.bench.service import SseWriter, serve_until_stopped, start_service
 from conveyor.bench.workloads.paced import Pace
+from conveyor.engine.detokenizer import Detokenizer
 
 MODEL_NAME = "paced-replay"
 START_S = 120.0
@@ -56,7 +58,7 @@ class _PacedEngine:
         """Prompt tokens and how many of them the emulated prefix cache holds."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         with self._lock:
-            cached = max((_common_prefix(ids, p) for p in self._prompts), default=0)
+            cached = max((len(os.path.commonprefix([ids, p])) for p in self._prompts), default=0)   # any sequences
             self._prompts = [ids, *self._prompts][:MAX_CACHED_PROMPTS]
         return len(ids), min(cached, len(ids) - 1)      # the last prompt token is always computed
 
@@ -66,29 +68,20 @@ class _PacedEngine:
         replay, max_tokens = list(body.get("replay") or []), int(body.get("max_tokens") or 16)
         due = time.perf_counter() + (self.pace.token_latency_ms + self.pace.prefill_ms_per_token
                                      * (num_prompt - cached)) / 1000
-        deltas, emitted, text, finish = [], [], "", "length"
+        detokenizer, deltas = Detokenizer(self.tokenizer, []), []
         for token in replay[:max_tokens]:
             if token in self.stop_token_ids:
                 finish = "stop"
                 break
-            emitted.append(token)
-            new = self.tokenizer.decode(emitted)
-            deltas.append((due, new[len(text):]))
-            text, due = new, due + self.pace.token_latency_ms / 1000
+            deltas.append((due, detokenizer.push(token)))
+            due += self.pace.token_latency_ms / 1000
         else:
             finish = "length" if len(replay) >= max_tokens else "stop"
-        usage = {"prompt_tokens": num_prompt, "completion_tokens": len(emitted),
+        if deltas and (tail := detokenizer.flush()):                # an incomplete character
+            deltas.append((deltas[-1][0], tail))
+        usage = {"prompt_tokens": num_prompt, "completion_tokens": len(detokenizer.ids),
                  "prompt_tokens_details": {"cached_tokens": cached}}
         return deltas, finish, usage
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _handler(engine: _PacedEngine) -> type[BaseHTTPRequestHandler]:
