@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conveyor.bench.workloads.paced import Pace
 from conveyor.bench.results import write_json
 from conveyor.bench.workloads.report import print_table, report
 from conveyor.bench.workloads.runner import RECORDED, BenchOptions, run_workloads
-from conveyor.config import engine_config_from_flags
+from conveyor.config import EngineConfig, engine_config_from_flags
 
 
 def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,9 @@ def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
                         "stand-in remote engine that streams them over HTTP on the same clock")
     parser.add_argument("--baseline", default=None, help="a workloads JSON to compare with (e.g. the embedded "
                         "engine's, for a --backend run): the share of its reduction each workload keeps")
+    parser.add_argument("--embedded-baseline", action="store_true",
+                        help="with --backend or --paced-remote: first run the same workloads on the embedded engine, "
+                        "in this invocation, and compare with that")
 
 
 def run_workloads_bench(args: argparse.Namespace) -> dict:
@@ -50,28 +54,42 @@ def run_workloads_bench(args: argparse.Namespace) -> dict:
     options = BenchOptions(args.mode, args.rounds, tuple(args.workloads), pace,
                            WorkloadOptions(search_latency_ms=args.search_latency_ms), args.temperature,
                            Path(args.recorded_dir), args.record, args.paced_remote)
-    rounds = run_workloads(config, options)
-    paced = args.mode == "paced"
-    extra = {"search_latency_ms": args.search_latency_ms,
-             "prefill_ms_per_token": args.prefill_ms_per_token if paced else None,
-             "model": config.model.model, "temperature": None if paced else args.temperature,
-             "backend": "paced stand-in (--paced-remote)" if args.paced_remote else config.backend.backend,
-             "backend_dialect": config.backend.backend_dialect}
-    data = report(args.mode, args.token_latency_ms if paced else None, rounds, extra)
+    backend = config.backend.backend or ("paced stand-in (--paced-remote)" if args.paced_remote else None)
+    baseline = None
+    if args.embedded_baseline:
+        if backend is None:
+            raise ValueError("--embedded-baseline compares a remote run (--backend or --paced-remote) with the "
+                             "embedded engine")
+        embedded = dataclasses.replace(config, backend=dataclasses.replace(config.backend, backend=None))
+        rounds = run_workloads(embedded, dataclasses.replace(options, paced_remote=False))
+        baseline = _report(args, embedded, rounds, None)
+    data = _report(args, config, run_workloads(config, options), backend)
     name = {"paced": "workloads-paced-remote", "live": "workloads-remote"}[args.mode] if data["backend"] \
         else f"workloads-{args.mode}"
     path = Path(args.json or f"docs/results/{name}.json")
     if args.merge and path.exists():
         data["workloads"] = {**json.loads(path.read_text())["workloads"], **data["workloads"]}
-    if args.baseline:
-        add_comparison(data, Path(args.baseline))
+    if baseline is not None:
+        add_comparison(data, baseline, "the embedded engine, earlier in this invocation")
+        data["baseline"]["run"] = baseline
+    elif args.baseline:
+        add_comparison(data, json.loads(Path(args.baseline).read_text()), args.baseline)
     write_json(path, data)
     print_table(Console(), data)
-    if args.baseline:
-        print_comparison(Console(), data["baseline"]["workloads"], f"against {args.baseline}")
+    if "baseline" in data:
+        print_comparison(Console(), data["baseline"]["workloads"], f"against {data['baseline']['source']}")
     if args.plots:
         _plots(data, Path(args.plots))
     return data
+
+
+def _report(args: argparse.Namespace, config: EngineConfig, rounds: dict, backend: str | None) -> dict:
+    paced = args.mode == "paced"
+    extra = {"search_latency_ms": args.search_latency_ms,
+             "prefill_ms_per_token": args.prefill_ms_per_token if paced else None,
+             "model": config.model.model, "temperature": None if paced else args.temperature,
+             "backend": backend, "backend_dialect": config.backend.backend_dialect}
+    return report(args.mode, args.token_latency_ms if paced else None, rounds, extra)
 
 
 def _plots(data: dict, folder: Path) -> None:

@@ -1,7 +1,8 @@
 """How much of a baseline run's latency reduction another run keeps, workload by workload.
 
-The remote-backend benchmark compares a run through `--backend URL` with a run of the embedded
-engine (`--baseline PATH`, or afterwards: `python -m conveyor.bench.workloads.compare RUN BASELINE`).
+The remote-backend benchmark compares a run through the remote backend with a run of the embedded
+engine: in the same invocation (`--embedded-baseline`), from a file (`--baseline PATH`), or
+afterwards (`python -m conveyor.bench.workloads.compare RUN BASELINE`).
 Two measures, because the two engines compute at different speeds:
 
 - **share**: the reduction (1 - partial/lazy, medians) over the baseline's. A slower engine makes
@@ -79,11 +80,10 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def add_comparison(data: dict[str, Any], baseline_path: Path) -> dict[str, Any]:
-    """Put the comparison with the run at `baseline_path` into `data["baseline"]`."""
-    baseline = json.loads(baseline_path.read_text())
-    data["baseline"] = {"path": str(baseline_path), "date": baseline.get("date"),
-                        "backend": baseline.get("backend"), "workloads": compare(data, baseline)}
+def add_comparison(data: dict[str, Any], baseline: dict[str, Any], source: str) -> dict[str, Any]:
+    """Put the comparison with the run `baseline` (read from `source`) into `data["baseline"]`."""
+    data["baseline"] = {"source": source, "date": baseline.get("date"), "backend": baseline.get("backend"),
+                        "workloads": compare(data, baseline)}
     return data
 
 
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("run", help="a `conveyor bench workloads` JSON (updated in place)")
     parser.add_argument("baseline", help="the JSON of the run to compare with")
     args = parser.parse_args()
-    data = add_comparison(json.loads(Path(args.run).read_text()), Path(args.baseline))
+    data = add_comparison(json.loads(Path(args.run).read_text()), json.loads(Path(args.baseline).read_text()),
+                          args.baseline)
     write_json(Path(args.run), data)
     print_comparison(Console(), data["baseline"]["workloads"], f"{args.run} against {args.baseline}")
 
