@@ -101,3 +101,15 @@ def test_paced_rounds_through_the_remote_backend(setup, workload, monkeypatch, t
         lazy, partial = rounds["validation-invalid"]
         # lazily the form streams to its end; partially the stream is closed at the bad e-mail
         assert '"delivery_notes"' in _first_turn(lazy) and '"ship_date"' not in _first_turn(partial)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "paced", "--backend", "http://127.0.0.1:9"], "paced mode replays"),
+    (["--mode", "paced", "--embedded-baseline"], "compares a remote run"),
+])
+def test_bench_flags_that_cannot_go_together_fail_before_anything_runs(flags, message, tmp_path, capsys):
+    from conveyor.cli import main
+
+    out = tmp_path / "w.json"
+    assert main(["bench", "workloads", *flags, "--workloads", "search", "--plots", "", "--json", str(out)]) != 0
+    assert message in capsys.readouterr().err and not out.exists()

@@ -54,6 +54,9 @@ def run_workloads_bench(args: argparse.Namespace) -> dict:
     options = BenchOptions(args.mode, args.rounds, tuple(args.workloads), pace,
                            WorkloadOptions(search_latency_ms=args.search_latency_ms), args.temperature,
                            Path(args.recorded_dir), args.record, args.paced_remote)
+    if args.mode == "paced" and config.backend.backend:
+        raise ValueError("paced mode replays recorded turns and serves them itself: drop --backend (--paced-remote "
+                         "drives them through the remote backend), or use --mode live with --backend")
     backend = config.backend.backend or ("paced stand-in (--paced-remote)" if args.paced_remote else None)
     baseline = None
     if args.embedded_baseline:
