@@ -5,6 +5,7 @@ with its KV kept -> the results are appended as a tool-result turn -> it runs ag
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from conveyor.engine.detokenizer import Detokenizer
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 
 BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as JSON
+_GRAMMAR_LOCK = threading.Lock()    # `prepare` threads and the engine's may build the grammar first
 
 
 class ToolRounds:
@@ -118,10 +120,11 @@ class ToolRounds:
         constrained = self.config.tools.constrained if options.constrained is None else options.constrained
         if choice == "auto" and not constrained:
             return None
-        if self._grammar is None:
-            from conveyor.tools.grammar import ToolGrammar
+        with _GRAMMAR_LOCK:
+            if self._grammar is None:
+                from conveyor.tools.grammar import ToolGrammar
 
-            self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
+                self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
         specs = (self._tool_specs(list(options.tools)) or []) + list(options.client_tools)
         return self._grammar.constraint(specs, choice)
 

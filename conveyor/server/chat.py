@@ -17,12 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.server.calls import CallStream, StreamedCall, merge
-from conveyor.server.client import GenerateRequest, OutputStream
+from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
 from conveyor.server.protocol import ChatCompletionRequest, chat_messages
 
 
 class BadRequest(ValueError):
-    """A request the server refuses with 400 before anything reaches the engine."""
+    """A request the server refuses with 400 before anything reaches the engine; `param` names
+    the parameter at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(slots=True)
@@ -53,12 +58,9 @@ def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
-            raise BadRequest(f"tool_choice names an unknown tool {wanted!r}")
+            raise BadRequest(f"tool_choice names an unknown tool {wanted!r}", "tool_choice")
         choice = choice.model_dump()
-    try:
-        messages = chat_messages(body.messages)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
+    messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
     tools = [] if choice == "none" else [*offered_server, *client]
     options = {"tools": tools, "tool_choice": choice} if tools else {}
@@ -74,6 +76,8 @@ async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterat
     try:
         async for out in stream:
             _timing(run, out, metrics)
+            if out.finished and out.finish_reason == "error":
+                raise EngineFailed(f"the engine failed this request: {getattr(out, 'error', None) or 'unknown error'}")
             if out.tool_results:
                 for delta in _turn_results(run, out.tool_results):
                     yield delta

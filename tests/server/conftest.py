@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from conveyor.config import ServerConfig, ToolConfig
+from conveyor.engine.engine import PreparedPrompt
 from conveyor.server.client import EngineClient
 from conveyor.server.serve import ServerThread, build_app
 from conveyor.tools.base import ToolRegistry
@@ -40,8 +41,9 @@ class ScriptedEngine:
         self.engine = engine
 
     def add_request(self, prompt: Any, params: Any = None, **options: Any) -> str:
-        turns = SCRIPTS.get(prompt[-1]["content"]) if isinstance(prompt, list) and prompt and \
-            isinstance(prompt[-1], dict) else None
+        given = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt   # as the client sent it
+        turns = SCRIPTS.get(given[-1]["content"]) if isinstance(given, list) and given and \
+            isinstance(given[-1], dict) else None
         if turns is not None:
             options["constraint"] = lambda n: script(self.engine, turns[n]) if n < len(turns) else None
         return self.engine.add_request(prompt, params, **options)
