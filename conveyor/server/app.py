@@ -47,6 +47,43 @@ log = logging.getLogger(__name__)
 KIB = 1024
 
 
+class ErrorResponse(JSONResponse):
+    """An error's JSON, ASCII-escaped: a message that quotes bad input (a lone surrogate)
+    cannot make the error response itself fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+class BodyLimit:
+    """ASGI middleware: a body past `max_bytes` gets 413 in OpenAI's error shape, refused by
+    its Content-Length before it is read, or once the bytes that arrived pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = ErrorResponse(error_body(self._message(), "invalid_request_error", "body_too_large"), 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, self._message())
+            return message
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than {self.max_bytes // KIB} KiB (--max-body-kb)"
+
+
 class ApiError(Exception):
     """An error answered in OpenAI's JSON shape with an HTTP status."""
 
@@ -94,7 +131,8 @@ def create_app(load: Callable[[], tuple[EngineClient, dict[str, dict], str]], co
         if state.client is not None:
             await asyncio.to_thread(state.client.close)
 
-    app = FastAPI(title="Conveyor", version="0.1", lifespan=lifespan, max_body_size=config.max_body_kb * KIB)
+    app = FastAPI(title="Conveyor", version="0.1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_kb * KIB)
     app.state.conveyor = state
     _errors(app)
     _routes(app, state)
@@ -121,33 +159,33 @@ def _engine_died(state: State, reason: str) -> None:
 
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
+    async def api_error(_: Request, e: ApiError) -> ErrorResponse:
+        return ErrorResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
 
     @app.exception_handler(EngineFailed)
-    async def engine_failed(_: Request, e: EngineFailed) -> JSONResponse:
-        return JSONResponse(error_body(str(e), "server_error", "engine_error"), status_code=500)
+    async def engine_failed(_: Request, e: EngineFailed) -> ErrorResponse:
+        return ErrorResponse(error_body(str(e), "server_error", "engine_error"), status_code=500)
 
     @app.exception_handler(InputRejected)
-    async def input_rejected(_: Request, e: InputRejected) -> JSONResponse:
-        return JSONResponse(error_body(str(e), "invalid_request_error", None, e.param or None), status_code=400)
+    async def input_rejected(_: Request, e: InputRejected) -> ErrorResponse:
+        return ErrorResponse(error_body(str(e), "invalid_request_error", None, e.param or None), status_code=400)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:    # OpenAI's shape, never plain text
+    async def unexpected(_: Request, e: Exception) -> ErrorResponse:    # OpenAI's shape, never plain text
         log.exception("unhandled error in a route")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(_: Request, e: RequestValidationError) -> ErrorResponse:
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()[:5])
-        return JSONResponse(error_body(message or "invalid request", "invalid_request_error", None, param),
+        return ErrorResponse(error_body(message or "invalid request", "invalid_request_error", None, param),
                             status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+    async def http_error(_: Request, e: StarletteHTTPException) -> ErrorResponse:
+        return ErrorResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
 
 def _auth(state: State) -> Callable[[Request], None]:

@@ -46,7 +46,7 @@ def check_value(value: Any, path: str = "", max_depth: int = MAX_DEPTH) -> None:
             raise InputRejected(where, f"nests deeper than {max_depth} levels")
         pairs = item.items() if isinstance(item, dict) else enumerate(item)
         for key, child in pairs:
-            child_path = f"{where}.{key}" if where else str(key)
+            child_path = f"{where}.{_printable(str(key))}" if where else _printable(str(key))
             if isinstance(key, str):
                 _check_text(key, child_path)
             stack.append((child, child_path, depth + 1))
@@ -58,6 +58,11 @@ def _check_text(text: str, where: str) -> None:
     except UnicodeEncodeError as e:
         raise InputRejected(where, f"character {e.start} is a lone surrogate ({text[e.start]!r}), "
                                    "not valid Unicode") from None
+
+
+def _printable(key: str) -> str:
+    """A key as it may appear in an error (a lone surrogate escaped)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_schema(schema: dict[str, Any]) -> None:
