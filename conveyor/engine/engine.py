@@ -156,19 +156,21 @@ class LLMEngine(ToolRounds):
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
                     request_id: str | None = None, tools: list[str | dict] | None = None,
                     tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
-                    max_tool_rounds: int | None = None, constraint: Any = None) -> str:
+                    max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
         `tools`: names of the engine's tools the model may call (the engine runs them and
         continues the request with their results) and/or OpenAI tool specs (dicts), which are
         only shown to the model. With `call_format` "python" or "plan" the engine's tools are not
         listed as JSON functions in the chat template: the prompt describes the format. `tool_mode` (partial | lazy), `call_format` (hermes, python,
-        plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request.
+        plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request;
+        `lenient_calls=False` recognises JSON calls only inside `<tool_call>` tags (fences and
+        bare JSON lines in the text stay text).
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained)."""
         params = _sampling_params(params)
-        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
+        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls)
         shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
         token_ids = self.encode(prompt, self._tool_specs(shown))
         if len(token_ids) >= self.max_model_len:

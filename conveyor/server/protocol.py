@@ -137,6 +137,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    lenient_tool_calls: bool = False    # Conveyor's extension: also read calls in ```json fences and bare JSON
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:

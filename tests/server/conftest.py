@@ -18,7 +18,12 @@ from tests.tiny import build_tiny_model
 
 API_KEY = "sk-test"
 MCP_COMMAND = f"{sys.executable} {Path(__file__).with_name('mcp_server.py')}"
-TOOLS = ("tests.server.tools:lookup", "tests.server.tools:slow")
+TOOLS = ("tests.server.tools:lookup", "tests.server.tools:slow", "tests.server.tools:record")
+
+
+def _call(name: str, value: str, key: str = "key") -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {{"{key}": "{value}"}}}}\n</tool_call>'
+
 
 # the last message's content -> the model's turns (text the tiny model is forced to write)
 SCRIPTS = {
@@ -30,6 +35,15 @@ SCRIPTS = {
                       "The value is value-of-k1."],
     "script:mcp": ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', "2 + 3 = 5."],
     "script:slow": ['<tool_call>\n{"name": "slow", "arguments": {"key": "k"}}\n</tool_call>', "done"],
+    # three rounds of calls where max_tool_rounds is 2 (test_side_effects.py): the 3rd runs
+    # (lookup) or not (record, external), and is reported either way
+    "script:three-lookups": [_call("lookup", f"k{i}") for i in range(3)],
+    "script:two-then-record": [*(_call("lookup", f"k{i}") for i in range(2)), _call("record", "r3")],
+    "script:long-call": [_call("lookup", "k" * 40)],
+    "script:mixed": [_call("lookup", "k1") + "\n" + _call("get_weather", "Paris", "city")],
+    "script:unoffered": [_call("rm_rf", "/", "path"), "Sorry."],
+    "script:fence": ['Example:\n```json\n{"name": "record", "arguments": {"key": "fence"}}\n```\nOr bare:\n'
+                     '{"name": "record", "arguments": {"key": "bare"}}\nThat is all.'],
 }
 
 
@@ -58,11 +72,12 @@ def live(tmp_path_factory):
     yield from live_server(tmp_path_factory)
 
 
-def live_server(tmp_path_factory, **server_options: Any):
+def live_server(tmp_path_factory, max_tool_rounds: int = 4, **server_options: Any):
     """Yields (server, engine) as `live` does, the server configured by `server_options`."""
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen2")
     extra = mcp_tools(MCP_COMMAND)
-    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120)
+    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120,
+                        max_tool_rounds=max_tool_rounds)
     engine = _engine_with(model_dir, config, extra)
     specs = {t.name: t.spec() for t in ToolRegistry([*TOOLS, *extra])}
     server_config = ServerConfig(api_key=API_KEY, served_model_name="tiny", **server_options)
