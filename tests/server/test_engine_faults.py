@@ -134,3 +134,30 @@ def test_serve_exits_non_zero_when_the_engine_thread_dies(monkeypatch):
     assert not thread.is_alive(), "serve did not stop after the engine thread died"
     assert len(outcome) == 1 and isinstance(outcome[0], SystemExit)
     assert "engine failed" in str(outcome[0].code)
+
+
+class SlowPreparing(FaultyEngine):
+    """Preparation (template, tokens, grammar) hangs for prompts that say so, as a grammar
+    compile of a pathological schema would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def prepare(self, prompt, **options):
+        if prompt[-1]["content"] == "hang":
+            self.release.wait(TIMEOUT_S)
+        return prompt
+
+
+def test_preparation_is_time_bounded_and_off_the_engine_thread():
+    engine = SlowPreparing()
+    app = build_app(_config(), ServerConfig(served_model_name="m"),
+                    lambda: (EngineClient(engine, prepare_timeout_s=0.5), {}, "hermes"))
+    with ServerThread(app) as server:
+        try:
+            r = send(server, "hang")
+            assert r.status_code == 400 and "longer than 0.5 s" in r.json()["error"]["message"]
+            assert send(server, "hello").status_code == 200     # neither the engine nor the pool is stuck
+        finally:
+            engine.release.set()
