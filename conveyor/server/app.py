@@ -22,20 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.config import ServerConfig
 from conveyor.server import chat
 from conveyor.server.client import (
     EngineClient,
-    EngineFailed,
     EngineStats,
     GenerateRequest,
     RequestRejected,
 )
-from conveyor.server.limits import InputRejected
+from conveyor.server.errors import KIB, ApiError, BodyLimit, install_handlers
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
     ChatCompletionRequest,
@@ -44,53 +41,6 @@ from conveyor.server.protocol import (
 )
 
 log = logging.getLogger(__name__)
-KIB = 1024
-
-
-class ErrorResponse(JSONResponse):
-    """An error's JSON, ASCII-escaped: a message that quotes bad input (a lone surrogate)
-    cannot make the error response itself fail to encode."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-class BodyLimit:
-    """ASGI middleware: a body past `max_bytes` gets 413 in OpenAI's error shape, refused by
-    its Content-Length before it is read, or once the bytes that arrived pass the limit."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            response = ErrorResponse(error_body(self._message(), "invalid_request_error", "body_too_large"), 413)
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise StarletteHTTPException(413, self._message())
-            return message
-        await self.app(scope, limited, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than {self.max_bytes // KIB} KiB (--max-body-kb)"
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's JSON shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
 @dataclass(slots=True)
@@ -134,7 +84,7 @@ def create_app(load: Callable[[], tuple[EngineClient, dict[str, dict], str]], co
     app = FastAPI(title="Conveyor", version="0.1", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_kb * KIB)
     app.state.conveyor = state
-    _errors(app)
+    install_handlers(app)
     _routes(app, state)
     return app
 
@@ -155,37 +105,6 @@ def _engine_died(state: State, reason: str) -> None:
     log.critical("the engine thread died (%s): /health fails and the server stops", reason)
     if state.on_fatal is not None:
         state.on_fatal()
-
-
-def _errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> ErrorResponse:
-        return ErrorResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
-
-    @app.exception_handler(EngineFailed)
-    async def engine_failed(_: Request, e: EngineFailed) -> ErrorResponse:
-        return ErrorResponse(error_body(str(e), "server_error", "engine_error"), status_code=500)
-
-    @app.exception_handler(InputRejected)
-    async def input_rejected(_: Request, e: InputRejected) -> ErrorResponse:
-        return ErrorResponse(error_body(str(e), "invalid_request_error", None, e.param or None), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> ErrorResponse:    # OpenAI's shape, never plain text
-        log.exception("unhandled error in a route")
-        return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> ErrorResponse:
-        first = e.errors()[0] if e.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()[:5])
-        return ErrorResponse(error_body(message or "invalid request", "invalid_request_error", None, param),
-                            status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> ErrorResponse:
-        return ErrorResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
 
 
 def _auth(state: State) -> Callable[[Request], None]:
