@@ -10,8 +10,11 @@ the embedded one and the remote one.
 No request can kill the engine thread: whatever admitting a request raises fails that
 request alone (400 for bad input), and a failed step fails the requests it ran. The heavy
 and input-dependent work of admission, rendering the chat template, tokenizing and
-compiling the tool-call grammar (`engine.prepare`, where the engine has it), runs on a
-small thread pool under a time limit, never on the engine thread. Should the thread still
+compiling the tool-call grammar (`engine.prepare`, where the engine has it), runs on
+small thread pools under a time limit, never on the engine thread: requests with tools on
+one, the others on another, so that schemas slow to compile (xgrammar took 6-16 s for one
+`maxLength` here) hold up only requests with tools. A preparation past its time limit fails
+its request; its thread runs on to the end (a compile cannot be interrupted). Should the thread still
 die, `failed` says why, every waiting request gets an error at once, later ones are refused,
 and the `on_failure` callbacks run (the server then fails /health and exits non-zero).
 """
@@ -72,7 +75,7 @@ class EngineStats:
 
 
 IDLE_TICK_S = 0.25
-NUM_PREPARE_THREADS = 2
+NUM_PREPARE_THREADS = 2      # per pool
 _ACCEPTED = object()     # the first item of an accepted request's queue
 
 
@@ -145,7 +148,8 @@ class EngineClient:
         self._lock = threading.Lock()           # orders `failed` against new commands
         self._on_failure: list[Callable[[str], None]] = []
         self._prepare = getattr(engine, "prepare", None)
-        self._preparers = ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix="conveyor-prepare")
+        self._preparers = {tools: ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix=f"conveyor-prepare-{name}")
+                           for tools, name in ((True, "tools"), (False, "plain"))}
         self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
         self._thread.start()
 
@@ -170,7 +174,8 @@ class EngineClient:
         if self._prepare is None:
             return request
         r = request
-        work = asyncio.get_running_loop().run_in_executor(self._preparers, lambda: self._prepare(r.prompt, **r.options))
+        pool = self._preparers[bool(r.options.get("tools"))]
+        work = asyncio.get_running_loop().run_in_executor(pool, lambda: self._prepare(r.prompt, **r.options))
         try:
             prompt = await asyncio.wait_for(work, self.prepare_timeout_s)
         except TimeoutError:
@@ -210,7 +215,8 @@ class EngineClient:
         if self._thread.is_alive():
             self._commands.put(_Stop())
             self._thread.join()
-        self._preparers.shutdown(wait=False, cancel_futures=True)
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
 
     # ---- the engine thread ----------------------------------------------------------------
