@@ -17,6 +17,8 @@ MAX_SCHEMA_DEPTH = 32            # nesting of one tool's parameters schema
 MAX_SCHEMA_CHARS = 64 * 1024     # one tool's parameters schema as JSON
 MAX_TOOLS = 128                  # tools offered by one request
 MAX_ARGUMENT_CHARS = 256 * 1024  # one tool call's arguments string (in the conversation's history)
+MAX_STOPS = 16                   # stop strings of one request (each is matched after every token)
+MAX_STOP_CHARS = 256             # one stop string
 
 
 class InputRejected(Exception):

@@ -9,7 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from conveyor.server.limits import MAX_TOOLS, check_schema, check_value, decode_arguments
+from conveyor.server.limits import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOOLS,
+    check_schema,
+    check_value,
+    decode_arguments,
+)
 
 MIN_TOP_P = 1e-6      # below 1 / vocabulary size for any vocabulary under a million tokens
 
@@ -107,6 +114,18 @@ class _Sampling(_Model):
         (InputRejected names the path; see limits.py)."""
         check_value(body)
         return body
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Every stop string is matched after each token: their number and length are bounded."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(stops)}")
+        for s in stops:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
+        return stop
 
     @property
     def token_limit(self) -> int | None:

@@ -101,6 +101,8 @@ CASES = {
     "max_tokens 10**30": (chat(max_tokens=10**30), 400, "max_tokens", "context"),
     "max_completion_tokens past the context": (chat(max_completion_tokens=513), 400, "max_completion_tokens",
                                                "context"),
+    "too many stop strings": (chat(stop=[f"s{i}" for i in range(17)]), 400, "stop", "at most 16"),
+    "a long stop string": (chat(stop="x" * 257), 400, "stop", "limit is 256"),
     "image content part": (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
                            400, "messages.0.content", "text content parts"),
     "text part without text": (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400,
