@@ -28,6 +28,7 @@ from conveyor.config import ServerConfig
 from conveyor.server import chat
 from conveyor.server.client import (
     EngineClient,
+    EngineFailed,
     EngineStats,
     GenerateRequest,
     RequestRejected,
@@ -240,8 +241,11 @@ def _sse(state: State, chunks: AsyncIterator[dict[str, Any]]) -> StreamingRespon
             async for item in chunks:
                 yield f"data: {json.dumps(item)}\n\n"
             yield "data: [DONE]\n\n"
-        except RuntimeError as e:      # the engine failed mid-stream
-            yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+        except Exception as e:  # noqa: BLE001 - the headers are out: the client gets an error event, not a cut stream
+            if not isinstance(e, EngineFailed):
+                log.exception("a stream failed")
+            message = str(e) if isinstance(e, EngineFailed) else f"internal error: {type(e).__name__}"
+            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
         finally:
             await chunks.aclose()
             state.num_pending -= 1

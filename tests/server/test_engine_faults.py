@@ -161,3 +161,12 @@ def test_preparation_is_time_bounded_and_off_the_engine_thread():
             assert send(server, "hello").status_code == 200     # neither the engine nor the pool is stuck
         finally:
             engine.release.set()
+
+
+def test_a_stream_whose_engine_dies_ends_with_an_error_event(faulty):
+    server, fatal = faulty
+    body = {"model": "m", "messages": [{"role": "user", "content": "die"}], "max_tokens": 1, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and "killed" in lines[-1] and '"server_error"' in lines[-1]
+    assert fatal.wait(TIMEOUT_S)
