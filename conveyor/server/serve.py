@@ -16,6 +16,9 @@ from conveyor.server.app import create_app
 from conveyor.server.client import EngineClient
 
 
+GRACEFUL_SHUTDOWN_S = 10     # open connections get this long to finish once the server stops
+
+
 def served_name(config: EngineConfig, server: ServerConfig) -> str:
     return server.served_model_name or Path(config.model.model.rstrip("/")).name or config.model.model
 
@@ -65,9 +68,6 @@ def serve(config: EngineConfig, server: ServerConfig) -> None:
     client = app.state.conveyor.client
     if client is not None and client.failed:
         raise SystemExit(f"conveyor serve: the engine failed: {client.failed}")
-
-
-GRACEFUL_SHUTDOWN_S = 10     # open connections get this long to finish once the server stops
 
 
 def _stop(server: Any) -> None:
