@@ -135,14 +135,22 @@ class ServerConfig:
         "the model name clients send; empty: the --model value's last path part"))
     max_pending: int = field(default=256, metadata=_help(
         "most requests in flight; more get HTTP 429 until some finish"))
-    default_max_tokens: int = field(default=1024, metadata=_help("max_tokens of requests that give none"))
+    default_max_tokens: int = field(default=1024, metadata=_help(
+        "max_tokens of requests that give none (cut to the model's context)"))
+    max_body_kb: int = field(default=4096, metadata=_help(
+        "largest request body in KiB; a larger one gets HTTP 413 before it is parsed"))
+    prepare_timeout_s: float = field(default=30.0, metadata=_help(
+        "longest a request's chat template, tokenization and tool-grammar compilation may take (off the "
+        "engine thread); past it the request gets HTTP 400"))
     mcp: tuple[str, ...] = field(default=(), metadata=_help(
         "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"))
 
     def __post_init__(self) -> None:
         _require([(0 <= self.port < 65536, "port must be in [0, 65535]"),
                   (self.max_pending > 0, "max_pending must be positive"),
-                  (self.default_max_tokens > 0, "default_max_tokens must be positive")])
+                  (self.default_max_tokens > 0, "default_max_tokens must be positive"),
+                  (self.max_body_kb > 0, "max_body_kb must be positive"),
+                  (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive")])
 
 
 BACKEND_DIALECTS = ("llama.cpp", "vllm", "none")     # how tool calls are constrained remotely (backends/constraints.py)

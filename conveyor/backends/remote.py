@@ -135,12 +135,13 @@ class RemoteEngine(RemoteRounds):
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
                     request_id: str | None = None, tools: list[str | dict] | None = None,
                     tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
-                    max_tool_rounds: int | None = None, constraint: Any = None) -> str:
+                    max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
         that returns one per turn number; default: the remote form of `tool_choice` (`rounds.py`)."""
         params = _sampling_params(params)
-        options = ToolRounds._tool_options(self, tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
+        options = ToolRounds._tool_options(self, tools or [], tool_choice, tool_mode, call_format, max_tool_rounds,
+                                           lenient_calls)
         shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
         text = self.encode(prompt, ToolRounds._tool_specs(self, shown))
         num_tokens = len(self.tokenizer.encode(text, add_special_tokens=False))

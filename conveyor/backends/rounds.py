@@ -122,6 +122,9 @@ class RemoteRounds:
     def _continue(self, request_id: str) -> RemoteOutput:
         """Append the tool-result turn to the conversation and start the next remote turn."""
         request = self._requests[request_id]
+        final = self.tool_loop.sessions[request_id].final
+        if final is not None:       # the results are reported and the request ends (ToolLoop.end_turn)
+            return self._finish(request, final, cancel=False, results=self.tool_loop.final_results(request_id))
         text, results = self.tool_loop.next_turn(request_id)
         request.prompt += text
         request.turn += 1

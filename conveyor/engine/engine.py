@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,18 @@ from conveyor.engine.tool_loop import Span, ToolLoop
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
 from conveyor.tools.base import ToolResult
 
-Prompt = str | list[int] | list[dict[str, Any]]
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A prompt rendered and tokenized ahead of `add_request` (`LLMEngine.prepare`, off the
+    engine's thread); `prompt` is what the caller gave."""
+    prompt: str | list[int] | list[dict[str, Any]]
+    token_ids: list[int]
+
+
+Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt
 
 
 @dataclass(slots=True)
@@ -35,6 +47,7 @@ class RequestOutput:
     tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
     timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
     num_cached_tokens: int = 0                  # tokens whose KV came from the prefix cache
+    error: str | None = None                    # why, when finish_reason is "error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +118,9 @@ class LLMEngine(ToolRounds):
     # ---- requests -------------------------------------------------------------------------
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt: text as is, chat messages through the model's chat template."""
-        if isinstance(prompt, str):
+        if isinstance(prompt, PreparedPrompt):
+            ids = self._check_token_ids(prompt.token_ids)
+        elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             text = self.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
@@ -124,22 +139,38 @@ class LLMEngine(ToolRounds):
             raise ValueError(f"token ids must be integers in [0, {vocab})")
         return list(ids)
 
+    def prepare(self, prompt: Prompt, *, tools: list[str | dict] | None = None, tool_choice: str | dict = "auto",
+                call_format: str | None = None, **_: Any) -> PreparedPrompt:
+        """The slow, input-dependent part of `add_request`, safe to run on another thread (the
+        server's preparation threads): the chat template rendered and tokenized (the fast
+        tokenizer's encode only reads its state) and the tool-call grammars of the request's
+        turns compiled into the grammar cache. Pass the result to `add_request` with the same
+        options. Raises ValueError (or whatever the template raises) for unusable input."""
+        shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
+        token_ids = self.encode(prompt, self._tool_specs(shown))
+        options = self._tool_options(tools or [], tool_choice, None, call_format, None)
+        for turn in (0, 1) if options is not None else ():    # turn 1 stands for every later one
+            self._constraint(options, turn)
+        return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
+
     def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
                     request_id: str | None = None, tools: list[str | dict] | None = None,
                     tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
-                    max_tool_rounds: int | None = None, constraint: Any = None) -> str:
+                    max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
         `tools`: names of the engine's tools the model may call (the engine runs them and
         continues the request with their results) and/or OpenAI tool specs (dicts), which are
         only shown to the model. With `call_format` "python" or "plan" the engine's tools are not
         listed as JSON functions in the chat template: the prompt describes the format. `tool_mode` (partial | lazy), `call_format` (hermes, python,
-        plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request.
+        plan, auto) and `max_tool_rounds` override the engine's ToolConfig for this request;
+        `lenient_calls=False` recognises JSON calls only inside `<tool_call>` tags (fences and
+        bare JSON lines in the text stay text).
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained)."""
         params = _sampling_params(params)
-        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds)
+        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls)
         shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
         token_ids = self.encode(prompt, self._tool_specs(shown))
         if len(token_ids) >= self.max_model_len:
@@ -152,10 +183,11 @@ class LLMEngine(ToolRounds):
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
         factory = constraint if callable(constraint) else None
         request.constraint = self._constraint(options, 0, factory) if constraint is None or factory else constraint
+        detok = Detokenizer(self.tokenizer, token_ids, params.stop)
         if options is not None and options.tools:     # engine tools: a tool session runs the calls
             request.pause_on_stop = True
             self.tool_loop.attach(request_id, options).constraint_factory = factory
-        self._requests[request_id] = (request, Detokenizer(self.tokenizer, token_ids, params.stop))
+        self._requests[request_id] = (request, detok)
         self.scheduler.add(request)
         return request_id
 
@@ -216,7 +248,7 @@ class LLMEngine(ToolRounds):
         sampled = self.runner.execute(plan)
         self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)
         for request in self.scheduler.postprocess(plan, sampled):
-            outputs.append(self._update(request))
+            outputs.append(self._isolated(request, self._update, request))
         if self.tool_loop is not None:
             self.tool_loop.executor.pool.hand_off()
         return outputs
@@ -244,6 +276,20 @@ class LLMEngine(ToolRounds):
             del self._requests[request.request_id]
             timeline = self._detach_tools(request)
         return self._output(request, [token], text, timeline=timeline)
+
+    def _isolated(self, request: Request, work: Callable[..., RequestOutput], *args: Any) -> RequestOutput:
+        """`work(*args)` for one request; whatever it raises ends that request alone with
+        finish "error" (blocks freed, calls cancelled), never the step or the engine."""
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001 - one request's fault is not the batch's
+            log.exception("request %s failed", request.request_id)
+            self._requests.pop(request.request_id, None)
+            if not request.finished:
+                self.scheduler.finish(request, FinishCause.ERROR)
+            out = self._output(request, [], "", timeline=self._detach_tools(request))
+            out.error = f"{type(e).__name__}: {e}"
+            return out
 
     def _output(self, request: Request, tokens: list[int], text: str, results: list[ToolResult] | None = None,
                 timeline: list[Span] | None = None) -> RequestOutput:

@@ -30,6 +30,11 @@ class ToolOptions:
     max_tool_rounds: int | None = None
     constrained: bool | None = None
     client_tools: tuple[dict, ...] = ()      # OpenAI specs the caller runs: a call to one ends the request
+    lenient_calls: bool = True                # JSON calls in fences and bare JSON count too, not only tags
+
+    @property
+    def client_names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.client_tools}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,8 @@ class ToolSession:
     stop_text: str | None = None             # the stop token's text, if one ended the last turn
     timeline: list[Span] = field(default_factory=list)
     constraint_factory: Any = None            # turn number -> logits constraint, if the caller gave one
+    final: str | None = None                  # "tool_calls" | "length": the request ends once this turn's
+                                              # results are in (they are reported, not continued)
 
 
 class ToolTurnRenderer:
@@ -100,7 +107,8 @@ class ToolLoop:
 
     def _open_turn(self, request_id: str, options: ToolOptions, number: int) -> Turn:
         parser = options.call_format or self.default_parser or ("auto" if "python" in options.tools else "hermes")
-        turn = self.executor.open_turn(request_id, number, tools=options.tools, mode=options.mode, parser=parser)
+        turn = self.executor.open_turn(request_id, number, tools=options.tools, mode=options.mode, parser=parser,
+                                       lenient=options.lenient_calls)
         self._by_turn[id(turn)] = request_id
         return turn
 
@@ -110,21 +118,30 @@ class ToolLoop:
             session.turn.feed(text)
 
     def end_turn(self, request_id: str, stop_text: str | None) -> str:
-        """The model's turn ended cleanly. Returns "wait" (its calls run; results come from
-        `poll`), "finish" (no calls) or "tool_calls" (calls, but no tool rounds left)."""
+        """The model's turn ended cleanly. Returns "finish" (no calls), "tool_calls" (only calls
+        the caller runs) or "wait": the server-side calls run and their results come from
+        `poll`; then the request continues, or, when `session.final` is set, ends with them
+        reported (`final_results`). A call that ran is always reported, never dropped:
+        - the turn also calls the caller's tools: the server's calls run, the request ends
+          with "tool_calls" (the caller's calls are the caller's to run);
+        - no tool round is left (`max_tool_rounds`): calls already running finish, the others
+          do not start (their result says so), and the request ends with "length"."""
         session = self.sessions[request_id]
-        session.turn.end(clean=True)
+        rounds = self.default_rounds if session.options.max_tool_rounds is None else session.options.max_tool_rounds
+        last = session.rounds >= rounds
+        session.turn.end(clean=not last, not_run=f"not run: the request reached max_tool_rounds ({rounds})")
         self._close_turn(session, stop_text)
         if not session.turn.has_calls:
             return "finish"
-        client = {t["function"]["name"] for t in session.options.client_tools}
-        if any(getattr(c, "name", None) in client for c in session.turn.calls.values()):
-            session.turn.cancel()       # the caller runs its own tools: the request ends here
-            return "tool_calls"
-        rounds = self.default_rounds if session.options.max_tool_rounds is None else session.options.max_tool_rounds
-        if session.rounds >= rounds:
-            session.turn.cancel()
-            return "tool_calls"
+        client = session.options.client_names
+        names = [getattr(c, "name", None) for c in session.turn.calls.values()]
+        if any(n in client for n in names):
+            if all(n in client for n in names):
+                session.turn.cancel()       # nothing ran server-side: the request ends here
+                return "tool_calls"
+            session.final = "tool_calls"
+        elif last:
+            session.final = "length"
         if session.turn.done:       # partial execution finished every call while the model decoded
             self._ready.append(request_id)
         return "wait"
@@ -160,17 +177,29 @@ class ToolLoop:
     def next_turn(self, request_id: str) -> tuple[str, list[ToolResult]]:
         """The text to append (tool-result turn) and the results; opens the next turn."""
         session = self.sessions[request_id]
-        results = session.turn.results()
-        for r in results:
-            session.timeline.append(Span(f"tool:{r.name}", r.started_at, r.done_at))
-        now = time.perf_counter()
-        session.timeline.append(Span("wait", session.turn_ended, now))
+        results = self._collect(session)
+        now = session.timeline[-1].end
         text = self.renderer.render([r.content for r in results], session.stop_text)
         self._by_turn.pop(id(session.turn), None)
         session.rounds += 1
         session.turn = self._open_turn(request_id, session.options, session.rounds)
         session.turn_started = now
         return text, results
+
+    def final_results(self, request_id: str) -> list[ToolResult]:
+        """The results of a turn that ends its request (`session.final`): those of every call
+        but the caller's own, in call order."""
+        session = self.sessions[request_id]
+        client = session.options.client_names
+        return [r for r in self._collect(session) if r.name not in client]
+
+    def _collect(self, session: ToolSession) -> list[ToolResult]:
+        """The turn's results, their tool spans and the wait added to the timeline."""
+        results = session.turn.results()
+        for r in results:
+            session.timeline.append(Span(f"tool:{r.name}", r.started_at, r.done_at))
+        session.timeline.append(Span("wait", session.turn_ended, time.perf_counter()))
+        return results
 
     def detach(self, request_id: str, cancel: bool) -> ToolSession | None:
         """The request is over: drop its session (cancelling its calls if `cancel`)."""

@@ -5,6 +5,7 @@ with its KV kept -> the results are appended as a tool-result turn -> it runs ag
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from conveyor.engine.detokenizer import Detokenizer
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 
 BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as JSON
+_GRAMMAR_LOCK = threading.Lock()    # `prepare` threads and the engine's may build the grammar first
 
 
 class ToolRounds:
@@ -63,6 +65,12 @@ class ToolRounds:
 
     def _resume_with_results(self, request_id: str) -> RequestOutput:
         request, _ = self._requests[request_id]
+        final = self.tool_loop.sessions[request_id].final
+        if final is not None:       # the results are reported and the request ends (ToolLoop.end_turn)
+            results = self.tool_loop.final_results(request_id)
+            self.scheduler.finish(request, FinishCause.TOOL_CALLS if final == "tool_calls" else FinishCause.LENGTH)
+            del self._requests[request_id]
+            return self._output(request, [], "", results, self._detach_tools(request))
         text, results = self.tool_loop.next_turn(request_id)
         try:
             self.resume(request_id, text)
@@ -82,7 +90,8 @@ class ToolRounds:
         return session.timeline if session else None
 
     def _tool_options(self, tools: list[str | dict], tool_choice: str | dict, mode: str | None,
-                      call_format: str | None, max_tool_rounds: int | None) -> ToolOptions | None:
+                      call_format: str | None, max_tool_rounds: int | None,
+                      lenient_calls: bool = True) -> ToolOptions | None:
         """The request's tool settings, or None when it offers no tools. A tool session (the
         engine runs calls) exists only when `tools` names engine tools; `client_tools` (OpenAI
         specs) are the caller's: a turn that calls one ends the request (finish "tool_calls")."""
@@ -94,7 +103,7 @@ class ToolRounds:
             raise ValueError(f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}")
         # a python or plan body is free text: no JSON call to constrain
         constrained = False if call_format in BODY_FORMATS else None
-        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained, client)
+        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained, client, lenient_calls)
 
     def _tool_specs(self, tools: list[str | dict]) -> list[dict] | None:
         if not tools:
@@ -118,10 +127,11 @@ class ToolRounds:
         constrained = self.config.tools.constrained if options.constrained is None else options.constrained
         if choice == "auto" and not constrained:
             return None
-        if self._grammar is None:
-            from conveyor.tools.grammar import ToolGrammar
+        with _GRAMMAR_LOCK:
+            if self._grammar is None:
+                from conveyor.tools.grammar import ToolGrammar
 
-            self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
+                self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
         specs = (self._tool_specs(list(options.tools)) or []) + list(options.client_tools)
         return self._grammar.constraint(specs, choice)
 

@@ -2,24 +2,27 @@
 
 `create_app(load, config)`: `load()` builds the `EngineClient` (in a thread at start-up, so
 the server answers 503 while the model loads); everything the routes need lives in `State`.
+Bodies past `--max-body-kb` get 413, bad input 400 naming the parameter, and nothing a
+request sends gives a 5xx unless the engine itself failed. A non-streamed request whose
+client disconnects is aborted, as a stream is. If the engine thread dies, /health turns 503
+and `on_fatal` runs (`serve` then stops uvicorn and exits non-zero).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from conveyor.config import ServerConfig
 from conveyor.server import chat
@@ -30,6 +33,7 @@ from conveyor.server.client import (
     GenerateRequest,
     RequestRejected,
 )
+from conveyor.server.errors import KIB, ApiError, BodyLimit, install_handlers
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
     ChatCompletionRequest,
@@ -37,14 +41,7 @@ from conveyor.server.protocol import (
     error_body,
 )
 
-
-class ApiError(Exception):
-    """An error answered in OpenAI's JSON shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -59,18 +56,23 @@ class State:
     num_pending: int = 0
     ids: Any = field(default_factory=lambda: itertools.count())
     loaded: threading.Event = field(default_factory=threading.Event)   # set when loading ended (either way)
+    on_fatal: Callable[[], None] | None = None      # the engine thread died: stop serving
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
             detail = f": {self.load_error}" if self.load_error else "; retry shortly"
             raise ApiError(503, f"the model is loading{detail}", "server_error", "model_not_ready")
+        if self.client.failed:
+            raise ApiError(503, f"the engine failed ({self.client.failed}); the server is shutting down",
+                           "server_error", "engine_failed")
         return self.client
 
 
 def create_app(load: Callable[[], tuple[EngineClient, dict[str, dict], str]], config: ServerConfig,
-               model: str) -> FastAPI:
-    """`load()` returns (client, server tool specs by name, call parser kind)."""
-    state = State(config, model)
+               model: str, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """`load()` returns (client, server tool specs by name, call parser kind); `on_fatal()` runs
+    on the event loop if the engine thread dies."""
+    state = State(config, model, on_fatal=on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,8 +83,9 @@ def create_app(load: Callable[[], tuple[EngineClient, dict[str, dict], str]], co
             await asyncio.to_thread(state.client.close)
 
     app = FastAPI(title="Conveyor", version="0.1", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_kb * KIB)
     app.state.conveyor = state
-    _errors(app)
+    install_handlers(app)
     _routes(app, state)
     return app
 
@@ -94,29 +97,15 @@ async def _load(state: State, load: Callable[[], tuple[EngineClient, dict[str, d
         state.load_error = f"{type(e).__name__}: {e}"
     else:
         state.server_tools, state.parser, state.client = tools, parser, client
+        loop = asyncio.get_running_loop()
+        client.on_failure(lambda reason: loop.call_soon_threadsafe(_engine_died, state, reason))
     state.loaded.set()
 
 
-def _errors(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
-
-    @app.exception_handler(EngineFailed)
-    async def engine_failed(_: Request, e: EngineFailed) -> JSONResponse:
-        return JSONResponse(error_body(str(e), "server_error", "engine_error"), status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()[:5])
-        return JSONResponse(error_body(message or "invalid request", "invalid_request_error", None, param),
-                            status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+def _engine_died(state: State, reason: str) -> None:
+    log.critical("the engine thread died (%s): /health fails and the server stops", reason)
+    if state.on_fatal is not None:
+        state.on_fatal()
 
 
 def _auth(state: State) -> Callable[[Request], None]:
@@ -138,6 +127,8 @@ def _routes(app: FastAPI, state: State) -> None:
     async def health() -> JSONResponse:
         if state.client is None:
             return JSONResponse({"status": "loading", "error": state.load_error}, status_code=503)
+        if state.client.failed:
+            return JSONResponse({"status": "failed", "error": state.client.failed}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -152,34 +143,72 @@ def _routes(app: FastAPI, state: State) -> None:
                                             "owned_by": "conveyor"}]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         client, request_id = _admit(state, body.model, "chatcmpl")
+        max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:
-            request, run = chat.build_chat(body, request_id, state.model, state.server_tools,
-                                           state.config.default_max_tokens, state.parser)
+            request, run = chat.build_chat(body, request_id, state.model, state.server_tools, max_tokens,
+                                           state.parser)
         except chat.BadRequest as e:
-            raise ApiError(400, str(e), param="tool_choice") from None
+            raise ApiError(400, str(e), param=e.param) from None
         stream = await _submit(state, client, request)
         if not body.stream:
             try:
-                return await chat.complete(run, stream, state.metrics)
+                return await _unless_disconnected(http, chat.complete(run, stream, state.metrics))
             finally:
                 state.num_pending -= 1
         return _sse(state, chat.stream_chunks(run, stream, state.metrics))
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, http: Request) -> Any:
         from conveyor.server.completions import complete_text, stream_text
 
         client, request_id = _admit(state, body.model, "cmpl")
-        request = GenerateRequest(request_id, body.prompt, body.engine_params(body.max_tokens or 16))
+        request = GenerateRequest(request_id, body.prompt, body.engine_params(_token_limit(client, body, 16)))
         stream = await _submit(state, client, request)
         if not body.stream:
             try:
-                return await complete_text(request_id, state.model, body, stream, state.metrics)
+                return await _unless_disconnected(http, complete_text(request_id, state.model, body, stream,
+                                                                      state.metrics))
             finally:
                 state.num_pending -= 1
         return _sse(state, stream_text(request_id, state.model, body, stream, state.metrics))
+
+
+def _token_limit(client: EngineClient, body: ChatCompletionRequest | CompletionRequest, default: int) -> int:
+    """The request's output token limit: at most the model's context (a larger one is a 400
+    naming it); the default is cut to the context."""
+    context = client.max_model_len
+    limit = body.token_limit
+    if limit is not None and context is not None and limit > context:
+        raise ApiError(400, f"{body.limit_param} is {limit}, more than this model's context of {context} tokens "
+                            "(prompt included)", param=body.limit_param, code="context_length_exceeded")
+    return limit or (min(default, context) if context else default)
+
+
+async def _unless_disconnected(http: Request, answer: Awaitable[Any]) -> Any:
+    """The non-streamed answer, unless the client goes away first: then the answer is
+    cancelled, which aborts its engine request (calls cancelled, blocks freed)."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(http))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        return Response(status_code=499)        # nobody is listening any more
+    return work.result()
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client disconnects (the body is already read: the next ASGI message
+    is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _admit(state: State, model: str, prefix: str) -> tuple[EngineClient, str]:
@@ -199,7 +228,8 @@ async def _submit(state: State, client: EngineClient, request: GenerateRequest) 
         return await client.generate(request)
     except RequestRejected as e:
         state.num_pending -= 1
-        raise ApiError(400, str(e)) from None
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        raise ApiError(e.status, str(e), kind) from None
     except BaseException:
         state.num_pending -= 1
         raise
@@ -211,8 +241,11 @@ def _sse(state: State, chunks: AsyncIterator[dict[str, Any]]) -> StreamingRespon
             async for item in chunks:
                 yield f"data: {json.dumps(item)}\n\n"
             yield "data: [DONE]\n\n"
-        except RuntimeError as e:      # the engine failed mid-stream
-            yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+        except Exception as e:  # noqa: BLE001 - the headers are out: the client gets an error event, not a cut stream
+            if not isinstance(e, EngineFailed):
+                log.exception("a stream failed")
+            message = str(e) if isinstance(e, EngineFailed) else f"internal error: {type(e).__name__}"
+            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
         finally:
             await chunks.aclose()
             state.num_pending -= 1

@@ -54,18 +54,26 @@ class Delta:
 class CallStream:
     """Turns a request's text into Deltas across its turns (one parser per model turn).
 
-    `server_tools`: names run by the server (their calls are shown, then their results);
-    every other call is the client's. `parse=False` passes text through (no tools offered).
+    `client_tools`: names the client runs (their calls come back as `tool_calls`).
+    `server_tools`: names run by the server; when there are any, the engine runs the turn's
+    other calls too, or answers them with an error result (a name nobody offered), so they
+    are shown as server calls, each followed by its result. Without server tools, a call of
+    a name nobody offered is no call: it goes out as text. `parse=False` passes text through
+    (no tools offered); `lenient` also reads JSON calls in fences and bare JSON (`make_parser`).
     """
 
-    def __init__(self, request_id: str, server_tools: set[str], parse: bool, parser: str = "hermes") -> None:
+    def __init__(self, request_id: str, server_tools: set[str], parse: bool, parser: str = "hermes",
+                 client_tools: set[str] | None = None, lenient: bool = True) -> None:
         self.request_id = request_id
         self.server_tools = server_tools
+        self.client_tools = client_tools
         self.parse = parse
         self.kind = parser
+        self.lenient = lenient
         self.calls: list[StreamedCall] = []
         self._turn: dict[int, StreamedCall] = {}        # parser index -> call, this turn
-        self._parser = make_parser(parser) if parse else None
+        self._unoffered: dict[int, str] = {}            # parser index -> name, calls shown as text
+        self._parser = make_parser(parser, lenient) if parse else None
 
     def feed(self, text: str) -> list[Delta]:
         if not text:
@@ -81,7 +89,7 @@ class CallStream:
             return [], []
         deltas = self._deltas(self._parser.close())
         server = [c for _, c in sorted(self._turn.items()) if c.server]
-        self._parser, self._turn = make_parser(self.kind), {}
+        self._parser, self._turn, self._unoffered = make_parser(self.kind, self.lenient), {}, {}
         return deltas, server
 
     @property
@@ -95,11 +103,16 @@ class CallStream:
                 if event.delta:
                     out.append(Delta(content=event.delta))
             elif isinstance(event, CallStart):
-                call = StreamedCall(len(self.calls), f"call_{self.request_id}_{len(self.calls)}", event.name,
-                                    event.name in self.server_tools)
+                server = self._is_server(event.name)
+                if server is None:
+                    self._unoffered[event.index] = event.name
+                    continue
+                call = StreamedCall(len(self.calls), f"call_{self.request_id}_{len(self.calls)}", event.name, server)
                 self.calls.append(call)
                 self._turn[event.index] = call
                 out.append(self._piece(call, "", first=True))
+            elif isinstance(event, CallEnd) and event.index in self._unoffered:
+                out.append(Delta(content=_as_text(self._unoffered.pop(event.index), event.args)))
             elif isinstance(event, FieldDone) and event.index in self._turn:
                 call = self._turn[event.index]
                 lead = "{" if call.num_fields == 0 else ", "
@@ -108,6 +121,14 @@ class CallStream:
             elif isinstance(event, CallEnd) and event.index in self._turn:
                 out.append(self._piece(self._turn[event.index], _closing(self._turn[event.index], event.args)))
         return out
+
+    def _is_server(self, name: str) -> bool | None:
+        """Whether a call is the server's (True), the client's (False) or nobody's (None)."""
+        if self.client_tools is None:       # no client names given: every non-server call is the client's
+            return name in self.server_tools
+        if name in self.client_tools:
+            return False
+        return True if self.server_tools else None
 
     @staticmethod
     def _piece(call: StreamedCall, fragment: str, first: bool = False) -> Delta:
@@ -125,6 +146,11 @@ def _closing(call: StreamedCall, args: dict | str) -> str:
     if isinstance(args, dict):
         return json.dumps(args)
     return json.dumps({"code": args}) if call.name == "python" else args
+
+
+def _as_text(name: str, args: dict | str) -> str:
+    """A call of a tool nobody offered, as the text it was (re-serialized)."""
+    return json.dumps({"name": name, "arguments": args}) if isinstance(args, dict) else str(args)
 
 
 def merge(deltas: list[Delta]) -> list[dict[str, Any]]:

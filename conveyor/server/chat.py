@@ -8,6 +8,16 @@ same request with their results. In a stream, a server call shows as an ordinary
 tool message a client would send: `{"role": "tool", "tool_call_id": ..., "content": ...}`.
 A non-streamed response lists them in `message.server_tool_calls` (each call with its
 `result`); `message.tool_calls` holds only the calls the client must run.
+
+Every call that ran is reported. A turn that calls client and server tools together: the
+server calls run and are reported with their results, the client calls come back, and the
+request ends with "tool_calls". Past `max_tool_rounds`, the last turn's calls already
+running finish and are reported, the others do not run (their result says so), and the
+request ends with "length" (a limit cut the answer short, as max_tokens does). A server call
+whose request ended first (length, abort) is still listed, with `result` None. A call of a
+tool nobody offered never runs and is never returned as a client call. JSON calls count
+only inside `<tool_call>` tags unless the request sets `lenient_tool_calls` (then ```json
+fences and bare JSON lines too): prose that quotes a call is text.
 """
 from __future__ import annotations
 
@@ -17,12 +27,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.server.calls import CallStream, StreamedCall, merge
-from conveyor.server.client import GenerateRequest, OutputStream
+from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
 from conveyor.server.protocol import ChatCompletionRequest, chat_messages
 
 
 class BadRequest(ValueError):
-    """A request the server refuses with 400 before anything reaches the engine."""
+    """A request the server refuses with 400 before anything reaches the engine; `param` names
+    the parameter at fault."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(slots=True)
@@ -53,16 +68,14 @@ def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
-            raise BadRequest(f"tool_choice names an unknown tool {wanted!r}")
+            raise BadRequest(f"tool_choice names an unknown tool {wanted!r}", "tool_choice")
         choice = choice.model_dump()
-    try:
-        messages = chat_messages(body.messages)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
+    messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
     tools = [] if choice == "none" else [*offered_server, *client]
-    options = {"tools": tools, "tool_choice": choice} if tools else {}
-    calls = CallStream(request_id, set(offered_server), parse=bool(tools), parser=parser)
+    options = {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
+    calls = CallStream(request_id, set(offered_server), parse=bool(tools), parser=parser, client_tools=names,
+                       lenient=body.lenient_tool_calls)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
     return GenerateRequest(request_id, messages, params, options), run
@@ -74,6 +87,8 @@ async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterat
     try:
         async for out in stream:
             _timing(run, out, metrics)
+            if out.finished and out.finish_reason == "error":
+                raise EngineFailed(f"the engine failed this request: {getattr(out, 'error', None) or 'unknown error'}")
             if out.tool_results:
                 for delta in _turn_results(run, out.tool_results):
                     yield delta
@@ -153,8 +168,10 @@ async def complete(run: ChatRun, stream: OutputStream, metrics: Any) -> dict[str
         content.append(delta.get("content", "") if "role" not in delta else "")
     message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None,
                                "tool_calls": [c.as_tool_call() for c in run.calls.client_calls] or None}
-    if run.server_results:
-        message["server_tool_calls"] = [{**c.as_tool_call(), "result": r} for c, r in run.server_results]
+    results = {c.index: r for c, r in run.server_results}
+    server = [c for c in run.calls.calls if c.server]
+    if server:      # every server call, with None where the request ended before its result
+        message["server_tool_calls"] = [{**c.as_tool_call(), "result": results.get(c.index)} for c in server]
     return {"id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
             "usage": run.usage}

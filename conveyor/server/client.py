@@ -5,15 +5,31 @@ is work and otherwise blocks on a queue of commands (typed dataclasses). Outputs
 each request's asyncio queue through `loop.call_soon_threadsafe`. The server sees only
 `generate`, `abort`, `stats` and `close`, never the engine's internals; any engine with the
 public interface of `LLMEngine` (add_request, step, abort, has_unfinished, close) fits,
-the embedded one today and a remote one later.
+the embedded one and the remote one.
+
+No request can kill the engine thread: whatever admitting a request raises fails that
+request alone (400 for bad input), and a failed step fails the requests it ran. The heavy
+and input-dependent work of admission, rendering the chat template, tokenizing and
+compiling the tool-call grammar (`engine.prepare`, where the engine has it), runs on
+small thread pools under a time limit, never on the engine thread: requests with tools on
+one, the others on another, so that schemas slow to compile (xgrammar took 6-16 s for one
+`maxLength` here) hold up only requests with tools. A preparation past its time limit fails
+its request; its thread runs on to the end (a compile cannot be interrupted). Should the thread still
+die, `failed` says why, every waiting request gets an error at once, later ones are refused,
+and the `on_failure` callbacks run (the server then fails /health and exits non-zero).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +60,10 @@ class _Stop:
 
 @dataclass(frozen=True, slots=True)
 class EngineError:
-    """The engine refused a request (bad input): the message for a 400."""
+    """The engine refused or failed a request: the message and the HTTP status it means."""
 
     message: str
+    status: int = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +75,33 @@ class EngineStats:
 
 
 IDLE_TICK_S = 0.25
+NUM_PREPARE_THREADS = 2      # per pool
 _ACCEPTED = object()     # the first item of an accepted request's queue
 
 
 class EngineFailed(RuntimeError):
-    """The engine failed while the request ran (its step raised)."""
+    """The engine failed while the request ran (its step raised, or its thread died)."""
 
 
 class RequestRejected(ValueError):
-    """Raised by `generate` when the engine refuses the request before allocating anything."""
+    """Raised by `generate` when the engine refuses the request before allocating anything;
+    `status` is 400 for bad input, 500 for an engine fault, 503 when the engine is gone."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _rejection(e: BaseException) -> EngineError:
+    """The error a request gets for an exception its admission raised: ValueError is the
+    engines' word for unusable input; the others are what templates and tokenizers raise on
+    input they were not written for (TypeError, RecursionError, Jinja's TemplateError)."""
+    if isinstance(e, ValueError):
+        return EngineError(str(e))
+    if isinstance(e, TypeError | RecursionError | LookupError) or type(e).__name__ == "TemplateError":
+        return EngineError(f"the prompt could not be rendered: {type(e).__name__}: {e}")
+    log.exception("admitting a request failed")
+    return EngineError(f"engine error while admitting the request: {type(e).__name__}: {e}", 500)
 
 
 class OutputStream:
@@ -99,27 +134,57 @@ class OutputStream:
 
 
 class EngineClient:
-    """Async client of an engine driven by its own thread (see the module docstring)."""
+    """Async client of an engine driven by its own thread (see the module docstring).
 
-    def __init__(self, engine: Any) -> None:
+    `prepare_timeout_s` bounds a request's preparation (template, tokens, grammar)."""
+
+    def __init__(self, engine: Any, prepare_timeout_s: float = 30.0) -> None:
         self.engine = engine
+        self.prepare_timeout_s = prepare_timeout_s
+        self.failed: str | None = None          # why the engine thread died, once it has
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._sinks: dict[str, Any] = {}
         self._stats = EngineStats()
+        self._lock = threading.Lock()           # orders `failed` against new commands
+        self._on_failure: list[Callable[[str], None]] = []
+        self._prepare = getattr(engine, "prepare", None)
+        self._preparers = {tools: ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix=f"conveyor-prepare-{name}")
+                           for tools, name in ((True, "tools"), (False, "plain"))}
         self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, request: GenerateRequest) -> OutputStream:
         """Submit a request; returns its output stream once the engine accepted it. Raises
-        RequestRejected for bad input (nothing was allocated). Close the stream (`aclose`) to
-        abort the request if it has not finished."""
+        RequestRejected when it is refused (nothing was allocated). Close the stream
+        (`aclose`) to abort the request if it has not finished."""
         loop = asyncio.get_running_loop()
+        request = await self._prepared(request)
         outputs: asyncio.Queue[Any] = asyncio.Queue()
-        self._commands.put(_Add(request, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)))
+        with self._lock:
+            if self.failed:
+                raise RequestRejected(f"the engine failed: {self.failed}", 503)
+            self._commands.put(_Add(request, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)))
         first = await outputs.get()
         if isinstance(first, EngineError):
-            raise RequestRejected(first.message)
+            raise RequestRejected(first.message, first.status)
         return OutputStream(self, request.request_id, outputs)
+
+    async def _prepared(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with its prompt prepared off the engine thread, within the time limit."""
+        if self._prepare is None:
+            return request
+        r = request
+        pool = self._preparers[bool(r.options.get("tools"))]
+        work = asyncio.get_running_loop().run_in_executor(pool, lambda: self._prepare(r.prompt, **r.options))
+        try:
+            prompt = await asyncio.wait_for(work, self.prepare_timeout_s)
+        except TimeoutError:
+            raise RequestRejected(f"preparing the request (chat template, tokens, tool grammar) took longer "
+                                  f"than {self.prepare_timeout_s:g} s; send smaller tool schemas or prompts") from None
+        except Exception as e:  # noqa: BLE001 - any failure here is this request's alone
+            error = _rejection(e)
+            raise RequestRejected(error.message, error.status) from None
+        return GenerateRequest(r.request_id, prompt, r.params, r.options)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -132,15 +197,37 @@ class EngineClient:
     def num_requests(self) -> int:
         return len(self._sinks)
 
+    @property
+    def max_model_len(self) -> int | None:
+        return getattr(self.engine, "max_model_len", None)
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (from the engine thread) if the engine thread dies; at once
+        if it already has."""
+        with self._lock:
+            if self.failed is None:
+                self._on_failure.append(callback)
+                return
+        callback(self.failed)
+
     def close(self) -> None:
         """Stop the engine thread and close the engine."""
         if self._thread.is_alive():
             self._commands.put(_Stop())
             self._thread.join()
+        for pool in self._preparers.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the thread is gone: fail everything, loudly
+            log.exception("the engine thread died")
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
         while True:
             idle = not self.engine.has_unfinished
             try:    # idle: wake now and then, so the engine can reap tool workers of aborted calls
@@ -166,8 +253,8 @@ class EngineClient:
         r = command.request
         try:
             self.engine.add_request(r.prompt, r.params, request_id=r.request_id, **r.options)
-        except ValueError as e:
-            command.sink(EngineError(str(e)))
+        except Exception as e:  # noqa: BLE001 - a request the engine cannot take fails alone
+            command.sink(_rejection(e))
             return
         self._sinks[r.request_id] = command.sink
         command.sink(_ACCEPTED)
@@ -176,8 +263,9 @@ class EngineClient:
         try:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the server
+            log.exception("an engine step failed")
             for sink in self._sinks.values():
-                sink(EngineError(f"engine error: {e}"))
+                sink(EngineError(f"engine error: {type(e).__name__}: {e}", 500))
             for request_id in list(self._sinks):
                 self.engine.abort(request_id)
             self._sinks.clear()
@@ -194,6 +282,22 @@ class EngineClient:
         for request_id in list(self._sinks):
             self.engine.abort(request_id)
         self._sinks.clear()
+
+    def _die(self, reason: str) -> None:
+        """The engine thread is ending on an exception: no request may wait forever."""
+        error = EngineError(f"the engine failed: {reason}", 503)
+        with self._lock:
+            self.failed = reason
+            callbacks, self._on_failure = self._on_failure, []
+            sinks, self._sinks = list(self._sinks.values()), {}
+            while not self._commands.empty():
+                command = self._commands.get_nowait()
+                if isinstance(command, _Add):
+                    sinks.append(command.sink)
+        for sink in sinks:
+            sink(error)
+        for callback in callbacks:
+            callback(reason)
 
 
 def _engine_stats(engine: Any, num_requests: int) -> EngineStats:

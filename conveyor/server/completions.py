@@ -5,7 +5,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from conveyor.server.client import OutputStream
+from conveyor.server.client import EngineFailed, OutputStream
 from conveyor.server.protocol import CompletionRequest
 
 
@@ -15,6 +15,8 @@ async def _texts(stream: OutputStream, metrics: Any, usage: dict[str, Any]) -> A
     first = True
     try:
         async for out in stream:
+            if out.finished and out.finish_reason == "error":
+                raise EngineFailed(f"the engine failed this request: {getattr(out, 'error', None) or 'unknown error'}")
             if out.new_token_ids:
                 now = time.perf_counter()
                 (metrics.ttft_s if first else metrics.itl_s).observe(now - (arrived if first else last))

@@ -1,62 +1,102 @@
 """OpenAI protocol models (pydantic): what the server accepts, checked before anything reaches
 the engine. Only the fields Conveyor serves are declared; unknown fields are ignored, as
-OpenAI's own server does for fields it does not know."""
+OpenAI's own server does for fields it does not know. Types are strict: `"max_tokens": "10"`
+or `"stream": "yes"` is a 400, not coerced. Every string must be valid Unicode and nesting,
+schemas and call arguments are bounded (`limits.py`)."""
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from conveyor.server.limits import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOOLS,
+    check_schema,
+    check_value,
+    decode_arguments,
+)
 
 MIN_TOP_P = 1e-6      # below 1 / vocabulary size for any vocabulary under a million tokens
 
 
-class FunctionDef(BaseModel):
+class _Model(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class FunctionDef(_Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        check_schema(schema)
+        return schema
 
-class ToolSpec(BaseModel):
+
+class ToolSpec(_Model):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_Model):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Model):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Model):
     name: str
     arguments: str = "{}"
 
+    @field_validator("arguments")
+    @classmethod
+    def _bounded(cls, arguments: str) -> str:
+        decode_arguments(arguments)
+        return arguments
 
-class ToolCall(BaseModel):
+    @property
+    def decoded(self) -> Any:
+        """The arguments as a JSON value (templates print them as JSON), or the raw string."""
+        return decode_arguments(self.arguments)
+
+
+class ToolCall(_Model):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Message(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        """Only text parts are served: anything else is named here, so the 400 names the message."""
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type") != "text":
+                raise ValueError(f"only text content parts are supported; part {i} has type {part.get('type')!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"text part {i} has no 'text' string")
+        return content
 
-class StreamOptions(BaseModel):
+
+class StreamOptions(_Model):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Sampling(_Model):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -66,6 +106,35 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text_and_depth(cls, body: Any) -> Any:
+        """Lone surrogates anywhere and excessive nesting are refused before field validation
+        (InputRejected names the path; see limits.py)."""
+        check_value(body)
+        return body
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        """Every stop string is matched after each token: their number and length are bounded."""
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(stops)}")
+        for s in stops:
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
+        return stop
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        """The field that set `token_limit` (named by errors)."""
+        return "max_tokens"
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -84,9 +153,10 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[ToolSpec] | None = None
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    lenient_tool_calls: bool = False    # Conveyor's extension: also read calls in ```json fences and bare JSON
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -98,6 +168,10 @@ class ChatCompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
 
 class CompletionRequest(_Sampling):
@@ -113,7 +187,7 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
         item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
         if m.tool_calls:
             item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _decode(c.function.arguments)}} for c in m.tool_calls]
+                "name": c.function.name, "arguments": c.function.decoded}} for c in m.tool_calls]
         if m.tool_call_id:
             item["tool_call_id"] = m.tool_call_id
         if m.name:
@@ -127,17 +201,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    texts = [p.get("text") for p in content if p.get("type") == "text"]
-    if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
-        raise ValueError("only text content parts are supported")
-    return "".join(texts)
-
-
-def _decode(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
+    return "".join(p["text"] for p in content)      # text parts only (Message._text_parts)
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from conveyor.server.app import create_app
 from conveyor.server.client import EngineClient
 
 
+GRACEFUL_SHUTDOWN_S = 10     # open connections get this long to finish once the server stops
+
+
 def served_name(config: EngineConfig, server: ServerConfig) -> str:
     return server.served_model_name or Path(config.model.model.rstrip("/")).name or config.model.model
 
@@ -37,25 +40,38 @@ def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[An
         specs = {t.name: t.spec() for t in registry}
         engine = (engine_factory or open_engine)(config, progress=False, tools=extra)
         parser = "auto" if "python" in specs else "hermes"
-        return EngineClient(engine), specs, parser
+        return EngineClient(engine, server.prepare_timeout_s), specs, parser
     return load
 
 
-def build_app(config: EngineConfig, server: ServerConfig, load: Callable[[], tuple[EngineClient, dict, str]]) -> Any:
+def build_app(config: EngineConfig, server: ServerConfig, load: Callable[[], tuple[EngineClient, dict, str]],
+              on_fatal: Callable[[], None] | None = None) -> Any:
     key = server.api_key or os.environ.get("CONVEYOR_API_KEY", "")
     if key != server.api_key:
         from dataclasses import replace
 
         server = replace(server, api_key=key)
-    return create_app(load, server, served_name(config, server))
+    return create_app(load, server, served_name(config, server), on_fatal)
 
 
 def serve(config: EngineConfig, server: ServerConfig) -> None:
-    """Run until interrupted (Ctrl-C stops uvicorn, then the engine and its tool workers)."""
+    """Run until interrupted (Ctrl-C stops uvicorn, then the engine and its tool workers). If
+    the engine thread dies, uvicorn stops and the process exits with status 1, so that a
+    supervisor restarts it; open requests have already been answered with an error."""
     import uvicorn
 
-    app = build_app(config, server, engine_loader(config, server))
-    uvicorn.run(app, host=server.host, port=server.port, log_level="info")
+    holder: list[uvicorn.Server] = []
+    app = build_app(config, server, engine_loader(config, server), on_fatal=lambda: _stop(holder[0]))
+    holder.append(uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
+                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)))
+    holder[0].run()
+    client = app.state.conveyor.client
+    if client is not None and client.failed:
+        raise SystemExit(f"conveyor serve: the engine failed: {client.failed}")
+
+
+def _stop(server: Any) -> None:
+    server.should_exit = True
 
 
 class ServerThread:

@@ -81,8 +81,9 @@ class ToolExecutor:
         return self._validators[tool.name]
 
     def open_turn(self, request_id: str, number: int, *, tools: Iterable[str] | None = None,
-                  mode: str | None = None, parser: str = "hermes") -> Turn:
-        """A new turn of `request_id`; `tools` limits the callable tools (default: all)."""
+                  mode: str | None = None, parser: str = "hermes", lenient: bool = True) -> Turn:
+        """A new turn of `request_id`; `tools` limits the callable tools (default: all);
+        `lenient`: JSON calls in fences and bare JSON count too (`make_parser`)."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"tool mode must be partial or lazy, got {mode!r}")
@@ -91,7 +92,7 @@ class ToolExecutor:
         if unknown:
             raise ValueError(f"unknown tools {unknown}; registered: {self.registry.names}")
         allowed = {n: self.registry.get(n) for n in names}
-        return Turn(self, f"{request_id}-t{number}", request_id, allowed, mode, parser)
+        return Turn(self, f"{request_id}-t{number}", request_id, allowed, mode, parser, lenient)
 
     def poll(self, timeout_s: float = 0.0) -> set[Turn]:
         """Collect worker results; returns the turns that changed (a result or a rejection)."""
@@ -117,13 +118,13 @@ class Turn:
     """One model turn of one request: its parser, its calls and their results."""
 
     def __init__(self, executor: ToolExecutor, turn_id: str, request_id: str, allowed: dict[str, Tool],
-                 mode: str, parser: str) -> None:
+                 mode: str, parser: str, lenient: bool = True) -> None:
         self.executor = executor
         self.turn_id = turn_id
         self.request_id = request_id
         self.allowed = allowed
         self.mode = mode
-        self.parser = make_parser(parser)
+        self.parser = make_parser(parser, lenient)
         self.calls: dict[int, Call | PlanCall] = {}
         self.ended = False
         self.clean = False
@@ -136,10 +137,11 @@ class Turn:
         if text and not self.ended and not self.rejected:
             self._handle(self.parser.feed(text))
 
-    def end(self, clean: bool) -> None:
+    def end(self, clean: bool, not_run: str = "not run: the turn was cut off before it ended") -> None:
         """The model's turn is over. Clean (stop token or stop string): complete calls run,
-        external ones included. Otherwise (length, abort, a rejection): incomplete calls
-        are cancelled, external ones never run."""
+        external ones included. Otherwise (length, abort, a rejection, no tool round left):
+        incomplete calls are cancelled, complete calls already running finish, and the
+        others (external ones) never run: their result is an error saying `not_run`."""
         if self.ended:
             return
         self._handle(self.parser.close())
@@ -154,7 +156,7 @@ class Turn:
             elif self.clean:        # a complete call held back for its side effects
                 self.run_complete(call)
             else:
-                self.cancel_call(call, "not run: the turn was cut off before it ended")
+                self.cancel_call(call, not_run)
 
     def cancel(self) -> None:
         """The request is aborted: cancel every call, nothing more runs."""

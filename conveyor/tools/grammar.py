@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -89,6 +90,7 @@ class ToolGrammar:
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._max_cached = max_cached
+        self._lock = threading.Lock()   # the cache is shared by the engine and its preparation threads
 
     def constraint(self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto") -> Constraint | None:
         """A fresh matcher for one turn, or None when nothing is constrained ("none", no tools).
@@ -104,16 +106,18 @@ class ToolGrammar:
     def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> xgr.CompiledGrammar:
         """The compiled grammar of (tools, choice), from the cache when it was compiled before."""
         key = json.dumps([tools, tool_choice], sort_keys=True)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         try:
             compiled = self._compiler.compile_structural_tag(self.structural_tag(tools, tool_choice))
         except RuntimeError as e:    # xgrammar reports unsupported schemas this way
             raise ValueError(f"cannot build a tool-call grammar: {e}") from e
-        self._cache[key] = compiled
-        if len(self._cache) > self._max_cached:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = compiled
+            if len(self._cache) > self._max_cached:
+                self._cache.popitem(last=False)
         return compiled
 
     def structural_tag(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> StructuralTag:

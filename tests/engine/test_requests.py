@@ -157,3 +157,46 @@ def test_pause_returns_held_back_text_and_stop_matching_restarts(engine) -> None
     assert streamed == engine.tokenizer.decode(ids, skip_special_tokens=True)
     engine.abort(rid)
     assert_all_blocks_free(engine)
+
+
+class _FailingDetokenizer:
+    """Stands in for one request's detokenizer and raises on its first token."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def push(self, token: int) -> str:
+        raise RuntimeError("injected detokenizer fault")
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_a_failing_request_ends_alone_and_frees_its_blocks(engine) -> None:
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    bad, good = engine.add_request([1, 2, 3], params), engine.add_request([4, 5, 6], params)
+    request, detok = engine._requests[bad]
+    engine._requests[bad] = (request, _FailingDetokenizer(detok))
+    outputs = {}
+    for _ in range(20):
+        if not engine.has_unfinished:
+            break
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert outputs[bad][-1].finish_reason == "error" and "injected" in outputs[bad][-1].error
+    assert outputs[good][-1].finish_reason == "length" and outputs[good][-1].num_output_tokens == 4
+    assert not engine.has_unfinished
+    assert_all_blocks_free(engine)
+
+
+def test_prepare_then_add_request_matches_add_request(engine) -> None:
+    from conveyor.engine.engine import PreparedPrompt
+
+    prepared = engine.prepare([5, 6, 7])
+    assert isinstance(prepared, PreparedPrompt) and prepared.token_ids == [5, 6, 7]
+    rid = engine.add_request(prepared, SamplingParams(max_tokens=2))
+    assert engine.get_request(rid).prompt_token_ids == [5, 6, 7]
+    engine.abort(rid)
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        engine.add_request(PreparedPrompt([1], [10**6]))
+    assert_all_blocks_free(engine)

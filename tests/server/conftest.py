@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from conveyor.config import ServerConfig, ToolConfig
+from conveyor.engine.engine import PreparedPrompt
 from conveyor.server.client import EngineClient
 from conveyor.server.serve import ServerThread, build_app
 from conveyor.tools.base import ToolRegistry
@@ -17,7 +18,12 @@ from tests.tiny import build_tiny_model
 
 API_KEY = "sk-test"
 MCP_COMMAND = f"{sys.executable} {Path(__file__).with_name('mcp_server.py')}"
-TOOLS = ("tests.server.tools:lookup", "tests.server.tools:slow")
+TOOLS = ("tests.server.tools:lookup", "tests.server.tools:slow", "tests.server.tools:record")
+
+
+def _call(name: str, value: str, key: str = "key") -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {{"{key}": "{value}"}}}}\n</tool_call>'
+
 
 # the last message's content -> the model's turns (text the tiny model is forced to write)
 SCRIPTS = {
@@ -29,6 +35,15 @@ SCRIPTS = {
                       "The value is value-of-k1."],
     "script:mcp": ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', "2 + 3 = 5."],
     "script:slow": ['<tool_call>\n{"name": "slow", "arguments": {"key": "k"}}\n</tool_call>', "done"],
+    # three rounds of calls where max_tool_rounds is 2 (test_side_effects.py): the 3rd runs
+    # (lookup) or not (record, external), and is reported either way
+    "script:three-lookups": [_call("lookup", f"k{i}") for i in range(3)],
+    "script:two-then-record": [*(_call("lookup", f"k{i}") for i in range(2)), _call("record", "r3")],
+    "script:long-call": [_call("lookup", "k" * 40)],
+    "script:mixed": [_call("lookup", "k1") + "\n" + _call("get_weather", "Paris", "city")],
+    "script:unoffered": [_call("rm_rf", "/", "path"), "Sorry."],
+    "script:fence": ['Example:\n```json\n{"name": "record", "arguments": {"key": "fence"}}\n```\nOr bare:\n'
+                     '{"name": "record", "arguments": {"key": "bare"}}\nThat is all.'],
 }
 
 
@@ -40,8 +55,9 @@ class ScriptedEngine:
         self.engine = engine
 
     def add_request(self, prompt: Any, params: Any = None, **options: Any) -> str:
-        turns = SCRIPTS.get(prompt[-1]["content"]) if isinstance(prompt, list) and prompt and \
-            isinstance(prompt[-1], dict) else None
+        given = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt   # as the client sent it
+        turns = SCRIPTS.get(given[-1]["content"]) if isinstance(given, list) and given and \
+            isinstance(given[-1], dict) else None
         if turns is not None:
             options["constraint"] = lambda n: script(self.engine, turns[n]) if n < len(turns) else None
         return self.engine.add_request(prompt, params, **options)
@@ -53,12 +69,18 @@ class ScriptedEngine:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """(server, engine): tools lookup and slow, plus the test MCP server's tools."""
+    yield from live_server(tmp_path_factory)
+
+
+def live_server(tmp_path_factory, max_tool_rounds: int = 4, **server_options: Any):
+    """Yields (server, engine) as `live` does, the server configured by `server_options`."""
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen2")
     extra = mcp_tools(MCP_COMMAND)
-    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120)
+    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120,
+                        max_tool_rounds=max_tool_rounds)
     engine = _engine_with(model_dir, config, extra)
     specs = {t.name: t.spec() for t in ToolRegistry([*TOOLS, *extra])}
-    server_config = ServerConfig(api_key=API_KEY, served_model_name="tiny")
+    server_config = ServerConfig(api_key=API_KEY, served_model_name="tiny", **server_options)
     app = build_app(engine.config, server_config, lambda: (EngineClient(ScriptedEngine(engine)), specs, "hermes"))
     with ServerThread(app) as server:
         yield server, engine

@@ -12,6 +12,12 @@ def lookup(key: str) -> str:
     return f"value-of-{key}"
 
 
+@tool(side_effects="external")
+def record(key: str) -> str:
+    """Record a key (a side effect: runs only once its turn has ended cleanly)."""
+    return f"recorded-{key}"
+
+
 @tool(side_effects="none")
 def slow(key: str) -> str:
     """Take a long time (a disconnect must cancel it)."""

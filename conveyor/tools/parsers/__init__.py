@@ -17,6 +17,8 @@ that Text deltas may be cut differently (merge adjacent ones to compare).
   `parse_step` gives step, tool, args, deps).
 - "auto": the "hermes" formats and ```python fences in the same response, each emitted
   exactly as its own parser does, call indices counting across both (`auto.py`).
+`lenient=False` makes "hermes" and "auto" strict: JSON calls only inside `<tool_call>` tags,
+fences and bare JSON lines are text (what an API serves unless the client opts in).
 """
 from __future__ import annotations
 
@@ -42,12 +44,14 @@ PARSERS: dict[str, type[StreamParser]] = {
 }
 
 
-def make_parser(kind: str) -> StreamParser:
-    """A fresh parser for one response; `kind` is "hermes", "python", "plan" or "auto"."""
+def make_parser(kind: str, lenient: bool = True) -> StreamParser:
+    """A fresh parser for one response; `kind` is "hermes", "python", "plan" or "auto";
+    `lenient` (JSON calls in fences and bare JSON too) applies to "hermes" and "auto"."""
     try:
-        return PARSERS[kind]()
+        cls = PARSERS[kind]
     except KeyError:
         raise ValueError(f"unknown parser kind {kind!r}; known: {sorted(PARSERS)}") from None
+    return cls(lenient) if issubclass(cls, HermesParser) else cls()
 
 
 __all__ = [

@@ -7,7 +7,7 @@ across both formats. Inside a python fence nothing else is recognised.
 from __future__ import annotations
 
 from conveyor.tools.parsers.base import fold
-from conveyor.tools.parsers.hermes import HERMES_MARKERS, HermesParser
+from conveyor.tools.parsers.hermes import HERMES_MARKERS, TAG_MARKERS, HermesParser
 from conveyor.tools.parsers.python_code import PYTHON_MARKERS, PythonBody
 
 
@@ -15,11 +15,12 @@ class AutoParser(HermesParser):
     """A HermesParser that also hosts python fences (see the module docstring)."""
 
     MARKERS = HERMES_MARKERS + PYTHON_MARKERS
+    STRICT_MARKERS = TAG_MARKERS + PYTHON_MARKERS     # a python fence is the python tool's own format
 
     __slots__ = ("_body",)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, lenient: bool = True) -> None:
+        super().__init__(lenient)
         self._body: PythonBody | None = None
 
     def _open(self, marker: str) -> None:

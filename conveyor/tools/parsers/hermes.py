@@ -8,8 +8,10 @@ of call objects: each element is a call of its own (CallStart ... CallEnd per el
 Fence language tags and tags match regardless of case (```JSON, ```Json).
 
 Where a call is recognised: after `<tool_call>` the block is a call as soon as its name
-is known; a fence, or a `{` or `[` that is the first non-blank character of a line, is a
-call only once both the (first) object's "name" value and its "arguments" key have been
+is known. A strict parser (`lenient=False`) recognises calls only there: prose that quotes
+JSON stays prose. A lenient one (the default: small models often skip the tags) also reads
+calls in fences and bare JSON: a fence, or a `{` or `[` that is the first non-blank
+character of a line, is a call only once both the (first) object's "name" value and its "arguments" key have been
 seen. Until then the text is held back, and it goes out as `Text` if it turns out not to be
 a call. In a list whose first element was a call, each later element is a call as soon as
 its name is known; later elements that are no calls are skipped.
@@ -29,6 +31,7 @@ from conveyor.tools.parsers.events import CallEnd, CallStart, FieldDone
 from conveyor.tools.parsers.jsonscan import Done, JsonScanner
 
 HERMES_MARKERS = ("<tool_call>", "```json\n", "```tool_call\n")
+TAG_MARKERS = ("<tool_call>",)          # a strict parser's only opener
 _CLOSERS = {"<tool_call>": "</tool_call>", "```json\n": "```", "```tool_call\n": "```", "": ""}
 _ARG_KEYS = ("arguments", "parameters")
 
@@ -37,12 +40,14 @@ class HermesParser(MarkerParser):
     """Streaming parser for JSON tool calls (see the module docstring)."""
 
     MARKERS: tuple[str, ...] = HERMES_MARKERS
+    STRICT_MARKERS: tuple[str, ...] = TAG_MARKERS
 
     __slots__ = (
         "_depth",
         "_has_args",
         "_index",
         "_json_at",
+        "_lenient",
         "_mode",
         "_name",
         "_num_block_calls",
@@ -52,8 +57,9 @@ class HermesParser(MarkerParser):
         "_scanner",
     )
 
-    def __init__(self) -> None:
-        super().__init__(self.MARKERS)
+    def __init__(self, lenient: bool = True) -> None:
+        super().__init__(self.MARKERS if lenient else self.STRICT_MARKERS)
+        self._lenient = lenient
         self._mode = "text"  # text | lead | json | raw | tail
         self._begin("")
 
@@ -101,7 +107,7 @@ class HermesParser(MarkerParser):
         self._mode = "lead"
 
     def _plain(self, c: str) -> None:
-        if c in "{[" and self._line_start:
+        if c in "{[" and self._line_start and self._lenient:
             self._begin("")
             self._mode = "lead"
             self._raw.append(c)
