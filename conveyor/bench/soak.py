@@ -27,11 +27,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from conveyor.bench import soak_report
 from conveyor.bench.serve import free_port, spawn_server, stderr_tail, stop_server, wait_healthy
-from conveyor.bench.soak_load import Load, LoadConfig, Outcomes
+from conveyor.bench.soak_load import MIX, Load, LoadConfig, Outcomes, parse_mix
 from conveyor.bench.soak_probe import ServerProbe, become_subreaper, kill_orphans
 
 TOOLS = ("calculator", "python", "conveyor.bench.soak_tools:fault")
 STOP_S = 60.0
+ORPHAN_GRACE_S = 5.0        # e.g. multiprocessing's resource tracker exits once it sees its last user gone
 
 
 def add_soak_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,8 @@ def add_soak_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--abort-share", type=float, default=0.3, help="share of streamed requests closed early")
     parser.add_argument("--max-tokens", type=int, nargs=2, default=[8, 160], metavar=("LOW", "HIGH"),
                         help="range of each request's random max_tokens")
+    parser.add_argument("--mix", default="", help="request kinds and weights, e.g. chat=1,server_tool=3 "
+                        f"(kinds: {', '.join(MIX)}); empty: {','.join(f'{k}={v}' for k, v in MIX.items())}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clients' choices")
     parser.add_argument("--request-timeout-s", type=float, default=300.0, help="clients' read timeout")
     parser.add_argument("--long-prompt-words", type=int, default=6000,
@@ -73,6 +76,7 @@ def _validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    parse_mix(args.mix)
 
 
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
@@ -110,7 +114,7 @@ def _load_and_watch(args: argparse.Namespace, probe: ServerProbe, server: subpro
                     start: float) -> dict[str, Any]:
     outcomes = Outcomes()
     config = LoadConfig(url, "soak", args.concurrency, args.max_requests, args.abort_share, tuple(args.max_tokens),
-                        args.seed, args.request_timeout_s, args.long_prompt_words)
+                        args.seed, args.request_timeout_s, args.long_prompt_words, parse_mix(args.mix))
     load = Load(config, outcomes)
     samples = [probe.sample(start)]
     load.start()
@@ -159,6 +163,14 @@ def _settle(args: argparse.Namespace, probe: ServerProbe, start: float) -> dict[
             "sample": probe.sample(start), "metrics": probe.metrics(), "healthy": probe.healthy()}
 
 
+def _survivors(probe: ServerProbe) -> list[dict[str, Any]]:
+    """The server's descendants still alive ORPHAN_GRACE_S after it exited (bounded polling)."""
+    deadline, tick = time.monotonic() + ORPHAN_GRACE_S, threading.Event()
+    while (orphans := probe.orphans()) and time.monotonic() < deadline:
+        tick.wait(0.1)
+    return orphans
+
+
 def _stop_and_find_orphans(server: subprocess.Popen, probe: ServerProbe) -> dict[str, Any]:
     """SIGTERM to the server alone; the processes that outlive it are orphans (killed after
     being recorded), then the group is cleaned up as the serve bench does."""
@@ -170,7 +182,7 @@ def _stop_and_find_orphans(server: subprocess.Popen, probe: ServerProbe) -> dict
     except subprocess.TimeoutExpired:
         exit_code = None
     stop_s = round(time.monotonic() - stopped_at, 2)
-    orphans = probe.orphans()
+    orphans = _survivors(probe)
     kill_orphans(orphans)
     server.stderr.seek(0)
     num_tracebacks = server.stderr.read().count(b"Traceback (most recent call last)")

@@ -45,6 +45,7 @@ class LoadConfig:
     seed: int
     request_timeout_s: float
     long_prompt_words: int             # a prompt past the model's context (an invalid request)
+    mix: dict[str, int] = field(default_factory=lambda: dict(MIX))     # request kind -> weight
 
 
 @dataclass(slots=True)
@@ -55,6 +56,21 @@ class Outcome:
     tool_results: list[tuple[str, str]] = field(default_factory=list)    # server tools' (name, result)
     client_calls: list[tuple[str, str]] = field(default_factory=list)    # client tools' (call id, arguments)
     detail: str = ""
+
+
+def parse_mix(text: str) -> dict[str, int]:
+    """`kind=weight,...` (e.g. "chat=1,server_tool=3") -> the mix; "" -> the default MIX."""
+    if not text:
+        return dict(MIX)
+    mix = {}
+    for item in text.split(","):
+        kind, _, weight = item.partition("=")
+        if kind.strip() not in MIX or not weight.strip().isdigit():
+            raise ValueError(f"--mix wants kind=weight items with kinds from {', '.join(MIX)}, got {item!r}")
+        mix[kind.strip()] = int(weight)
+    if not any(mix.values()):
+        raise ValueError("--mix needs a positive weight")
+    return mix
 
 
 class Outcomes:
@@ -139,7 +155,7 @@ class Load:
 
     def _client(self, index: int) -> None:
         rng = random.Random(self.config.seed * 1000 + index)
-        kinds, weights = list(MIX), list(MIX.values())
+        kinds, weights = list(self.config.mix), list(self.config.mix.values())
         with httpx.Client(base_url=self.config.url, timeout=self.config.request_timeout_s) as http:
             while self._take():
                 kind = rng.choices(kinds, weights)[0]

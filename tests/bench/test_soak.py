@@ -14,7 +14,7 @@ import pytest
 
 from conveyor.bench import soak_report, soak_tools
 from conveyor.bench.soak import add_soak_flags
-from conveyor.bench.soak_load import Outcome, Outcomes, classify_result
+from conveyor.bench.soak_load import MIX, Outcome, Outcomes, classify_result, parse_mix
 from conveyor.bench.soak_probe import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,3 +132,21 @@ def test_the_fault_tool_injects_what_it_draws(monkeypatch, kind):
     text = soak_tools.fault.finish({"key": "k"})
     assert text.startswith(f"fault:{kind}")
     assert len(text) >= soak_tools.LARGE_CHARS[0] if kind == "large" else len(text) < 200
+
+
+def test_the_mix_flag_names_known_kinds_with_weights():
+    assert parse_mix("") == MIX
+    assert parse_mix("chat=1, server_tool=3") == {"chat": 1, "server_tool": 3}
+    for bad in ("chats=1", "chat", "chat=-1", "chat=0"):
+        with pytest.raises(ValueError, match="--mix"):
+            parse_mix(bad)
+
+
+def test_a_mix_without_server_tools_needs_no_tool_results():
+    run = _run([_sample(t, 1000) for t in range(8)], _sample(8, 1000), outcomes=Outcomes().report())
+    assert "exercised: ok answers and server tool results" in _failed(soak_report.build(_args(), run))
+    ok = Outcomes()
+    ok.add(Outcome("chat", "ok", "stop"))
+    run["outcomes"] = ok.report()
+    assert "exercised: ok answers and server tool results" in _failed(soak_report.build(_args(), run))
+    assert not _failed(soak_report.build(_args(mix="chat=1"), run))
