@@ -142,9 +142,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     samples = result["samples"]
     t = [s["t_s"] for s in samples]
     fig, axes = plt.subplots(3, 1, figsize=(9, 6.5), sharex=True)
-    axes[0].plot(t, [s["rss_mb"] for s in samples], label="server RSS")
-    axes[0].plot(t, [s["descendants_rss_mb"] for s in samples], label="descendants' RSS (workers)")
-    axes[0].set_ylabel("MB")
+    axes[0].plot(t, [s["rss_mb"] for s in samples], label="server RSS, MB")
+    workers = axes[0].twinx()          # a scale of its own: the server's growth must stay visible
+    workers.plot(t, [s["descendants_rss_mb"] for s in samples], color="tab:orange", label="descendants' RSS, MB")
+    workers.legend(fontsize=8, loc="lower right")
     axes[1].plot(t, [s["num_fds"] for s in samples], label="server open FDs")
     axes[1].plot(t, [s["num_descendants"] for s in samples], label="server descendants")
     axes[2].plot(t, [s["kv_blocks_used"] or 0 for s in samples], label="KV blocks used")
