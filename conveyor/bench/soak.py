@@ -98,7 +98,8 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     try:
         start = time.monotonic()
         run = _load_and_watch(args, probe, server, url, start)
-        run["end"] = _settle(args, probe, start)
+        alive = server.poll() is None
+        run["end"] = _settle(args, probe, start) if alive else end_of_dead_server(run["samples"][-1])
     finally:
         run_stop = _stop_and_find_orphans(server, probe)
         probe.close()
@@ -163,6 +164,11 @@ def _settle(args: argparse.Namespace, probe: ServerProbe, start: float) -> dict[
             "sample": probe.sample(start), "metrics": probe.metrics(), "healthy": probe.healthy()}
 
 
+def end_of_dead_server(last: dict[str, Any]) -> dict[str, Any]:
+    """The end record of a server that died during the load: its last sample stands in."""
+    return {"idle": False, "idle_after_s": None, "sample": last, "metrics": {}, "healthy": False}
+
+
 def _survivors(probe: ServerProbe) -> list[dict[str, Any]]:
     """The server's descendants still alive ORPHAN_GRACE_S after it exited (bounded polling)."""
     deadline, tick = time.monotonic() + ORPHAN_GRACE_S, threading.Event()
@@ -188,5 +194,5 @@ def _stop_and_find_orphans(server: subprocess.Popen, probe: ServerProbe) -> dict
     num_tracebacks = server.stderr.read().count(b"Traceback (most recent call last)")
     log_tail = stderr_tail(server, 4000)
     stop_server(server)
-    return {"exit_code": exit_code, "stop_s": stop_s, "stop_limit_s": STOP_S, "orphans": orphans, "log_tail": log_tail,
-            "server_log_tracebacks": num_tracebacks}
+    return {"exit_code": exit_code, "stop_s": stop_s, "stop_limit_s": STOP_S, "orphans": orphans,
+            "log_tail": log_tail, "server_log_tracebacks": num_tracebacks}

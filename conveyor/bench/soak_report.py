@@ -94,8 +94,8 @@ def build(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
             "server_command": run["server_command"], "subreaper": run["subreaper"], "load_s": run["load_s"],
             "num_requests_sent": run["num_sent"], "requests": run["outcomes"],
             "growth": {"rss_mb": rss, "num_fds": fds}, "end": run["end"], "stop_s": run["stop_s"],
-            "exit_code": run["exit_code"], "orphans": run["orphans"], "server_log_tracebacks": run["server_log_tracebacks"],
-            "verdicts": checks, "pass": all(c["pass"] is not False for c in checks), "samples": samples}
+            "exit_code": run["exit_code"], "orphans": run["orphans"],
+            "server_log_tracebacks": run["server_log_tracebacks"], "verdicts": checks, "pass": all(c["pass"] is not False for c in checks), "samples": samples}
 
 
 def _command() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conveyor.bench import soak_report, soak_tools
-from conveyor.bench.soak import add_soak_flags
+from conveyor.bench.soak import add_soak_flags, end_of_dead_server
 from conveyor.bench.soak_load import MIX, Outcome, Outcomes, classify_result, parse_mix
 from conveyor.bench.soak_probe import parse_metrics
 
@@ -150,3 +150,12 @@ def test_a_mix_without_server_tools_needs_no_tool_results():
     run["outcomes"] = ok.report()
     assert "exercised: ok answers and server tool results" in _failed(soak_report.build(_args(), run))
     assert not _failed(soak_report.build(_args(mix="chat=1"), run))
+
+
+def test_a_server_that_died_under_load_fails_the_soak():
+    samples = [_sample(t, 1000) for t in range(8)]
+    run = _run(samples, samples[-1], server_alive=False, exit_code=-9)
+    run["end"] = end_of_dead_server(samples[-1])
+    failed = _failed(soak_report.build(_args(), run))
+    assert {"server alive through the load", "/health after the load", "server idle after the load (s)",
+            "server exit after SIGTERM"} <= failed
