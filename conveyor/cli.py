@@ -108,6 +108,16 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_soak(args: argparse.Namespace) -> int:
+    from conveyor.bench.soak import run_soak
+
+    result = run_soak(args)
+    failed = [c["name"] for c in result["verdicts"] if c["pass"] is False]
+    if failed:
+        print(f"conveyor bench soak: failed: {'; '.join(failed)} (see {args.json})", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor: a tool-aware LLM serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +199,13 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
     add_workloads_flags(workloads)
     _engine_flags(workloads)
     workloads.set_defaults(run=_bench_workloads)
+
+    from conveyor.bench.soak import add_soak_flags
+
+    soak = bench.add_parser("soak", help="a bounded soak of `conveyor serve`: mixed tool requests, aborts, tool "
+                                         "faults; RSS, FDs, blocks and workers must stay flat")
+    add_soak_flags(soak)
+    soak.set_defaults(run=_bench_soak)
 
 
 def main(argv: list[str] | None = None) -> int:

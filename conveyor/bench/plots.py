@@ -10,7 +10,7 @@ from conveyor.bench.results import save_figure
 COLORS = {"decode": "tab:green", "wait": "lightgray", "tool": "tab:orange"}
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +21,7 @@ def _pyplot() -> Any:
 
 def plot_timeline(name: str, row: dict[str, Any], mode_label: str, path: Path) -> None:
     """Decode spans and tool runs of one lazy and one partial round of a workload."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 2.4))
     for y, tool_mode in ((1, "lazy"), (0, "partial")):
         timeline = row["timelines"][tool_mode]
@@ -39,7 +39,7 @@ def plot_timeline(name: str, row: dict[str, Any], mode_label: str, path: Path) -
 
 def plot_bars(data: dict[str, Any], mode_label: str, path: Path) -> None:
     """Median completion latency per workload, lazy vs partial, with the p90 as a whisker."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(data["workloads"])
     rows = [data["workloads"][n] for n in names]
     fig, ax = plt.subplots(figsize=(9, 3.2))

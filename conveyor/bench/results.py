@@ -33,3 +33,29 @@ def save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
     finally:
         plt.close(fig)
     tmp.replace(path)
+
+
+_ISA_PREFIXES = ("avx", "amx", "fma", "sse4", "f16c", "bmi", "vnni", "sha_ni", "vaes", "vpclmul")
+
+
+def machine_info() -> dict[str, Any]:
+    """The CPU model, its SIMD instruction sets (from /proc/cpuinfo where there is one) and
+    the cores this process may use, for the results files."""
+    import os
+    import platform
+
+    model, family, flags = platform.processor() or platform.machine(), "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("cpu family", "model"):
+                family += f"{key.strip()} {value.strip()}, "      # the model name alone may be just "AMD EPYC"
+            elif key.strip() == "flags":
+                flags = sorted(f for f in value.split() if f.startswith(_ISA_PREFIXES))
+                break
+    except OSError:
+        pass                    # not Linux: the platform's own description
+    return {"cpu_model": f"{model} ({family.rstrip(', ')})" if family else model, "instruction_sets": flags, "num_cpus": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count()}

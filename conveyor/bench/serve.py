@@ -45,7 +45,7 @@ def add_serve_bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="start the peer with this command line after our runs (stopped at the end)")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,39 +54,39 @@ def _free_port() -> int:
 def _start_server(model: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--model", model, "--port", str(port),
            "--served-model-name", "bench"]
-    return _wait_healthy(_spawn(cmd), f"http://127.0.0.1:{port}", "conveyor serve")
+    return wait_healthy(spawn_server(cmd), f"http://127.0.0.1:{port}", "conveyor serve")
 
 
-def _spawn(cmd: list[str]) -> subprocess.Popen:
+def spawn_server(cmd: list[str]) -> subprocess.Popen:
     """A server in its own process group (its children are stopped with it); its stderr goes
     to an unnamed temporary file (a pipe nobody reads would fill up and stall a chatty server)."""
-    log = tempfile.TemporaryFile()     # noqa: SIM115 - lives as long as the server; _stop closes it
+    log = tempfile.TemporaryFile()     # noqa: SIM115 - lives as long as the server; stop_server closes it
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    server.stderr = log                 # Popen keeps only pipes there: keep the file for _stderr_tail
+    server.stderr = log                 # Popen keeps only pipes there: keep the file for stderr_tail
     return server
 
 
-def _stderr_tail(server: subprocess.Popen, num_chars: int = 2000) -> str:
+def stderr_tail(server: subprocess.Popen, num_chars: int = 2000) -> str:
     server.stderr.seek(0)
     return server.stderr.read().decode(errors="replace")[-num_chars:]
 
 
-def _wait_healthy(server: subprocess.Popen, url: str, name: str, timeout_s: float = 900.0) -> subprocess.Popen:
+def wait_healthy(server: subprocess.Popen, url: str, name: str, timeout_s: float = 900.0) -> subprocess.Popen:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"{name} exited: {_stderr_tail(server)}")
+            raise RuntimeError(f"{name} exited: {stderr_tail(server)}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass                    # not listening yet
         time.sleep(0.5)             # waiting for a subprocess to load a model: polling its health
-    _stop(server)
+    stop_server(server)
     raise RuntimeError(f"{name} did not become healthy in {timeout_s:.0f} s")
 
 
-def _stop(server: subprocess.Popen) -> None:
+def stop_server(server: subprocess.Popen) -> None:
     """SIGTERM the server's process group; SIGKILL whatever of it is left after 60 s, and its
     children that outlived it (e.g. vLLM's engine core process)."""
     _signal_group(server.pid, signal.SIGTERM)
@@ -128,24 +128,24 @@ def _run_peer(args: argparse.Namespace, progress: Progress) -> dict | None:
     if not args.peer_url:
         return None
     check_loopback(args.peer_url)
-    peer = _wait_healthy(_spawn(shlex.split(args.peer_command)), args.peer_url, "the peer") \
+    peer = wait_healthy(spawn_server(shlex.split(args.peer_command)), args.peer_url, "the peer") \
         if args.peer_command else None
     try:
         return _run_rates(args.peer_url, args.peer_model, args, progress, "peer")
     finally:
         if peer is not None:
-            _stop(peer)
+            stop_server(peer)
 
 
 def run_serve_bench(args: argparse.Namespace) -> dict:
     before = _loadavg()
     with Progress() as progress:
-        port = _free_port()
+        port = free_port()
         server = _start_server(args.model, port)
         try:
             ours = _run_rates(f"http://127.0.0.1:{port}", "bench", args, progress, "conveyor")
         finally:
-            _stop(server)
+            stop_server(server)
         peer = _run_peer(args, progress)
     result = {"model": args.model, "max_tokens": args.max_tokens, "num_requests": args.num_requests,
               "loadavg_before_after": {"before": before, "after": _loadavg()}, "conveyor": ours,
