@@ -26,7 +26,7 @@ from conveyor.engine.model.paths import PATHS, why_not
 
 log = logging.getLogger("conveyor.kernels")
 TRIAL_BYTES = 64 * 2**20
-MIN_TRIAL_S = 0.02     # per path and bucket: the best trial within this long counts (shared machines are noisy)
+MIN_TRIAL_S = 0.02    # per path and bucket (shared machines are noisy: more trials, best one counts)
 MAX_TRIALS = 20
 FORMAT = 1
 Choices = dict[str, dict[str, dict]]   # shape -> bucket label -> {"path": name, "ms": {path: ms}}
@@ -79,7 +79,10 @@ def _cached_or_measured(groups: dict[str, list[Linear]], act_dtype: torch.dtype)
     missing = [k for k in groups if k not in usable]
     if not missing:
         return usable
-    with torch.inference_mode():
+    from rich.console import Console
+
+    status = Console(stderr=True).status(f"timing the matmul paths for {len(missing)} weight shapes (once per machine)")
+    with status, torch.inference_mode():
         measured = {k: _measure(groups[k], act_dtype) for k in missing}
     _write(path, key, {**cached, **measured})
     return {**usable, **measured}
@@ -131,26 +134,31 @@ def _measure(group: list[Linear], act_dtype: torch.dtype) -> dict[str, dict]:
     products = {p: [layer.product(p) for layer in layers] for p in candidates}
     result = {}
     for label, rows in BUCKETS:
-        x = torch.randn(rows, w.shape[1]).to(act_dtype)
-        ms: dict[str, float] = {}
-        for p, fns in products.items():
-            ms[p] = _time(fns, x, min(ms.values(), default=float("inf")) / 1e3) * 1e3
+        ms = {p: t * 1e3 for p, t in _race(products, torch.randn(rows, w.shape[1]).to(act_dtype)).items()}
         result[label] = {"path": min(ms, key=ms.__getitem__), "ms": {p: round(t, 4) for p, t in ms.items()}}
     return result
 
 
-def _time(fns: list, x: torch.Tensor, to_beat: float) -> float:
-    """Seconds per layer in the fastest trial (one call per layer), after one warm-up trial; after
-    three trials, stops early if the path is clearly slower than ``to_beat`` (seconds per layer)."""
-    def trial() -> float:
+def _race(products: dict[str, list], x: torch.Tensor) -> dict[str, float]:
+    """Seconds per layer of each path's fastest trial (one call per layer). Trials take turns
+    across the paths, so a burst of load from elsewhere slows all of them alike; a path more than
+    three times slower than the best after two rounds drops out."""
+    def trial(fns: list) -> float:
         start = time.perf_counter()
         for fn in fns:
             fn(x)
         return (time.perf_counter() - start) / len(fns)
 
-    trial()
-    best, spent, count = float("inf"), 0.0, 0
-    while count < MAX_TRIALS and (count < 3 or spent < MIN_TRIAL_S and best <= 3 * to_beat):
-        t = trial()
-        best, spent, count = min(best, t), spent + t * len(fns), count + 1
+    for fns in products.values():      # warm-up: first-call allocations, oneDNN primitive caches
+        trial(fns)
+    best = {p: float("inf") for p in products}
+    running, spent = list(products), 0.0
+    for round_ in range(MAX_TRIALS):
+        for p in running:
+            t = trial(products[p])
+            best[p], spent = min(best[p], t), spent + t * len(products[p])
+        if round_ >= 1:
+            if spent >= MIN_TRIAL_S * len(products):
+                break
+            running = [p for p in running if best[p] <= 3 * min(best.values())]
     return best

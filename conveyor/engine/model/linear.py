@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conveyor.engine.model.paths import Product, make
 
 # (label, the row count it is measured at); rows above 32 (prefill chunks) are the last bucket
-BUCKETS = (("1", 1), ("2-4", 4), ("5-8", 8), ("9-16", 16), ("17-32", 32), ("33+", 128))
+BUCKETS = (("1", 1), ("2-4", 4), ("5-8", 8), ("9-16", 16), ("17-32", 32), ("33+", 64))
 _BUCKET_OF = [len(BUCKETS) - 1] + [next(i for i, (_, top) in enumerate(BUCKETS) if r <= top) for r in range(1, 33)]
 
 
