@@ -122,12 +122,8 @@ def _write(path, key: dict, choices: Choices) -> None:
 def _measure(group: list[Linear], act_dtype: torch.dtype) -> dict[str, dict]:
     """Time every path that runs here on this shape's layers, per bucket; the fastest wins."""
     w = group[0].weight
-    candidates = []
-    for p in PATHS:
-        if (reason := why_not(p, w.dtype, w.shape[1])) is None:
-            candidates.append(p)
-        elif "self-check" in reason or "build" in reason:
-            log.warning("linear kernel %s is not used: %s", p, reason)
+    reasons = {p: why_not(p, w.dtype, w.shape[1]) for p in PATHS}
+    candidates = [p for p, reason in reasons.items() if reason is None]
     if len(candidates) > 1 and w.dtype != act_dtype:
         candidates.remove("torch")   # it widens the whole weight per call: the last resort, not a contender
     layers = group[:max(1, -(-TRIAL_BYTES // w.nbytes))]
@@ -136,6 +132,10 @@ def _measure(group: list[Linear], act_dtype: torch.dtype) -> dict[str, dict]:
     for label, rows in BUCKETS:
         ms = {p: t * 1e3 for p, t in _race(products, torch.randn(rows, w.shape[1]).to(act_dtype)).items()}
         result[label] = {"path": min(ms, key=ms.__getitem__), "ms": {p: round(t, 4) for p, t in ms.items()}}
+    for p, reason in reasons.items():      # a kernel that should have run here: say what runs instead
+        if reason and ("self-check" in reason or "build" in reason):
+            log.warning("linear kernel %s is not used: %s; %s runs %s instead", p, reason, shape_key(group[0]),
+                        ", ".join(sorted({c["path"] for c in result.values()})))
     return result
 
 
