@@ -1,6 +1,6 @@
 """Our hand-written CPU kernels (csrc/), compiled once into one extension module and cached.
 
-They multiply bf16 weights by activation rows, reading each weight from memory once per 8 rows;
+They multiply bf16 weights by activation rows, reading each weight from memory once per call;
 one file per instruction set: AVX2 (widen and FMA), AVX-512F (the same on 64-byte registers)
 and AVX512_BF16 (``vdpbf16ps``). Built with torch's C++ extension loader into
 ``$CONVEYOR_CACHE/kernels/``; if the build fails (no compiler, old assembler) the engine warns
