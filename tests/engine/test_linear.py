@@ -140,3 +140,29 @@ def test_kernel_failing_its_self_check_is_never_chosen(choice_cache, monkeypatch
     finally:
         monkeypatch.undo()
         paths.self_check.cache_clear()
+
+
+def test_kernel_build_failure_warns_and_falls_back_to_pytorch_paths(choice_cache, monkeypatch) -> None:
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    if all(kernels.missing_isa(k) for k in kernels.KERNELS):
+        pytest.skip("this CPU has none of the kernels' instruction sets: nothing is built")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    kernels.gemv_module.cache_clear()
+    paths.self_check.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="bf16 decode kernels unavailable.*no C\\+\\+ compiler"):
+            assert kernels.gemv_module() is None
+        layer = layer_of(torch.bfloat16)
+        choices = choose_kernels([layer])
+        assert {c["path"] for c in choices["bfloat16 72x64"].values()} <= {"onednn", "torch"}
+        x = torch.randn(3, 64)
+        want = reference(x, layer.weight, layer.bias)
+        assert (layer(x) - want).abs().max() <= 1e-4 * want.abs().max()
+    finally:
+        monkeypatch.undo()
+        kernels.gemv_module.cache_clear()
+        paths.self_check.cache_clear()
