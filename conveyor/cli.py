@@ -161,6 +161,11 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
                         help="skip the transformers baseline above this concurrency")
     engine.add_argument("--profile", type=int, nargs="*", default=[1, 8],
                         help="concurrencies at which to split a decode step's time")
+    engine.add_argument("--repeats", type=int, default=3, help="timed runs per row (median and spread reported)")
+    engine.add_argument("--warmup-tokens", type=int, default=8,
+                        help="tokens of the untimed generation each side runs first at each concurrency")
+    engine.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="transformers dtypes to measure; the faster at each concurrency is the baseline")
     _engine_flags(engine)
     engine.set_defaults(run=_bench_engine)
 

@@ -26,6 +26,9 @@ def _require(checks: list[tuple[bool, str]]) -> None:
             raise ValueError(message)
 
 
+LINEAR_KERNELS = ("auto", "avx2", "avx512", "avx512bf16", "onednn", "torch")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     model: str = field(default="default", metadata=_help(
@@ -36,9 +39,14 @@ class ModelConfig:
     max_model_len: int = field(default=4096, metadata=_help(
         "longest prompt plus output, capped by the model's own limit"))
     num_threads: int = field(default=0, metadata=_help("CPU threads for torch; 0 keeps torch's choice"))
+    linear_kernel: str = field(default="auto", metadata=_help(
+        "CPU matmul path: auto (the fastest per weight shape and row count, measured at load and cached), "
+        "or one of avx2, avx512, avx512bf16 (our kernels), onednn (fp32-packed weights), torch (F.linear)"))
 
     def __post_init__(self) -> None:
         _require([(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}"),
+                  (self.linear_kernel in LINEAR_KERNELS,
+                   f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}"),
                   (self.max_model_len > 0, "max_model_len must be positive"),
                   (self.num_threads >= 0, "num_threads must be >= 0")])
 
@@ -46,7 +54,10 @@ class ModelConfig:
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int = field(default=16, metadata=_help("tokens per KV block"))
-    kv_cache_mb: int = field(default=1024, metadata=_help("memory for the paged KV cache, in MiB"))
+    kv_cache_mb: int = field(default=1024, metadata=_help("memory for the paged KV cache on CPU, in MiB"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_help(
+        "on CUDA, the share of the GPU's memory this engine may fill: the KV cache takes what the weights "
+        "leave of it, measured with torch.cuda.mem_get_info after loading (--kv-cache-mb is for CPU)"))
     num_blocks: int = field(default=0, metadata=_help("KV blocks; 0 derives the count from --kv-cache-mb"))
     prefix_caching: bool = field(default=True, metadata=_help("reuse the KV of full blocks seen before"))
     swap_space_mb: int = field(default=1024, metadata=_help(
@@ -56,6 +67,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _require([(self.block_size > 0, "block_size must be positive"),
                   (self.kv_cache_mb > 0, "kv_cache_mb must be positive"),
+                  (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
                   (self.swap_space_mb >= 0, "swap_space_mb must be >= 0"),
                   (self.num_host_blocks >= 0, "num_host_blocks must be >= 0 (0 derives it from swap_space_mb)"),
                   (self.num_blocks >= 0, "num_blocks must be >= 0 (0 derives it from kv_cache_mb)")])

@@ -1,39 +1,39 @@
 """`conveyor bench engine`: decode and prefill speed against transformers, in one run.
 
-Both engines use the same weights and dtype. Decode speed counts the tokens after
-each request's first one, over the time after every request has its first token,
-so prefill is measured apart. The memory-bandwidth ceiling of batch-1 decode
-(bytes of weights read per token / bytes per second this machine streams) is
-measured in the same run.
+Both engines use the same weights. transformers runs at its best: its bf16 and fp32 rows are
+both measured and the faster is the baseline at each concurrency. Each side gets the same
+explicit warm-up (one generation of ``--warmup-tokens`` per concurrency) and ``--repeats`` timed
+runs; the median is compared and the spread reported. Decode speed counts the tokens after each
+request's first one, over the time after every request has its first token, so prefill is
+measured apart. The memory-bandwidth ceiling of batch-1 decode (bytes read per token / bytes
+per second this machine streams, measured right before and after Conveyor's decode rows, the
+higher kept) is measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import shlex
+import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
+from conveyor.bench.engine_report import report
+from conveyor.bench.results import write_json
+from conveyor.bench.step_profile import profile_decode
 from conveyor.config import engine_config_from_flags
 from conveyor.engine.engine import LLMEngine
-from conveyor.bench.step_profile import profile_decode
-from conveyor.bench.results import write_json
+from conveyor.engine.model.kernels import cpu_flags, cpu_model
+from conveyor.engine.model.linear import Linear
 from conveyor.engine.request import SamplingParams
 
 TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
           "volcanoes", "the number zero"]
-
-
-@dataclass(slots=True)
-class Row:
-    concurrency: int
-    conveyor_tok_s: float
-    hf_tok_s: float | None
-    ratio: float | None
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -64,7 +64,7 @@ def conveyor_prefill(engine: LLMEngine, num_tokens: int) -> float:
 def hf_decode(model, tokenizer, n: int, new_tokens: int) -> float:
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts(n)]
     tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
 
     def timed(tokens: int) -> float:
         start = time.perf_counter()
@@ -74,6 +74,13 @@ def hf_decode(model, tokenizer, n: int, new_tokens: int) -> float:
 
     first = timed(1)
     return n * (new_tokens - 1) / (timed(new_tokens) - first)
+
+
+def repeated(measure, warmup, repeats: int) -> dict:
+    """``warmup()`` once, then ``measure()`` ``repeats`` times: median, min, max."""
+    warmup()
+    values = [measure() for _ in range(repeats)]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def memory_bandwidth_gb_s() -> float:
@@ -87,66 +94,82 @@ def memory_bandwidth_gb_s() -> float:
     return a.numel() * 4 / best / 1e9
 
 
+def bytes_per_token(engine: LLMEngine) -> int:
+    """Bytes a one-row decode step reads: every weight but the embedding table (one row of it),
+    each layer's in the form its one-row path reads (an fp32-packed copy for oneDNN)."""
+    model = engine.runner.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.nbytes
+    for m in model.modules():
+        if isinstance(m, Linear) and m.plan and m.plan[0] == "onednn" and m.weight.element_size() < 4:
+            total += m.weight.numel() * (4 - m.weight.element_size())
+    return total
+
+
 def run_engine_bench(args: argparse.Namespace) -> dict:
     console = Console()
     engine = LLMEngine(engine_config_from_flags(args))
-    model = engine.runner.model   # a decode step reads every weight but the embedding table (one row each)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.nbytes
+    new, warm, reps = args.new_tokens, args.warmup_tokens, args.repeats
+    bandwidth_before = memory_bandwidth_gb_s()
     with console.status("conveyor: decode"):
-        ours = {c: conveyor_decode(engine, c, args.new_tokens) for c in args.concurrency}
+        ours = {c: repeated(lambda c=c: conveyor_decode(engine, c, new), lambda c=c: conveyor_decode(engine, c, warm),
+                            reps) for c in args.concurrency}
+    bandwidth_after = memory_bandwidth_gb_s()
     with console.status("conveyor: prefill"):
         prefill = conveyor_prefill(engine, args.prefill_tokens)
     with console.status("conveyor: decode step profile"):
         step_profile = [profile_decode(engine, c) for c in args.profile]
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    model_dir, device, dtype = engine.model_dir, engine.runner.device, engine.runner.dtype
-    del engine
-    hf = _hf_rates(model_dir, device, dtype, args, console)
-    rows = [Row(c, ours[c], hf.get(c), ours[c] / hf[c] if c in hf else None) for c in args.concurrency]
-    bandwidth = memory_bandwidth_gb_s()
     result = {
-        "model": args.model, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "rows": [asdict(r) for r in rows], "prefill_tok_s": prefill, "peak_rss_mb": peak_rss_mb,
-        "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens,
-        "memory_bandwidth_gb_s": bandwidth, "weight_bytes_per_token": weight_bytes,
-        "bandwidth_ceiling_tok_s": bandwidth * 1e9 / weight_bytes, "threads": torch.get_num_threads(),
-        "step_profile_ms": step_profile,
+        "command": shlex.join(["conveyor", *sys.argv[1:]]),
+        "model": args.model, "device": str(engine.runner.device), "dtype": args.dtype,
+        "cpu": cpu_model(), "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average_before": os.getloadavg(), "new_tokens": new, "warmup_tokens": warm, "repeats": reps,
+        "linear_choices": engine.runner.linear_choices, "conveyor_tok_s": ours,
+        "prefill_tokens": args.prefill_tokens, "prefill_tok_s": prefill, "step_profile_ms": step_profile,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
+        "bytes_per_token": bytes_per_token(engine),
     }
-    _report(console, result, args.json)
+    model_dir = engine.model_dir
+    del engine
+    result["hf_tok_s"] = _hf_rates(model_dir, args, console)
+    result["load_average_after"] = os.getloadavg()
+    _summarise(result)
+    report(console, result)
+    write_json(Path(args.json), result, indent=2)
+    console.print(f"wrote {args.json}")
     return result
 
 
-def _hf_rates(model_dir: Path, device: torch.device, dtype: torch.dtype, args: argparse.Namespace,
-              console: Console) -> dict[int, float]:
+def _summarise(result: dict) -> None:
+    """Baseline per concurrency (the faster transformers dtype), ratios and the bandwidth share."""
+    bandwidth = max(result["memory_bandwidth_gb_s"].values())
+    result["bandwidth_ceiling_tok_s"] = bandwidth * 1e9 / result["bytes_per_token"]
+    rows = []
+    for c, ours in result["conveyor_tok_s"].items():
+        hf = {dtype: rates[c]["median"] for dtype, rates in result["hf_tok_s"].items() if c in rates}
+        best = max(hf, key=hf.__getitem__) if hf else None
+        rows.append({"concurrency": c, "conveyor_tok_s": ours["median"], "hf_best_dtype": best,
+                     "hf_tok_s": hf[best] if best else None, "ratio": ours["median"] / hf[best] if best else None})
+    result["rows"] = rows
+    if 1 in result["conveyor_tok_s"]:
+        result["c1_share_of_ceiling"] = result["conveyor_tok_s"][1]["median"] / result["bandwidth_ceiling_tok_s"]
+
+
+def _hf_rates(model_dir: Path, args: argparse.Namespace, console: Console) -> dict[str, dict[int, dict]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rates = {}
-    with torch.inference_mode():
-        for c in args.concurrency:
-            if c <= args.hf_max_concurrency:
-                with console.status(f"transformers: decode at concurrency {c}"):
-                    rates[c] = hf_decode(model, tokenizer, c, args.new_tokens)
+    rates: dict[str, dict[int, dict]] = {}
+    for dtype in args.hf_dtypes:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(args.device).eval()
+        rates[dtype] = {}
+        with torch.inference_mode():
+            for c in args.concurrency:
+                if c <= args.hf_max_concurrency:
+                    with console.status(f"transformers {dtype}: decode at concurrency {c}"):
+                        rates[dtype][c] = repeated(lambda c=c: hf_decode(model, tokenizer, c, args.new_tokens),
+                                                   lambda c=c: hf_decode(model, tokenizer, c, args.warmup_tokens),
+                                                   args.repeats)
+        del model
     return rates
-
-
-def _report(console: Console, result: dict, path: str) -> None:
-    table = Table(title=f"decode tok/s, {result['model']} {result['dtype']} on {result['device']}")
-    for col in ("concurrency", "conveyor", "transformers", "ratio"):
-        table.add_column(col, justify="right")
-    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    for r in result["rows"]:
-        table.add_row(str(r["concurrency"]), fmt(r["conveyor_tok_s"]), fmt(r["hf_tok_s"]),
-                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
-    console.print(table)
-    for p in result["step_profile_ms"]:
-        console.print(f"decode step at concurrency {p['concurrency']}: {p['step_ms']:.1f} ms = matmuls "
-                      f"{p['linear_ms']:.1f} + attention {p['attention_ms']:.1f} + other {p['other_ms']:.1f}")
-    console.print(f"prefill {result['prefill_tokens']} tokens: {result['prefill_tok_s']:.1f} tok/s; "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB; memory bandwidth "
-                  f"{result['memory_bandwidth_gb_s']:.1f} GB/s -> batch-1 ceiling "
-                  f"{result['bandwidth_ceiling_tok_s']:.1f} tok/s")
-    out = Path(path)
-    write_json(out, result, indent=2)
-    console.print(f"wrote {out}")

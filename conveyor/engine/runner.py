@@ -5,6 +5,7 @@ only rows that sample go through the final norm and the output layer.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from conveyor.engine.model.attention import (
     decode_mask,
     prefill_mask,
 )
+from conveyor.engine.model.kernel_choice import choose_kernels
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
 from conveyor.engine.plan import Chunk, SchedulerOutput, Swap
@@ -47,10 +49,9 @@ class ModelRunner:
             self.model = CausalLM(self.args, self.dtype, activation_dtype(self.dtype, self.device))
         with torch.inference_mode():
             self.model.load(model_dir)
-        for module in self.model.modules():
-            if isinstance(module, Linear):
-                module.pack()
-        self.num_blocks = cache_config.num_blocks or self._blocks_for_mb(cache_config.kv_cache_mb)
+        layers = [m for m in self.model.modules() if isinstance(m, Linear)]
+        self.linear_choices = choose_kernels(layers, self.model.act_dtype, model_config.linear_kernel)
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         a = self.args
         self.kv = torch.zeros(a.num_layers, 2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                               dtype=self.dtype, device=self.device)
@@ -58,10 +59,21 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()
 
-    def _blocks_for_mb(self, mb: int) -> int:
+    def _block_bytes(self) -> int:
         a = self.args
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
-        return max(1, mb * 2**20 // per_block)
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _blocks_for_memory(self, cache_config: CacheConfig) -> int:
+        """On CPU, ``--kv-cache-mb``; on CUDA, what the weights leave of ``--gpu-memory-utilization``
+        of the device's memory (the rest stays free for activations and other processes)."""
+        if self.device.type != "cuda":
+            return max(1, cache_config.kv_cache_mb * 2**20 // self._block_bytes())
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = free - (1 - cache_config.gpu_memory_utilization) * total
+        if budget < self._block_bytes():
+            raise ValueError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
+                             f"{total / 2**30:.1f}, at most {cache_config.gpu_memory_utilization:.0%} to be used")
+        return int(budget // self._block_bytes())
 
     def execute(self, out: SchedulerOutput) -> list[int | None]:
         """Run one step; returns the sampled token of each chunk (None where it did not sample)."""
@@ -87,11 +99,30 @@ class ModelRunner:
         """Logits ``[sampling chunks, vocab]`` (float32) and the order the chunks ran in."""
         order = sorted(range(len(out.chunks)), key=lambda i: out.chunks[i].num_tokens > 1)
         chunks = [out.chunks[i] for i in order]
-        input_ids, positions, slots, logit_rows = self._flatten(chunks)
-        meta = self._metadata(chunks, slots)
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        width = max((len(c.request.block_table) for c in decodes), default=0)
+        tables = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in decodes]
+        prefill_tables = [c.request.block_table for c in chunks[len(decodes):]]
+        tensors = self._upload([*self._flatten(chunks), [b for t in tables for b in t],
+                                [c.start + 1 for c in decodes], *prefill_tables])
+        input_ids, positions, slots, logit_rows, flat_tables, lens = tensors[:6]
+        meta = AttentionMetadata(slot_mapping=slots)
+        if decodes:
+            meta.num_decodes = len(decodes)
+            meta.decode_block_tables = flat_tables.view(len(decodes), width)
+            meta.decode_mask = decode_mask(lens, width * self.block_size)
+        self._add_prefills(meta, chunks[len(decodes):], tensors[6:])
         return self.model(input_ids, positions, meta, self.kv_caches, logit_rows), order
 
-    def _flatten(self, chunks: list[Chunk]) -> tuple[torch.Tensor, ...]:
+    def _upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
+        """The step's index lists as one host tensor and, on CUDA, one pinned copy to the device;
+        returns a view per list."""
+        flat = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(xs) for xs in lists]))
+
+    def _flatten(self, chunks: list[Chunk]) -> tuple[list[int], ...]:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -105,27 +136,15 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if c.sample:
                 logit_rows.append(len(ids) - 1)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
-        return as_tensor(ids), as_tensor(positions), as_tensor(slots), as_tensor(logit_rows)
+        return ids, positions, slots, logit_rows
 
-    def _metadata(self, chunks: list[Chunk], slots: torch.Tensor) -> AttentionMetadata:
-        meta = AttentionMetadata(slot_mapping=slots)
-        decodes = [c for c in chunks if c.num_tokens == 1]
-        if decodes:
-            width = max(len(c.request.block_table) for c in decodes)
-            tables = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in decodes]
-            meta.num_decodes = len(decodes)
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-            lens = torch.tensor([c.start + 1 for c in decodes], dtype=torch.long, device=self.device)
-            meta.decode_mask = decode_mask(lens, width * self.block_size)
+    def _add_prefills(self, meta: AttentionMetadata, prefills: list[Chunk], tables: list[torch.Tensor]) -> None:
         group = self.args.num_heads // self.args.num_kv_heads
-        row = len(decodes)
-        for c in chunks[len(decodes):]:
-            table = torch.tensor(c.request.block_table, dtype=torch.long, device=self.device)
+        row = meta.num_decodes
+        for c, table in zip(prefills, tables):
             mask = prefill_mask(c.start, c.num_tokens, group, self.device) if c.start else None
             meta.prefills.append(PrefillSegment(row, c.num_tokens, c.start, table, mask))
             row += c.num_tokens
-        return meta
 
     # ---- the host pool: KV of requests waiting on tools, swapped out (engine/intercept.py) ----
     def init_host_pool(self, cache_config: CacheConfig) -> int:
@@ -133,8 +152,7 @@ class ModelRunner:
         uninitialised (no memory is touched until a block is swapped out: every block is written
         before it is read)."""
         a = self.args
-        per_block = 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
-        num = cache_config.num_host_blocks or cache_config.swap_space_mb * 2**20 // per_block
+        num = cache_config.num_host_blocks or cache_config.swap_space_mb * 2**20 // self._block_bytes()
         self.host_kv = torch.empty(a.num_layers, 2, num, self.block_size, a.num_kv_heads, a.head_dim,
                                    dtype=self.dtype, pin_memory=self.device.type == "cuda")
         return num
@@ -142,12 +160,19 @@ class ModelRunner:
     @torch.inference_mode()
     def swap(self, swaps: list[Swap]) -> None:
         """Copy blocks between the pools, in order (a block freed by one copy may be the target of
-        a later one): all layers, K and V, in one gather and one scatter per copy."""
+        a later one): all layers, K and V, in one gather and one scatter per copy. On CUDA a copy
+        to the host waits for the device before the host scatter reads it; a copy to the device
+        goes from a pinned gather without waiting, and the step's kernels queue behind it."""
         for s in swaps:
             src, dst = (self.kv, self.host_kv) if s.to_host else (self.host_kv, self.kv)
-            src_ids = torch.tensor([p[0] for p in s.pairs], dtype=torch.long, device=src.device)
-            dst_ids = torch.tensor([p[1] for p in s.pairs], dtype=torch.long, device=dst.device)
-            dst.index_copy_(2, dst_ids, src.index_select(2, src_ids).to(dst.device, non_blocking=True))
+            src_ids = torch.tensor([p[0] for p in s.pairs], dtype=torch.long).to(src.device)
+            dst_ids = torch.tensor([p[1] for p in s.pairs], dtype=torch.long).to(dst.device)
+            gathered = src.index_select(2, src_ids)
+            if s.to_host:
+                gathered = gathered.cpu()        # blocking: the device's copy is done before the read
+            elif self.device.type == "cuda":
+                gathered = gathered.pin_memory().to(dst.device, non_blocking=True)
+            dst.index_copy_(2, dst_ids, gathered)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

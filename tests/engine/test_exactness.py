@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conveyor.config import LINEAR_KERNELS
+from conveyor.engine.model.paths import why_not
 from conveyor.engine.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
@@ -76,14 +78,20 @@ def test_prefix_cache_skips_shared_prompt(tiny_llama) -> None:
     assert_all_blocks_free(engine)
 
 
-def test_bf16_logits_close_to_transformers(tiny_llama) -> None:
+@pytest.mark.parametrize("kernel", LINEAR_KERNELS)
+def test_bf16_logits_close_to_transformers(tiny_llama, kernel: str) -> None:
     """bf16 rounding makes token-for-token comparison flaky, so compare last-position logits with
     transformers' fp32 logits on the same weights: within 5% of the largest logit, and no further
-    off than transformers' own bf16 run is (ours accumulates in fp32 where it can)."""
+    off than transformers' own bf16 run is (ours accumulates in fp32 where it can). On every
+    matmul path this CPU has (forced), and on the measured choice ("auto")."""
     from transformers import AutoModelForCausalLM
 
+    if kernel != "auto" and (reason := why_not(kernel, torch.bfloat16, 64)):
+        pytest.skip(reason)
     prompt = list(range(20, 60))
-    engine = make_engine(tiny_llama, dtype="bfloat16", budget=64)
+    engine = make_engine(tiny_llama, dtype="bfloat16", budget=64, linear_kernel=kernel)
+    if kernel != "auto":     # forced: every shape and bucket runs it
+        assert {c["path"] for b in engine.runner.linear_choices.values() for c in b.values()} == {kernel}
     ours = prompt_logits(engine, prompt)
     refs = {}
     for dtype in (torch.float32, torch.bfloat16):

@@ -1,10 +1,11 @@
-"""Our one hand-written CPU kernel (csrc/gemv_bf16.cpp), compiled on first use and cached.
+"""Our hand-written CPU kernels (csrc/), compiled once into one extension module and cached.
 
-It multiplies bf16 weights by up to 32 activation rows, reading each weight from memory once:
-PyTorch's own bf16 path on AVX2-only CPUs re-reads (and re-widens) the weights
-for every row. Built with torch's C++ extension loader into
-``$CONVEYOR_CACHE/kernels/``; if it cannot be built (no compiler, no AVX2) the
-engine warns once and falls back to PyTorch's kernels.
+They multiply bf16 weights by activation rows, reading each weight from memory once per call;
+one file per instruction set: AVX2 (widen and FMA), AVX-512F (the same on 64-byte registers)
+and AVX512_BF16 (``vdpbf16ps``). Built with torch's C++ extension loader into
+``$CONVEYOR_CACHE/kernels/``; if the build fails (no compiler, old assembler) the engine warns
+once and uses PyTorch's kernels. Which kernel runs where is measured, not assumed
+(``kernel_choice.py``); a kernel whose instruction set this CPU lacks is never called.
 """
 from __future__ import annotations
 
@@ -20,28 +21,66 @@ import torch
 
 from conveyor.config import cache_root
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.cpp"
-MAX_ROWS = 32
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = ("gemv.cpp", "gemv_avx2.cpp", "gemv_avx512.cpp", "gemv_avx512bf16.cpp")
+# kernel name -> (the /proc/cpuinfo flags it needs, the K it needs a multiple of)
+KERNELS: dict[str, tuple[tuple[str, ...], int]] = {
+    "avx2": (("avx2", "fma"), 16),
+    "avx512": (("avx512f", "avx512bw"), 32),
+    "avx512bf16": (("avx512f", "avx512bw", "avx512_bf16"), 32),
+}
 
 
 @functools.cache
-def gemv_kernel() -> ModuleType | None:
-    """The compiled extension, or None where it is unavailable on this machine."""
-    if platform.machine() not in ("x86_64", "AMD64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def missing_isa(kernel: str) -> list[str]:
+    """The instruction sets ``kernel`` needs that this CPU lacks (all of them off x86-64)."""
+    needed = KERNELS[kernel][0]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return list(needed)
+    return [f for f in needed if f not in cpu_flags()]
+
+
+def source_digest() -> str:
+    data = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "gemv.h"))
+    return hashlib.sha256(data + torch.__version__.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def gemv_module() -> ModuleType | None:
+    """The compiled extension, or None where it cannot be built on this machine."""
+    if platform.machine() not in ("x86_64", "AMD64") or not any(not missing_isa(k) for k in KERNELS):
         return None
     from rich.console import Console
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    build_dir = cache_root() / "kernels" / f"gemv_bf16-{digest}"
+    digest = source_digest()
+    build_dir = cache_root() / "kernels" / f"gemv-{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not any(build_dir.glob("*.so"))
     try:
-        status = Console(stderr=True).status("compiling the bf16 decode kernel (once, about a minute)")
+        status = Console(stderr=True).status("compiling the bf16 decode kernels (once, about a minute)")
         with status if fresh else contextlib.nullcontext():
-            return load(f"conveyor_gemv_{digest}", [str(SOURCE)], build_directory=str(build_dir),
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            return load(f"conveyor_gemv_{digest}", [str(CSRC / s) for s in SOURCES], build_directory=str(build_dir),
+                        extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"])
     except Exception as e:  # any build failure: keep serving with PyTorch's kernels
-        warnings.warn(f"bf16 decode kernel unavailable, using PyTorch's bf16 matmul: {e}", stacklevel=2)
+        warnings.warn(f"bf16 decode kernels unavailable, using PyTorch's matmuls: {e}", stacklevel=2)
         return None
-

@@ -1,34 +1,26 @@
-"""A linear layer that picks the fastest kernel this machine has for each batch size.
+"""A linear layer that runs, for each number of activation rows, the path measured fastest here.
 
-On CPUs without native bf16 dot products (AVX2-only x86, such as this project's
-CI machine), PyTorch's bf16 GEMM re-reads and re-widens the weights for every
-row: the default model's layers took 0.43 s for 8 rows against 0.07 s for one.
-So on such CPUs a bf16 layer runs
-- up to ``SMALL_BATCH`` rows through our AVX2 kernel (``kernels.py``), which
-  reads each bf16 weight from memory once and accumulates in fp32;
-- more rows (prefill chunks, large decode batches) through oneDNN with an
-  fp32-packed copy of the weight, which is compute-bound there and fastest.
-Both paths accumulate in fp32 and return the input's dtype (the model keeps its
-activations in fp32 on such CPUs, see ``llama.activation_dtype``); the stored
-weight stays bf16. fp32 layers always use the packed weight.
+The engine's row counts fall into buckets (``BUCKETS``: one decode row, small and large decode
+batches, prefill chunks); ``kernel_choice.choose_kernels`` times the paths of ``paths.py`` on the
+real weights per shape and bucket and gives each layer its plan with ``use``. Until then (and on
+GPUs) a layer runs ``F.linear``. The stored weight keeps its dtype; paths accumulate in fp32 and
+the result takes the activations' dtype (fp32 on CPU, see ``llama.activation_dtype``).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from conveyor.engine.model.kernels import MAX_ROWS, gemv_kernel
+from conveyor.engine.model.paths import Product, make
 
-SMALL_BATCH = 16     # from 17-20 rows on, oneDNN's fp32 path was as fast here
-assert SMALL_BATCH <= MAX_ROWS
+# (label, the row count it is measured at); rows above 32 (prefill chunks) are the last bucket
+BUCKETS = (("1", 1), ("2-4", 4), ("5-8", 8), ("9-16", 16), ("17-32", 32), ("33+", 64))
+_BUCKET_OF = [len(BUCKETS) - 1] + [next(i for i, (_, top) in enumerate(BUCKETS) if r <= top) for r in range(1, 33)]
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN can run bf16 matmuls natively on this CPU (AVX512-BF16/AMX class)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def bucket_of(rows: int) -> int:
+    """Index into ``BUCKETS`` of a product with ``rows`` activation rows."""
+    return _BUCKET_OF[rows] if rows <= 32 else len(BUCKETS) - 1
 
 
 class Linear(torch.nn.Module):
@@ -40,9 +32,8 @@ class Linear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = (torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype), requires_grad=False)
                      if bias else None)
-        self._packed: torch.Tensor | None = None
-        self._packed_bias: torch.Tensor | None = None
-        self._gemv = None
+        self.plan: list[str] | None = None       # path per bucket, once chosen
+        self._products: list[Product] = []
 
     def set(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load weights (any dtype; converted to this layer's)."""
@@ -52,28 +43,19 @@ class Linear(torch.nn.Module):
                 raise ValueError("missing bias")
             self.bias.copy_(bias)
 
-    def pack(self) -> None:
-        """Choose kernels for this machine once the weights are loaded (CPU only)."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
-            return
-        if w.dtype == torch.bfloat16:
-            if cpu_has_fast_bf16():
-                return
-            if w.shape[1] % 16 == 0:
-                self._gemv = gemv_kernel()
-        if torch.backends.mkldnn.is_available():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.float(), 8)
-            self._packed_bias = None if self.bias is None else self.bias.float()
+    def product(self, path: str) -> Product:
+        """The product function of ``path`` over this layer's weights (``paths.why_not`` must allow it)."""
+        return make(path, self.weight, self.bias)
+
+    def use(self, plan: list[str]) -> None:
+        """Run bucket ``i`` through ``plan[i]``; paths shared by several buckets share one prepared weight."""
+        made = {path: self.product(path) for path in dict.fromkeys(plan)}
+        self.plan, self._products = list(plan), [made[path] for path in plan]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self._gemv is not None and 0 < rows <= SMALL_BATCH:
-            y = self._gemv.gemv_bf16(x, self.weight)
-            if self.bias is not None:
-                y += self.bias
-            return y.to(x.dtype)
-        if self._packed is None:
+        if not self._products:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.float(), self._packed, self._packed_bias, "none", [], "")
-        return y.to(x.dtype)
+        if rows == 0:                 # a step whose chunks all stop mid-prompt samples no row
+            return x.new_empty((0, self.weight.shape[0]))
+        return self._products[bucket_of(rows)](x).to(x.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from conveyor.engine.model.attention import AttentionMetadata, paged_attention
-from conveyor.engine.model.linear import Linear, cpu_has_fast_bf16
+from conveyor.engine.model.linear import Linear
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -87,10 +87,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the residual stream. On CPUs without native bf16 arithmetic every kernel
-    widens bf16 to fp32 anyway, so activations stay fp32 there (weights and KV cache keep
-    ``dtype``); this removes about twenty conversions per layer and only adds precision."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16():
+    """The dtype of the residual stream. One rule for every CPU: fp32, while weights and KV cache
+    keep ``dtype``. A bf16 residual stream failed the bf16 exactness test on an AVX512_BF16 CPU
+    (issue 20: error 0.71 against 0.52 allowed); the matmul paths that multiply in bf16 round
+    their own input (``paths.py``), so only the products see bf16 activations."""
+    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu":
         return torch.float32
     return dtype
 
