@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 
 import httpx
 import openai
@@ -11,6 +10,7 @@ import pytest
 
 from conveyor.config import ServerConfig
 from conveyor.server.serve import ServerThread, build_app
+from tests.polling import wait_until
 from tests.server.conftest import API_KEY
 
 
@@ -65,7 +65,7 @@ def test_queue_full_is_429(live, client):
             assert e.value.body["code"] == "queue_full"
     finally:
         state.config = config
-    assert _wait_until(lambda: state.num_pending == 0)
+    assert wait_until(lambda: state.num_pending == 0)
 
 
 def test_503_while_loading():
@@ -97,15 +97,6 @@ def _config():
     return EngineConfig(model=ModelConfig(model="unused"))
 
 
-def _wait_until(condition, timeout_s: float = 30.0) -> bool:
-    """Poll a condition of the engine thread's work (there is no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
 
 def test_disconnect_mid_stream_aborts_and_frees(live):
     server, engine = live
@@ -116,6 +107,6 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
             if '"name": "slow"' in line:
                 break                                   # the call is out; its tool is running
     pool = engine.tool_loop.executor.pool
-    assert _wait_until(lambda: server.app.state.conveyor.num_pending == 0)
-    assert _wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)
-    assert _wait_until(lambda: pool.num_busy == 0)
+    assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
+    assert wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)
+    assert wait_until(lambda: pool.num_busy == 0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import pytest
 
+from tests.polling import wait_until
 from tests.server.conftest import API_KEY, live_server
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
@@ -54,15 +54,6 @@ def with_call(arguments: str) -> list[dict]:
     return [*ask("x"), {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
 
-
-def wait_until(condition, timeout_s: float = 30.0) -> bool:
-    """Poll a condition of the engine thread's work (there is no event to wait on)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def assert_still_serves(hostile) -> None:
