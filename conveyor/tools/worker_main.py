@@ -28,7 +28,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.tools.base import CallInfo, FunctionTool, Tool, ToolRejected, ToolResult
-from conveyor.tools.sandbox import Limits, apply_sandbox, run_hook, set_cpu_budget
+from conveyor.tools import sandbox
+from conveyor.tools.sandbox import Policy, Report, run_hook, set_cpu_budget
 
 MAX_CONTENT_CHARS = 16 * 1024
 
@@ -73,8 +74,7 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    pid: int
-    landlock_abi: int     # 0: Landlock unavailable, writes are confined by the audit hook only
+    report: Report        # what its sandbox provides
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +98,7 @@ class Failed:
 @dataclass(frozen=True, slots=True)
 class Done:
     result: ToolResult
+    refusals: int = 0     # actions of the call's code that the sandbox's audit hook refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,16 +160,17 @@ class _Active:
     queued: list[float] = field(default_factory=list)
 
 
-def serve(conn: Connection, tools_blob: bytes, temp_root: str, limits: Limits) -> None:
-    """Worker process entry point: load the tools, sandbox, say Ready, serve calls until Stop."""
+def serve(conn: Connection, tools_blob: bytes, policy: Policy) -> None:
+    """Worker process entry point: load the tools, sandbox, say Ready, serve calls until Stop.
+    (The pool sends a worker one call: it is discarded after it.)"""
     try:
-        tools = {t.name: t for t in pickle.loads(tools_blob)}
-        abi = apply_sandbox(temp_root, limits)
+        tools = {t.name: t for t in pickle.loads(tools_blob)}   # imports their modules, before the sandbox
+        report = sandbox.enter(policy, conn.fileno())
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails start()
         conn.send(Failed(_describe(e)))
         return
-    conn.send(Ready(os.getpid(), abi))
-    _Server(conn, tools, temp_root, limits.cpu_time_s).run()
+    conn.send(Ready(report))
+    _Server(conn, tools, report.temp_root, policy.limits.cpu_time_s).run()
 
 
 class _Server:
@@ -258,7 +260,7 @@ class _Server:
                        f"of {len(content)} characters]")
         self.conn.send(Done(ToolResult(call.info.call_id, call.info.name, content, is_error, rejected,
                                        call.started_at, time.perf_counter(), tuple(call.delays),
-                                       tuple(call.queued))))
+                                       tuple(call.queued)), sandbox.take_refusals()))
 
     def _end(self, *, cancel: bool) -> None:
         call, self.call = self.call, None

@@ -1,5 +1,8 @@
 """Tool worker processes themselves: start one from the forkserver, send to it, stop it, and
-stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they do."""
+stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they do.
+
+The forkserver preloads `forkserver_init` first, which wipes the environment it inherited, so
+no worker starts with the server's secrets."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +11,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -18,8 +21,10 @@ from typing import Any
 
 import psutil
 
+from conveyor.tools import cgroups
 from conveyor.tools import worker_main as wm
-from conveyor.tools.sandbox import Limits
+from conveyor.tools.namespaces import WRITABLE
+from conveyor.tools.sandbox import Policy
 
 STOP_GRACE_S = 1.0         # workers exit within this after Stop, or are killed
 _ctx = multiprocessing.get_context("forkserver")
@@ -30,8 +35,10 @@ _num_open_pools = 0        # the forkserver is stopped when the last pool closes
 class Worker:
     process: BaseProcess
     conn: Connection
-    temp_root: str
+    network: bool                  # its profile: serves the tools that need the network
+    temp_root: str = WRITABLE      # inside its own file system, unless its sandbox has none
     ready: bool = False
+    served: bool = False           # it was given a call: it is discarded after that one
     call_id: str | None = None
     cancelling: bool = False       # Cancel sent, acknowledgement awaited
     deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
@@ -45,24 +52,31 @@ class Worker:
 def open_pool(preload: list[str]) -> None:
     """Count a pool in; `preload`: modules the forkserver imports once for every worker."""
     global _num_open_pools
-    _ctx.set_forkserver_preload(preload)
+    _ctx.set_forkserver_preload(["conveyor.tools.forkserver_init", *preload])
+    if _num_open_pools == 0:
+        cgroups.sweep()
     _num_open_pools += 1
 
 
-def spawn(tools_blob: bytes, limits: Limits) -> Worker:
+def package_root(module: str) -> str:
+    """The directory its top-level package (or module) is imported from: what a worker reads."""
+    top = sys.modules.get(module.partition(".")[0])
+    path = getattr(top, "__file__", None) or next(iter(getattr(top, "__path__", [])), None)
+    if path is None:
+        return "/nonexistent"
+    return os.path.dirname(os.path.dirname(path)) if os.path.basename(path) == "__init__.py" else os.path.dirname(path)
+
+
+def spawn(tools_blob: bytes, policy: Policy) -> Worker:
     """Start one worker (it says Ready when its tools are loaded and it is sandboxed)."""
-    temp_root = tempfile.mkdtemp(prefix="conveyor-worker-")
     conn, child_conn = _ctx.Pipe()
-    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, temp_root, limits),
+    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, policy),
                            name="conveyor-tool-worker", daemon=True)
     try:
         process.start()
-    except BaseException:
-        shutil.rmtree(temp_root, ignore_errors=True)
-        raise
     finally:
         child_conn.close()
-    return Worker(process, conn, temp_root)
+    return Worker(process, conn, policy.network)
 
 
 def send(worker: Worker, msg: Any) -> None:
@@ -82,12 +96,16 @@ def free(worker: Worker) -> None:
 
 
 def cpu_seconds(worker: Worker) -> float:
-    """CPU time the worker's process has used (user + system); 0.0 once it is gone."""
+    """CPU time the process serving the worker's calls has used (user + system); 0.0 once gone.
+    In its own namespaces that is the grandchild of the process we started (see `namespaces.py`)."""
     try:
         if worker.ps is None:       # made once: a new handle costs twice the read it serves
-            worker.ps = psutil.Process(worker.process.pid)
+            ps = psutil.Process(worker.process.pid)
+            for _ in range(2 if worker.temp_root == WRITABLE else 0):
+                ps = ps.children()[0]
+            worker.ps = ps
         times = worker.ps.cpu_times()
-    except (psutil.Error, ValueError):
+    except (psutil.Error, ValueError, IndexError):
         return 0.0
     return times.user + times.system
 
@@ -109,7 +127,9 @@ def stop(worker: Worker, grace_s: float) -> None:
             worker.process.kill()                           # not yet the leader of its own group
         worker.process.join(STOP_GRACE_S)
     worker.conn.close()
-    shutil.rmtree(worker.temp_root, ignore_errors=True)
+    cgroups.remove(worker.process.pid)
+    if worker.temp_root != WRITABLE:           # a sandbox without its own file system
+        shutil.rmtree(worker.temp_root, ignore_errors=True)
 
 
 def shutdown(workers: list[Worker]) -> None:

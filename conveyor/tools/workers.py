@@ -1,8 +1,13 @@
 """Tool worker processes, started before they are needed: the parent side.
 
 `WorkerPool` binds each call to an idle worker (or queues it with its messages until one
-frees), forwards the call's events, and collects results in `poll`, which also enforces the
-deadlines: the call's timeout (from `finish`, or from when a queued call gets its worker if
+frees), forwards the call's events, and collects results in `poll`. A worker serves one call
+and is then discarded with every process it started (a fresh one, pre-started, takes its
+place), so nothing a call's code changed reaches a later call. Workers run in the sandbox of
+`sandbox.py`; tools that declare `network` get workers of their own that share the host's
+network (the others have none). A tool that `requires_isolation` (the `python` tool) refuses
+to start where the sandbox lacks a required layer, unless `config.unsafe_tools`. `poll` also
+enforces the deadlines: the call's timeout (from `finish`, or from when a queued call gets its worker if
 later) and the ~1 s a cancelled call's worker has to acknowledge. A worker past a deadline,
 or dead, is killed with its process group and replaced at once; its call gets an error result
 without waiting for the replacement. Workers come from the "forkserver" start method (fork is
@@ -24,6 +29,7 @@ on a CPU, for the engine to leave them a core (`ToolConfig.share_cores`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections import deque
@@ -32,10 +38,11 @@ from multiprocessing.connection import wait
 from typing import Any, Self
 
 from conveyor.config import ToolConfig
+from conveyor.config import cache_root
 from conveyor.tools import worker_main as wm
 from conveyor.tools import worker_procs as procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
-from conveyor.tools.sandbox import Limits
+from conveyor.tools.sandbox import Limits, Policy, Report, default_view
 from conveyor.tools.worker_procs import Worker
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
 COMPUTING_SHARE = 0.5      # a running worker on a CPU more than this share of the time is computing
+MAX_FAILED_STARTS = 5      # replacements in a row that fail to start: the pool gives up
 
 
 @dataclass(slots=True, eq=False)
@@ -64,13 +72,15 @@ class WorkerPool:
     def __init__(self, registry: ToolRegistry, config: ToolConfig) -> None:
         self.config = config
         self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
-        self.landlock_abi = 0      # what the workers report; 0: file writes confined by an audit hook only
+        self.num_refusals = 0      # tool-code actions the workers' sandbox refused (its audit hook)
+        self.report = Report()     # what the workers' sandbox provides (the last worker's report)
         self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
         self._early: list[ToolResult] = []     # results received by `hand_off`, for the next poll
         self._tools: list[Tool] = list(registry)
         self._by_name = {t.name: t for t in self._tools}
-        self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
-        self._tools_blob = b""
+        self._profiles: dict[bool, tuple[bytes, Policy]] = {}     # network -> (its tools, its sandbox)
+        self._failed_starts = 0
+        self._started = False
         self._workers: list[Worker] = []
         self._calls: dict[str, _Call] = {}     # open calls, bound or queued
         self._queue: deque[str] = deque()
@@ -82,22 +92,47 @@ class WorkerPool:
         """Start the workers and wait until each is Ready (RuntimeError with the cause if not)."""
         if self._finalizer is not None:
             raise RuntimeError("the worker pool was already started")
-        self._tools_blob = wm.pickle_tools(self._tools)
+        self._profiles = self._make_profiles()
         procs.open_pool(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
             type(t).__module__ for t in self._tools if type(t).__module__.startswith("conveyor.")}))
         self._finalizer = weakref.finalize(self, procs.shutdown, self._workers)   # also at exit
         try:
-            self._workers.extend(procs.spawn(self._tools_blob, self._limits) for _ in range(self.config.num_workers))
+            self._workers.extend(self._spawn(network) for network in self._profiles
+                                 for _ in range(self.config.num_workers))
             deadline = time.perf_counter() + READY_TIMEOUT_S
             while not all(w.ready for w in self._workers):
                 if time.perf_counter() >= deadline:
                     raise RuntimeError(f"tool workers did not start within {READY_TIMEOUT_S:g} s")
                 self._receive(deadline - time.perf_counter(), [])
+            self._check_isolation()
+            self._started = True
         except BaseException:
             self.close()
             raise
-        if self.landlock_abi == 0:
-            log.warning("Landlock is unavailable: tool workers confine file writes by an audit hook only")
+
+    def _make_profiles(self) -> dict[bool, tuple[bytes, Policy]]:
+        """The tools and sandbox of each kind of worker: without network, and with it if needed."""
+        config = self.config
+        limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice,
+                        config.max_processes)
+        extra = [procs.package_root(type(t).__module__) for t in self._tools]
+        extra += [path for t in self._tools for path in t.read_paths]
+        view = default_view(extra, [str(cache_root()), os.path.expanduser("~/.ssh")], config.memory_mb)
+        profiles = {}
+        for network in sorted({bool(t.network) for t in self._tools} or {False}):
+            tools = [t for t in self._tools if bool(t.network) == network]
+            profiles[network] = (wm.pickle_tools(tools), Policy(limits, view, config.sandbox_uid, network))
+        return profiles
+
+    def _check_isolation(self) -> None:
+        """Refuse tools that need the whole sandbox where a layer is missing (unless unsafe_tools)."""
+        missing = self.report.missing_required()
+        needy = [t.name for t in self._tools if t.requires_isolation]
+        if missing and needy and not self.config.unsafe_tools:
+            raise RuntimeError(f"tool {needy[0]!r} needs an isolated sandbox, and this machine cannot provide "
+                               f"it: missing {'; '.join(missing)}. Pass --unsafe-tools to run it anyway")
+        if self.report.missing:
+            log.warning("tool workers run without: %s", "; ".join(f"{k} ({v})" for k, v in self.report.missing))
 
     def close(self) -> None:
         """Stop all workers (killing those that do not exit promptly). Idempotent."""
@@ -176,7 +211,7 @@ class WorkerPool:
 
     @property
     def num_idle(self) -> int:
-        return sum(w.ready and w.call_id is None for w in self._workers)
+        return sum(w.ready and not w.served for w in self._workers)
 
     @property
     def num_running(self) -> int:
@@ -229,11 +264,16 @@ class WorkerPool:
             procs.send(call.worker, msg)
 
     def _dispatch(self) -> None:
-        """Bind queued calls to idle workers and send what each has so far."""
-        idle = [w for w in self._workers if w.ready and w.call_id is None]
-        while self._queue and idle:
-            call, worker = self._calls[self._queue.popleft()], idle.pop()
-            call.worker, worker.call_id = worker, call.info.call_id
+        """Bind queued calls to idle workers of their tool's kind and send what each has so far."""
+        idle = [w for w in self._workers if w.ready and not w.served]
+        for call_id in list(self._queue):
+            call = self._calls[call_id]
+            worker = next((w for w in idle if w.network == self._network_of(call.info.name)), None)
+            if worker is None:
+                continue
+            idle.remove(worker)
+            self._queue.remove(call_id)
+            call.worker, worker.call_id, worker.served = worker, call_id, True
             for msg in call.pending:
                 procs.send(worker, msg)
             call.pending.clear()
@@ -251,11 +291,11 @@ class WorkerPool:
                 continue                                   # replaced already (conn and sentinel both ready)
             hung_up = False
             try:
-                while worker.conn.poll():
+                while worker in self._workers and worker.conn.poll():
                     self._on_message(worker, worker.conn.recv(), results)
             except (EOFError, OSError):
                 hung_up = True
-            if hung_up or not worker.process.is_alive():
+            if worker in self._workers and (hung_up or not worker.process.is_alive()):   # not retired
                 self._replace(worker, results, "RuntimeError: the tool's worker process died "
                                                f"({procs.exit_text(worker.process)})")
 
@@ -266,19 +306,22 @@ class WorkerPool:
                 worker.running = True
             case wm.Idle():
                 worker.running = False
-            case wm.Ready(landlock_abi=abi):
-                worker.ready = True
-                self.landlock_abi = abi
-            case wm.Failed(error=error):
+            case wm.Ready(report=report):
+                worker.ready, worker.temp_root, self.report = True, report.temp_root, report
+                self._failed_starts = 0
+            case wm.Failed(error=error) if not self._started:
                 raise RuntimeError(f"a tool worker failed to start: {error}")
-            case wm.Done(result=result) if result.call_id == worker.call_id and not worker.cancelling:
+            case wm.Failed(error=error):       # a replacement: it exits, and is replaced (`_replace`)
+                log.error("a tool worker failed to start: %s", error)
+            case wm.Done(result=result, refusals=refusals) if result.call_id == worker.call_id and not worker.cancelling:
                 call = self._calls.pop(result.call_id)
                 if not call.finished:
                     self._dropped.add(result.call_id)      # rejected: later messages are dropped
-                procs.free(worker)
+                self.num_refusals += refusals
                 results.append(result)
+                self._retire(worker)
             case wm.Cancelled(call_id=call_id) if call_id == worker.call_id and worker.cancelling:
-                procs.free(worker)
+                self._retire(worker)
 
     def _enforce_deadlines(self, results: list[ToolResult]) -> None:
         now = time.perf_counter()
@@ -290,12 +333,28 @@ class WorkerPool:
         """Kill the worker, start its replacement, and give its call (if any) an error result."""
         procs.stop(worker, grace_s=0.0)
         if not worker.ready:
-            raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
+            self._failed_starts += 1
+            if not self._started or self._failed_starts >= MAX_FAILED_STARTS:
+                raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
         call = self._calls.pop(worker.call_id, None) if worker.call_id and not worker.cancelling else None
         if call is not None:
             if not call.finished:
                 self._dropped.add(call.info.call_id)
             results.append(ToolResult(call.info.call_id, call.info.name, error, is_error=True,
                                       done_at=time.perf_counter()))
-        self._workers[self._workers.index(worker)] = procs.spawn(self._tools_blob, self._limits)
+        self._workers[self._workers.index(worker)] = self._spawn(worker.network)
         self.num_restarts += 1
+
+    def _retire(self, worker: Worker) -> None:
+        """The worker's call is over: discard it (with all its processes) for a fresh one."""
+        procs.free(worker)
+        procs.stop(worker, grace_s=0.0)
+        self._workers[self._workers.index(worker)] = self._spawn(worker.network)
+
+    def _spawn(self, network: bool) -> Worker:
+        blob, policy = self._profiles[network]
+        return procs.spawn(blob, policy)
+
+    def _network_of(self, name: str) -> bool:
+        tool = self._by_name.get(name)
+        return bool(tool.network) if tool is not None else min(self._profiles)

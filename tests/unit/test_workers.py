@@ -125,6 +125,13 @@ def wait_results(pool: WorkerPool, call_ids: set[str], timeout_s: float = 15.0) 
     return results
 
 
+def wait_until(pool: WorkerPool, condition: Any, timeout_s: float = 15.0) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        assert time.perf_counter() < deadline, "timed out"
+        pool.poll(0.05)
+
+
 def python(pool: WorkerPool, *lines: str) -> ToolResult:
     return run_call(pool, "python", lines=lines, args={"code": "\n".join(lines)})
 
@@ -268,11 +275,12 @@ def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
     first, second, third = (open_call(pool, "echo") for _ in range(3))
     assert (pool.num_busy, pool.num_idle, pool.num_queued) == (2, 0, 1)
     pool.send_field(third, "k", "queued", time.perf_counter())
+    workers = {pool._calls[c].worker.process.pid for c in (first, second)}
     for call_id in (first, second):
         pool.finish(call_id, {})
     results = wait_results(pool, {first, second})
-    pids = {eval(results[c].content.replace("null", "None"))["pid"] for c in (first, second)}
-    assert len(pids) == 2                             # two workers ran them side by side
+    assert len(workers) == 2 and all(not results[c].is_error for c in (first, second))  # side by side
+    wait_until(pool, lambda: pool.num_queued == 0)     # a fresh worker (each serves one call) takes it
     assert (pool.num_busy, pool.num_queued) == (1, 0)  # the queued call got a worker
     pool.finish(third, {"k": "queued"})
     result = wait_results(pool, {third})[third]
