@@ -18,6 +18,7 @@ from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.tool_loop import Span, ToolLoop
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
 from conveyor.tools.base import ToolResult
+from conveyor.tools.workers import WorkerStats
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
@@ -43,6 +44,7 @@ class EngineStats:
     num_blocks: int
     num_used_blocks: int
     num_awaiting_tools: int
+    workers: WorkerStats = WorkerStats()
 
 
 class LLMEngine(ToolRounds):
@@ -193,7 +195,8 @@ class LLMEngine(ToolRounds):
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0)
+        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0,
+                           WorkerStats.of(self.tool_loop))
 
     # ---- the loop -------------------------------------------------------------------------
     @property

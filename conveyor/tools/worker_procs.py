@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing import forkserver
@@ -128,8 +129,9 @@ def stop(worker: Worker, grace_s: float) -> None:
         worker.process.join(STOP_GRACE_S)
     worker.conn.close()
     cgroups.remove(worker.process.pid)
-    if worker.temp_root != WRITABLE:           # a sandbox without its own file system
-        shutil.rmtree(worker.temp_root, ignore_errors=True)
+    own = os.path.join(tempfile.gettempdir(), "conveyor-worker-")    # never what else a worker names
+    if worker.temp_root.startswith(own) and "/" not in worker.temp_root[len(own):]:
+        shutil.rmtree(worker.temp_root, ignore_errors=True)     # a sandbox without its own file system
 
 
 def shutdown(workers: list[Worker]) -> None:

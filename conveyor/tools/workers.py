@@ -39,6 +39,7 @@ from typing import Any, Self
 
 from conveyor.config import ToolConfig
 from conveyor.config import cache_root
+from conveyor.tools import replies
 from conveyor.tools import worker_main as wm
 from conveyor.tools import worker_procs as procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
@@ -51,6 +52,23 @@ READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
 COMPUTING_SHARE = 0.5      # a running worker on a CPU more than this share of the time is computing
 MAX_FAILED_STARTS = 5      # replacements in a row that fail to start: the pool gives up
+MAX_REPLIES = 64           # replies handled per worker per wait
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """The pool's counters, for /metrics: workers serving a call now, workers replaced after a
+    crash, timeout or unacknowledged cancel, and tool-code actions the sandbox refused."""
+
+    busy: int = 0
+    restarts: int = 0
+    refusals: int = 0
+
+    @staticmethod
+    def of(tool_loop: Any) -> WorkerStats:
+        """The counters of an engine's tool loop (None: no tools; a stand-in pool counts nothing)."""
+        pool = getattr(getattr(tool_loop, "executor", None), "pool", None)
+        return pool.stats() if isinstance(pool, WorkerPool) else WorkerStats()
 
 
 @dataclass(slots=True, eq=False)
@@ -205,6 +223,9 @@ class WorkerPool:
         """Let workers just sent new work take it now (see the module docstring)."""
         self._hand_off(self._early)
 
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self.num_busy, self.num_restarts, self.num_refusals)
+
     @property
     def num_busy(self) -> int:
         return sum(w.call_id is not None for w in self._workers)
@@ -289,14 +310,19 @@ class WorkerPool:
             worker = owners[ready]
             if worker not in self._workers:
                 continue                                   # replaced already (conn and sentinel both ready)
-            hung_up = False
+            broken = ""
             try:
-                while worker in self._workers and worker.conn.poll():
-                    self._on_message(worker, worker.conn.recv(), results)
+                for _ in range(MAX_REPLIES):           # a flooding worker cannot hold the engine here
+                    if worker not in self._workers or not worker.conn.poll():
+                        break
+                    self._on_message(worker, replies.decode(worker.conn.recv_bytes(replies.MAX_REPLY_BYTES)), results)
             except (EOFError, OSError):
-                hung_up = True
-            if worker in self._workers and (hung_up or not worker.process.is_alive()):   # not retired
-                self._replace(worker, results, "RuntimeError: the tool's worker process died "
+                broken = "died"
+            except ValueError:
+                broken = "sent a malformed message"
+            if worker in self._workers and (broken or not worker.process.is_alive()):   # not retired
+                procs.stop(worker, grace_s=0.0)
+                self._replace(worker, results, f"RuntimeError: the tool's worker process {broken or 'died'} "
                                                f"({procs.exit_text(worker.process)})")
 
     def _on_message(self, worker: Worker, msg: Any, results: list[ToolResult]) -> None:
@@ -306,7 +332,7 @@ class WorkerPool:
                 worker.running = True
             case wm.Idle():
                 worker.running = False
-            case wm.Ready(report=report):
+            case wm.Ready(report=report) if not worker.ready:      # before any tool code ran in it
                 worker.ready, worker.temp_root, self.report = True, report.temp_root, report
                 self._failed_starts = 0
             case wm.Failed(error=error) if not self._started:
