@@ -113,7 +113,8 @@ class WorkerPool:
         self._profiles = self._make_profiles()
         procs.open_pool(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
             type(t).__module__ for t in self._tools if type(t).__module__.startswith("conveyor.")}))
-        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers)   # also at exit
+        self._recycler = procs.Recycler()
+        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers, self._recycler)   # also at exit
         try:
             self._workers.extend(self._spawn(network) for network in self._profiles
                                  for _ in range(self.config.num_workers))
@@ -303,11 +304,15 @@ class WorkerPool:
 
     def _receive(self, wait_s: float, results: list[ToolResult], workers: list[Worker] | None = None) -> None:
         """Wait up to wait_s for replies or exits (of `workers`, default all), and handle them."""
-        owners: dict[Any, Worker] = {}
+        self._adopt()
+        owners: dict[Any, Worker | None] = {self._recycler.wake_fd: None}     # None: a replacement is there
         for w in self._workers if workers is None else workers:
             owners[w.conn] = owners[w.process.sentinel] = w
         for ready in wait(list(owners), wait_s):
             worker = owners[ready]
+            if worker is None:
+                self._adopt()
+                continue
             if worker not in self._workers:
                 continue                                   # replaced already (conn and sentinel both ready)
             broken = ""
@@ -321,7 +326,7 @@ class WorkerPool:
             except ValueError:
                 broken = "sent a malformed message"
             if worker in self._workers and (broken or not worker.process.is_alive()):   # not retired
-                procs.stop(worker, grace_s=0.0)
+                worker.process.join(0.1 if not broken else 0.0)           # its exit status, if it has one
                 self._replace(worker, results, f"RuntimeError: the tool's worker process {broken or 'died'} "
                                                f"({procs.exit_text(worker.process)})")
 
@@ -357,7 +362,6 @@ class WorkerPool:
 
     def _replace(self, worker: Worker, results: list[ToolResult], error: str) -> None:
         """Kill the worker, start its replacement, and give its call (if any) an error result."""
-        procs.stop(worker, grace_s=0.0)
         if not worker.ready:
             self._failed_starts += 1
             if not self._started or self._failed_starts >= MAX_FAILED_STARTS:
@@ -368,14 +372,19 @@ class WorkerPool:
                 self._dropped.add(call.info.call_id)
             results.append(ToolResult(call.info.call_id, call.info.name, error, is_error=True,
                                       done_at=time.perf_counter()))
-        self._workers[self._workers.index(worker)] = self._spawn(worker.network)
+        self._workers.remove(worker)
+        self._recycler.submit(worker, *self._profiles[worker.network])
         self.num_restarts += 1
 
     def _retire(self, worker: Worker) -> None:
-        """The worker's call is over: discard it (with all its processes) for a fresh one."""
+        """The worker's call is over: discard it (with all its processes) for a fresh one,
+        which the recycler thread starts (`_adopt` takes it in)."""
         procs.free(worker)
-        procs.stop(worker, grace_s=0.0)
-        self._workers[self._workers.index(worker)] = self._spawn(worker.network)
+        self._workers.remove(worker)
+        self._recycler.submit(worker, *self._profiles[worker.network])
+
+    def _adopt(self) -> None:
+        self._workers.extend(self._recycler.take())
 
     def _spawn(self, network: bool) -> Worker:
         blob, policy = self._profiles[network]

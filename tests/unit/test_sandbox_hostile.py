@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import forkserver
@@ -248,3 +250,25 @@ def test_namespaces_mounts_and_ptrace_are_refused(pool: WorkerPool) -> None:
               "libc.mount(b'none', b'/sandbox', b'tmpfs', 0, None), os.strerror(ctypes.get_errno()))",
               "print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])")
     assert out == "-1 -1 -1 Operation not permitted\n1", out
+
+
+def test_no_worker_outlives_a_server_killed_with_sigkill(pool: WorkerPool) -> None:
+    uid = UID + 1
+    code = ("import sys, time\n"
+            "from conveyor.config import ToolConfig\nfrom conveyor.tools.base import ToolRegistry\n"
+            "from conveyor.tools.builtin.python import PythonTool\nfrom conveyor.tools.workers import WorkerPool\n"
+            f"pool = WorkerPool(ToolRegistry([PythonTool()]), ToolConfig(num_workers=2, sandbox_uid={uid}))\n"
+            "pool.start()\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        tree = psutil.Process(server.pid).children(recursive=True)
+        assert sum(p.uids().real == uid for p in tree) == 4           # two workers: two processes each of the uid
+        server.kill()
+        server.wait(10)
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert alive == [], f"still running after the server's SIGKILL: {alive}"
+    finally:
+        server.kill()
+        server.wait(10)
