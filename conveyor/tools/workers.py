@@ -111,8 +111,9 @@ class WorkerPool:
         if self._finalizer is not None:
             raise RuntimeError("the worker pool was already started")
         self._profiles = self._make_profiles()
-        procs.open_pool(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
-            type(t).__module__ for t in self._tools if type(t).__module__.startswith("conveyor.")}))
+        # the tools' modules load once, in the forkserver: a worker (one per call) only forks
+        modules = {type(t).__module__ for t in self._tools} | {getattr(t, "fn", len).__module__ for t in self._tools}
+        procs.open_pool(sorted({"conveyor.tools.worker_main"} | modules - {"__main__", "builtins"}))
         self._recycler = procs.Recycler()
         self._finalizer = weakref.finalize(self, procs.shutdown, self._workers, self._recycler)   # also at exit
         try:

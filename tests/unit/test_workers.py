@@ -408,3 +408,20 @@ def test_writes_inside_the_call_directory_work(pool: WorkerPool) -> None:
         result = python(pool, "import os", "calls = [d for d in os.listdir('..') if d.startswith('call-')]",
                         "os.listdir('.'), calls == [os.path.basename(os.getcwd())]")
         assert result.content == "([], True)"
+
+
+def test_the_python_tool_refuses_a_sandbox_with_a_missing_layer_unless_unsafe_tools() -> None:
+    from conveyor.tools.sandbox import Report
+
+    lacking = Report(("seccomp filter",), (("namespaces", "unshare: Operation not permitted"), ("landlock", "no")))
+    for config, registry, refused in ((CONFIG, [PythonTool()], True),
+                                      (ToolConfig(num_workers=1, unsafe_tools=True), [PythonTool()], False),
+                                      (CONFIG, [EchoTool()], False)):       # tools without requires_isolation
+        pool = WorkerPool(ToolRegistry(registry), config)
+        pool.report = lacking
+        if refused:
+            with pytest.raises(RuntimeError, match=r"'python' needs an isolated sandbox.*missing namespaces "
+                                                   r"\(unshare: Operation not permitted\).*--unsafe-tools"):
+                pool._check_isolation()
+        else:
+            pool._check_isolation()
