@@ -146,15 +146,17 @@ def _fork_and_wait(child_fds: tuple[int, ...]) -> None:
 def _build_root(view: View) -> None:
     """A new root on a tmpfs: read-only binds, /proc, /dev, the writable tmpfs; then pivot."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)          # nothing propagates back to the host
-    new = "/tmp"                                          # any directory: the tmpfs hides it here
+    sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in view.read_only if os.path.exists(p)}
+    new = "/tmp"                      # any directory: the tmpfs hides it (sources are held open above)
     _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         if os.path.islink(f"/{top}"):                     # merged /usr: keep the links
             os.symlink(os.readlink(f"/{top}"), f"{new}/{top}")
-    for path in view.read_only:
-        _bind(path, new + path)
-    for path in view.hidden:
-        if os.path.isdir(new + path):
+    for path, fd in sources.items():
+        _bind(f"/proc/self/fd/{fd}", new + path)
+        os.close(fd)
+    for path in view.hidden:              # only where a bound directory would show it
+        if os.path.isdir(new + path) and any(path.startswith(b + "/") for b in view.read_only):
             _mount("tmpfs", new + path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k")
     os.makedirs(f"{new}/proc")
     _mount("proc", f"{new}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -172,9 +174,7 @@ def _build_root(view: View) -> None:
 
 
 def _bind(source: str, target: str) -> None:
-    """Bind `source` read-only at `target` (a file or a directory; missing sources are skipped)."""
-    if not os.path.exists(source):
-        return
+    """Bind `source` read-only at `target` (a file or a directory)."""
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
     else:

@@ -34,6 +34,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait
 from typing import Any, Self
 
@@ -137,7 +138,8 @@ class WorkerPool:
                         config.max_processes)
         extra = [procs.package_root(type(t).__module__) for t in self._tools]
         extra += [path for t in self._tools for path in t.read_paths]
-        view = default_view(extra, [str(cache_root()), os.path.expanduser("~/.ssh")], config.memory_mb)
+        hidden = [str(cache_root()), os.path.expanduser("~/.ssh"), mp_util.get_temp_dir()]   # + the forkserver's socket
+        view = default_view(extra, hidden, config.memory_mb)
         profiles = {}
         for network in sorted({bool(t.network) for t in self._tools} or {False}):
             tools = [t for t in self._tools if bool(t.network) == network]
