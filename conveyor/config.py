@@ -124,6 +124,13 @@ class ToolConfig:
         "CPU priority of tool workers below the engine (0-19). 0: a worker woken by new work runs at "
         "once (niced workers waited 1-5 ms behind busy decode threads here), and --share-cores gives "
         "running tools their own core; raise it where tools must never slow decoding"))
+    max_processes: int = field(default=64, metadata=_help(
+        "most processes and threads one tool worker and everything it starts may have"))
+    sandbox_uid: int = field(default=60100, metadata=_help(
+        "uid and gid tool workers run as when the server runs as root (one no other process or file uses)"))
+    unsafe_tools: bool = field(default=False, metadata=_help(
+        "run tools that execute model-written code (python) even where the machine cannot isolate them "
+        "(no user/PID/mount/network namespaces, seccomp or no_new_privs); see docs/security.md"))
 
     def __post_init__(self) -> None:
         _require([(self.tool_mode in ("partial", "lazy"), f"tool_mode must be partial or lazy, got {self.tool_mode!r}"),
@@ -134,7 +141,9 @@ class ToolConfig:
                   (self.cpu_time_s > 0, "cpu_time_s must be positive"),
                   (self.memory_mb > 0, "memory_mb must be positive"),
                   (self.file_size_mb > 0, "file_size_mb must be positive"),
-                  (0 <= self.worker_nice <= 19, "worker_nice must be between 0 and 19")])
+                  (0 <= self.worker_nice <= 19, "worker_nice must be between 0 and 19"),
+                  (self.max_processes >= 4, "max_processes must be at least 4"),
+                  (0 < self.sandbox_uid < 2**32 - 1, "sandbox_uid must be a uid other than 0")])
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from conveyor.engine.engine import EngineStats, Prompt, RequestOutput, _sampling
 from conveyor.engine.request import SamplingParams
 from conveyor.engine.tool_loop import ToolLoop
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
+from conveyor.tools.workers import WorkerStats
 
 
 @dataclass(slots=True)
@@ -177,7 +178,7 @@ class RemoteEngine(RemoteRounds):
         return self._finish(request, "abort", cancel=True)
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, self.tool_loop.num_waiting if self.tool_loop else 0)
+        return EngineStats(0, 0, self.tool_loop.num_waiting if self.tool_loop else 0, WorkerStats.of(self.tool_loop))
 
     # ---- the loop -------------------------------------------------------------------------
     @property

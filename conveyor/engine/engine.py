@@ -19,6 +19,7 @@ from conveyor.engine.scheduler import Scheduler
 from conveyor.engine.tool_loop import Span, ToolLoop
 from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
 from conveyor.tools.base import ToolResult
+from conveyor.tools.workers import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EngineStats:
     num_blocks: int
     num_used_blocks: int
     num_awaiting_tools: int
+    workers: WorkerStats = WorkerStats()
 
 
 class LLMEngine(ToolRounds):
@@ -225,7 +227,8 @@ class LLMEngine(ToolRounds):
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0)
+        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0,
+                           WorkerStats.of(self.tool_loop))
 
     # ---- the loop -------------------------------------------------------------------------
     @property

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from conveyor.tools.workers import WorkerStats
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,7 @@ class EngineStats:
     num_used_blocks: int = 0
     num_awaiting_tools: int = 0
     num_requests: int = 0
+    workers: WorkerStats = WorkerStats()
 
 
 IDLE_TICK_S = 0.25
@@ -305,4 +308,5 @@ def _engine_stats(engine: Any, num_requests: int) -> EngineStats:
     if stats is None:
         return EngineStats(num_requests=num_requests)
     s = stats()
-    return EngineStats(s.num_blocks, s.num_used_blocks, s.num_awaiting_tools, num_requests)
+    return EngineStats(s.num_blocks, s.num_used_blocks, s.num_awaiting_tools, num_requests,
+                       getattr(s, "workers", WorkerStats()))

@@ -35,6 +35,13 @@ class ServerMetrics:
                                     registry=r)
         self.kv_used = Gauge("conveyor_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("conveyor_kv_blocks_total", "KV cache blocks", registry=r)
+        self.workers_busy = Gauge("conveyor_tool_workers_busy", "Tool workers serving a call", registry=r)
+        self.worker_restarts = Counter("conveyor_tool_worker_restarts",
+                                       "Tool workers replaced after a crash, timeout or unacknowledged cancel",
+                                       registry=r)
+        self.sandbox_refusals = Counter("conveyor_tool_sandbox_refusals",
+                                        "Tool-code actions the workers' sandbox refused (its audit hook)", registry=r)
+        self._workers_seen = (0, 0)       # the pool's totals at the last render
 
     def observe_finished(self, out: Any) -> None:
         """Counts from a request's last engine output (its timeline gives tool and overlap times)."""
@@ -52,4 +59,10 @@ class ServerMetrics:
         self.awaiting_tools.set(stats.num_awaiting_tools)
         self.kv_used.set(stats.num_used_blocks)
         self.kv_total.set(stats.num_blocks)
+        workers = stats.workers
+        self.workers_busy.set(workers.busy)
+        restarts, refusals = self._workers_seen         # the pool keeps totals: count what is new
+        self.worker_restarts.inc(max(0, workers.restarts - restarts))
+        self.sandbox_refusals.inc(max(0, workers.refusals - refusals))
+        self._workers_seen = (workers.restarts, workers.refusals)
         return generate_latest(self.registry)

@@ -73,6 +73,10 @@ class Tool:
     `cpu_bound`: its hooks mostly compute (the default) rather than wait on the network; on
     CPU the forward pass leaves a core to a worker that just began one of its hooks, until
     the worker's CPU time shows what it does.
+    Sandbox (`sandbox.py`): `network`: its workers share the host's network (others have none);
+    `read_paths`: files or directories it reads beyond Python's and its module's;
+    `requires_isolation`: it runs code the model wrote, so it refuses to start where the
+    sandbox lacks a required layer (unless --unsafe-tools).
     """
 
     name: str = ""
@@ -81,6 +85,9 @@ class Tool:
     side_effects: SideEffects = "external"
     body_field: str | None = None
     cpu_bound: bool = True
+    network: bool = False
+    read_paths: tuple[str, ...] = ()
+    requires_isolation: bool = False
 
     def for_call(self) -> Tool:
         """The instance that serves one call (a shallow copy: shared setup stays shared)."""

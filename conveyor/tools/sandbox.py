@@ -1,24 +1,28 @@
-"""The sandbox of a tool worker, applied once when the worker starts (see `worker_main.py`).
+"""The sandbox of a tool worker, entered once when the worker starts (see `worker_main.py`).
 
-- Hard limits: data memory (RLIMIT_DATA, so a huge allocation is a MemoryError), file size
-  (RLIMIT_FSIZE; SIGXFSZ ignored, so too large a write is an OSError) and no core dumps.
-- A per-call CPU budget: `set_cpu_budget` moves the soft RLIMIT_CPU at each call's start; the
-  kernel's SIGXCPU then raises `CpuTimeExceeded` inside the running hook (`run_hook`). The
-  parent's wall-clock timeout is the backstop (code stuck in C, or catching the exception).
-- File writes only beneath the worker's temp root and /dev/shm, and to /dev/null: by
-  Landlock where the kernel has it, and always by an audit hook that turns such a write into a
-  readable PermissionError (the only barrier where Landlock is missing). Reads and the network
-  stay open. Landlock ABI >= 6 also stops signals and abstract-socket connections to processes
-  outside the sandbox; the audit hook refuses connecting to filesystem unix sockets outside
-  the temp root (the forkserver's would fork unconfined processes), though code calling libc
-  through ctypes could still do it.
-- A root worker drops its capabilities, so it cannot raise the hard limits again; the audit
-  hook also refuses rlimit changes from Python, except the soft CPU limit.
+Layers, outermost first (`enter`; each one that cannot be had is named in the `Report`):
+- cgroups (`cgroups.py`, as root): memory and process-count limits over the worker and all
+  it starts. Without them: RLIMIT_AS (per process) and RLIMIT_NPROC (per uid in the worker's
+  user namespace) instead.
+- namespaces (`namespaces.py`): own PID, mount, IPC, UTS, user and network namespaces; a root
+  file system of read-only binds of what the tools need, a fresh /proc, a private tmpfs at
+  /sandbox as the only writable place (and /dev/shm); an unprivileged uid; the worker and
+  every process it starts die together.
+- the process itself: an empty environment (the forkserver already wiped the server's, see
+  `forkserver_init.py`), no inherited file descriptors but its pipe, hard limits on data
+  memory (RLIMIT_DATA: a huge allocation is a MemoryError), file size (RLIMIT_FSIZE; SIGXFSZ
+  ignored, so too large a write is an OSError) and core dumps; a per-call CPU budget
+  (`set_cpu_budget` moves the soft RLIMIT_CPU; SIGXCPU raises `CpuTimeExceeded` in the
+  running hook, `run_hook`; the parent's wall-clock timeout is the backstop).
+- `confine.py`: PR_SET_NO_NEW_PRIVS, no capabilities, a seccomp filter, Landlock on writes.
+- an audit hook (`_WriteGuard`): readable PermissionErrors for what Python code tries that
+  the layers below refuse anyway (writes outside the sandbox, unix-socket connections, rlimit
+  changes), counted as refusals. It is a convenience, not a barrier: code in C, ctypes or a
+  subprocess bypasses it and meets the kernel's refusals instead.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import math
 import os
@@ -27,8 +31,13 @@ import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from conveyor.tools import cgroups, confine, namespaces
+from conveyor.tools.namespaces import WRITABLE, View
+
+REQUIRED = ("namespaces", "seccomp", "no_new_privs")     # what the `python` tool needs, or --unsafe-tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,30 @@ class Limits:
     memory_mb: int
     file_size_mb: int
     nice: int = 0
+    max_processes: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What a worker's sandbox is made of (the pool computes it; see `workers.py`)."""
+
+    limits: Limits
+    view: View
+    uid: int = 60100             # the uid workers run as when the server runs as root
+    network: bool = False        # share the host's network namespace (tools that declare it)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a worker's sandbox provides: `applied` layers, `missing` ones as (layer, why)."""
+
+    applied: tuple[str, ...] = ()
+    missing: tuple[tuple[str, str], ...] = ()
+    landlock_abi: int = 0
+    temp_root: str = WRITABLE
+
+    def missing_required(self) -> list[str]:
+        return [f"{layer} ({why})" for layer, why in self.missing if layer in REQUIRED]
 
 
 class CpuTimeExceeded(BaseException):
@@ -44,23 +77,7 @@ class CpuTimeExceeded(BaseException):
 
 
 _in_hook = False
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
-_LANDLOCK_CREATE, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT = 444, 445, 446   # same on x86-64 and arm64
-_WRITE_FILE, _REFER, _TRUNCATE = 1 << 1, 1 << 13, 1 << 14
-_MAKE_AND_REMOVE = sum(1 << bit for bit in range(4, 13))    # remove dir/file, make char..sym (ABI 1)
-# ABI 6: no signals, and no connecting to abstract unix sockets (the forkserver's), out of the sandbox
-_SCOPES = (1 << 0) | (1 << 1)
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = (("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64))
-
-
-class _PathBeneath(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+_refusals = 0
 
 
 def _on_sigxcpu(signum: int, frame: Any) -> None:
@@ -68,84 +85,118 @@ def _on_sigxcpu(signum: int, frame: Any) -> None:
         raise CpuTimeExceeded("CPU time limit exceeded")
 
 
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
+@dataclass(slots=True)
+class _Layers:
+    applied: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def layer(self, name: str) -> Any:
+        try:
+            yield
+        except OSError as e:
+            self.missing.append((name, str(e)))
 
 
-def _syscall(number: int, *args: Any) -> int:
-    return _libc.syscall(ctypes.c_long(number), *args)
-
-
-def _prctl(option: int, value: int) -> int:
-    return _libc.prctl(ctypes.c_int(option), *(ctypes.c_ulong(v) for v in (value, 0, 0, 0)))
-
-
-def apply_sandbox(temp_root: str, limits: Limits) -> int:
-    """Confine this (fresh, single-threaded) worker; returns the Landlock ABI enforced, or 0."""
+def enter(policy: Policy, conn_fd: int) -> Report:
+    """Confine this fresh, single-threaded worker (it returns in the process that serves calls,
+    see `namespaces.enter`); raises nothing the kernel refuses, but reports it."""
+    _close_inherited(conn_fd)
     os.setpgid(0, 0)                                       # its own group: killed with its children
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)              # the forkserver gone -> gone too
+    namespaces.die_with_parent()                           # the forkserver gone -> gone too
     signal.signal(signal.SIGINT, signal.SIG_IGN)           # the parent decides when workers stop
+    layers, limits, root = _Layers(), policy.limits, os.geteuid() == 0
+    cgroup = False
+    with layers.layer("cgroups"):
+        layers.applied += cgroups.join(limits.memory_mb, limits.max_processes) if root else []
+        cgroup = root
+    temp_root = WRITABLE
+    with layers.layer("namespaces"):
+        layers.applied += namespaces.enter(policy.view, policy.uid, policy.network, (conn_fd,))
+    isolated = not any(name == "namespaces" for name, _ in layers.missing)
+    if not isolated:
+        temp_root = tempfile.mkdtemp(prefix="conveyor-worker-")
+    _set_limits(limits, address_space=not cgroup, processes=isolated)
+    _set_environment(temp_root)
+    with layers.layer("no_new_privs"):
+        confine.no_new_privs()
+    with layers.layer("seccomp"):
+        confine.install_seccomp()
+        layers.applied.append("seccomp filter")
+    with layers.layer("capabilities"):
+        confine.drop_capabilities()
+    abi = 0
+    with layers.layer("landlock"):
+        abi = confine.landlock((temp_root, "/dev/shm"))
+    sys.addaudithook(_WriteGuard(temp_root))
+    return Report(tuple(layers.applied), tuple(layers.missing), abi, temp_root)
+
+
+def _close_inherited(conn_fd: int) -> None:
+    """Keep only the pipe to the pool: stdio on /dev/null, no other descriptor of the server's or
+    the forkserver's (e.g. multiprocessing's resource tracker, which unlinks what it is told)."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, conn_fd)
+    os.closerange(conn_fd + 1, 65536)
+    from multiprocessing import resource_tracker
+    resource_tracker._resource_tracker._fd = None          # closed above; a new one would be ours
+
+
+def _set_limits(limits: Limits, *, address_space: bool, processes: bool) -> None:
+    """Hard limits; `processes`: RLIMIT_NPROC too, which counts the processes of the worker's uid
+    in its own user namespace (outside one it would count all of the uid's on the host)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # too large a write -> OSError (EFBIG)
     signal.signal(signal.SIGXCPU, _on_sigxcpu)
-    for limit, mb in ((resource.RLIMIT_DATA, limits.memory_mb), (resource.RLIMIT_FSIZE, limits.file_size_mb)):
-        resource.setrlimit(limit, (mb << 20, mb << 20))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    hard = [(resource.RLIMIT_DATA, limits.memory_mb << 20), (resource.RLIMIT_FSIZE, limits.file_size_mb << 20),
+            (resource.RLIMIT_CORE, 0)] + ([(resource.RLIMIT_NPROC, limits.max_processes)] if processes else [])
+    if address_space:              # no memory cgroup: at least each process's mappings are bounded
+        hard.append((resource.RLIMIT_AS, (limits.memory_mb + 1024) << 20))
+    for limit, value in hard:
+        resource.setrlimit(limit, (value, value))
     os.nice(limits.nice)        # below the engine: on a shared CPU, decoding keeps its cycles
-    _set_environment(temp_root)
-    abi = _landlock(temp_root)
-    if os.geteuid() == 0:
-        _drop_capabilities()
-    sys.addaudithook(_WriteGuard(temp_root))
-    return abi
 
 
 def _set_environment(temp_root: str) -> None:
-    """Temp files, caches and matplotlib inside the temp root; one BLAS/OpenMP thread."""
-    os.environ.update(TMPDIR=temp_root, MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(temp_root, ".matplotlib"),
-                      XDG_CACHE_HOME=os.path.join(temp_root, ".cache"),
+    """An environment of our own only: temp files, caches and matplotlib inside the temp root;
+    one BLAS/OpenMP thread."""
+    os.environ.clear()
+    os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=temp_root, TMPDIR=temp_root, LANG="C.UTF-8",
+                      MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(temp_root, ".matplotlib"),
+                      XDG_CACHE_HOME=os.path.join(temp_root, ".cache"), PYTHONDONTWRITEBYTECODE="1",
                       OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     tempfile.tempdir = temp_root
     sys.dont_write_bytecode = True
     os.chdir(temp_root)
 
 
-def _landlock(temp_root: str) -> int:
-    """Allow writes only beneath temp_root and /dev/shm, and to /dev/null; reads stay open."""
-    abi = _syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))   # ..._VERSION
-    if abi <= 0:
-        return 0
-    rights = _WRITE_FILE | _MAKE_AND_REMOVE | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(rights, 0, _SCOPES if abi >= 6 else 0)
-    size = ctypes.sizeof(attr) if abi >= 6 else 8
-    ruleset = _check(_syscall(_LANDLOCK_CREATE, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
-                     "landlock_create_ruleset")
-    try:
-        for path, allowed in ((temp_root, rights), ("/dev/shm", rights), ("/dev/null", rights & (_WRITE_FILE | _TRUNCATE))):
-            with contextlib.suppress(FileNotFoundError):
-                _allow(ruleset, path, allowed)
-        _check(_prctl(_PR_SET_NO_NEW_PRIVS, 1), "prctl(PR_SET_NO_NEW_PRIVS)")
-        _check(_syscall(_LANDLOCK_RESTRICT, ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
-    return abi
+_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
+        "nsswitch.conf", "hosts", "host.conf", "resolv.conf", "gai.conf", "services", "protocols",
+        "mime.types", "ssl", "ca-certificates", "ca-certificates.conf", "alternatives", "os-release", "fonts")
 
 
-def _allow(ruleset: int, path: str, allowed: int) -> None:
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        rule = _PathBeneath(allowed, fd)
-        _check(_syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1),    # PATH_BENEATH
-                        ctypes.byref(rule), ctypes.c_uint32(0)), f"landlock_add_rule({path})")
-    finally:
-        os.close(fd)
+def default_view(extra: list[str], hidden: list[str], tmpfs_mb: int) -> View:
+    """The file system of a worker: the system's libraries and programs, a few files of /etc,
+    the interpreter and every sys.path entry (the current directory if '' is one), plus
+    `extra` (the tools' modules and files); `hidden` paths (the model cache) stay empty."""
+    paths = [*_SYSTEM, *(f"/etc/{name}" for name in _ETC),
+             sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
+             *(os.getcwd() if p == "" else p for p in sys.path), *extra]
+    kept: list[str] = []
+    for path in sorted({os.path.abspath(p) for p in paths if os.path.exists(p)}):
+        linked = path in _SYSTEM and os.path.islink(path)          # merged /usr: the link is made
+        if path != "/" and not linked and not any(path.startswith(k + "/") for k in kept):
+            kept.append(path)
+    return View(tuple(kept), tuple(os.path.abspath(h) for h in hidden), tmpfs_mb)
 
 
-def _drop_capabilities() -> None:
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)      # _LINUX_CAPABILITY_VERSION_3, this thread
-    _check(_libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+def take_refusals() -> int:
+    """Refusals by the audit hook since the last call (see `_WriteGuard`)."""
+    global _refusals
+    count, _refusals = _refusals, 0
+    return count
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -179,6 +230,7 @@ class _WriteGuard:
         elif event in ("resource.setrlimit", "resource.prlimit"):
             limit, new = args[-2:]
             if new is not None and limit != resource.RLIMIT_CPU:
+                _refuse()
                 raise PermissionError(errno.EPERM, "tool code may not change resource limits")
 
     def _check(self, path: Any, dir_fd: int | None) -> None:
@@ -190,8 +242,14 @@ class _WriteGuard:
         real = os.path.realpath(name)
         if real == "/dev/null" or any(real == r or real.startswith(r + "/") for r in self.roots):
             return
+        _refuse()
         raise PermissionError(errno.EACCES, f"tools may write only inside their working directory "
                                             f"({os.getcwd()}), not to", name)
+
+
+def _refuse() -> None:
+    global _refusals
+    _refusals += 1
 
 
 def set_cpu_budget(cpu_time_s: int) -> None:

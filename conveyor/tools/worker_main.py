@@ -1,10 +1,10 @@
 """The child side of the tool workers: typed pipe messages and the loop that serves calls.
 
-Parent -> worker: Start, Field, LineMsg, Finish, Cancel, Stop. Worker -> parent: Ready or
-Failed (once, at start), then Began (each message taken, before it is handled) and Idle
-(all handled, nothing queued) which tell the parent whether a worker is running a tool,
-Done (a call's result) and Cancelled (a Cancel's acknowledgement). A worker serves one call at a time and ignores messages for any call but
-its current one (they belong to a call already over: rejected, failed or cancelled).
+Parent -> worker (pickled: the worker trusts its parent): Start, Field, LineMsg, Finish,
+Cancel, Stop. Worker -> parent: the replies of `replies.py` (JSON: the parent trusts no
+worker), Began and Idle telling the parent whether a worker is running a tool. A worker
+serves one call (the pool discards it after) and ignores messages for any call but its
+current one (they belong to a call already over: rejected, failed or cancelled).
 
 The sandbox it runs in is `sandbox.py`.
 """
@@ -28,7 +28,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.tools.base import CallInfo, FunctionTool, Tool, ToolRejected, ToolResult
-from conveyor.tools.sandbox import Limits, apply_sandbox, run_hook, set_cpu_budget
+from conveyor.tools import replies, sandbox
+from conveyor.tools.replies import BEGAN, IDLE, Began, Cancelled, Done, Failed, Idle, Ready, Reply  # noqa: F401 - the protocol's names
+from conveyor.tools.sandbox import Policy, run_hook, set_cpu_budget
 
 MAX_CONTENT_CHARS = 16 * 1024
 
@@ -69,40 +71,6 @@ class Cancel:
 @dataclass(frozen=True, slots=True)
 class Stop:
     """Exit after the current message."""
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    pid: int
-    landlock_abi: int     # 0: Landlock unavailable, writes are confined by the audit hook only
-
-
-@dataclass(frozen=True, slots=True)
-class Began:
-    """The worker's main thread took the next message (a hook is about to run)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Idle:
-    """The worker's main thread handled everything it was sent and waits for more."""
-
-
-BEGAN, IDLE = Began(), Idle()
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    result: ToolResult
-
-
-@dataclass(frozen=True, slots=True)
-class Cancelled:
-    call_id: str
 
 
 # ---- tools travel to workers by pickle ---------------------------------------------------------
@@ -159,16 +127,17 @@ class _Active:
     queued: list[float] = field(default_factory=list)
 
 
-def serve(conn: Connection, tools_blob: bytes, temp_root: str, limits: Limits) -> None:
-    """Worker process entry point: load the tools, sandbox, say Ready, serve calls until Stop."""
+def serve(conn: Connection, tools_blob: bytes, policy: Policy) -> None:
+    """Worker process entry point: load the tools, sandbox, say Ready, serve calls until Stop.
+    (The pool sends a worker one call: it is discarded after it.)"""
     try:
-        tools = {t.name: t for t in pickle.loads(tools_blob)}
-        abi = apply_sandbox(temp_root, limits)
+        tools = {t.name: t for t in pickle.loads(tools_blob)}   # imports their modules, before the sandbox
+        report = sandbox.enter(policy, conn.fileno())
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails start()
-        conn.send(Failed(_describe(e)))
+        _send(conn, Failed(_describe(e)))
         return
-    conn.send(Ready(os.getpid(), abi))
-    _Server(conn, tools, temp_root, limits.cpu_time_s).run()
+    _send(conn, Ready(report))
+    _Server(conn, tools, report.temp_root, policy.limits.cpu_time_s).run()
 
 
 class _Server:
@@ -182,11 +151,11 @@ class _Server:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         threading.Thread(target=_read_into, args=(self.conn, inbox), daemon=True).start()
         while not isinstance(msg := inbox.get(), Stop):
-            self.conn.send(BEGAN)
+            _send(self.conn, BEGAN)
             self._handle(msg)
             self.free_since = time.perf_counter()
             if inbox.empty():
-                self.conn.send(IDLE)
+                _send(self.conn, IDLE)
 
     def _handle(self, msg: Any) -> None:
         current = self.call.info.call_id if self.call else None
@@ -196,7 +165,7 @@ class _Server:
             case Cancel(call_id=call_id):
                 if call_id == current:
                     self._end(cancel=True)
-                self.conn.send(Cancelled(call_id))
+                _send(self.conn, Cancelled(call_id))
             case _ if msg.call_id != current:
                 pass                                     # for a call already over
             case Field(key=key, value=value, sent_at=sent_at):
@@ -256,9 +225,9 @@ class _Server:
         if len(content) > MAX_CONTENT_CHARS:
             content = (f"{content[:MAX_CONTENT_CHARS]}\n[truncated: the first {MAX_CONTENT_CHARS} "
                        f"of {len(content)} characters]")
-        self.conn.send(Done(ToolResult(call.info.call_id, call.info.name, content, is_error, rejected,
+        _send(self.conn, Done(ToolResult(call.info.call_id, call.info.name, content, is_error, rejected,
                                        call.started_at, time.perf_counter(), tuple(call.delays),
-                                       tuple(call.queued))))
+                                       tuple(call.queued)), sandbox.take_refusals()))
 
     def _end(self, *, cancel: bool) -> None:
         call, self.call = self.call, None
@@ -274,6 +243,10 @@ def _enter(directory: str) -> None:
     """Make `directory` the working directory and the home of temporary files."""
     os.chdir(directory)
     os.environ["TMPDIR"] = tempfile.tempdir = directory
+
+
+def _send(conn: Connection, reply: Reply) -> None:
+    conn.send_bytes(replies.encode(reply))
 
 
 def _read_into(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:

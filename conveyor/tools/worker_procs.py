@@ -1,26 +1,37 @@
 """Tool worker processes themselves: start one from the forkserver, send to it, stop it, and
-stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they do."""
+stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they do.
+
+The forkserver preloads `forkserver_init` first, which wipes the environment it inherited, so
+no worker starts with the server's secrets."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import forkserver
+from multiprocessing import spawn as spawn_module
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import psutil
 
+from conveyor.tools import cgroups
 from conveyor.tools import worker_main as wm
-from conveyor.tools.sandbox import Limits
+from conveyor.tools.namespaces import WRITABLE
+from conveyor.tools.sandbox import Policy
 
+log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0         # workers exit within this after Stop, or are killed
 _ctx = multiprocessing.get_context("forkserver")
 _num_open_pools = 0        # the forkserver is stopped when the last pool closes
@@ -30,8 +41,10 @@ _num_open_pools = 0        # the forkserver is stopped when the last pool closes
 class Worker:
     process: BaseProcess
     conn: Connection
-    temp_root: str
+    network: bool                  # its profile: serves the tools that need the network
+    temp_root: str = WRITABLE      # inside its own file system, unless its sandbox has none
     ready: bool = False
+    served: bool = False           # it was given a call: it is discarded after that one
     call_id: str | None = None
     cancelling: bool = False       # Cancel sent, acknowledgement awaited
     deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
@@ -45,24 +58,49 @@ class Worker:
 def open_pool(preload: list[str]) -> None:
     """Count a pool in; `preload`: modules the forkserver imports once for every worker."""
     global _num_open_pools
-    _ctx.set_forkserver_preload(preload)
+    _ctx.set_forkserver_preload(["conveyor.tools.forkserver_init", *preload])
+    if _num_open_pools == 0:
+        cgroups.sweep()
     _num_open_pools += 1
 
 
-def spawn(tools_blob: bytes, limits: Limits) -> Worker:
-    """Start one worker (it says Ready when its tools are loaded and it is sandboxed)."""
-    temp_root = tempfile.mkdtemp(prefix="conveyor-worker-")
+def package_root(module: str) -> str:
+    """The directory its top-level package (or module) is imported from: what a worker reads."""
+    top = sys.modules.get(module.partition(".")[0])
+    path = getattr(top, "__file__", None) or next(iter(getattr(top, "__path__", [])), None)
+    if path is None:
+        return "/nonexistent"
+    return os.path.dirname(os.path.dirname(path)) if os.path.basename(path) == "__init__.py" else os.path.dirname(path)
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's start data, less the parent's main module for workers whose tools do
+    not live there: importing it (the CLI, pytest) made each worker's start 130-150 ms longer,
+    and a worker now serves one call."""
+    data = _parent_preparation_data(name)
+    if name == _NO_MAIN:
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+_NO_MAIN = "conveyor-tool-worker"
+_parent_preparation_data = spawn_module.get_preparation_data
+spawn_module.get_preparation_data = _preparation_data
+
+
+def spawn(tools_blob: bytes, policy: Policy) -> Worker:
+    """Start one worker (it says Ready when its tools are loaded and it is sandboxed); it
+    imports the main module only if a tool refers to it."""
+    needs_main = b"__main__" in tools_blob
     conn, child_conn = _ctx.Pipe()
-    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, temp_root, limits),
-                           name="conveyor-tool-worker", daemon=True)
+    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, policy),
+                           name=f"{_NO_MAIN}-main" if needs_main else _NO_MAIN, daemon=True)
     try:
         process.start()
-    except BaseException:
-        shutil.rmtree(temp_root, ignore_errors=True)
-        raise
     finally:
         child_conn.close()
-    return Worker(process, conn, temp_root)
+    return Worker(process, conn, policy.network)
 
 
 def send(worker: Worker, msg: Any) -> None:
@@ -82,12 +120,16 @@ def free(worker: Worker) -> None:
 
 
 def cpu_seconds(worker: Worker) -> float:
-    """CPU time the worker's process has used (user + system); 0.0 once it is gone."""
+    """CPU time the process serving the worker's calls has used (user + system); 0.0 once gone.
+    In its own namespaces that is the grandchild of the process we started (see `namespaces.py`)."""
     try:
         if worker.ps is None:       # made once: a new handle costs twice the read it serves
-            worker.ps = psutil.Process(worker.process.pid)
+            ps = psutil.Process(worker.process.pid)
+            for _ in range(2 if worker.temp_root == WRITABLE else 0):
+                ps = ps.children()[0]
+            worker.ps = ps
         times = worker.ps.cpu_times()
-    except (psutil.Error, ValueError):
+    except (psutil.Error, ValueError, IndexError):
         return 0.0
     return times.user + times.system
 
@@ -109,12 +151,65 @@ def stop(worker: Worker, grace_s: float) -> None:
             worker.process.kill()                           # not yet the leader of its own group
         worker.process.join(STOP_GRACE_S)
     worker.conn.close()
-    shutil.rmtree(worker.temp_root, ignore_errors=True)
+    cgroups.remove(worker.process.pid)
+    own = os.path.join(tempfile.gettempdir(), "conveyor-worker-")    # never what else a worker names
+    if worker.temp_root.startswith(own) and "/" not in worker.temp_root[len(own):]:
+        shutil.rmtree(worker.temp_root, ignore_errors=True)     # a sandbox without its own file system
 
 
-def shutdown(workers: list[Worker]) -> None:
+class Recycler:
+    """A thread that stops discarded workers and starts their replacements, so the engine's
+    thread never waits for either (a kill and a forkserver round trip took 5-170 ms under
+    load here). Replacements come out of `fresh`; a byte on `wake_fd` says one is there."""
+
+    def __init__(self) -> None:
+        self.fresh: queue.SimpleQueue[Worker] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Worker, bytes, Policy] | None] = queue.SimpleQueue()
+        self.wake_fd, self._wake_w = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        self._thread = threading.Thread(target=self._run, name="conveyor-worker-recycler", daemon=True)
+        self._thread.start()
+
+    def submit(self, worker: Worker, tools_blob: bytes, policy: Policy) -> None:
+        """Kill `worker` (at once: nothing of its call may go on) and start a replacement."""
+        with contextlib.suppress(OSError):
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        self._jobs.put((worker, tools_blob, policy))
+
+    def take(self) -> list[Worker]:
+        """The replacements started since the last call."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_fd, 4096)
+        workers = []
+        while not self.fresh.empty():
+            workers.append(self.fresh.get())
+        return workers
+
+    def close(self) -> list[Worker]:
+        """Stop the thread (after its jobs); returns replacements nobody took."""
+        self._jobs.put(None)
+        self._thread.join(STOP_GRACE_S * 10)
+        workers = self.take()
+        os.close(self.wake_fd)
+        os.close(self._wake_w)
+        return workers
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            worker, tools_blob, policy = job
+            stop(worker, grace_s=0.0)
+            try:
+                self.fresh.put(spawn(tools_blob, policy))
+            except Exception:  # noqa: BLE001 - the pool runs short of a worker; logged
+                log.exception("could not start a tool worker")
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"w")
+
+
+def shutdown(workers: list[Worker], recycler: Recycler) -> None:
     """Stop every worker; the forkserver too once no pool is open."""
     global _num_open_pools
+    workers.extend(recycler.close())
     for worker in workers:
         send(worker, wm.Stop())
     deadline = time.perf_counter() + STOP_GRACE_S

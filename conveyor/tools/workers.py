@@ -1,8 +1,13 @@
 """Tool worker processes, started before they are needed: the parent side.
 
 `WorkerPool` binds each call to an idle worker (or queues it with its messages until one
-frees), forwards the call's events, and collects results in `poll`, which also enforces the
-deadlines: the call's timeout (from `finish`, or from when a queued call gets its worker if
+frees), forwards the call's events, and collects results in `poll`. A worker serves one call
+and is then discarded with every process it started (a fresh one, pre-started, takes its
+place), so nothing a call's code changed reaches a later call. Workers run in the sandbox of
+`sandbox.py`; tools that declare `network` get workers of their own that share the host's
+network (the others have none). A tool that `requires_isolation` (the `python` tool) refuses
+to start where the sandbox lacks a required layer, unless `config.unsafe_tools`. `poll` also
+enforces the deadlines: the call's timeout (from `finish`, or from when a queued call gets its worker if
 later) and the ~1 s a cancelled call's worker has to acknowledge. A worker past a deadline,
 or dead, is killed with its process group and replaced at once; its call gets an error result
 without waiting for the replacement. Workers come from the "forkserver" start method (fork is
@@ -24,18 +29,22 @@ on a CPU, for the engine to leave them a core (`ToolConfig.share_cores`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait
 from typing import Any, Self
 
 from conveyor.config import ToolConfig
+from conveyor.config import cache_root
+from conveyor.tools import replies
 from conveyor.tools import worker_main as wm
 from conveyor.tools import worker_procs as procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
-from conveyor.tools.sandbox import Limits
+from conveyor.tools.sandbox import Limits, Policy, Report, default_view
 from conveyor.tools.worker_procs import Worker
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,24 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
 COMPUTING_SHARE = 0.5      # a running worker on a CPU more than this share of the time is computing
+MAX_FAILED_STARTS = 5      # replacements in a row that fail to start: the pool gives up
+MAX_REPLIES = 64           # replies handled per worker per wait
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """The pool's counters, for /metrics: workers serving a call now, workers replaced after a
+    crash, timeout or unacknowledged cancel, and tool-code actions the sandbox refused."""
+
+    busy: int = 0
+    restarts: int = 0
+    refusals: int = 0
+
+    @staticmethod
+    def of(tool_loop: Any) -> WorkerStats:
+        """The counters of an engine's tool loop (None: no tools; a stand-in pool counts nothing)."""
+        pool = getattr(getattr(tool_loop, "executor", None), "pool", None)
+        return pool.stats() if isinstance(pool, WorkerPool) else WorkerStats()
 
 
 @dataclass(slots=True, eq=False)
@@ -64,13 +91,15 @@ class WorkerPool:
     def __init__(self, registry: ToolRegistry, config: ToolConfig) -> None:
         self.config = config
         self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
-        self.landlock_abi = 0      # what the workers report; 0: file writes confined by an audit hook only
+        self.num_refusals = 0      # tool-code actions the workers' sandbox refused (its audit hook)
+        self.report = Report()     # what the workers' sandbox provides (the last worker's report)
         self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
         self._early: list[ToolResult] = []     # results received by `hand_off`, for the next poll
         self._tools: list[Tool] = list(registry)
         self._by_name = {t.name: t for t in self._tools}
-        self._limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice)
-        self._tools_blob = b""
+        self._profiles: dict[bool, tuple[bytes, Policy]] = {}     # network -> (its tools, its sandbox)
+        self._failed_starts = 0
+        self._started = False
         self._workers: list[Worker] = []
         self._calls: dict[str, _Call] = {}     # open calls, bound or queued
         self._queue: deque[str] = deque()
@@ -82,22 +111,50 @@ class WorkerPool:
         """Start the workers and wait until each is Ready (RuntimeError with the cause if not)."""
         if self._finalizer is not None:
             raise RuntimeError("the worker pool was already started")
-        self._tools_blob = wm.pickle_tools(self._tools)
-        procs.open_pool(sorted({"conveyor.tools.worker_main"} | {   # built-in tools' modules
-            type(t).__module__ for t in self._tools if type(t).__module__.startswith("conveyor.")}))
-        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers)   # also at exit
+        self._profiles = self._make_profiles()
+        # the tools' modules load once, in the forkserver: a worker (one per call) only forks
+        modules = {type(t).__module__ for t in self._tools} | {getattr(t, "fn", len).__module__ for t in self._tools}
+        procs.open_pool(sorted({"conveyor.tools.worker_main"} | modules - {"__main__", "builtins"}))
+        self._recycler = procs.Recycler()
+        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers, self._recycler)   # also at exit
         try:
-            self._workers.extend(procs.spawn(self._tools_blob, self._limits) for _ in range(self.config.num_workers))
+            self._workers.extend(self._spawn(network) for network in self._profiles
+                                 for _ in range(self.config.num_workers))
             deadline = time.perf_counter() + READY_TIMEOUT_S
             while not all(w.ready for w in self._workers):
                 if time.perf_counter() >= deadline:
                     raise RuntimeError(f"tool workers did not start within {READY_TIMEOUT_S:g} s")
                 self._receive(deadline - time.perf_counter(), [])
+            self._check_isolation()
+            self._started = True
         except BaseException:
             self.close()
             raise
-        if self.landlock_abi == 0:
-            log.warning("Landlock is unavailable: tool workers confine file writes by an audit hook only")
+
+    def _make_profiles(self) -> dict[bool, tuple[bytes, Policy]]:
+        """The tools and sandbox of each kind of worker: without network, and with it if needed."""
+        config = self.config
+        limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice,
+                        config.max_processes)
+        extra = [procs.package_root(type(t).__module__) for t in self._tools]
+        extra += [path for t in self._tools for path in t.read_paths]
+        hidden = [str(cache_root()), os.path.expanduser("~/.ssh"), mp_util.get_temp_dir()]   # + the forkserver's socket
+        view = default_view(extra, hidden, config.memory_mb)
+        profiles = {}
+        for network in sorted({bool(t.network) for t in self._tools} or {False}):
+            tools = [t for t in self._tools if bool(t.network) == network]
+            profiles[network] = (wm.pickle_tools(tools), Policy(limits, view, config.sandbox_uid, network))
+        return profiles
+
+    def _check_isolation(self) -> None:
+        """Refuse tools that need the whole sandbox where a layer is missing (unless unsafe_tools)."""
+        missing = self.report.missing_required()
+        needy = [t.name for t in self._tools if t.requires_isolation]
+        if missing and needy and not self.config.unsafe_tools:
+            raise RuntimeError(f"tool {needy[0]!r} needs an isolated sandbox, and this machine cannot provide "
+                               f"it: missing {'; '.join(missing)}. Pass --unsafe-tools to run it anyway")
+        if self.report.missing:
+            log.warning("tool workers run without: %s", "; ".join(f"{k} ({v})" for k, v in self.report.missing))
 
     def close(self) -> None:
         """Stop all workers (killing those that do not exit promptly). Idempotent."""
@@ -170,13 +227,16 @@ class WorkerPool:
         """Let workers just sent new work take it now (see the module docstring)."""
         self._hand_off(self._early)
 
+    def stats(self) -> WorkerStats:
+        return WorkerStats(self.num_busy, self.num_restarts, self.num_refusals)
+
     @property
     def num_busy(self) -> int:
         return sum(w.call_id is not None for w in self._workers)
 
     @property
     def num_idle(self) -> int:
-        return sum(w.ready and w.call_id is None for w in self._workers)
+        return sum(w.ready and not w.served for w in self._workers)
 
     @property
     def num_running(self) -> int:
@@ -229,11 +289,16 @@ class WorkerPool:
             procs.send(call.worker, msg)
 
     def _dispatch(self) -> None:
-        """Bind queued calls to idle workers and send what each has so far."""
-        idle = [w for w in self._workers if w.ready and w.call_id is None]
-        while self._queue and idle:
-            call, worker = self._calls[self._queue.popleft()], idle.pop()
-            call.worker, worker.call_id = worker, call.info.call_id
+        """Bind queued calls to idle workers of their tool's kind and send what each has so far."""
+        idle = [w for w in self._workers if w.ready and not w.served]
+        for call_id in list(self._queue):
+            call = self._calls[call_id]
+            worker = next((w for w in idle if w.network == self._network_of(call.info.name)), None)
+            if worker is None:
+                continue
+            idle.remove(worker)
+            self._queue.remove(call_id)
+            call.worker, worker.call_id, worker.served = worker, call_id, True
             for msg in call.pending:
                 procs.send(worker, msg)
             call.pending.clear()
@@ -242,21 +307,30 @@ class WorkerPool:
 
     def _receive(self, wait_s: float, results: list[ToolResult], workers: list[Worker] | None = None) -> None:
         """Wait up to wait_s for replies or exits (of `workers`, default all), and handle them."""
-        owners: dict[Any, Worker] = {}
+        self._adopt()
+        owners: dict[Any, Worker | None] = {self._recycler.wake_fd: None}     # None: a replacement is there
         for w in self._workers if workers is None else workers:
             owners[w.conn] = owners[w.process.sentinel] = w
         for ready in wait(list(owners), wait_s):
             worker = owners[ready]
+            if worker is None:
+                self._adopt()
+                continue
             if worker not in self._workers:
                 continue                                   # replaced already (conn and sentinel both ready)
-            hung_up = False
+            broken = ""
             try:
-                while worker.conn.poll():
-                    self._on_message(worker, worker.conn.recv(), results)
+                for _ in range(MAX_REPLIES):           # a flooding worker cannot hold the engine here
+                    if worker not in self._workers or not worker.conn.poll():
+                        break
+                    self._on_message(worker, replies.decode(worker.conn.recv_bytes(replies.MAX_REPLY_BYTES)), results)
             except (EOFError, OSError):
-                hung_up = True
-            if hung_up or not worker.process.is_alive():
-                self._replace(worker, results, "RuntimeError: the tool's worker process died "
+                broken = "died"
+            except ValueError:
+                broken = "sent a malformed message"
+            if worker in self._workers and (broken or not worker.process.is_alive()):   # not retired
+                worker.process.join(0.1 if not broken else 0.0)           # its exit status, if it has one
+                self._replace(worker, results, f"RuntimeError: the tool's worker process {broken or 'died'} "
                                                f"({procs.exit_text(worker.process)})")
 
     def _on_message(self, worker: Worker, msg: Any, results: list[ToolResult]) -> None:
@@ -266,19 +340,22 @@ class WorkerPool:
                 worker.running = True
             case wm.Idle():
                 worker.running = False
-            case wm.Ready(landlock_abi=abi):
-                worker.ready = True
-                self.landlock_abi = abi
-            case wm.Failed(error=error):
+            case wm.Ready(report=report) if not worker.ready:      # before any tool code ran in it
+                worker.ready, worker.temp_root, self.report = True, report.temp_root, report
+                self._failed_starts = 0
+            case wm.Failed(error=error) if not self._started:
                 raise RuntimeError(f"a tool worker failed to start: {error}")
-            case wm.Done(result=result) if result.call_id == worker.call_id and not worker.cancelling:
+            case wm.Failed(error=error):       # a replacement: it exits, and is replaced (`_replace`)
+                log.error("a tool worker failed to start: %s", error)
+            case wm.Done(result=result, refusals=refusals) if result.call_id == worker.call_id and not worker.cancelling:
                 call = self._calls.pop(result.call_id)
                 if not call.finished:
                     self._dropped.add(result.call_id)      # rejected: later messages are dropped
-                procs.free(worker)
+                self.num_refusals += refusals
                 results.append(result)
+                self._retire(worker)
             case wm.Cancelled(call_id=call_id) if call_id == worker.call_id and worker.cancelling:
-                procs.free(worker)
+                self._retire(worker)
 
     def _enforce_deadlines(self, results: list[ToolResult]) -> None:
         now = time.perf_counter()
@@ -288,14 +365,34 @@ class WorkerPool:
 
     def _replace(self, worker: Worker, results: list[ToolResult], error: str) -> None:
         """Kill the worker, start its replacement, and give its call (if any) an error result."""
-        procs.stop(worker, grace_s=0.0)
         if not worker.ready:
-            raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
+            self._failed_starts += 1
+            if not self._started or self._failed_starts >= MAX_FAILED_STARTS:
+                raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
         call = self._calls.pop(worker.call_id, None) if worker.call_id and not worker.cancelling else None
         if call is not None:
             if not call.finished:
                 self._dropped.add(call.info.call_id)
             results.append(ToolResult(call.info.call_id, call.info.name, error, is_error=True,
                                       done_at=time.perf_counter()))
-        self._workers[self._workers.index(worker)] = procs.spawn(self._tools_blob, self._limits)
+        self._workers.remove(worker)
+        self._recycler.submit(worker, *self._profiles[worker.network])
         self.num_restarts += 1
+
+    def _retire(self, worker: Worker) -> None:
+        """The worker's call is over: discard it (with all its processes) for a fresh one,
+        which the recycler thread starts (`_adopt` takes it in)."""
+        procs.free(worker)
+        self._workers.remove(worker)
+        self._recycler.submit(worker, *self._profiles[worker.network])
+
+    def _adopt(self) -> None:
+        self._workers.extend(self._recycler.take())
+
+    def _spawn(self, network: bool) -> Worker:
+        blob, policy = self._profiles[network]
+        return procs.spawn(blob, policy)
+
+    def _network_of(self, name: str) -> bool:
+        tool = self._by_name.get(name)
+        return bool(tool.network) if tool is not None else min(self._profiles)

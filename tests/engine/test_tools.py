@@ -5,6 +5,8 @@ request's KV while it waits, appends the tool-result turn and continues.
 """
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,10 @@ def test_python_fence_lines_run_and_results_come_back(engine) -> None:
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two torch threads to give one up")
 def test_a_running_tool_gets_a_core_while_decoding_goes_on(engine, monkeypatch) -> None:
+    pool, deadline = engine.tool_loop.executor.pool, time.perf_counter() + 30
+    while pool.num_idle < engine.config.tools.num_workers:   # each worker serves one call: the
+        assert time.perf_counter() < deadline                 # replacements of the last test's start
+        pool.poll(0.05)
     threads, execute = [], engine.runner.execute
 
     def execute_and_record(plan):

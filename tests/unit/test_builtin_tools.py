@@ -273,13 +273,22 @@ def test_http_get_connects_at_start_and_fetches_when_the_url_completes(server: W
 
 
 def test_http_get_absolute_urls_caps_and_errors(server: WatchedServer) -> None:
-    result = run(HttpGetTool(max_bytes=7), {"url": f"{server.url}/docs/a"})
+    loopback = ("127.0.0.1",)
+    result = run(HttpGetTool(max_bytes=7, allowed_hosts=loopback), {"url": f"{server.url}/docs/a"})
     assert (result["body"], result["truncated"]) == ("Apples ", True)
-    assert run(HttpGetTool(), {"url": f"{server.url}/missing"})["status"] == 404
+    assert run(HttpGetTool(allowed_hosts=loopback), {"url": f"{server.url}/missing"})["status"] == 404
     with pytest.raises(ValueError, match="not an http"):
         run(HttpGetTool(), {"url": "ftp://example.org/x"})
     with pytest.raises(ValueError, match="not an http"):
         run(HttpGetTool(), {"url": "/docs/a"})     # relative, and no base URL
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]", "0.0.0.0"])
+def test_http_get_refuses_hosts_that_are_not_public_unless_allowed(server: WatchedServer, host: str) -> None:
+    port = server.url.rsplit(":", 1)[1]
+    with pytest.raises(PermissionError, match="not a public address"):
+        run(HttpGetTool(), {"url": f"http://{host}:{port}/docs/a"})
+    assert server.paths == []
 
 
 def test_http_cancel_closes_the_connection(server: WatchedServer) -> None:

@@ -125,6 +125,13 @@ def wait_results(pool: WorkerPool, call_ids: set[str], timeout_s: float = 15.0) 
     return results
 
 
+def wait_until(pool: WorkerPool, condition: Any, timeout_s: float = 15.0) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        assert time.perf_counter() < deadline, "timed out"
+        pool.poll(0.05)
+
+
 def python(pool: WorkerPool, *lines: str) -> ToolResult:
     return run_call(pool, "python", lines=lines, args={"code": "\n".join(lines)})
 
@@ -170,10 +177,17 @@ def test_close_leaves_no_worker_process() -> None:
 
 # ---- one shared pool ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def pool():
+def shared_pool():
     registry = ToolRegistry([EchoTool(), RejectTool(), CrashTool(), PythonTool(), WaitTool()])
     with WorkerPool(registry, CONFIG) as pool:
         yield pool
+
+
+@pytest.fixture
+def pool(shared_pool: WorkerPool) -> WorkerPool:
+    """The shared pool once the replacements of the workers earlier tests used are ready."""
+    wait_until(shared_pool, lambda: shared_pool.num_idle == CONFIG.num_workers)
+    return shared_pool
 
 
 def test_result_and_hook_delays(pool: WorkerPool) -> None:
@@ -217,7 +231,7 @@ def test_hand_off_keeps_a_result_that_arrives_for_the_next_poll(pool: WorkerPool
     pool.send_field(call_id, "a", 1, time.perf_counter())
     pool.finish(call_id, {"a": 1})
     pool.hand_off()                           # the short call runs and ends within the wait
-    assert [w.num_unbegun for w in pool._workers] == [0, 0]
+    assert all(w.num_unbegun == 0 for w in pool._workers)     # (its worker is discarded already)
     results = pool.poll(0.0)
     assert [r.call_id for r in results] == [call_id] and not results[0].is_error
     assert pool.poll(0.0) == []               # handed out once
@@ -268,11 +282,12 @@ def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
     first, second, third = (open_call(pool, "echo") for _ in range(3))
     assert (pool.num_busy, pool.num_idle, pool.num_queued) == (2, 0, 1)
     pool.send_field(third, "k", "queued", time.perf_counter())
+    workers = {pool._calls[c].worker.process.pid for c in (first, second)}
     for call_id in (first, second):
         pool.finish(call_id, {})
     results = wait_results(pool, {first, second})
-    pids = {eval(results[c].content.replace("null", "None"))["pid"] for c in (first, second)}
-    assert len(pids) == 2                             # two workers ran them side by side
+    assert len(workers) == 2 and all(not results[c].is_error for c in (first, second))  # side by side
+    wait_until(pool, lambda: pool.num_queued == 0)     # a fresh worker (each serves one call) takes it
     assert (pool.num_busy, pool.num_queued) == (1, 0)  # the queued call got a worker
     pool.finish(third, {"k": "queued"})
     result = wait_results(pool, {third})[third]
@@ -393,3 +408,20 @@ def test_writes_inside_the_call_directory_work(pool: WorkerPool) -> None:
         result = python(pool, "import os", "calls = [d for d in os.listdir('..') if d.startswith('call-')]",
                         "os.listdir('.'), calls == [os.path.basename(os.getcwd())]")
         assert result.content == "([], True)"
+
+
+def test_the_python_tool_refuses_a_sandbox_with_a_missing_layer_unless_unsafe_tools() -> None:
+    from conveyor.tools.sandbox import Report
+
+    lacking = Report(("seccomp filter",), (("namespaces", "unshare: Operation not permitted"), ("landlock", "no")))
+    for config, registry, refused in ((CONFIG, [PythonTool()], True),
+                                      (ToolConfig(num_workers=1, unsafe_tools=True), [PythonTool()], False),
+                                      (CONFIG, [EchoTool()], False)):       # tools without requires_isolation
+        pool = WorkerPool(ToolRegistry(registry), config)
+        pool.report = lacking
+        if refused:
+            with pytest.raises(RuntimeError, match=r"'python' needs an isolated sandbox.*missing namespaces "
+                                                   r"\(unshare: Operation not permitted\).*--unsafe-tools"):
+                pool._check_isolation()
+        else:
+            pool._check_isolation()

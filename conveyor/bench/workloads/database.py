@@ -34,6 +34,8 @@ def database_path() -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if not path.stat().st_mode & 0o004:     # mkstemp made it 0600: the tool's sandbox uid must read it
+        path.chmod(0o644)
     return path
 
 

@@ -3,11 +3,20 @@
 With a base URL known up front, `start` opens the TCP connection while the model is still
 writing the arguments; the request goes out the moment its argument completes (`on_field`),
 and the response is read there, so `finish` usually only hands over what has arrived.
+
+Server-side request forgery: a URL's host is connected to only if it is the base URL's host
+or one of `allowed_hosts`, or if every address it resolves to is a public one (never
+loopback, private, link-local, reserved or multicast); the connection goes to the address
+that was checked, so a second DNS answer cannot redirect it. Redirects are not followed.
+These tools declare `network`: their workers share the host's network namespace, which the
+sandbox of other tools does not (see docs/security.md).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPSConnection
 from typing import Any
@@ -35,10 +44,13 @@ class _HttpTool(Tool):
 
     side_effects = "idempotent"
     cpu_bound = False          # its hooks wait on the network
+    network = True
 
-    def __init__(self, base_url: str | None, timeout_s: float) -> None:
+    def __init__(self, base_url: str | None, timeout_s: float, allowed_hosts: tuple[str, ...] = ()) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
+        self.allowed_hosts = {h.lower() for h in allowed_hosts} | (
+            {urlsplit(base_url).hostname or ""} if base_url else set())
         self._conn: HTTPConnection | None = None
         self._origin: _Origin | None = None
 
@@ -62,9 +74,27 @@ class _HttpTool(Tool):
             if kind is None or not parts.hostname:
                 raise ValueError(f"not an http(s) URL: {url!r}")
             conn = kind(parts.hostname, parts.port, timeout=self.timeout_s)
+            address = self._address(parts.hostname, parts.port or conn.default_port)
+            if address is not None:        # connect to the address that was checked
+                conn._create_connection = lambda addr, timeout, source: socket.create_connection(  # type: ignore[attr-defined]
+                    (address, addr[1]), timeout, source)
             conn.connect()
             self._conn, self._origin = conn, origin
         return self._conn
+
+    def _address(self, host: str, port: int) -> str | None:
+        """None for a configured host; else the first address of `host`, PermissionError if any
+        of its addresses is not public."""
+        if host.lower() in self.allowed_hosts:
+            return None
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = [info[4][0] for info in infos]
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise PermissionError(f"{host} resolves to {address}, which is not a public address "
+                                      "(loopback, private and link-local hosts need allowed_hosts)")
+        return addresses[0]
 
     def _get(self, url: str, max_bytes: int) -> Response:
         """Send a GET for an absolute URL and read at most max_bytes of the body."""
@@ -83,12 +113,14 @@ class _HttpTool(Tool):
 
 class HttpGetTool(_HttpTool):
     """GET a URL; `finish` returns `{"url", "status", "content_type", "body", "truncated"}`.
-    With `base_url`, relative URLs resolve against it and the connection opens at `start`."""
+    With `base_url`, relative URLs resolve against it and the connection opens at `start`.
+    Hosts that are not public need `allowed_hosts` (the base URL's host is allowed)."""
 
     name = "http_get"
 
-    def __init__(self, base_url: str | None = None, *, timeout_s: float = 10.0, max_bytes: int = 20_000) -> None:
-        super().__init__(base_url, timeout_s)
+    def __init__(self, base_url: str | None = None, *, timeout_s: float = 10.0, max_bytes: int = 20_000,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
+        super().__init__(base_url, timeout_s, allowed_hosts)
         self.max_bytes = max_bytes
         self.description = "Fetch a web page with HTTP GET; returns the status and the body text."
         if base_url:

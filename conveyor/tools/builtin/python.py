@@ -123,6 +123,7 @@ class PythonTool(Tool):
     }
     side_effects = "none"     # its effects stay inside its worker and temp dir: it may run early
     body_field = "code"
+    requires_isolation = True     # the model's code: never without the whole sandbox (docs/security.md)
 
     def __init__(self) -> None:
         self._cell_state: _Cell | None = None

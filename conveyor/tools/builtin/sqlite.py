@@ -47,6 +47,7 @@ class SQLiteTool(Tool):
 
     def __init__(self, path: str | None = None, *, max_rows: int = 50, timeout_s: float = 5.0) -> None:
         self.path = path
+        self.read_paths = (str(Path(path).resolve()),) if path else ()     # bound into the worker's sandbox
         self.max_rows = max_rows
         self.timeout_s = timeout_s
         what = "the demo shop database" if path is None else f"the SQLite database {Path(path).name}"
