@@ -72,14 +72,15 @@ def live(tmp_path_factory):
     yield from live_server(tmp_path_factory)
 
 
-def live_server(tmp_path_factory, max_tool_rounds: int = 4, **server_options: Any):
-    """Yields (server, engine) as `live` does, the server configured by `server_options`."""
+def live_server(tmp_path_factory, max_tool_rounds: int = 4, tools: tuple[str, ...] = TOOLS, **server_options: Any):
+    """Yields (server, engine) as `live` does, with `tools` as its server tools, the server
+    configured by `server_options`."""
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen2")
     extra = mcp_tools(MCP_COMMAND)
-    config = ToolConfig(tools=TOOLS, constrained=False, num_workers=2, call_timeout_s=120,
+    config = ToolConfig(tools=tools, constrained=False, num_workers=2, call_timeout_s=120,
                         max_tool_rounds=max_tool_rounds)
     engine = _engine_with(model_dir, config, extra)
-    specs = {t.name: t.spec() for t in ToolRegistry([*TOOLS, *extra])}
+    specs = {t.name: t.spec() for t in ToolRegistry([*tools, *extra])}
     server_config = ServerConfig(api_key=API_KEY, served_model_name="tiny", **server_options)
     app = build_app(engine.config, server_config, lambda: (EngineClient(ScriptedEngine(engine)), specs, "hermes"))
     with ServerThread(app) as server:
