@@ -152,20 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_bench(bench: argparse._SubParsersAction) -> None:
     """The `conveyor bench ...` subcommands."""
+    from conveyor.bench.engine_bench import add_engine_bench_flags
+
     engine = bench.add_parser("engine", help="decode and prefill speed against transformers")
-    engine.add_argument("--json", default="docs/results/engine.json", help="where to write the results")
-    engine.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
-    engine.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per request")
-    engine.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
-    engine.add_argument("--hf-max-concurrency", type=int, default=32,
-                        help="skip the transformers baseline above this concurrency")
-    engine.add_argument("--profile", type=int, nargs="*", default=[1, 8],
-                        help="concurrencies at which to split a decode step's time")
-    engine.add_argument("--repeats", type=int, default=3, help="timed runs per row (median and spread reported)")
-    engine.add_argument("--warmup-tokens", type=int, default=8,
-                        help="tokens of the untimed generation each side runs first at each concurrency")
-    engine.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
-                        help="transformers dtypes to measure; the faster at each concurrency is the baseline")
+    add_engine_bench_flags(engine)
     _engine_flags(engine)
     engine.set_defaults(run=_bench_engine)
 

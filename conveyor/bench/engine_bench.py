@@ -36,6 +36,23 @@ TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "co
           "volcanoes", "the number zero"]
 
 
+def add_engine_bench_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `conveyor bench engine` (the engine's own flags are added by the CLI)."""
+    parser.add_argument("--json", default="docs/results/engine.json", help="where to write the results")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per request")
+    parser.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
+    parser.add_argument("--hf-max-concurrency", type=int, default=32,
+                        help="skip the transformers baseline above this concurrency")
+    parser.add_argument("--profile", type=int, nargs="*", default=[1, 8],
+                        help="concurrencies at which to split a decode step's time")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median and spread reported)")
+    parser.add_argument("--warmup-tokens", type=int, default=8,
+                        help="tokens of the untimed generation each side runs first at each concurrency")
+    parser.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
+                        help="transformers dtypes to measure; the faster at each concurrency is the baseline")
+
+
 def prompts(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": f"Write a long essay about {TOPICS[i % len(TOPICS)]} (essay {i})."}]
             for i in range(n)]
