@@ -14,7 +14,7 @@ import pytest
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolRejected
 from conveyor.tools.builtin.calculator import CalculatorError, CalculatorTool, evaluate
 from conveyor.tools.builtin.http import SEARCH_URL_ENV, HttpGetTool, SearchTool
-from conveyor.tools.builtin.search_service import (
+from conveyor.bench.search_service import (
     Corpus,
     Document,
     SearchHandler,

@@ -8,7 +8,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from conveyor.tools.builtin.search_service import Document
+from conveyor.bench.search_service import Document
 
 STDLIB_PACKAGES = ("json", "sqlite3", "http", "email", "asyncio", "collections", "concurrent", "logging",
                    "urllib", "xml", "zipfile", "importlib", "unittest", "multiprocessing", "pathlib")

@@ -10,7 +10,7 @@ from conveyor.bench import service
 from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system, user
 from conveyor.bench.workloads.corpus import Bm25Corpus, stdlib_documents
 from conveyor.tools.builtin.http import SearchTool
-from conveyor.tools.builtin.search_service import SearchServer
+from conveyor.bench.search_service import SearchServer
 
 SYSTEM = ("You answer questions about the Python standard library. Search its documentation with the search "
           "tool, using the module and function names you expect as the query (for example, to learn how to read "

@@ -155,7 +155,7 @@ class HttpGetTool(_HttpTool):
 
 
 class SearchTool(_HttpTool):
-    """Query a search service (`search_service.py` speaks its protocol): `GET
+    """Query a search service (`conveyor/bench/search_service.py` speaks its protocol): `GET
     {base_url}/search?q=...&k=...`; `finish` returns the hits, best first. `base_url` defaults
     to the CONVEYOR_SEARCH_URL environment variable, read when the tool is made."""
 

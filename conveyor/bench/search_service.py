@@ -8,7 +8,7 @@ term scoring, JSON over HTTP, on loopback by default.
 
 Scoring: for each query term in a document, idf * tf / (tf + 1). With no corpus given it
 serves `DEMO_DOCUMENTS`, the help pages of the fictional shop of the `sqlite` demo. Run it
-with `python -m conveyor.tools.builtin.search_service [--port 8765] [--corpus docs.jsonl]`
+with `python -m conveyor.bench.search_service [--port 8765] [--corpus docs.jsonl]`
 (one `{"id", "title", "text"}` object per line) and point CONVEYOR_SEARCH_URL at it.
 """
 from __future__ import annotations

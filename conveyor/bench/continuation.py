@@ -7,7 +7,7 @@ conversation the way `/v1/chat/completions` would (the chat template re-renderin
 assistant's call from its parsed arguments) and counts how many leading tokens that prompt
 shares with the one sent: a prefix cache can serve at most those. The remote engine's own
 counters (`/metrics`: llama.cpp `prompt_tokens_cached_total`, vLLM `prefix_cache_hits`) are
-read before and after. Usage: `python -m conveyor.backends.continuation_bench URL [--dialect vllm] [--json PATH]`.
+read before and after. Usage: `python -m conveyor.bench.continuation URL [--dialect vllm] [--json PATH]`.
 """
 from __future__ import annotations
 
