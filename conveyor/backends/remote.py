@@ -1,57 +1,35 @@
 """RemoteEngine: Conveyor's tool layer in front of a remote OpenAI-compatible engine.
 
-It has the public interface of the embedded `LLMEngine` (add_request, step, abort,
-has_unfinished, stream, generate, stats, close), so the server, `chat`, `demo` and the
-benchmarks drive it unchanged. Each model turn is one streamed `/v1/completions` request
-whose prompt is the conversation rendered locally with the model's chat template: the first
-prompt, then each turn's raw output exactly as streamed, then the tool-result turn
-(`ToolTurnRenderer`, as in the embedded engine). The remote engine thus sees every
-continuation as an extension of the text it already has, and its prefix cache matches it;
-`/v1/chat/completions` would re-render the assistant's calls through the template, which
-matched the model's own output in 0 of 29 samples (see shared/models.md). The text deltas
-feed the same parsers, executor and workers as the embedded engine (`rounds.py`).
+It implements the Engine protocol (`engine/api.py`), so the server, `chat`, `demo` and the
+benchmarks drive it as they drive `LLMEngine`. Each model turn is one streamed
+`/v1/completions` request whose prompt is the conversation rendered locally with the model's
+chat template (`request.py`): the remote engine sees every continuation as an extension of
+the text it already has, and its prefix cache matches it; `/v1/chat/completions` would
+re-render the assistant's calls through the template, which matched the model's own output
+in 0 of 29 samples (see shared/models.md). The text feeds the same `ToolDriver` as the
+embedded engine's (parsers, executor, workers, the same safety rules: external tools run
+only after a clean end); a rejected field closes the remote stream at once.
 """
 from __future__ import annotations
 
 import itertools
-import os
 import queue
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 
-from conveyor.backends import BackendError
-from conveyor.backends.constraints import TurnForm
-from conveyor.backends.rounds import RemoteRequest, RemoteRounds
-from conveyor.backends.stream import (
-    Delta,
-    Done,
-    Event,
-    Failed,
-    RemoteStream,
-    RetryPolicy,
-)
+from conveyor.backends.connection import connect, discover_model
+from conveyor.backends.constraints import TurnForm, remote_form
+from conveyor.backends.request import RemoteOutput, RemoteRequest
+from conveyor.backends.stream import Delta, Done, Event, Failed, RemoteStream, RetryPolicy
 from conveyor.config import EngineConfig
-from conveyor.engine.engine import EngineStats, Prompt, RequestOutput, _sampling_params
-from conveyor.engine.request import SamplingParams
-from conveyor.engine.tool_loop import ToolLoop
-from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
+from conveyor.engine.api import EngineBase, EngineStats, Params, PreparedPrompt, Prompt, render_chat, sampling_params
+from conveyor.tools.driver import Continuation, ToolDriver
 from conveyor.tools.workers import WorkerStats
 
 
-@dataclass(slots=True)
-class RemoteOutput(RequestOutput):
-    """A RequestOutput with the remote engine's error message when finish_reason is "error"
-    and the prompt tokens it computed over all turns (the rest came from its prefix cache).
-    `new_token_ids` stays empty: the remote stream carries text."""
-
-    error: str | None = None
-    num_prefill_tokens: int = 0
-
-
-class RemoteEngine(RemoteRounds):
+class RemoteEngine(EngineBase):
     """See the module docstring. Not thread-safe: drive it from one thread (its stream readers
     are threads of their own that only put events on a queue)."""
 
@@ -68,9 +46,9 @@ class RemoteEngine(RemoteRounds):
             raise ValueError("RemoteEngine needs config.backend.backend (the remote engine's URL)")
         self.config = config
         self.url = backend.backend.rstrip("/")
-        self.client = client or _client(config)
+        self.client = client or connect(backend)
         try:
-            self.model_name = backend.backend_model or self._discover_model()
+            self.model_name = backend.backend_model or discover_model(self.client, self.url)
             self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.model, progress=progress))
         except BaseException:
             self.client.close()         # nothing is left open by a failed start
@@ -80,26 +58,8 @@ class RemoteEngine(RemoteRounds):
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._requests: dict[str, RemoteRequest] = {}
         self._ids = itertools.count()
-        self.tool_loop: ToolLoop | None = None
-        specs = [*config.tools.tools, *tools]
-        if specs:
-            from conveyor.engine.tool_setup import start_tool_loop
-
-            self.tool_loop = start_tool_loop(specs, config.tools, self.tokenizer)
-
-    def _discover_model(self) -> str:
-        """The first model the remote engine lists; also the readiness check at start-up."""
-        try:
-            response = self.client.get("/v1/models")
-        except httpx.HTTPError as e:
-            raise BackendError(f"remote engine {self.url} is unreachable: {e}") from None
-        if response.status_code != 200:
-            raise BackendError(f"remote engine {self.url} answered {response.status_code} to /v1/models: "
-                               f"{response.text[:300]}")
-        models = response.json().get("data") or []
-        if not models:
-            raise BackendError(f"remote engine {self.url} lists no models; pass --backend-model")
-        return models[0]["id"]
+        form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)  # noqa: E731
+        self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
     def close(self) -> None:
         """Abort every request (closing its stream), stop the tool workers, drop the connections."""
@@ -108,23 +68,18 @@ class RemoteEngine(RemoteRounds):
             self.abort(request_id)
         for stream in streams:
             stream.join(1.0)        # readers wake at once from the socket shutdown
-        if self.tool_loop is not None:
-            self.tool_loop.executor.pool.close()
+        self.driver.close()
         self.client.close()
-
-    def __enter__(self) -> RemoteEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- requests -------------------------------------------------------------------------
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> str:
         """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
-        if isinstance(prompt, str):
+        if isinstance(prompt, PreparedPrompt):
+            text = prompt.text
+        elif isinstance(prompt, str):
             text = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
+        elif (chat := render_chat(self.tokenizer, prompt, tools)) is not None:
+            text = chat
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             text = self.tokenizer.decode(prompt)
         else:
@@ -133,59 +88,60 @@ class RemoteEngine(RemoteRounds):
             raise ValueError("prompt is empty")
         return text
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+    def prepare(self, prompt: Prompt, *, tools: list[str | dict] | None = None, call_format: str | None = None,
+                **_: Any) -> PreparedPrompt:
+        """The prompt rendered and tokenized (to check its length) off the engine's thread; pass
+        the result to `add_request` with the same options."""
+        text = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, ids, text)
+
+    def add_request(self, prompt: Prompt, params: Params = None, *,
                     request_id: str | None = None, tools: list[str | dict] | None = None,
                     tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
                     max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
-        that returns one per turn number; default: the remote form of `tool_choice` (`rounds.py`)."""
-        params = _sampling_params(params)
-        options = ToolRounds._tool_options(self, tools or [], tool_choice, tool_mode, call_format, max_tool_rounds,
-                                           lenient_calls)
-        shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
-        text = self.encode(prompt, ToolRounds._tool_specs(self, shown))
-        num_tokens = len(self.tokenizer.encode(text, add_special_tokens=False))
-        if num_tokens >= self.max_model_len:
-            raise ValueError(f"prompt has {num_tokens} tokens; the limit is {self.max_model_len - 1}")
+        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py)."""
+        params = sampling_params(params)
+        options = self.driver.options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls)
+        if not isinstance(prompt, PreparedPrompt):
+            prompt = self.prepare(prompt, tools=tools, call_format=call_format)
+        if len(prompt.token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt.token_ids)} tokens; the limit is {self.max_model_len - 1}")
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if constraint is not None and not (callable(constraint) or isinstance(constraint, dict)):
-            raise ValueError("a remote constraint is a dict of request fields or a callable returning one")
-        request = RemoteRequest(request_id, text, params, num_tokens, options=options, constraint=constraint)
-        first = self._turn_constraint(request)      # may raise: nothing is registered yet
-        if options is not None and options.tools:
-            self.tool_loop.attach(request_id, options)
+        factory = _turn_forms(constraint)
+        first = self.driver.constraint(options, 0, factory) or TurnForm()   # may raise: nothing is registered yet
+        request = RemoteRequest(request_id, prompt.text, params, len(prompt.token_ids))
+        self.driver.attach(request_id, options, factory)
         self._requests[request_id] = request
         self._open_turn(request, first)
         return request_id
 
-    def _open_turn(self, request: RemoteRequest, form: TurnForm | None = None) -> None:
+    def _open_turn(self, request: RemoteRequest, form: TurnForm) -> None:
         """Send the conversation so far; the reply streams in on `self.events`."""
-        form = form or self._turn_constraint(request)
-        body = {"model": self.model_name, "prompt": request.prompt + form.opening, "stream": True,
-                "stream_options": {"include_usage": True}, **_sampling_fields(request), **form.fields}
-        request.forced, request.closing = form.opening, form.closing
-        request.stream = RemoteStream(self.client, "/v1/completions", body, (request.request_id, request.turn),
-                                      self.events, self.retry)
+        request.stream = RemoteStream(self.client, "/v1/completions", request.body(self.model_name, form),
+                                      (request.request_id, request.turn), self.events, self.retry)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
+    def get_request(self, request_id: str) -> RemoteRequest:
+        return self._requests[request_id]
+
+    def abort(self, request_id: str) -> RemoteOutput | None:
         """End a request in any state, closing its remote stream at once; None if unknown."""
         request = self._requests.get(request_id)
-        if request is None:
-            return None
-        return self._finish(request, "abort", cancel=True)
+        return None if request is None else self._finish(request, "abort", cancel=True)
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, 0, self.tool_loop.num_waiting if self.tool_loop else 0, WorkerStats.of(self.tool_loop))
+        return EngineStats(0, 0, self.driver.num_waiting, workers=WorkerStats.of(self.driver))
 
     # ---- the loop -------------------------------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RemoteOutput]:
         """Tool results in, then the remote events that arrived (waiting briefly for one when
         there are none); returns the outputs of requests that changed."""
         outputs = self._poll_tools(0.0)
@@ -197,66 +153,83 @@ class RemoteEngine(RemoteRounds):
             events = [self.events.get(timeout=0.0 if outputs else 0.02)]
         except queue.Empty:
             return outputs
-        while len(events) < 256:
-            try:
-                events.append(self.events.get_nowait())
-            except queue.Empty:
-                break
-        for event in events:
-            output = self._on_event(event)
-            if output is not None:
-                outputs.append(output)
-        return outputs
+        while len(events) < 256 and not self.events.empty():
+            events.append(self.events.get_nowait())
+        return outputs + [out for out in map(self._on_event, events) if out is not None]
 
-    def _on_event(self, event: Event) -> RequestOutput | None:
+    def _on_event(self, event: Event) -> RemoteOutput | None:
         request = self._requests.get(event.key[0])
         if request is None or request.turn != event.key[1] or request.stream is None:
             return None         # a stream closed by abort or a rejection: its last events are dropped
         if isinstance(event, Delta):
-            return self._on_text(request, event.text)
+            return request.output(self._take(request, event.text))
         request.stream = None
         if isinstance(event, Failed):
             return self._finish(request, "error", cancel=True, error=event.message)
         assert isinstance(event, Done)
         return self._end_turn(request, event.finish_reason, event.usage)
 
-    # ---- conveniences ---------------------------------------------------------------------
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None,
-               **options: Any) -> Iterator[RequestOutput]:
-        """As `LLMEngine.stream`: one request's outputs until it finishes."""
-        request_id = self.add_request(prompt, params, **options)
-        try:
-            while request_id in self._requests:
-                yield from (out for out in self.step() if out.request_id == request_id)
-        finally:
-            self.abort(request_id)
+    def _take(self, request: RemoteRequest, text: str) -> str:
+        text = request.take(text)
+        self.driver.feed(request.request_id, text)
+        return text
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams | dict | None = None) -> list[RemoteRequest]:
-        """Run prompts to completion together; returns the finished requests in prompt order."""
-        requests = [self._requests[self.add_request(p, params)] for p in prompts]
-        while any(not r.finished for r in requests):
-            self.step()
-        return requests
+    def _end_turn(self, request: RemoteRequest, finish_reason: str, usage: dict[str, Any]) -> RemoteOutput:
+        """The remote engine finished the turn: wait for its calls, or finish the request."""
+        text = self._take(request, "") if request.forced else ""     # a turn that streamed nothing after its start
+        if request.closing and finish_reason == "stop":
+            text += self._take(request, request.closing)
+        request.end_turn(usage)
+        if finish_reason == "length":
+            return self._finish(request, "length", cancel=True, text=text)
+        if not self.driver.runs(request.request_id):
+            return self._finish(request, "stop", cancel=False, text=text)
+        # the stop token is not in the streamed text: the renderer's tail starts with it
+        decision = self.driver.end_turn(request.request_id, None)
+        if decision == "wait":
+            return request.output(text)
+        return self._finish(request, "stop" if decision == "finish" else "tool_calls", cancel=False, text=text)
+
+    def _poll_tools(self, timeout_s: float) -> list[RemoteOutput]:
+        """Tool results in: close the stream of a turn a rejected call cut off; continue requests
+        whose results are all in with a new remote turn."""
+        cut, ready = self.driver.poll(timeout_s)
+        outputs = []
+        for request_id in cut:
+            request = self._requests[request_id]
+            request.cut()
+            outputs.append(request.output(""))
+        return outputs + [self._continue(c) for c in ready]
+
+    def _continue(self, ready: Continuation) -> RemoteOutput:
+        """Append the tool-result turn to the conversation and start the next remote turn."""
+        request = self._requests[ready.request_id]
+        if ready.final is not None:       # the results are reported and the request ends
+            return self._finish(request, ready.final, cancel=False, results=ready.results)
+        request.prompt += ready.text
+        request.turn += 1
+        num_tokens = len(self.tokenizer.encode(request.prompt, add_special_tokens=False))
+        if num_tokens >= self.max_model_len or request.num_output_tokens >= request.params.max_tokens:
+            return self._finish(request, "length", cancel=False, results=ready.results)
+        self._open_turn(request, self.driver.next_constraint(request.request_id) or TurnForm())
+        return request.output("", ready.results)
+
+    def _finish(self, request: RemoteRequest, reason: str, *, cancel: bool, text: str = "",
+                results: list | None = None, error: str | None = None) -> RemoteOutput:
+        """End the request: close its stream, drop its tool session (cancelling its calls if `cancel`)."""
+        request.close_stream()
+        self._requests.pop(request.request_id, None)
+        request.finish_reason, request.error = reason, error
+        return request.output(text, results, self.driver.detach(request.request_id, cancel))
 
 
-def _client(config: EngineConfig) -> httpx.Client:
-    """One pooled HTTP client for all requests (keep-alive connections to the remote engine)."""
-    backend = config.backend
-    key = backend.backend_api_key or os.environ.get("CONVEYOR_BACKEND_API_KEY", "")
-    timeout = httpx.Timeout(connect=backend.connect_timeout_s, read=backend.read_timeout_s,
-                            write=backend.connect_timeout_s, pool=backend.connect_timeout_s)
-    limits = httpx.Limits(max_connections=backend.max_connections, max_keepalive_connections=backend.max_connections)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=backend.backend.rstrip("/"), timeout=timeout, limits=limits, headers=headers)
-
-
-def _sampling_fields(request: RemoteRequest) -> dict[str, Any]:
-    """The request's sampling parameters as OpenAI fields (plus the vLLM / llama.cpp extensions
-    top_k, ignore_eos and stop_token_ids, sent only when set)."""
-    p = request.params
-    body: dict[str, Any] = {"max_tokens": max(1, p.max_tokens - request.num_output_tokens),
-                            "temperature": p.temperature, "top_p": p.top_p}
-    extras = {"top_k": p.top_k or None, "seed": p.seed, "stop": list(p.stop) or None,
-              "ignore_eos": p.ignore_eos or None, "stop_token_ids": list(p.stop_token_ids) or None}
-    body.update({k: v for k, v in extras.items() if v is not None})
-    return body
+def _turn_forms(constraint: Any) -> Any:
+    """The caller's constraint as a factory of TurnForms per turn: a dict for the first turn, or
+    a callable of the turn number returning a dict; None: the driver's (from `tool_choice`)."""
+    if constraint is None:
+        return None
+    if callable(constraint):
+        return lambda turn: TurnForm(dict(constraint(turn) or {}))
+    if isinstance(constraint, dict):
+        return lambda turn: TurnForm(dict(constraint) if turn == 0 else {})
+    raise ValueError("a remote constraint is a dict of request fields or a callable returning one")

@@ -77,7 +77,7 @@ def _chat_rerender_prefix(engine: RemoteEngine, messages: list[dict], sent: str,
     tok = engine.tokenizer
     sent_ids = tok.encode(sent, add_special_tokens=False)
     call = {"type": "function", "function": {"name": result.name, "arguments": _arguments(output)}}
-    spec = engine.tool_loop.executor.registry.get("calculator").spec()
+    spec = engine.driver.executor.registry.get("calculator").spec()
     chat = tok.apply_chat_template(messages + [{"role": "assistant", "content": "", "tool_calls": [call]},
                                                {"role": "tool", "content": result.content}],
                                    tools=[spec], add_generation_prompt=True, tokenize=False)

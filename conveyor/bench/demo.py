@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from conveyor.engine.tool_loop import Span
+from conveyor.tools.driver import Span
 
 SYSTEM = ("You can run Python. To do so, write one complete program in a single ```python block; it is "
           "executed and you will see its output. After the output, state the final answer in one sentence.")

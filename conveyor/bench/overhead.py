@@ -97,7 +97,7 @@ def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[
     """One request at batch 1: its first turn's text deltas, decode step times, hook delays."""
     engine.add_request(messages, {"max_tokens": max_tokens, "temperature": 0.0}, **options)
     deltas, steps_s, delays, first_turn = [], [], [], True
-    stats, pool = engine.runner.sampler.constraint_stats, engine.tool_loop.executor.pool
+    stats, pool = engine.runner.sampler.constraint_stats, engine.driver.executor.pool
     constrained0, handoff0 = dataclasses.replace(stats), pool.handoff_s
     while engine.has_unfinished:
         t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def _live(engine, messages: list[dict], options: dict, max_tokens: int) -> dict[
 
 def _warm_workers(engine) -> None:
     """One probe call per worker first, so the numbers are of warm workers, not of first imports."""
-    executor = engine.tool_loop.executor
+    executor = engine.driver.executor
     turns = [executor.open_turn(f"warm{i}", 0, tools=["probe"]) for i in range(engine.config.tools.num_workers)]
     call = '<tool_call>\n{"name": "probe", "arguments": {"city": "a", "country": "b", "temperature_c": 1, ' \
            '"conditions": "c", "notes": "d"}}\n</tool_call>'
@@ -133,7 +133,7 @@ def _warm_workers(engine) -> None:
 
 def _replay(engine, run: dict[str, Any], options: dict) -> dict[str, Any]:
     """Feed the recorded deltas through a fresh turn; CPU time of parse + dispatch."""
-    loop = engine.tool_loop
+    loop = engine.driver
     parser = options.get("call_format") or ("auto" if "python" in options["tools"] else "hermes")
     turn = loop.executor.open_turn("replay", 0, tools=options["tools"], parser=parser)
     cpu_s = 0.0

@@ -5,62 +5,34 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from conveyor.config import EngineConfig
+from conveyor.engine.api import (
+    EngineBase,
+    EngineStats,
+    Params,
+    PreparedPrompt,
+    Prompt,
+    RequestOutput,
+    render_chat,
+    sampling_params,
+)
 from conveyor.engine.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
 from conveyor.engine.intercept import Costs
-from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
+from conveyor.engine.request import FinishCause, Request, RequestState
 from conveyor.engine.scheduler import Scheduler
-from conveyor.engine.tool_loop import Span, ToolLoop
-from conveyor.engine.tool_rounds import BODY_FORMATS, ToolRounds
 from conveyor.tools.base import ToolResult
+from conveyor.tools.driver import Continuation, GrammarForm, Span, ToolDriver
 from conveyor.tools.workers import WorkerStats
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedPrompt:
-    """A prompt rendered and tokenized ahead of `add_request` (`LLMEngine.prepare`, off the
-    engine's thread); `prompt` is what the caller gave."""
-    prompt: str | list[int] | list[dict[str, Any]]
-    token_ids: list[int]
-
-
-Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step produced for one request."""
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
-    timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
-    num_cached_tokens: int = 0                  # tokens whose KV came from the prefix cache
-    error: str | None = None                    # why, when finish_reason is "error"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    """Counts for monitoring (the server's /metrics)."""
-    num_blocks: int
-    num_used_blocks: int
-    num_awaiting_tools: int
-    workers: WorkerStats = WorkerStats()
-
-
-class LLMEngine(ToolRounds):
+class LLMEngine(EngineBase):
     """The synchronous engine loop over one model runner. Not thread-safe: drive it from one thread."""
 
     def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
@@ -90,13 +62,8 @@ class LLMEngine(ToolRounds):
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         self._requests: dict[str, tuple[Request, Detokenizer]] = {}
         self._ids = itertools.count()
-        self.tool_loop: ToolLoop | None = None
-        self._grammar: Any = None
-        specs = [*config.tools.tools, *tools]
-        if specs:
-            from conveyor.engine.tool_setup import start_tool_loop
-
-            self.tool_loop = start_tool_loop(specs, config.tools, self.tokenizer)
+        form = GrammarForm(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids)
+        self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
     def _measure_costs(self) -> Costs:
         """The intercept policy's costs: a block copy timed now sets the per-step swap budget."""
@@ -108,14 +75,7 @@ class LLMEngine(ToolRounds):
 
     def close(self) -> None:
         """Stop the tool workers (the engine serves no more tool calls after this)."""
-        if self.tool_loop is not None:
-            self.tool_loop.executor.pool.close()
-
-    def __enter__(self) -> LLMEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.driver.close()
 
     # ---- requests -------------------------------------------------------------------------
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
@@ -124,8 +84,7 @@ class LLMEngine(ToolRounds):
             ids = self._check_token_ids(prompt.token_ids)
         elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
+        elif (text := render_chat(self.tokenizer, prompt, tools)) is not None:
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         elif isinstance(prompt, list):
             ids = self._check_token_ids(prompt)
@@ -148,14 +107,13 @@ class LLMEngine(ToolRounds):
         tokenizer's encode only reads its state) and the tool-call grammars of the request's
         turns compiled into the grammar cache. Pass the result to `add_request` with the same
         options. Raises ValueError (or whatever the template raises) for unusable input."""
-        shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
-        token_ids = self.encode(prompt, self._tool_specs(shown))
-        options = self._tool_options(tools or [], tool_choice, None, call_format, None)
+        token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
+        options = self.driver.options(tools or [], tool_choice, None, call_format, None)
         for turn in (0, 1) if options is not None else ():    # turn 1 stands for every later one
-            self._constraint(options, turn)
+            self.driver.constraint(options, turn)
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | dict | None = None, *,
+    def add_request(self, prompt: Prompt, params: Params = None, *,
                     request_id: str | None = None, tools: list[str | dict] | None = None,
                     tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
                     max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
@@ -171,10 +129,10 @@ class LLMEngine(ToolRounds):
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained)."""
-        params = _sampling_params(params)
-        options = self._tool_options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls)
-        shown = [t for t in tools or [] if isinstance(t, dict) or call_format not in BODY_FORMATS]
-        token_ids = self.encode(prompt, self._tool_specs(shown))
+        params = sampling_params(params)
+        options = self.driver.options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds,
+                                      lenient_calls)
+        token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                              f"(max_model_len {self.max_model_len} leaves room for one output token)")
@@ -184,11 +142,10 @@ class LLMEngine(ToolRounds):
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
         factory = constraint if callable(constraint) else None
-        request.constraint = self._constraint(options, 0, factory) if constraint is None or factory else constraint
+        request.constraint = (self.driver.constraint(options, 0, factory) if constraint is None or factory
+                              else constraint)
         detok = Detokenizer(self.tokenizer, token_ids, params.stop)
-        if options is not None and options.tools:     # engine tools: a tool session runs the calls
-            request.pause_on_stop = True
-            self.tool_loop.attach(request_id, options).constraint_factory = factory
+        request.pause_on_stop = self.driver.attach(request_id, options, factory)   # engine tools run the calls
         self._requests[request_id] = (request, detok)
         self.scheduler.add(request)
         return request_id
@@ -227,13 +184,12 @@ class LLMEngine(ToolRounds):
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.tool_loop.num_waiting if self.tool_loop else 0,
-                           WorkerStats.of(self.tool_loop))
+        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.driver.num_waiting, WorkerStats.of(self.driver))
 
     # ---- the loop -------------------------------------------------------------------------
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work or bool(self.tool_loop and self.tool_loop.num_waiting)
+        return self.scheduler.has_work or bool(self.driver.num_waiting)
 
     def step(self) -> list[RequestOutput]:
         """Collect tool results, schedule, run one forward pass, update requests; returns
@@ -243,7 +199,7 @@ class LLMEngine(ToolRounds):
         if plan.swaps:
             self.runner.swap(plan.swaps)
         if not plan.chunks:
-            if self.tool_loop is not None and self.tool_loop.num_waiting:
+            if self.driver.num_waiting:
                 outputs += self._poll_tools(0.05)
             return outputs
         self._share_cores()
@@ -252,8 +208,7 @@ class LLMEngine(ToolRounds):
         self.scheduler.costs.observe_step(plan.num_tokens, time.perf_counter() - start)
         for request in self.scheduler.postprocess(plan, sampled):
             outputs.append(self._isolated(request, self._update, request))
-        if self.tool_loop is not None:
-            self.tool_loop.executor.pool.hand_off()
+        self.driver.hand_off()
         return outputs
 
     def _update(self, request: Request) -> RequestOutput:
@@ -261,9 +216,9 @@ class LLMEngine(ToolRounds):
         token = request.output_token_ids[-1]
         by_token = token in request.stop_token_ids
         text = "" if by_token else detok.push(token)
-        tools = self.tool_loop is not None and request.request_id in self.tool_loop.sessions
+        tools = self.driver.runs(request.request_id)
         if tools:
-            self.tool_loop.feed(request.request_id, text)
+            self.driver.feed(request.request_id, text)
         if detok.stopped:   # a stop string wins over a length limit reached on the same token
             if request.finished:
                 request.finish_cause = FinishCause.STOP_STRING
@@ -308,38 +263,61 @@ class LLMEngine(ToolRounds):
         except KeyError:
             raise ValueError(f"unknown or finished request {request_id!r}") from None
 
-    # ---- conveniences ---------------------------------------------------------------------
-    def stream(self, prompt: Prompt, params: SamplingParams | dict | None = None,
-               **options: Any) -> Iterator[RequestOutput]:
-        """Add one request (``options`` as for ``add_request``) and step the engine until it
-        finishes, yielding its outputs. Other requests' outputs are not returned: serve many with ``step``."""
-        request_id = self.add_request(prompt, params, **options)
+    # ---- tool rounds (the driver runs them; the engine settles the request's KV and state) --
+    def _end_turn(self, request: Request, detok: Detokenizer, text: str, stop_text: str | None) -> RequestOutput:
+        """The model's turn ended cleanly: wait for its calls, or finish."""
+        held = detok.flush()
+        self.driver.feed(request.request_id, held)
+        decision = self.driver.end_turn(request.request_id, stop_text)
+        if decision != "wait":
+            cause = {"finish": FinishCause.STOP_STRING if detok.stopped else FinishCause.STOP_TOKEN,
+                     "tool_calls": FinishCause.TOOL_CALLS}[decision]
+            self.scheduler.finish(request, cause)
+            del self._requests[request.request_id]
+            return self._output(request, request.output_token_ids[-1:], text + held,
+                                timeline=self._detach_tools(request))
+        return self._output(request, request.output_token_ids[-1:], text + held)
+
+    def _poll_tools(self, timeout_s: float) -> list[RequestOutput]:
+        """Tool results in: take turns cut off by a rejected call out of the batch; resume
+        requests whose results are all in."""
+        cut, ready = self.driver.poll(timeout_s)
+        outputs = []
+        for request_id in cut:
+            request, detok = self._requests[request_id]
+            self.scheduler.pause_for_tool(request)
+            outputs.append(self._output(request, [], detok.flush()))
+        return outputs + [self._resume_with_results(c) for c in ready]
+
+    def _share_cores(self) -> None:
+        """Leave a CPU core to each worker computing a tool's code (`ToolConfig.share_cores`;
+        one waiting on the network leaves the cores to the forward pass); runners
+        without `reserve_cores` (the paced benchmark's stand-in) are left alone."""
+        reserve = getattr(self.runner, "reserve_cores", None)
+        if self.config.tools.share_cores and reserve is not None and self.driver.executor is not None:
+            reserve(self.driver.num_computing())
+
+    def _resume_with_results(self, ready: Continuation) -> RequestOutput:
+        request, _ = self._requests[ready.request_id]
+        if ready.final is not None:       # the results are reported and the request ends
+            self.scheduler.finish(request, FinishCause.TOOL_CALLS if ready.final == "tool_calls"
+                                  else FinishCause.LENGTH)
+            return self._end_with(request, ready.results)
         try:
-            while request_id in self._requests:
-                for out in self.step():
-                    if out.request_id == request_id:
-                        yield out
-        finally:
-            self.abort(request_id)
+            self.resume(ready.request_id, ready.text)
+        except ValueError:      # the results do not fit in max_model_len
+            self.scheduler.finish(request, FinishCause.LENGTH)
+            return self._end_with(request, ready.results)
+        request.constraint = self.driver.next_constraint(ready.request_id)
+        return self._output(request, [], "", ready.results)
 
-    def generate(self, prompts: list[Prompt], params: SamplingParams | dict | None = None) -> list[Request]:
-        """Run prompts to completion together; returns the finished requests in prompt order."""
-        ids = [self.add_request(p, params) for p in prompts]
-        requests = [self.get_request(i) for i in ids]
-        while any(not r.finished for r in requests):
-            self.step()
-        return requests
+    def _end_with(self, request: Request, results: list[ToolResult]) -> RequestOutput:
+        del self._requests[request.request_id]
+        return self._output(request, [], "", results, self._detach_tools(request))
 
-
-def _sampling_params(params: SamplingParams | dict | None) -> SamplingParams:
-    if params is None:
-        return SamplingParams()
-    if isinstance(params, SamplingParams):
-        return params
-    unknown = set(params) - set(SamplingParams.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
-    return SamplingParams(**params)
+    def _detach_tools(self, request: Request) -> list[Span] | None:
+        clean = request.finish_cause in (FinishCause.STOP_TOKEN, FinishCause.STOP_STRING)
+        return self.driver.detach(request.request_id, cancel=not clean)
 
 
 def _eos_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:

@@ -25,11 +25,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conveyor.config import ServerConfig
+from conveyor.engine.api import EngineStats
 from conveyor.server import chat
 from conveyor.server.client import (
     EngineClient,
     EngineFailed,
-    EngineStats,
     GenerateRequest,
     RequestRejected,
 )

@@ -3,9 +3,8 @@
 The engine is synchronous and not thread-safe, so one thread owns it: it steps while there
 is work and otherwise blocks on a queue of commands (typed dataclasses). Outputs go back to
 each request's asyncio queue through `loop.call_soon_threadsafe`. The server sees only
-`generate`, `abort`, `stats` and `close`, never the engine's internals; any engine with the
-public interface of `LLMEngine` (add_request, step, abort, has_unfinished, close) fits,
-the embedded one and the remote one.
+`generate`, `abort`, `stats` and `close`, never the engine's internals; any `Engine`
+(`engine/api.py`: the embedded one and the remote one) fits.
 
 No request can kill the engine thread: whatever admitting a request raises fails that
 request alone (400 for bad input), and a failed step fails the requests it ran. The heavy
@@ -21,6 +20,7 @@ and the `on_failure` callbacks run (the server then fails /health and exits non-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from conveyor.tools.workers import WorkerStats
+from conveyor.engine.api import Engine, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ class EngineError:
 
     message: str
     status: int = 400
-
-
-@dataclass(frozen=True, slots=True)
-class EngineStats:
-    num_blocks: int = 0
-    num_used_blocks: int = 0
-    num_awaiting_tools: int = 0
-    num_requests: int = 0
-    workers: WorkerStats = WorkerStats()
 
 
 IDLE_TICK_S = 0.25
@@ -141,7 +132,7 @@ class EngineClient:
 
     `prepare_timeout_s` bounds a request's preparation (template, tokens, grammar)."""
 
-    def __init__(self, engine: Any, prepare_timeout_s: float = 30.0) -> None:
+    def __init__(self, engine: Engine, prepare_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.prepare_timeout_s = prepare_timeout_s
         self.failed: str | None = None          # why the engine thread died, once it has
@@ -303,10 +294,6 @@ class EngineClient:
             callback(reason)
 
 
-def _engine_stats(engine: Any, num_requests: int) -> EngineStats:
-    stats = getattr(engine, "stats", None)
-    if stats is None:
-        return EngineStats(num_requests=num_requests)
-    s = stats()
-    return EngineStats(s.num_blocks, s.num_used_blocks, s.num_awaiting_tools, num_requests,
-                       getattr(s, "workers", WorkerStats()))
+def _engine_stats(engine: Engine, num_requests: int) -> EngineStats:
+    stats = getattr(engine, "stats", None)      # a test's stand-in engine may have none
+    return dataclasses.replace(stats(), num_requests=num_requests) if stats else EngineStats(num_requests=num_requests)

@@ -75,7 +75,7 @@ def test_a_call_runs_and_the_next_turn_extends_the_prompt_verbatim(engine, fake,
     assert results_of(outputs) == ["value-of-k1value-of-k1"]
     assert outputs[-1].finish_reason == "stop"
     first, second = (b["prompt"] for b in fake.bodies)
-    assert second == first + raw + engine.tool_loop.renderer.render(["value-of-k1value-of-k1"], None)
+    assert second == first + raw + engine.driver.renderer.render(["value-of-k1value-of-k1"], None)
 
 
 def test_partial_and_lazy_give_the_same_conversation(engine, fake) -> None:
@@ -116,7 +116,7 @@ def test_an_error_status_is_a_clear_error_and_no_tool_runs(engine, fake) -> None
     assert outputs[-1].finish_reason == "error" and "400" in outputs[-1].error
     assert "max_tokens is too large" in outputs[-1].error
     assert results_of(outputs) == [] and len(fake.bodies) == 1          # a 400 is not retried
-    assert not engine.tool_loop.sessions
+    assert not engine.driver.sessions
 
 
 def test_overload_before_the_first_token_is_retried(engine, fake) -> None:
@@ -165,7 +165,7 @@ def test_bad_requests_raise_before_anything_is_sent(engine, fake) -> None:
         engine.add_request(QUESTION, tools=["nope"])
     with pytest.raises(ValueError, match="not among"):
         engine.add_request(QUESTION, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "x"}})
-    assert fake.bodies == [] and not engine.has_unfinished and not engine.tool_loop.sessions
+    assert fake.bodies == [] and not engine.has_unfinished and not engine.driver.sessions
 
 
 def test_a_named_tool_choice_becomes_a_json_schema_and_later_turns_a_lazy_grammar(model_dir, fake) -> None:
@@ -190,6 +190,6 @@ def test_the_vllm_dialect_sends_the_embedded_engines_structural_tag(model_dir, f
     cfg = dataclasses.replace(config(model_dir, fake.url, backend_dialect="vllm"), tools=tools)
     with RemoteEngine(cfg, progress=False) as engine:
         run(engine, tools=["lookup"])
-        spec = engine.tool_loop.executor.registry.get("lookup").spec()
+        spec = engine.driver.executor.registry.get("lookup").spec()
     sent = json.loads(fake.bodies[0]["structured_outputs"]["structural_tag"])
     assert sent == json.loads(structural_tag([spec], "auto").model_dump_json())

@@ -92,7 +92,7 @@ def _processing(url: str) -> int:
 def test_an_auto_turn_is_free_text_until_a_call_starts_then_follows_the_lazy_grammar(engine) -> None:
     from conveyor.backends.constraints import remote_form
 
-    spec = engine.tool_loop.executor.registry.get("lookup").spec()
+    spec = engine.driver.executor.registry.get("lookup").spec()
     form = remote_form("llama.cpp", [spec], "auto")
     calls = '<tool_call>\n{"name": "lookup", "arguments": {"key": "k%d"}}\n</tool_call>\n'
     prompt = "Calls, one per line:\n" + "".join(calls % n for n in range(4))

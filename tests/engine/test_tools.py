@@ -121,7 +121,7 @@ def test_python_fence_lines_run_and_results_come_back(engine) -> None:
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two torch threads to give one up")
 def test_a_running_tool_gets_a_core_while_decoding_goes_on(engine, monkeypatch) -> None:
-    pool, deadline = engine.tool_loop.executor.pool, time.perf_counter() + 30
+    pool, deadline = engine.driver.executor.pool, time.perf_counter() + 30
     while pool.num_idle < engine.config.tools.num_workers:   # each worker serves one call: the
         assert time.perf_counter() < deadline                 # replacements of the last test's start
         pool.poll(0.05)
@@ -170,7 +170,7 @@ def test_external_tool_never_runs_on_length_or_abort(engine) -> None:
         outputs += engine.step()
     outputs.append(engine.abort(rid))
     assert not results_of(outputs) and outputs[-1].finish_reason == "abort"
-    assert engine.tool_loop.executor.pool.num_busy == 0
+    assert engine.driver.executor.pool.num_busy == 0
     assert_all_blocks_free(engine)
 
 
@@ -179,7 +179,7 @@ def test_abort_during_a_call_frees_workers_and_blocks(engine) -> None:
     rid = engine.add_request(QUESTION, {"max_tokens": 100}, tools=["python"], constraint=script(engine, slow))
     while engine.get_request(rid).state is not RequestState.AWAITING_TOOL:
         engine.step()
-    pool = engine.tool_loop.executor.pool
+    pool = engine.driver.executor.pool
     assert pool.num_busy == 1
     engine.abort(rid)
     pool.poll(2.0)
@@ -193,5 +193,5 @@ def test_bad_tool_requests_are_clear_errors(engine) -> None:
         engine.add_request(QUESTION, tools=["nope"])
     with pytest.raises(ValueError, match="tool mode"):
         engine.add_request(QUESTION, tools=["lookup"], tool_mode="eager")
-    assert not engine.has_unfinished and not engine.tool_loop.sessions
+    assert not engine.has_unfinished and not engine.driver.sessions
     assert_all_blocks_free(engine)

@@ -106,7 +106,7 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
         for line in r.iter_lines():
             if '"name": "slow"' in line:
                 break                                   # the call is out; its tool is running
-    pool = engine.tool_loop.executor.pool
+    pool = engine.driver.executor.pool
     assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
     assert wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)
     assert wait_until(lambda: pool.num_busy == 0)

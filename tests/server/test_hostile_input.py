@@ -151,7 +151,7 @@ def test_malformed_and_deep_json_bodies(hostile):
 def test_non_streamed_disconnect_aborts_the_request(hostile):
     server, engine = hostile
     state = server.app.state.conveyor
-    pool = engine.tool_loop.executor.pool
+    pool = engine.driver.executor.pool
     body = json.dumps({"model": "tiny", "messages": ask("script:slow")}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"

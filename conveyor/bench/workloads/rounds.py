@@ -9,7 +9,7 @@ from typing import Any
 
 from conveyor.bench.workloads.base import Case
 from conveyor.bench.workloads.timing import CallTiming, TurnTiming, ideal_saving_s
-from conveyor.engine.tool_loop import Span
+from conveyor.tools.driver import Span
 from conveyor.tools.base import ToolRejected, ToolResult
 from conveyor.tools.parsers import CallStart, FieldDone, Line, make_parser, parse_step
 

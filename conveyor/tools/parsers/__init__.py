@@ -42,6 +42,7 @@ PARSERS: dict[str, type[StreamParser]] = {
     "plan": PlanParser,
     "auto": AutoParser,
 }
+BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as JSON: never constrained
 
 
 def make_parser(kind: str, lenient: bool = True) -> StreamParser:
@@ -55,6 +56,6 @@ def make_parser(kind: str, lenient: bool = True) -> StreamParser:
 
 
 __all__ = [
-    "CallEnd", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
+    "BODY_FORMATS", "CallEnd", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
     "make_parser", "parse_step",
 ]

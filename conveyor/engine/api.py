@@ -1,0 +1,132 @@
+"""The Engine protocol: what the server, the commands and the benchmarks drive, whichever
+engine it is (`LLMEngine`, embedded; `backends.remote.RemoteEngine`), and the plain data that
+crosses it. `EngineBase` holds the conveniences written once for both (`stream`, `generate`,
+the context manager)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from conveyor.engine.request import SamplingParams
+from conveyor.tools.base import ToolResult
+from conveyor.tools.driver import Span
+from conveyor.tools.workers import WorkerStats
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A prompt rendered and tokenized ahead of `add_request` (`prepare`, off the engine's
+    thread); `prompt` is what the caller gave, `text` the rendered prompt (the remote engine
+    sends it)."""
+    prompt: str | list[int] | list[dict[str, Any]]
+    token_ids: list[int]
+    text: str = ""
+
+
+Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt
+Params = SamplingParams | dict | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
+    timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
+    num_cached_tokens: int = 0                  # tokens whose KV came from the prefix cache
+    error: str | None = None                    # why, when finish_reason is "error"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counts for monitoring (the server's /metrics); `num_requests` is the server's own count."""
+    num_blocks: int = 0
+    num_used_blocks: int = 0
+    num_awaiting_tools: int = 0
+    num_requests: int = 0
+    workers: WorkerStats = WorkerStats()
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An engine: requests in, outputs per step. Not thread-safe: one thread drives it."""
+
+    max_model_len: int
+
+    def prepare(self, prompt: Prompt, **options: Any) -> PreparedPrompt:
+        """Render and tokenize a prompt (and compile its tool grammar) on any thread."""
+
+    def add_request(self, prompt: Prompt, params: Params = None, **options: Any) -> str:
+        """Queue a request; ValueError, with nothing allocated, for unusable input."""
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every request; the outputs of those that changed."""
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request in any state; None if it is unknown or already done."""
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def has_unfinished(self) -> bool: ...
+
+    def stream(self, prompt: Prompt, params: Params = None, **options: Any) -> Iterator[RequestOutput]: ...
+
+
+class EngineBase:
+    """The conveniences both engines share. A subclass keeps its live requests in
+    `_requests` (by id) and implements `add_request`, `step`, `abort`, `get_request`, `close`."""
+
+    _requests: dict[str, Any]
+
+    def __enter__(self) -> EngineBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stream(self, prompt: Prompt, params: Params = None, **options: Any) -> Iterator[RequestOutput]:
+        """Add one request (``options`` as for ``add_request``) and step the engine until it
+        finishes, yielding its outputs. Other requests' outputs are not returned: serve many with ``step``."""
+        request_id = self.add_request(prompt, params, **options)
+        try:
+            while request_id in self._requests:
+                yield from (out for out in self.step() if out.request_id == request_id)
+        finally:
+            self.abort(request_id)
+
+    def generate(self, prompts: list[Prompt], params: Params = None) -> list[Any]:
+        """Run prompts to completion together; returns the finished requests in prompt order."""
+        requests = [self.get_request(self.add_request(p, params)) for p in prompts]
+        while any(not r.finished for r in requests):
+            self.step()
+        return requests
+
+
+def sampling_params(params: Params) -> SamplingParams:
+    """SamplingParams from None (the defaults), SamplingParams or a dict of its fields."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    unknown = set(params) - set(SamplingParams.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
+    return SamplingParams(**params)
+
+
+def render_chat(tokenizer: Any, prompt: Any, tools: list[dict] | None) -> str | None:
+    """Chat messages through the model's chat template (with the tool list); None if `prompt`
+    is not a list of messages."""
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
+    return None
