@@ -17,7 +17,7 @@ from conveyor.config import (
     from_flags,
 )
 from conveyor.engine.model.loader import ModelLoadError
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,30 @@ def _require(checks: list[tuple[bool, str]]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+class InterceptPolicy(enum.StrEnum):
+    """What happens to the KV of a request waiting on a tool (core/intercept.py)."""
+    PRESERVE = "preserve"
+    DISCARD = "discard"
+    SWAP = "swap"
+    AUTO = "auto"
+    NEW_REQUEST = "new-request"
+
+
+INTERCEPT_HELP = {
+    InterceptPolicy.PRESERVE: "keep; when blocks run out the newest is dropped",
+    InterceptPolicy.DISCARD: "recompute on resume",
+    InterceptPolicy.SWAP: "to host memory",
+    InterceptPolicy.AUTO: "least waste per request, InferCept",
+    InterceptPolicy.NEW_REQUEST: "today's servers: the continuation is a new request that prefills everything",
+}
+
+
+def _choices_help(intro: str, helps: dict[Any, str]) -> str:
+    """A flag's help text listing its choices from their registry."""
+    items = [f"{name} ({text})" for name, text in helps.items()]
+    return f"{intro}: {', '.join(items[:-1])} or {items[-1]}"
 
 
 LINEAR_KERNELS = ("auto", "avx2", "avx512", "avx512bf16", "onednn", "torch")
@@ -78,21 +103,18 @@ class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_help("most requests in one step's batch"))
     max_num_batched_tokens: int = field(default=512, metadata=_help(
         "token budget of one step: decodes plus prefill chunks"))
-    intercept: str = field(default="preserve", metadata=_help(
-        "KV of requests waiting on a tool: preserve (keep; when blocks run out the newest is dropped), "
-        "discard (recompute on resume), swap (to host memory), auto (least waste per request, InferCept) "
-        "or new-request (today's servers: the continuation is a new request that prefills everything)"))
+    intercept: str = field(default=InterceptPolicy.PRESERVE.value, metadata=_help(
+        _choices_help("KV of requests waiting on a tool", INTERCEPT_HELP)))
     swap_budget_ms: float = field(default=5.0, metadata=_help(
         "time one step may spend copying KV blocks each way; turned into blocks by a copy timed at start-up"))
     default_tool_s: float = field(default=1.0, metadata=_help(
         "expected tool time before a tool has a declared estimate or a past call"))
 
     def __post_init__(self) -> None:
-        from conveyor.engine.intercept import POLICIES
-
+        policies = [p.value for p in InterceptPolicy]
         _require([(self.max_num_seqs > 0, "max_num_seqs must be positive"),
                   (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
-                  (self.intercept in POLICIES, f"intercept must be one of {', '.join(POLICIES)}, got {self.intercept!r}"),
+                  (self.intercept in policies, f"intercept must be one of {', '.join(policies)}, got {self.intercept!r}"),
                   (self.swap_budget_ms >= 0, "swap_budget_ms must be >= 0"),
                   (self.default_tool_s >= 0, "default_tool_s must be >= 0")])
 

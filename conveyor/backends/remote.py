@@ -22,7 +22,14 @@ import httpx
 from conveyor.backends.connection import connect, discover_model
 from conveyor.backends.constraints import TurnForm, remote_form
 from conveyor.backends.request import RemoteOutput, RemoteRequest
-from conveyor.backends.stream import Delta, Done, Event, Failed, RemoteStream, RetryPolicy
+from conveyor.backends.stream import (
+    RemoteStream,
+    RetryPolicy,
+    StreamDone,
+    StreamEvent,
+    StreamFailed,
+    StreamText,
+)
 from conveyor.config import EngineConfig
 from conveyor.engine.api import EngineBase, EngineStats, Params, PreparedPrompt, Prompt, render_chat, sampling_params
 from conveyor.tools.driver import Continuation, ToolDriver
@@ -55,7 +62,7 @@ class RemoteEngine(EngineBase):
             raise
         self.max_model_len = config.model.max_model_len
         self.retry = RetryPolicy(backend.max_retries, backend.retry_backoff_s)
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         self._requests: dict[str, RemoteRequest] = {}
         self._ids = itertools.count()
         form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)  # noqa: E731
@@ -157,16 +164,16 @@ class RemoteEngine(EngineBase):
             events.append(self.events.get_nowait())
         return outputs + [out for out in map(self._on_event, events) if out is not None]
 
-    def _on_event(self, event: Event) -> RemoteOutput | None:
+    def _on_event(self, event: StreamEvent) -> RemoteOutput | None:
         request = self._requests.get(event.key[0])
         if request is None or request.turn != event.key[1] or request.stream is None:
             return None         # a stream closed by abort or a rejection: its last events are dropped
-        if isinstance(event, Delta):
+        if isinstance(event, StreamText):
             return request.output(self._take(request, event.text))
         request.stream = None
-        if isinstance(event, Failed):
+        if isinstance(event, StreamFailed):
             return self._finish(request, "error", cancel=True, error=event.message)
-        assert isinstance(event, Done)
+        assert isinstance(event, StreamDone)
         return self._end_turn(request, event.finish_reason, event.usage)
 
     def _take(self, request: RemoteRequest, text: str) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.backends.constraints import TurnForm
 from conveyor.engine.api import RequestOutput
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 
 if TYPE_CHECKING:
     from conveyor.backends.stream import RemoteStream

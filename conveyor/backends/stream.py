@@ -2,8 +2,8 @@
 
 The engine loop is synchronous and serves many requests, while a blocking HTTP read serves
 one: each `RemoteStream` reads its server-sent events in a daemon thread and puts plain
-events (`Delta`, `Done`, `Failed`) on the engine's queue. `close` shuts the socket down at
-once, so the remote engine sees the disconnect and stops decoding the request (both vLLM and
+events (`StreamText`, `StreamDone`, `StreamFailed`) on the engine's queue. `close` shuts the
+socket down at once, so the remote engine sees the disconnect and stops decoding the request (both vLLM and
 llama.cpp server abort a request whose client went away). A request that fails before its
 first text (connection refused, 429, 502-504) is retried; once text has reached the tool
 layer it never is, because a retry would replay calls whose fields tools have already seen.
@@ -23,7 +23,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
-class Delta:
+class StreamText:
     """New text of a stream."""
 
     key: tuple[str, int]        # (request id, turn number)
@@ -31,7 +31,7 @@ class Delta:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class StreamDone:
     """The remote engine finished the turn."""
 
     key: tuple[str, int]
@@ -40,7 +40,7 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
-class Failed:
+class StreamFailed:
     """The turn could not be completed: the remote engine is down, answered with an error or
     dropped the stream."""
 
@@ -49,7 +49,7 @@ class Failed:
     status: int = 502
 
 
-Event = Delta | Done | Failed
+StreamEvent = StreamText | StreamDone | StreamFailed
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ class RemoteStream:
     docstring). Starts reading at once."""
 
     def __init__(self, client: httpx.Client, path: str, body: dict[str, Any], key: tuple[str, int],
-                 events: queue.SimpleQueue[Event], retry: RetryPolicy = RetryPolicy()) -> None:
+                 events: queue.SimpleQueue[StreamEvent], retry: RetryPolicy = RetryPolicy()) -> None:
         self.client = client
         self.path = path
         self.body = body
@@ -102,7 +102,7 @@ class RemoteStream:
         if event is not None and not self.closed:
             self.events.put(event)
 
-    def _attempts(self) -> Event | None:
+    def _attempts(self) -> StreamEvent | None:
         backoff_s = self.retry.backoff_s
         for attempt in range(self.retry.max_retries + 1):
             retryable, event = self._attempt()
@@ -111,7 +111,7 @@ class RemoteStream:
             backoff_s *= 2
         return None
 
-    def _attempt(self) -> tuple[bool, Event | None]:
+    def _attempt(self) -> tuple[bool, StreamEvent | None]:
         """One request. Returns (whether a retry is allowed, the final event)."""
         try:
             with self.client.stream("POST", self.path, json=self.body) as response:
@@ -119,15 +119,15 @@ class RemoteStream:
                 if response.status_code != 200:
                     response.read()
                     return (response.status_code in RETRY_STATUSES,
-                            Failed(self.key, _error_message(response), response.status_code))
+                            StreamFailed(self.key, _error_message(response), response.status_code))
                 return False, self._read(response)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            return True, Failed(self.key, f"remote engine unreachable: {e}", 503)
+            return True, StreamFailed(self.key, f"remote engine unreachable: {e}", 503)
         except (httpx.HTTPError, OSError, ValueError) as e:     # ValueError: a chunk that is not JSON
             if self.closed:
                 return False, None
             kind = "timed out" if isinstance(e, httpx.TimeoutException) else "dropped the stream"
-            return self.num_deltas == 0, Failed(self.key, f"remote engine {kind}: {e!r}", 502)
+            return self.num_deltas == 0, StreamFailed(self.key, f"remote engine {kind}: {e!r}", 502)
 
     def _keep_socket(self, response: httpx.Response) -> None:
         stream = response.extensions.get("network_stream")
@@ -137,7 +137,7 @@ class RemoteStream:
         if self.closed:         # closed while connecting
             self.close()
 
-    def _read(self, response: httpx.Response) -> Event | None:
+    def _read(self, response: httpx.Response) -> StreamEvent | None:
         finish, usage = None, {}
         for line in response.iter_lines():
             if self.closed:
@@ -149,19 +149,19 @@ class RemoteStream:
                 break
             chunk = json.loads(data)
             if "error" in chunk:
-                return Failed(self.key, _message(chunk["error"]), 502)
+                return StreamFailed(self.key, _message(chunk["error"]), 502)
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices", []):
                 text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 if text:
                     self.num_deltas += 1
-                    self.events.put(Delta(self.key, text))
+                    self.events.put(StreamText(self.key, text))
                 finish = choice.get("finish_reason") or finish
         if self.closed:
             return None
         if finish is None:
-            return Failed(self.key, "remote engine ended the stream without a finish_reason", 502)
-        return Done(self.key, finish, usage)
+            return StreamFailed(self.key, "remote engine ended the stream without a finish_reason", 502)
+        return StreamDone(self.key, finish, usage)
 
 
 def _error_message(response: httpx.Response) -> str:

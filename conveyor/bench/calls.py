@@ -28,7 +28,7 @@ from rich.table import Table
 from conveyor.config import engine_config_from_flags
 from conveyor.bench.results import write_json
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from conveyor.tools.base import FunctionTool
 from conveyor.tools.grammar import ToolGrammar
 from conveyor.tools.parsers import CallEnd, CallStart, make_parser

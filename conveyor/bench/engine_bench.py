@@ -30,7 +30,7 @@ from conveyor.config import engine_config_from_flags
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.model.kernels import cpu_flags, cpu_model
 from conveyor.engine.model.linear import Linear
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 
 TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
           "volcanoes", "the number zero"]

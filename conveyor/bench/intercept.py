@@ -22,8 +22,8 @@ from rich.progress import Progress
 
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.intercept import POLICIES
-from conveyor.engine.request import SamplingParams
+from conveyor.core.intercept import POLICIES
+from conveyor.core.request import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,7 @@ def markdown(result: dict) -> str:
 
 METHOD = """# Interception-aware KV management under load (`conveyor bench intercept`)
 
-What happens to the KV cache of a request while it waits on a tool (engine/intercept.py):
+What happens to the KV cache of a request while it waits on a tool (core/intercept.py):
 **preserve** keeps it on the device, **discard** frees it and prefills the context again on
 resume (chunked within the step budget), **swap** copies it to a host block pool and back
 before resume, **auto** picks per request and per step the choice of least memory waste

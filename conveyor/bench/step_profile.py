@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.model.linear import Linear
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 
 
 def profile_decode(engine: LLMEngine, concurrency: int, steps: int = 20) -> dict[str, float]:

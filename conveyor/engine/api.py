@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from conveyor.tools.base import ToolResult
 from conveyor.tools.driver import Span
 from conveyor.tools.workers import WorkerStats

@@ -20,11 +20,11 @@ from conveyor.engine.api import (
     render_chat,
     sampling_params,
 )
-from conveyor.engine.block_manager import BlockManager
+from conveyor.core.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
-from conveyor.engine.intercept import Costs
-from conveyor.engine.request import FinishCause, Request, RequestState
-from conveyor.engine.scheduler import Scheduler
+from conveyor.core.intercept import Costs
+from conveyor.core.request import FinishCause, Request, RequestState
+from conveyor.core.scheduler import Scheduler
 from conveyor.tools.base import ToolResult
 from conveyor.tools.driver import Continuation, GrammarForm, Span, ToolDriver
 from conveyor.tools.workers import WorkerStats

@@ -21,7 +21,7 @@ from conveyor.engine.model.attention import (
 from conveyor.engine.model.kernel_choice import choose_kernels
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
-from conveyor.engine.plan import Chunk, SchedulerOutput, Swap
+from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 from conveyor.engine.sampler import Sampler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -146,7 +146,7 @@ class ModelRunner:
             meta.prefills.append(PrefillSegment(row, c.num_tokens, c.start, table, mask))
             row += c.num_tokens
 
-    # ---- the host pool: KV of requests waiting on tools, swapped out (engine/intercept.py) ----
+    # ---- the host pool: KV of requests waiting on tools, swapped out (core/intercept.py) ----
     def init_host_pool(self, cache_config: CacheConfig) -> int:
         """Allocate the host-memory block pool (same layout as ``self.kv``); its block count. Left
         uninitialised (no memory is touched until a block is swapped out: every block is written

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 
 REDRAW_SALT = 0x5EED_0F_6EA6     # a redraw after masking uses its own seed stream
 

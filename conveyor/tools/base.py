@@ -17,7 +17,7 @@ import re
 import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SideEffects = Literal["none", "idempotent", "external"]
@@ -54,6 +54,22 @@ class ToolResult:
     done_at: float = 0.0
     hook_delays_s: tuple[float, ...] = ()
     hook_queued_s: tuple[float, ...] = ()
+
+
+@dataclass(slots=True)
+class Call:
+    """One call of a turn: where it stands and what it produced."""
+
+    index: int
+    call_id: str
+    name: str
+    tool: Tool | None
+    held: list[tuple[str, Any, Any, float]] = field(default_factory=list)  # events not yet sent
+    args: dict | None = None
+    dispatched: bool = False
+    ended: bool = False
+    result: ToolResult | None = None
+    ended_at: float = 0.0
 
 
 class ToolRejected(Exception):

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jsonschema
 
-from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
+from conveyor.tools.base import Call, CallInfo, Tool, ToolRegistry, ToolResult
 from conveyor.tools.parsers import (
     CallEnd,
     CallStart,
@@ -42,22 +41,6 @@ class Pool(Protocol):
     def poll(self, timeout_s: float = 0.0) -> list[ToolResult]: ...
     def hand_off(self) -> None: ...             # let workers just sent work take it (may wait ~1 ms)
     def num_computing(self) -> int: ...         # workers busy on this machine's CPUs with a tool's code
-
-
-@dataclass(slots=True)
-class Call:
-    """One call of a turn: where it stands and what it produced."""
-
-    index: int
-    call_id: str
-    name: str
-    tool: Tool | None
-    held: list[tuple[str, Any, Any, float]] = field(default_factory=list)  # events not yet sent
-    args: dict | None = None
-    dispatched: bool = False
-    ended: bool = False
-    result: ToolResult | None = None
-    ended_at: float = 0.0
 
 
 class ToolExecutor:

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from conveyor.tools.base import ToolResult
+from conveyor.tools.base import Call, ToolResult
 from conveyor.tools.parsers import parse_step
 
 if TYPE_CHECKING:
-    from conveyor.tools.executor import Call, Turn
+    from conveyor.tools.executor import Turn
 
 _REF = re.compile(r"\$\{?(\d+)\}?")
 _REF_NAME = re.compile(r"__ref(\d+)__")
@@ -109,8 +109,6 @@ class PlanCall:
                 self._start(step, allow_external)
 
     def _start(self, step: Step, allow_external: bool) -> None:
-        from conveyor.tools.executor import Call  # a cycle at import time otherwise
-
         call_id = f"{self.call_id}.s{step.number}"
         tool = self.turn.allowed.get(step.tool)
         call = Call(step.number, call_id, step.tool, tool, ended=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conveyor.engine.model.loader import resolve_model
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
 

@@ -14,8 +14,8 @@ from conveyor.config import (
     ToolConfig,
 )
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.plan import Chunk, SchedulerOutput
-from conveyor.engine.request import Request, SamplingParams
+from conveyor.core.step_plan import Chunk, SchedulerOutput
+from conveyor.core.request import Request, SamplingParams
 
 
 def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,

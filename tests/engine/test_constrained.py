@@ -5,7 +5,7 @@ from __future__ import annotations
 import jsonschema
 import pytest
 
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from conveyor.tools.grammar import ToolGrammar
 from conveyor.tools.parsers import CallEnd, CallStart, make_parser
 from tests.engine.helpers import assert_all_blocks_free, make_engine

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conveyor.config import CacheConfig
-from conveyor.engine.plan import Swap
-from conveyor.engine.request import SamplingParams
+from conveyor.core.step_plan import Swap
+from conveyor.core.request import SamplingParams
 from conveyor.engine.runner import ModelRunner
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 

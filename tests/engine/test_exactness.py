@@ -6,7 +6,7 @@ import torch
 
 from conveyor.config import LINEAR_KERNELS
 from conveyor.engine.model.paths import why_not
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], list(range(10, 47)), [5], list(range(100, 117))]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.engine.request import RequestState, SamplingParams
+from conveyor.core.request import RequestState, SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from conveyor.engine.sampler import Sampler
 
 VOCAB = 40

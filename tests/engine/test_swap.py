@@ -7,7 +7,7 @@ import torch
 
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.engine.engine import LLMEngine
-from conveyor.engine.request import Request, SamplingParams
+from conveyor.core.request import Request, SamplingParams
 from tests.engine.helpers import assert_all_blocks_free
 
 PROMPT = list(range(1, 23))

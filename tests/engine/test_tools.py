@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conveyor.config import ToolConfig
-from conveyor.engine.request import RequestState
+from conveyor.core.request import RequestState
 from conveyor.tools.base import Tool, ToolRejected, tool
 from tests.engine.helpers import (
     assert_all_blocks_free,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.engine.block_manager import BlockManager
-from conveyor.engine.request import Request, SamplingParams
+from conveyor.core.block_manager import BlockManager
+from conveyor.core.request import Request, SamplingParams
 
 
 def make_request(tokens: list[int], rid: str = "r") -> Request:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.engine.intercept import Costs, ToolTimes, Waste, choose, fixed, waste_of
-from conveyor.engine.request import Request, SamplingParams
+from conveyor.core.intercept import Costs, ToolTimes, Waste, choose, fixed, waste_of
+from conveyor.core.request import Request, SamplingParams
 
 
 def holding(rid: str, num_blocks: int, num_computed: int) -> Request:

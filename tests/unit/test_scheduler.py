@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor.config import SchedulerConfig
-from conveyor.engine.block_manager import BlockManager
-from conveyor.engine.request import FinishCause, Request, RequestState, SamplingParams
-from conveyor.engine.scheduler import Scheduler
+from conveyor.core.block_manager import BlockManager
+from conveyor.core.request import FinishCause, Request, RequestState, SamplingParams
+from conveyor.core.scheduler import Scheduler
 
 EOS = 0
 
@@ -167,7 +167,7 @@ def test_config_values_are_checked() -> None:
 # ---- intercept policies (engine/intercept.py) ---------------------------------------------
 def make_policy(policy: str, num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 64,
                 clock=lambda: 0.0, prefix_caching: bool = True) -> Scheduler:
-    from conveyor.engine.intercept import Costs
+    from conveyor.core.intercept import Costs
 
     bm = BlockManager(num_blocks, 4, prefix_caching, num_host_blocks=num_host_blocks)
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, intercept=policy)

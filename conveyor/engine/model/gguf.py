@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from conveyor.engine.model.architectures import GGUF_ARCHITECTURES
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 class UnsupportedGGUF(ValueError):

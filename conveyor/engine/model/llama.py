@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from conveyor.engine.model.architectures import ARCHITECTURES
 from conveyor.engine.model.attention import AttentionMetadata, paged_attention
 from conveyor.engine.model.linear import Linear
-
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,9 +31,9 @@ from rich.progress import (
 )
 
 from conveyor.config import cache_root
+from conveyor.engine.model.architectures import ARCHITECTURES
 from conveyor.engine.model.gguf import UnsupportedGGUF, convert_gguf
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _GGUF_NAME = "model.gguf"
 _CHUNK_BYTES = 8 << 20
 _CONSOLE = Console(stderr=True)
@@ -126,9 +126,9 @@ def check_checkpoint_dir(path: Path) -> Path:
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"cannot read {config_file}: {error}") from error
     architecture = (config.get("architectures") or ["none given"])[0]
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in ARCHITECTURES:
         raise ModelLoadError(f"unsupported architecture {architecture} in {config_file}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"supported: {', '.join(ARCHITECTURES)}")
     return path.absolute()
 
 

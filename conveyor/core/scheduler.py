@@ -4,7 +4,7 @@ Pure Python. Every request is scheduled the same way: its next chunk is the toke
 that have no KV yet (a prompt, a decode token, tool-result tokens after a resume,
 or a whole context after preemption), cut to what the step's budget still allows.
 Each step first settles the KV of requests waiting on tools by the intercept policy
-(engine/intercept.py: preserve, discard, swap to host memory, or least waste). Then, as
+(core/intercept.py: preserve, discard, swap to host memory, or least waste). Then, as
 in InferCept, three queues by original arrival: requests whose KV is in host memory
 (resumed after a tool, or preempted) are swapped back in (within the step's swap budget),
 running requests go first (decodes, then longer chunks, each oldest first), then waiting
@@ -12,8 +12,8 @@ ones, strictly first come, first served, and only when no swapped request is lef
 waiting on tools give up their KV first (swapped or dropped), then the newest running
 request is preempted: swapped out where the policy swaps, else its blocks are freed (they
 stay in the prefix cache) and it is recomputed later. The KV side of this (intercept
-policy, reclaiming, preemption) is `kv_policy.KVPolicy`; the plan handed to the runner is
-`plan.SchedulerOutput`.
+policy, reclaiming, preemption) is the `kv_policy.KVPolicy` the scheduler holds; the plan handed to the runner is
+`step_plan.SchedulerOutput`.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable
 
 from conveyor.config import SchedulerConfig
-from conveyor.engine import intercept
-from conveyor.engine.block_manager import BlockManager
-from conveyor.engine.kv_policy import KVPolicy
-from conveyor.engine.plan import Chunk, SchedulerOutput, Swap
-from conveyor.engine.request import (
+from conveyor.core import intercept
+from conveyor.core.block_manager import BlockManager
+from conveyor.core.kv_policy import KVPolicy, Queues
+from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
+from conveyor.core.request import (
     FinishCause,
     Request,
     RequestState,
@@ -35,7 +35,7 @@ from conveyor.engine.request import (
 )
 
 
-class Scheduler(KVPolicy):
+class Scheduler:
     """Queues requests by state and plans each step; owns block allocation for them."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
@@ -44,13 +44,14 @@ class Scheduler(KVPolicy):
         self.block_manager = block_manager
         # a request must always fit in the whole pool, or a preempted one could never come back
         self.max_model_len = min(max_model_len, block_manager.num_blocks * block_manager.block_size)
-        self.waiting: list[Request] = []
-        self.running: list[Request] = []
-        self.swapped: list[Request] = []
-        self.awaiting_tool: dict[str, Request] = {}
+        self.queues = Queues()
+        self.waiting, self.running, self.swapped = self.queues.waiting, self.queues.running, self.queues.swapped
+        self.awaiting_tool = self.queues.awaiting_tool      # the same objects: never rebound
         self.costs = costs or intercept.Costs()
         self.tool_times = intercept.ToolTimes(config.default_tool_s)
         self.clock = clock
+        self.kv = KVPolicy(intercept.strategy(config.intercept), block_manager, self.queues, self.costs,
+                           self.tool_times, clock)
 
     @property
     def has_work(self) -> bool:
@@ -63,7 +64,7 @@ class Scheduler(KVPolicy):
     # ---- planning -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._intercept(out)
+        self.kv.intercept(out)
         self._schedule_swapped(out)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted and not self.swapped:
@@ -78,7 +79,7 @@ class Scheduler(KVPolicy):
         while self.swapped and budget > 0:
             request = self.swapped[0]
             pairs = self.block_manager.swap_in(request)
-            while pairs is None and self._reclaim_from_awaiting(out):
+            while pairs is None and self.kv.reclaim_from_awaiting(out):
                 pairs = self.block_manager.swap_in(request)
             if pairs is None:
                 return
@@ -109,11 +110,11 @@ class Scheduler(KVPolicy):
         """Blocks for ``n`` more tokens: reclaim from requests waiting on tools first, then
         preempt the newest running request not yet scheduled (possibly ``request`` itself)."""
         while not self.block_manager.try_allocate(request, n):
-            if self._reclaim_from_awaiting(out):
+            if self.kv.reclaim_from_awaiting(out):
                 continue
             victim = max((r for r in self.running if r.request_id not in scheduled), key=by_arrival)
             self.running.remove(victim)
-            self._preempt(victim, out)
+            self.kv.preempt(victim, out)
             out.preempted.append(victim)
             if victim is request:
                 return False
@@ -139,8 +140,7 @@ class Scheduler(KVPolicy):
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
-            # auto has already freed what is worth freeing for the queue (``_intercept``)
-            if self.config.intercept == "auto" or not self._reclaim_from_awaiting(out):
+            if not self.kv.strategy.reclaims_on_demand or not self.kv.reclaim_from_awaiting(out):
                 return None
 
     # ---- after the forward pass -----------------------------------------------------------
@@ -208,7 +208,7 @@ class Scheduler(KVPolicy):
             request.state = RequestState.SWAPPED
             bisect.insort(self.swapped, request, key=by_arrival)
         else:   # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
-            if self.config.intercept == "new-request":
+            if self.kv.strategy.new_request:
                 request.arrival = new_arrival()     # the continuation is a new request, last in line
             self.add(request)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from conveyor.engine.request import Request
+from conveyor.core.request import Request
 
 
 @dataclass(slots=True)

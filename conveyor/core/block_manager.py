@@ -18,7 +18,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from conveyor.engine.request import Request
+from conveyor.core.request import Request
 
 
 def chain_hash(parent: bytes | None, token_ids: tuple[int, ...]) -> bytes:

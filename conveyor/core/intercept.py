@@ -16,16 +16,18 @@ block-seconds, and each step the scheduler takes the choice of least waste per r
 
 Fixed policies (``preserve``, ``discard``, ``swap``) are the baselines; ``new-request``
 behaves like today's servers: the tool call ends the request and the continuation is a new
-request (new arrival, no prefix cache) that prefills everything.
+request (new arrival, no prefix cache) that prefills everything. The scheduler's KV policy
+holds one `Strategy` (`strategy(policy)`) and asks it each of these decisions.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from conveyor.engine.request import Request
+from conveyor.config import InterceptPolicy
+from conveyor.core.request import Request, by_arrival
 
-POLICIES = ("preserve", "discard", "swap", "auto", "new-request")
+POLICIES = tuple(p.value for p in InterceptPolicy)
 
 
 @dataclass(slots=True)
@@ -141,9 +143,9 @@ def fixed(policy: str, holding: Sequence[Request], host_free_blocks: int) -> Dec
     """The fixed policies: every request that still holds device blocks is swapped (while the
     host pool has room, else discarded), discarded, or kept."""
     decisions = Decisions()
-    if policy in ("discard", "new-request"):
+    if policy in (InterceptPolicy.DISCARD, InterceptPolicy.NEW_REQUEST):
         decisions.discard.extend(holding)
-    elif policy == "swap":
+    elif policy == InterceptPolicy.SWAP:
         for request in holding:
             n = len(request.block_table)
             if n <= host_free_blocks:
@@ -151,6 +153,59 @@ def fixed(policy: str, holding: Sequence[Request], host_free_blocks: int) -> Dec
                 host_free_blocks -= n
             else:
                 decisions.discard.append(request)
-    elif policy not in ("preserve", "auto"):
+    elif policy not in (InterceptPolicy.PRESERVE, InterceptPolicy.AUTO):
         raise ValueError(f"unknown intercept policy {policy!r}; choose one of {', '.join(POLICIES)}")
     return decisions
+
+
+class Strategy:
+    """A fixed policy: preserve, discard, swap or new-request (see the module docstring)."""
+
+    reclaims_on_demand = True   # a queued request short of blocks takes them from requests on tools
+
+    def __init__(self, policy: InterceptPolicy) -> None:
+        self.policy = policy
+        self.swaps = policy is InterceptPolicy.SWAP      # reclaim and preempt by swap where the host has room
+        self.new_request = policy is InterceptPolicy.NEW_REQUEST   # dropped KV: the continuation is new
+
+    def settle(self, holding: Sequence[Request], host_free_blocks: int, waste: Callable[[Request], Waste],
+               need_blocks: Callable[[], int], costs: Costs) -> Decisions:
+        """This step's swaps and discards among the requests on tools that hold device blocks."""
+        return fixed(self.policy, holding, host_free_blocks)
+
+    def victim(self, holding: Sequence[Request], waste: Callable[[Request], Waste]) -> Request:
+        """Whose KV to take when blocks are short: the newest request on a tool."""
+        return max(holding, key=by_arrival)
+
+    def swap_preempts(self, request: Request, costs: Costs) -> bool:
+        """Whether preempting a running request swaps its KV out (else it recomputes)."""
+        return self.swaps
+
+
+class AutoStrategy(Strategy):
+    """Least waste per request (InferCept): `choose` each step, the most wasteful kept KV
+    first when blocks are short, preemption by swap where the copy costs less than recompute."""
+
+    reclaims_on_demand = False      # `settle` has already freed what is worth freeing for the queue
+
+    def __init__(self, policy: InterceptPolicy = InterceptPolicy.AUTO) -> None:
+        super().__init__(policy)
+        self.swaps = True
+
+    def settle(self, holding: Sequence[Request], host_free_blocks: int, waste: Callable[[Request], Waste],
+               need_blocks: Callable[[], int], costs: Costs) -> Decisions:
+        return choose([waste(r) for r in holding], need_blocks(), costs.swap_budget_blocks, host_free_blocks,
+                      costs.step_s)
+
+    def victim(self, holding: Sequence[Request], waste: Callable[[Request], Waste]) -> Request:
+        return max((waste(r) for r in holding), key=lambda w: w.preserve).request
+
+    def swap_preempts(self, request: Request, costs: Costs) -> bool:
+        w = waste_of(request, 0.0, 0, costs)    # the same costs as a tool wait's
+        return w.swap < w.discard
+
+
+def strategy(policy: str) -> Strategy:
+    """The strategy of an intercept policy name (SchedulerConfig.intercept)."""
+    policy = InterceptPolicy(policy)
+    return AutoStrategy() if policy is InterceptPolicy.AUTO else Strategy(policy)

@@ -135,7 +135,7 @@ class Request:
     num_preemptions: int = 0
     constraint: Any = None    # the current turn's tools.grammar.Constraint: the runner masks logits by it
     pause_on_stop: bool = False     # a stop token ends the turn, not the request: the engine decides
-    # interception (engine/intercept.py): where the KV of a request waiting on a tool went
+    # interception (core/intercept.py): where the KV of a request waiting on a tool went
     host_block_table: list[int] = field(default_factory=list)   # blocks swapped out to the host pool
     recompute_until: int = 0        # tokens that had KV before it was dropped: prefilling them again is recompute
     skip_prefix_cache: bool = False  # the new-request baseline: its continuation prefills everything
