@@ -16,15 +16,16 @@ from conveyor.config import (
     engine_config_from_flags,
     from_flags,
 )
-from conveyor.engine.model.loader import ModelLoadError
 from conveyor.core.request import SamplingParams
+from conveyor.engine.model.loader import ModelLoadError
+from conveyor.tools.builtin import BUILTIN_TOOLS
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, ModelConfig, "model")
     add_flags(parser, CacheConfig, "KV cache")
     add_flags(parser, SchedulerConfig, "scheduler")
-    add_flags(parser, ToolConfig, "tools")
+    add_flags(parser, ToolConfig, "tools", {"tools": BUILTIN_TOOLS})
     add_flags(parser, BackendConfig, "remote backend (Conveyor's tool layer in front of vLLM, SGLang, llama.cpp)")
 
 

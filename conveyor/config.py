@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
+from collections.abc import Iterable
 from typing import Any, TypeVar, get_args, get_type_hints
 
 T = TypeVar("T")
@@ -45,10 +46,13 @@ INTERCEPT_HELP = {
 }
 
 
+def _one_of(items: list[str]) -> str:
+    return f"{', '.join(items[:-1])} or {items[-1]}"
+
+
 def _choices_help(intro: str, helps: dict[Any, str]) -> str:
     """A flag's help text listing its choices from their registry."""
-    items = [f"{name} ({text})" for name, text in helps.items()]
-    return f"{intro}: {', '.join(items[:-1])} or {items[-1]}"
+    return f"{intro}: " + _one_of([f"{name} ({text})" if text else str(name) for name, text in helps.items()])
 
 
 LINEAR_KERNELS = ("auto", "avx2", "avx512", "avx512bf16", "onednn", "torch")
@@ -122,7 +126,7 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ToolConfig:
     tools: tuple[str, ...] = field(default=(), metadata=_help(
-        "tools the engine runs: built-in names (python, sqlite, calculator, http_get, search, validate) "
+        "tools the engine runs: built-in names ({names}) "
         "or module:object specs; worker processes start with the engine when any are given"))
     tool_mode: str = field(default="partial", metadata=_help(
         "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"))
@@ -196,7 +200,12 @@ class ServerConfig:
                   (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive")])
 
 
-BACKEND_DIALECTS = ("llama.cpp", "vllm", "none")     # how tool calls are constrained remotely (backends/constraints.py)
+# how tool calls are constrained remotely, by dialect (each one's form: backends/constraints.py)
+BACKEND_DIALECTS: dict[str, str] = {
+    "llama.cpp": "json_schema, and a lazy GBNF grammar for \"auto\"",
+    "vllm": "the embedded engine's xgrammar structural tag",
+    "none": "",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +218,7 @@ class BackendConfig:
     backend_api_key: str = field(default="", metadata=_help(
         "bearer token for the remote engine (also read from CONVEYOR_BACKEND_API_KEY)"))
     backend_dialect: str = field(default="llama.cpp", metadata=_help(
-        "how constrained calls are asked of the remote engine: llama.cpp (json_schema, and a lazy GBNF grammar for "
-        "\"auto\"), vllm (the embedded engine's xgrammar structural tag) or none"))
+        _choices_help("how constrained calls are asked of the remote engine", BACKEND_DIALECTS)))
     connect_timeout_s: float = field(default=5.0, metadata=_help("limit on opening a connection to the remote engine"))
     read_timeout_s: float = field(default=60.0, metadata=_help(
         "longest wait for the remote engine's next streamed chunk (the first one includes its prefill)"))
@@ -224,7 +232,7 @@ class BackendConfig:
         _require([(self.backend is None or self.backend.startswith(("http://", "https://")),
                    f"backend must be an http(s) URL, got {self.backend!r}"),
                   (self.backend_dialect in BACKEND_DIALECTS,
-                   f"backend_dialect must be llama.cpp, vllm or none, got {self.backend_dialect!r}"),
+                   f"backend_dialect must be {_one_of(list(BACKEND_DIALECTS))}, got {self.backend_dialect!r}"),
                   (self.connect_timeout_s > 0 and self.read_timeout_s > 0, "backend timeouts must be positive"),
                   (self.max_retries >= 0, "max_retries must be >= 0"),
                   (self.retry_backoff_s >= 0, "retry_backoff_s must be >= 0"),
@@ -245,15 +253,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("CONVEYOR_CACHE") or Path.home() / ".cache" / "conveyor")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
+              names: dict[str, Iterable[str]] | None = None) -> None:
     """Add one ``--flag`` per field of the dataclass ``cls`` (bool, int, float, str, optional
-    scalars and tuples of scalars)."""
+    scalars and tuples of scalars). ``names[field]``, a registry's names, fill the ``{names}``
+    of that field's help (this module imports no registry)."""
     hints = get_type_hints(cls)
     group = parser.add_argument_group(title or cls.__name__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        doc = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
+        text = f.metadata.get("help", "").replace("{names}", ", ".join((names or {}).get(f.name, ())))
+        doc = f"{text} (default: {f.default})".strip()
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
         elif isinstance(kind, types.UnionType):             # X | None

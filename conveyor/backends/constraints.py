@@ -21,13 +21,14 @@ gets the nearest form it accepts:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.config import BACKEND_DIALECTS
+from conveyor.tools.parsers import HERMES_CALL
 
-CALL_OPEN = "<tool_call>\n"             # the Hermes/Qwen call format's start and end
-CALL_CLOSE = "\n</tool_call>"
+CALL_OPEN, CALL_CLOSE = HERMES_CALL      # the Hermes/Qwen call format's start and end
 TRIGGER_WORD = 1                        # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_WORD
 
 # JSON values for GBNF, after llama.cpp's grammars/json.gbnf; `ws` caps a run of blanks as the
@@ -52,6 +53,18 @@ class TurnForm:
     closing: str = ""
 
 
+def caller_forms(constraint: Any) -> Callable[[int], TurnForm] | None:
+    """A caller's constraint as a factory of TurnForms per turn number: a dict of body fields
+    for the first turn, or a callable of the turn number returning one; None: none given."""
+    if constraint is None:
+        return None
+    if callable(constraint):
+        return lambda turn: TurnForm(dict(constraint(turn) or {}))
+    if isinstance(constraint, dict):
+        return lambda turn: TurnForm(dict(constraint) if turn == 0 else {})
+    raise ValueError("a remote constraint is a dict of request fields or a callable returning one")
+
+
 def call_schema(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON schema of one call, `{"name": ..., "arguments": ...}`, of any of the tools `specs`."""
     return {"anyOf": [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
@@ -70,15 +83,27 @@ def remote_form(dialect: str, specs: list[dict[str, Any]], choice: str | dict[st
         specs = [s for s in specs if s["function"]["name"] == name]
         if not specs:
             raise ValueError(f"tool_choice names {name!r}, which is not among the request's tools")
-    if dialect == "none" or not specs:
-        return TurnForm()
-    if dialect == "vllm":
-        from conveyor.tools.grammar import structural_tag
+    return FORMS[dialect](specs, choice) if specs else TurnForm()
 
-        return TurnForm({"structured_outputs": {"structural_tag": structural_tag(specs, choice).model_dump_json()}})
+
+def _vllm_form(specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
+    from conveyor.tools.grammar import structural_tag
+
+    return TurnForm({"structured_outputs": {"structural_tag": structural_tag(specs, choice).model_dump_json()}})
+
+
+def _llamacpp_form(specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
     if choice == "auto":
         return TurnForm(lazy_call_grammar([s["function"]["name"] for s in specs]))
     return TurnForm({"json_schema": call_schema(specs)}, CALL_OPEN, CALL_CLOSE)
+
+
+# each dialect of config.BACKEND_DIALECTS (the names and their help) and its form
+FORMS: dict[str, Callable[[list[dict[str, Any]], str | dict[str, Any]], TurnForm]] = {
+    "llama.cpp": _llamacpp_form,
+    "vllm": _vllm_form,
+    "none": lambda specs, choice: TurnForm(),
+}
 
 
 def lazy_call_grammar(names: list[str]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from conveyor.backends.connection import connect, discover_model
-from conveyor.backends.constraints import TurnForm, remote_form
+from conveyor.backends.constraints import TurnForm, caller_forms, remote_form
 from conveyor.backends.request import RemoteOutput, RemoteRequest
 from conveyor.backends.stream import (
     RemoteStream,
@@ -31,7 +31,16 @@ from conveyor.backends.stream import (
     StreamText,
 )
 from conveyor.config import EngineConfig
-from conveyor.engine.api import EngineBase, EngineStats, Params, PreparedPrompt, Prompt, render_chat, sampling_params
+from conveyor.engine.api import (
+    EngineBase,
+    EngineStats,
+    Params,
+    PreparedPrompt,
+    Prompt,
+    non_empty,
+    render_prompt,
+    sampling_params,
+)
 from conveyor.tools.driver import Continuation, ToolDriver
 from conveyor.tools.workers import WorkerStats
 
@@ -82,18 +91,13 @@ class RemoteEngine(EngineBase):
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> str:
         """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
         if isinstance(prompt, PreparedPrompt):
-            text = prompt.text
-        elif isinstance(prompt, str):
-            text = prompt
-        elif (chat := render_chat(self.tokenizer, prompt, tools)) is not None:
-            text = chat
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            text = self.tokenizer.decode(prompt)
-        else:
-            raise ValueError(f"a prompt is text, chat messages or token ids, not {type(prompt).__name__}")
-        if not text:
-            raise ValueError("prompt is empty")
-        return text
+            return non_empty(prompt.text)
+        rendered = render_prompt(self.tokenizer, prompt, tools)
+        if isinstance(rendered, list):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in rendered):
+                raise ValueError("a prompt is text, chat messages or token ids, not list")
+            rendered = self.tokenizer.decode(rendered)
+        return non_empty(rendered)
 
     def prepare(self, prompt: Prompt, *, tools: list[str | dict] | None = None, call_format: str | None = None,
                 **_: Any) -> PreparedPrompt:
@@ -119,7 +123,7 @@ class RemoteEngine(EngineBase):
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        factory = _turn_forms(constraint)
+        factory = caller_forms(constraint)
         first = self.driver.constraint(options, 0, factory) or TurnForm()   # may raise: nothing is registered yet
         request = RemoteRequest(request_id, prompt.text, params, len(prompt.token_ids))
         self.driver.attach(request_id, options, factory)
@@ -229,14 +233,3 @@ class RemoteEngine(EngineBase):
         request.finish_reason, request.error = reason, error
         return request.output(text, results, self.driver.detach(request.request_id, cancel))
 
-
-def _turn_forms(constraint: Any) -> Any:
-    """The caller's constraint as a factory of TurnForms per turn: a dict for the first turn, or
-    a callable of the turn number returning a dict; None: the driver's (from `tool_choice`)."""
-    if constraint is None:
-        return None
-    if callable(constraint):
-        return lambda turn: TurnForm(dict(constraint(turn) or {}))
-    if isinstance(constraint, dict):
-        return lambda turn: TurnForm(dict(constraint) if turn == 0 else {})
-    raise ValueError("a remote constraint is a dict of request fields or a callable returning one")

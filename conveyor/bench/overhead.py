@@ -30,6 +30,7 @@ from rich.table import Table
 from conveyor.bench.demo import SYSTEM, TASK
 from conveyor.bench.results import write_json
 from conveyor.tools.base import Tool
+from conveyor.tools.parsers import default_format
 
 PLAN_SYSTEM = ("Plan with numbered steps, one call per line, like:\n1. probe(\"a\", 1)\n2. probe(\"$1\", 2)\n"
                "Then write <END_OF_PLAN>.")
@@ -134,7 +135,7 @@ def _warm_workers(engine) -> None:
 def _replay(engine, run: dict[str, Any], options: dict) -> dict[str, Any]:
     """Feed the recorded deltas through a fresh turn; CPU time of parse + dispatch."""
     loop = engine.driver
-    parser = options.get("call_format") or ("auto" if "python" in options["tools"] else "hermes")
+    parser = options.get("call_format") or default_format(options["tools"])
     turn = loop.executor.open_turn("replay", 0, tools=options["tools"], parser=parser)
     cpu_s = 0.0
     for delta in run["deltas"]:

@@ -124,9 +124,19 @@ def sampling_params(params: Params) -> SamplingParams:
     return SamplingParams(**params)
 
 
-def render_chat(tokenizer: Any, prompt: Any, tools: list[dict] | None) -> str | None:
-    """Chat messages through the model's chat template (with the tool list); None if `prompt`
-    is not a list of messages."""
+def render_prompt(tokenizer: Any, prompt: Any, tools: list[dict] | None) -> str | list:
+    """A prompt as text (as given, or chat messages through the model's chat template with the
+    tool list) or as the token ids given, for the engine to check; ValueError for anything else."""
+    if isinstance(prompt, str):
+        return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
         return tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=False)
-    return None
+    if isinstance(prompt, list):
+        return prompt
+    raise ValueError(f"a prompt is text, chat messages or token ids, not {type(prompt).__name__}")
+
+
+def non_empty(prompt: str | list[int]) -> str | list[int]:
+    if not prompt:
+        raise ValueError("prompt is empty")
+    return prompt

@@ -17,7 +17,8 @@ from conveyor.engine.api import (
     PreparedPrompt,
     Prompt,
     RequestOutput,
-    render_chat,
+    non_empty,
+    render_prompt,
     sampling_params,
 )
 from conveyor.core.block_manager import BlockManager
@@ -81,18 +82,11 @@ class LLMEngine(EngineBase):
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt: text as is, chat messages through the model's chat template."""
         if isinstance(prompt, PreparedPrompt):
-            ids = self._check_token_ids(prompt.token_ids)
-        elif isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        elif (text := render_chat(self.tokenizer, prompt, tools)) is not None:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif isinstance(prompt, list):
-            ids = self._check_token_ids(prompt)
-        else:
-            raise ValueError(f"a prompt is text, chat messages or token ids, not {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty")
-        return ids
+            return non_empty(self._check_token_ids(prompt.token_ids))
+        rendered = render_prompt(self.tokenizer, prompt, tools)
+        if isinstance(rendered, str):
+            return non_empty(self.tokenizer.encode(rendered, add_special_tokens=False))
+        return non_empty(self._check_token_ids(rendered))
 
     def _check_token_ids(self, ids: list) -> list[int]:
         vocab = self.runner.args.vocab_size

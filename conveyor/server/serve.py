@@ -32,6 +32,7 @@ def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[An
         from conveyor.backends import open_engine
         from conveyor.tools.base import ToolRegistry
         from conveyor.tools.mcp import mcp_tools
+        from conveyor.tools.parsers import default_format
 
         extra = list(tools)
         for command in server.mcp:
@@ -39,7 +40,7 @@ def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[An
         registry = ToolRegistry([*config.tools.tools, *extra])
         specs = {t.name: t.spec() for t in registry}
         engine = (engine_factory or open_engine)(config, progress=False, tools=extra)
-        parser = "auto" if "python" in specs else "hermes"
+        parser = default_format(specs)
         return EngineClient(engine, server.prepare_timeout_s), specs, parser
     return load
 

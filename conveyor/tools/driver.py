@@ -20,7 +20,7 @@ from typing import Any
 from conveyor.config import ToolConfig
 from conveyor.tools.base import ToolRegistry, ToolResult
 from conveyor.tools.executor import ToolExecutor, Turn
-from conveyor.tools.parsers import BODY_FORMATS
+from conveyor.tools.parsers import BODY_FORMATS, default_format
 
 Form = Callable[[list[dict], "str | dict"], Any]   # (tool specs, tool choice) -> an engine's constraint
 
@@ -229,7 +229,7 @@ class ToolDriver:
         return request_id in self.sessions
 
     def _open_turn(self, request_id: str, options: ToolOptions, number: int) -> Turn:
-        parser = options.call_format or self.default_parser or ("auto" if "python" in options.tools else "hermes")
+        parser = options.call_format or self.default_parser or default_format(options.tools)
         turn = self.executor.open_turn(request_id, number, tools=options.tools, mode=options.mode, parser=parser,
                                        lenient=options.lenient_calls)
         self._by_turn[id(turn)] = request_id

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from conveyor.backends.constraints import TurnForm, remote_form
+from conveyor.backends.constraints import FORMS, TurnForm, remote_form
+from conveyor.config import BACKEND_DIALECTS
 from conveyor.tools.grammar import structural_tag
 
 
@@ -43,3 +44,7 @@ def test_no_constraint_for_the_none_dialect_and_clear_errors() -> None:
         remote_form("none", SPECS, {"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="unknown backend dialect"):
         remote_form("sglang", SPECS, "auto")
+
+
+def test_every_configured_dialect_has_a_form() -> None:
+    assert list(FORMS) == list(BACKEND_DIALECTS)

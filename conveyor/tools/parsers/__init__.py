@@ -22,6 +22,8 @@ fences and bare JSON lines are text (what an API serves unless the client opts i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from conveyor.tools.parsers.auto import AutoParser
 from conveyor.tools.parsers.base import StreamParser
 from conveyor.tools.parsers.events import (
@@ -36,26 +38,46 @@ from conveyor.tools.parsers.hermes import HermesParser
 from conveyor.tools.parsers.plan import PlanParser, PlanStep, parse_step
 from conveyor.tools.parsers.python_code import PythonParser
 
-PARSERS: dict[str, type[StreamParser]] = {
-    "hermes": HermesParser,
-    "python": PythonParser,
-    "plan": PlanParser,
-    "auto": AutoParser,
-}
-BODY_FORMATS = ("python", "plan")   # calls written as a body of lines, not as JSON: never constrained
+
+@dataclass(frozen=True, slots=True)
+class CallFormat:
+    """One way models write calls, declared once: its parser, how a call is written where the
+    engine forces one (`markers`: its opening and closing text), and whether its calls are a
+    body of lines (python, plan: not JSON, so never constrained by a grammar and not listed as
+    JSON functions in the chat template)."""
+    name: str
+    parser: type[StreamParser]
+    body: bool = False
+    markers: tuple[str, str] = ("", "")
+
+
+HERMES_CALL = ("<tool_call>\n", "\n</tool_call>")     # the Hermes/Qwen call's start and end
+FORMATS: dict[str, CallFormat] = {f.name: f for f in (
+    CallFormat("hermes", HermesParser, markers=HERMES_CALL),
+    CallFormat("python", PythonParser, body=True),
+    CallFormat("plan", PlanParser, body=True),
+    CallFormat("auto", AutoParser, markers=HERMES_CALL),
+)}
+BODY_FORMATS = tuple(name for name, f in FORMATS.items() if f.body)
+
+
+def default_format(tools: object) -> str:
+    """The call format of a request that names none: "auto" (JSON calls and ```python fences)
+    where the python tool is offered (`tools`: names, or specs by name), else "hermes"."""
+    return "auto" if "python" in tools else "hermes"
 
 
 def make_parser(kind: str, lenient: bool = True) -> StreamParser:
     """A fresh parser for one response; `kind` is "hermes", "python", "plan" or "auto";
     `lenient` (JSON calls in fences and bare JSON too) applies to "hermes" and "auto"."""
     try:
-        cls = PARSERS[kind]
+        cls = FORMATS[kind].parser
     except KeyError:
-        raise ValueError(f"unknown parser kind {kind!r}; known: {sorted(PARSERS)}") from None
+        raise ValueError(f"unknown parser kind {kind!r}; known: {sorted(FORMATS)}") from None
     return cls(lenient) if issubclass(cls, HermesParser) else cls()
 
 
 __all__ = [
-    "BODY_FORMATS", "CallEnd", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
-    "make_parser", "parse_step",
+    "BODY_FORMATS", "FORMATS", "HERMES_CALL", "CallEnd", "CallFormat", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
+    "default_format", "make_parser", "parse_step",
 ]
