@@ -12,7 +12,6 @@ only after a clean end); a rejected field closes the remote stream at once.
 """
 from __future__ import annotations
 
-import itertools
 import queue
 from collections.abc import Iterable
 from typing import Any
@@ -49,6 +48,8 @@ class RemoteEngine(EngineBase):
     """See the module docstring. Not thread-safe: drive it from one thread (its stream readers
     are threads of their own that only put events on a queue)."""
 
+    _requests: dict[str, RemoteRequest]
+
     def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
                  tools: Iterable[Any] = (), client: httpx.Client | None = None) -> None:
         """`config.backend.backend` is the remote engine's base URL; `config.model.model` names the
@@ -72,8 +73,7 @@ class RemoteEngine(EngineBase):
         self.max_model_len = config.model.max_model_len
         self.retry = RetryPolicy(backend.max_retries, backend.retry_backoff_s)
         self.events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        self._requests: dict[str, RemoteRequest] = {}
-        self._ids = itertools.count()
+        super().__init__()
         form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)  # noqa: E731
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
@@ -120,9 +120,7 @@ class RemoteEngine(EngineBase):
             prompt = self.prepare(prompt, tools=tools, call_format=call_format)
         if len(prompt.token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt.token_ids)} tokens; the limit is {self.max_model_len - 1}")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = self._new_id(request_id)
         factory = caller_forms(constraint)
         first = self.driver.constraint(options, 0, factory) or TurnForm()   # may raise: nothing is registered yet
         request = RemoteRequest(request_id, prompt.text, params, len(prompt.token_ids))

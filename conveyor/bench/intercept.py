@@ -43,7 +43,7 @@ MIX = (ToolShape("math", 9e-5, 2e-4, 3.75, 28), ToolShape("qa", 0.72, 0.30, 2.52
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
+class ScriptedCall:
     tool: str
     after_tokens: int       # output tokens decoded when the call is made
     duration_s: float
@@ -55,7 +55,7 @@ class Call:
 class Job:
     arrival_s: float
     prompt_ids: tuple[int, ...]
-    calls: tuple[Call, ...]
+    calls: tuple[ScriptedCall, ...]
     num_output_tokens: int
 
 
@@ -74,7 +74,7 @@ def make_jobs(rate: float, args: argparse.Namespace, vocab: int, seed: int) -> l
             done += n
             result = tuple(rng.randrange(100, vocab - 100) for _ in range(shape.num_result_tokens))
             duration = abs(rng.gauss(shape.mean_s, shape.std_s)) * args.time_scale
-            calls.append(Call(shape.name, done, duration, shape.mean_s * args.time_scale, result))
+            calls.append(ScriptedCall(shape.name, done, duration, shape.mean_s * args.time_scale, result))
         prompt = tuple(rng.randrange(100, vocab - 100) for _ in range(rng.randint(*args.prompt_tokens)))
         jobs.append(Job(t, prompt, tuple(calls), sum(segments)))
     return jobs

@@ -4,6 +4,7 @@ crosses it. `EngineBase` holds the conveniences written once for both (`stream`,
 the context manager)."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -86,7 +87,16 @@ class EngineBase:
     """The conveniences both engines share. A subclass keeps its live requests in
     `_requests` (by id) and implements `add_request`, `step`, `abort`, `get_request`, `close`."""
 
-    _requests: dict[str, Any]
+    def __init__(self) -> None:
+        self._requests: dict[str, Any] = {}
+        self._ids = itertools.count()
+
+    def _new_id(self, request_id: str | None) -> str:
+        """The caller's request id, or the next `req-N`; ValueError if it is in use."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return request_id
 
     def __enter__(self) -> EngineBase:
         return self

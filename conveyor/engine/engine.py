@@ -1,7 +1,6 @@
 """LLMEngine: add requests, step, abort; one step is schedule -> run -> update."""
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
@@ -36,6 +35,8 @@ log = logging.getLogger(__name__)
 class LLMEngine(EngineBase):
     """The synchronous engine loop over one model runner. Not thread-safe: drive it from one thread."""
 
+    _requests: dict[str, tuple[Request, Detokenizer]]
+
     def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
                  tools: Iterable[Any] = (), runner_factory: Callable[..., Any] | None = None) -> None:
         """`tools`: more tools to serve besides `config.tools.tools` (Tool objects, typed
@@ -61,8 +62,7 @@ class LLMEngine(EngineBase):
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len, self._measure_costs())
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
-        self._requests: dict[str, tuple[Request, Detokenizer]] = {}
-        self._ids = itertools.count()
+        super().__init__()
         form = GrammarForm(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids)
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
@@ -130,9 +130,7 @@ class LLMEngine(EngineBase):
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                              f"(max_model_len {self.max_model_len} leaves room for one output token)")
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
         factory = constraint if callable(constraint) else None

@@ -129,13 +129,12 @@ class ToolDriver:
     executor (the engine serves no tools) it still settles client tool specs and constraints."""
 
     def __init__(self, config: ToolConfig, form: Form, executor: ToolExecutor | None = None,
-                 renderer: ToolTurnRenderer | None = None, default_parser: str | None = None) -> None:
+                 renderer: ToolTurnRenderer | None = None) -> None:
         self.config = config
         self.form = form
         self.executor = executor
         self.renderer = renderer
         self.default_rounds = config.max_tool_rounds
-        self.default_parser = default_parser
         self.sessions: dict[str, ToolSession] = {}
         self._by_turn: dict[int, str] = {}
         self._ready: list[str] = []      # turns whose results were all in when they ended
@@ -229,7 +228,7 @@ class ToolDriver:
         return request_id in self.sessions
 
     def _open_turn(self, request_id: str, options: ToolOptions, number: int) -> Turn:
-        parser = options.call_format or self.default_parser or default_format(options.tools)
+        parser = options.call_format or default_format(options.tools)
         turn = self.executor.open_turn(request_id, number, tools=options.tools, mode=options.mode, parser=parser,
                                        lenient=options.lenient_calls)
         self._by_turn[id(turn)] = request_id

@@ -28,7 +28,7 @@ from typing import Any
 
 from conveyor.tools.parsers.base import MarkerParser, fold
 from conveyor.tools.parsers.events import CallEnd, CallStart, FieldDone
-from conveyor.tools.parsers.jsonscan import Done, JsonScanner
+from conveyor.tools.parsers.jsonscan import JsonScanner, Value
 
 HERMES_MARKERS = ("<tool_call>", "```json\n", "```tool_call\n")
 TAG_MARKERS = ("<tool_call>",)          # a strict parser's only opener
@@ -136,7 +136,7 @@ class HermesParser(MarkerParser):
         elif self._scanner.finished:
             self._end_block()
 
-    def _on_done(self, done: Done) -> None:
+    def _on_done(self, done: Value) -> None:
         """A value inside the block completed."""
         if len(done.path) <= self._depth:
             if len(done.path) == self._depth:     # the call object (or list element) closed

@@ -25,7 +25,7 @@ class Frame:
 
 
 @dataclass(frozen=True, slots=True)
-class Done:
+class Value:
     """A completed value: `path` holds the key (or None in arrays) of each enclosing container."""
 
     path: tuple[str | None, ...]
@@ -47,7 +47,7 @@ class JsonScanner:
         self._escape = False
         self._is_key = False
 
-    def push(self, c: str) -> list[Done]:
+    def push(self, c: str) -> list[Value]:
         """Consume one character; return the values it completed (innermost first)."""
         self._chars.append(c)
         if self.malformed or self.finished:
@@ -55,7 +55,7 @@ class JsonScanner:
             return []
         if self._in == '"':
             return self._string_char(c)
-        done: list[Done] = []
+        done: list[Value] = []
         if self._in == "s":
             if c not in _DELIMITERS:
                 return done
@@ -64,7 +64,7 @@ class JsonScanner:
         self._structural(c, done)
         return done
 
-    def _string_char(self, c: str) -> list[Done]:
+    def _string_char(self, c: str) -> list[Value]:
         if self._escape:
             self._escape = False
         elif c == "\\":
@@ -85,7 +85,7 @@ class JsonScanner:
             self.malformed = True
         frame.phase = "colon"
 
-    def _structural(self, c: str, done: list[Done]) -> None:
+    def _structural(self, c: str, done: list[Value]) -> None:
         """Whitespace, punctuation, or the start of a value."""
         if c in " \t\r\n":
             return
@@ -111,7 +111,7 @@ class JsonScanner:
         else:
             self.malformed = True
 
-    def _complete(self, end: int, start: int | None = None) -> Done:
+    def _complete(self, end: int, start: int | None = None) -> Value:
         """Close the value ending before `end`; the enclosing container now expects a comma."""
         begin = self._start if start is None else start
         if self.stack:
@@ -119,4 +119,4 @@ class JsonScanner:
         else:
             self.finished = True
         path = tuple(frame.key for frame in self.stack)
-        return Done(path, "".join(self._chars[begin:end]))
+        return Value(path, "".join(self._chars[begin:end]))
