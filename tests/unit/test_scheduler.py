@@ -164,7 +164,7 @@ def test_config_values_are_checked() -> None:
             make_bad()
 
 
-# ---- intercept policies (engine/intercept.py) ---------------------------------------------
+# ---- intercept policies (core/intercept.py) -----------------------------------------------
 def make_policy(policy: str, num_blocks: int = 16, num_host_blocks: int = 16, budget: int = 64,
                 clock=lambda: 0.0, prefix_caching: bool = True) -> Scheduler:
     from conveyor.core.intercept import Costs
