@@ -81,7 +81,8 @@ class SchedulerConfig:
     intercept: str = field(default="preserve", metadata=_help(
         "KV of requests waiting on a tool: preserve (keep; when blocks run out the newest is dropped), "
         "discard (recompute on resume), swap (to host memory), auto (least waste per request, InferCept) "
-        "or new-request (today's servers: the continuation is a new request that prefills everything)"))
+        "or new-request (today's servers: the continuation is a new request, last in line, helped only by the "
+        "prefix cache)"))
     swap_budget_ms: float = field(default=5.0, metadata=_help(
         "time one step may spend copying KV blocks each way; turned into blocks by a copy timed at start-up"))
     default_tool_s: float = field(default=1.0, metadata=_help(
