@@ -41,11 +41,13 @@ class Constraint:
     unconstrained, and the engine carries on.
     """
 
-    __slots__ = ("_failed", "_matcher")
+    __slots__ = ("_failed", "_matcher", "_row", "_vocab_size")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
         self._failed = False
+        self._vocab_size = compiled.tokenizer_info.vocab_size
+        self._row: Any = None        # a one-row bitmask for `first_allowed`, made on first use
 
     @property
     def is_terminated(self) -> bool:
@@ -60,6 +62,18 @@ class Constraint:
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an `xgrammar.allocate_token_bitmask`."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def first_allowed(self, tokens: list[int]) -> int | None:
+        """The first of `tokens` the grammar allows next, or None: one bitmask row is filled
+        (a few µs) and its bits read, instead of masking a whole row of logits (~1 ms)."""
+        if self._row is None:
+            self._row = xgr.allocate_token_bitmask(1, self._vocab_size)
+        self._matcher.fill_next_token_bitmask(self._row, 0)
+        words = self._row[0].numpy()
+        for token in tokens:
+            if (int(words[token >> 5]) >> (token & 31)) & 1:
+                return token
+        return None
 
     def try_accept(self, token: int) -> bool:
         """Advance past `token` if the grammar allows it; otherwise change nothing, return False."""

@@ -51,6 +51,16 @@ def one(tokenizer, char: str) -> int:
     return token
 
 
+def test_first_allowed_reads_the_same_bits_as_the_mask(grammar, tokenizer) -> None:
+    constraint = grammar.constraint(TOOLS, "required")
+    for token in ids(tokenizer, PREFIX):
+        constraint.accept(token)
+    s, c, x = (one(tokenizer, ch) for ch in "scx")
+    assert constraint.first_allowed([x, c, s]) == c and constraint.first_allowed([x, s]) == s
+    assert constraint.first_allowed([x]) is None
+    assert constraint.try_accept(s)                          # reading the bits did not move the matcher
+
+
 def test_mask_allows_only_known_tool_names(grammar, tokenizer) -> None:
     allowed = allowed_after(grammar, tokenizer, PREFIX)
     assert allowed == {one(tokenizer, "s"), one(tokenizer, "c")}
