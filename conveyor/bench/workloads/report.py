@@ -51,7 +51,8 @@ def _decoded(run: Round) -> str:
 def _detail(run: Round) -> dict[str, Any]:
     """What one round decoded: tokens per model turn, and the end of its final answer."""
     return {"mode": run.tool_mode, "latency_s": round(run.latency_s, 4), "tokens_per_turn": [len(t) for t in run.turns],
-            "correct": run.correct, "ideal_saving_s": round(run.ideal_saving_s, 4), "answer_tail": run.text[-160:]}
+            "correct": run.correct, "ideal_saving_s": round(run.ideal_saving_s, 4),
+            "ideal_by_text_s": round(run.ideal_by_text_s, 4), "answer_tail": run.text[-160:]}
 
 
 def _median_or_none(values: list[float | None]) -> float | None:

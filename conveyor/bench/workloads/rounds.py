@@ -35,6 +35,7 @@ class Round:
     results_by_turn: dict[int, list[ToolResult]] = field(default_factory=dict)
     correct: bool = False
     ideal_saving_s: float = 0.0
+    ideal_by_text_s: float = 0.0       # the same, events timed by when the engine's text arrived (the old way)
     loadavg_1m: float = 0.0            # the machine's load when the round ended (other work disturbs timings)
 
     @property

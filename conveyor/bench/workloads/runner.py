@@ -128,6 +128,7 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
                 continue        # the warm-up: first imports, page cache, prompt KV, for both modes alike
             if tool_mode == "lazy":
                 run.ideal_saving_s = ideal_of(run, case.call_format, tools, tokenizer, (STOP,))
+                run.ideal_by_text_s = ideal_of(run, case.call_format, tools)
             runs.append(run)
             progress.advance(task)
     if options.record:
