@@ -64,6 +64,18 @@ def test_a_refused_greedy_row_takes_the_best_allowed_of_its_top_logits_without_a
     assert (stats.num_refused, stats.num_masked) == (1, num_masked)   # 16 candidates: tokens 39..24
 
 
+def test_a_refused_sampling_row_is_masked_even_when_top_logits_are_offered() -> None:
+    """The shortcut is greedy's: a draw restricted to the top logits would not be p(x)/p(A) on A."""
+    sampler = Sampler(torch.device("cpu"))
+    allowed = {3, 30}
+    for position in range(40):
+        constraint = AllowSet(allowed, top=True)
+        constraint.first_allowed = lambda tokens: pytest.fail("a sampling row took the greedy shortcut")
+        assert sample(sampler, SamplingParams(temperature=1.0, seed=1), constraint, position) in allowed
+    stats = sampler.constraint_stats
+    assert 0 < stats.num_refused == stats.num_masked      # every refused draw was masked and drawn again
+
+
 def test_temperature_draws_follow_the_masked_distribution() -> None:
     sampler = Sampler(torch.device("cpu"))
     allowed = {20, 30, 36, 39}
