@@ -21,8 +21,8 @@ class AllowSet:
         self.allowed, self.taken = allowed, []
         if fast:
             self.try_accept = self._try_accept
-        if top:
-            self.first_allowed = lambda tokens: next((t for t in tokens if t in self.allowed), None)
+        if top:       # a masked argmax that finds the best allowed of the 16 highest logits, or gives up
+            self.masked_argmax = lambda row: next((t for t in row.topk(16).indices.tolist() if t in self.allowed), None)
 
     active = True
 
@@ -56,7 +56,7 @@ def test_greedy_equals_masked_argmax(allowed) -> None:
 
 
 @pytest.mark.parametrize("allowed, num_masked", [({36, 30}, 0), ({3, 30}, 0), ({3, 4}, 1)])
-def test_a_refused_greedy_row_takes_the_best_allowed_of_its_top_logits_without_a_mask(allowed, num_masked) -> None:
+def test_a_refused_greedy_row_takes_the_constraints_masked_argmax_without_a_mask(allowed, num_masked) -> None:
     sampler = Sampler(torch.device("cpu"))
     constraint = AllowSet(allowed, top=True)
     assert sample(sampler, SamplingParams(), constraint) == max(allowed) == constraint.taken[0]
@@ -70,7 +70,7 @@ def test_a_refused_sampling_row_is_masked_even_when_top_logits_are_offered() -> 
     allowed = {3, 30}
     for position in range(40):
         constraint = AllowSet(allowed, top=True)
-        constraint.first_allowed = lambda tokens: pytest.fail("a sampling row took the greedy shortcut")
+        constraint.masked_argmax = lambda row: pytest.fail("a sampling row took the greedy shortcut")
         assert sample(sampler, SamplingParams(temperature=1.0, seed=1), constraint, position) in allowed
     stats = sampler.constraint_stats
     assert 0 < stats.num_refused == stats.num_masked      # every refused draw was masked and drawn again
