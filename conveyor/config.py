@@ -42,7 +42,7 @@ INTERCEPT_HELP = {
     InterceptPolicy.DISCARD: "recompute on resume",
     InterceptPolicy.SWAP: "to host memory",
     InterceptPolicy.AUTO: "least waste per request, InferCept",
-    InterceptPolicy.NEW_REQUEST: "today's servers: the continuation is a new request that prefills everything",
+    InterceptPolicy.NEW_REQUEST: "today's servers: the continuation is a new request, last in line, helped only by the prefix cache",
 }
 
 

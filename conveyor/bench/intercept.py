@@ -5,25 +5,37 @@ tool: the benchmark pauses it (`LLMEngine.pause_for_tool`) and resumes it with t
 result tokens once the sampled tool time has passed on the wall clock. Tool kinds and their
 time shapes follow the InferCept workload mix (math, QA, virtual environment, chatbot, image,
 TTS), scaled by ``--time-scale``. The engine runs for real; the KV pool is small so that
-memory is short and the policies differ. Every policy runs the same requests at each rate.
+memory is short and the policies differ. Every policy runs the same requests at each rate and
+seed, all with prefix caching (as today's servers run), and ``new-request-no-cache`` is the
+new-request baseline without it (the earlier, weaker baseline). The policies are interleaved:
+one engine each, all loaded and warmed up alike, taking turns run by run, the order rotating.
+``auto`` learns tool times from a running mean of past calls (``--declared-times`` gives it
+each kind's true mean instead).
 """
 from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import os
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.progress import Progress
 
+from conveyor.bench.results import provenance
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from conveyor.engine.engine import LLMEngine
-from conveyor.core.intercept import POLICIES
 from conveyor.core.request import SamplingParams
+
+# bench policy -> (the engine's --intercept, prefix caching)
+VARIANTS = {"preserve": ("preserve", True), "discard": ("discard", True), "swap": ("swap", True),
+            "auto": ("auto", True), "new-request": ("new-request", True),
+            "new-request-no-cache": ("new-request", False)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +128,9 @@ class Timing:
 class Run:
     policy: str
     rate: float
-    num_completed: int = 0
+    seed: int = 0
+    num_requests: int = 0
+    num_completed: int = 0                # within --max-run-s (unfinished ones were aborted there)
     duration_s: float = 0.0
     requests_per_s: float = 0.0
     output_tokens_per_s: float = 0.0
@@ -128,18 +142,20 @@ class Run:
     latencies_s: list[float] = field(default_factory=list)
 
 
-def run_load(engine: LLMEngine, jobs: list[Job], policy: str, rate: float) -> Run:
-    """Serve ``jobs`` in real time; returns the run's measurements."""
+def run_load(engine: LLMEngine, jobs: list[Job], policy: str, rate: float, seed: int = 0, declared: bool = False,
+             max_run_s: float = 0.0) -> Run:
+    """Serve ``jobs`` in real time (at most ``max_run_s`` when > 0); returns the run's measurements."""
     timing = Timing()
     timing.attach(engine)
     try:
-        finish_s, requests = _serve(engine, jobs)
+        finish_s, requests, end_s = _serve(engine, jobs, declared, max_run_s)
     finally:
         timing.detach(engine)
-    return _summarize(policy, rate, requests, finish_s, timing)
+    return _summarize(policy, rate, seed, requests, finish_s, end_s, timing)
 
 
-def _serve(engine: LLMEngine, jobs: list[Job]) -> tuple[dict[str, float], dict]:
+def _serve(engine: LLMEngine, jobs: list[Job], declared: bool, max_run_s: float) -> tuple[dict[str, float], dict, float]:
+    """Returns when each request finished, the requests, and when the run ended (s from its start)."""
     arrivals = list(reversed(jobs))
     resumes: list[tuple[float, str]] = []
     live: dict[str, tuple[Job, int]] = {}       # request id -> (job, calls made)
@@ -148,6 +164,9 @@ def _serve(engine: LLMEngine, jobs: list[Job]) -> tuple[dict[str, float], dict]:
     start = time.perf_counter()
     while arrivals or live:
         now = time.perf_counter() - start
+        if max_run_s and now > max_run_s:
+            _abort(engine, live)
+            return finish_s, requests, now
         while arrivals and arrivals[-1].arrival_s <= now:
             job = arrivals.pop()
             rid = engine.add_request(list(job.prompt_ids), SamplingParams(max_tokens=job.num_output_tokens,
@@ -171,20 +190,32 @@ def _serve(engine: LLMEngine, jobs: list[Job]) -> tuple[dict[str, float], dict]:
                 del live[out.request_id]
             elif made < len(job.calls) and out.num_output_tokens == job.calls[made].after_tokens:
                 call = job.calls[made]
-                engine.pause_for_tool(out.request_id, call.tool, call.declared_s)
+                engine.pause_for_tool(out.request_id, call.tool, call.declared_s if declared else None)
                 live[out.request_id] = (job, made + 1)
                 heapq.heappush(resumes, (time.perf_counter() - start + call.duration_s, out.request_id))
-    return finish_s, requests
+    return finish_s, requests, time.perf_counter() - start
 
 
-def _summarize(policy: str, rate: float, requests: dict, finish_s: dict[str, float], timing: Timing) -> Run:
+def _abort(engine: LLMEngine, live: dict) -> None:
+    """The run's time is up: abort what is left (and let the engine settle), so the next run starts clean."""
+    for rid in list(live):
+        engine.abort(rid)
+    while engine.has_unfinished:
+        engine.step()
+
+
+def _summarize(policy: str, rate: float, seed: int, requests: dict, finish_s: dict[str, float], end_s: float,
+               timing: Timing) -> Run:
+    """A request still unfinished at the end counts with the run's end as its finish (a lower bound)."""
     first = min(job.arrival_s for job, _ in requests.values())
-    duration = max(finish_s.values()) - first
+    duration = (max(finish_s.values()) if len(finish_s) == len(requests) else end_s) - first
     outputs = sum(len(r.output_token_ids) for _, r in requests.values())
-    latencies = [(finish_s[rid] - job.arrival_s) / len(r.output_token_ids) for rid, (job, r) in requests.items()]
-    return Run(policy, rate, len(finish_s), duration, len(finish_s) / duration, outputs / duration,
-               sum(latencies) / len(latencies), timing.recompute_s / max(timing.forward_s, 1e-9),
-               timing.forward_s, timing.swap_s, sum(r.num_preemptions for _, r in requests.values()), latencies)
+    latencies = [(finish_s.get(rid, end_s) - job.arrival_s) / max(len(r.output_token_ids), 1)
+                 for rid, (job, r) in requests.items()]
+    return Run(policy, rate, seed, len(requests), len(finish_s), duration, len(finish_s) / duration,
+               outputs / duration, sum(latencies) / len(latencies),
+               timing.recompute_s / max(timing.forward_s, 1e-9), timing.forward_s, timing.swap_s,
+               sum(r.num_preemptions for _, r in requests.values()), latencies)
 
 
 def truncated_model(spec: str, num_layers: int) -> str:
@@ -215,44 +246,55 @@ def truncated_model(spec: str, num_layers: int) -> str:
     return str(target)
 
 
-def engine_config(args: argparse.Namespace, policy: str) -> EngineConfig:
+def engine_config(args: argparse.Namespace, variant: str) -> EngineConfig:
+    policy, prefix_caching = VARIANTS[variant]
     return EngineConfig(
         model=ModelConfig(model=truncated_model(args.model, args.num_layers), dtype=args.dtype,
                           num_threads=args.num_threads),
         cache=CacheConfig(block_size=16, num_blocks=args.num_blocks, num_host_blocks=args.num_host_blocks,
-                          prefix_caching=False),
+                          prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   intercept=policy))
 
 
 def run_intercept_bench(args: argparse.Namespace) -> dict:
-    """Every policy at every rate; writes the JSON, the table and the plot."""
+    """Every policy at every rate and seed, interleaved; writes the JSON, the table and the plot."""
     from conveyor.bench.intercept_report import write_report
 
     runs: list[Run] = []
-    with Progress() as progress:
-        task = progress.add_task("intercept bench", total=len(args.policies) * len(args.rates))
-        for policy in args.policies:
-            with LLMEngine(engine_config(args, policy), progress=False) as engine:
-                vocab = engine.runner.args.vocab_size
-                _warm_up(engine)
-                for i, rate in enumerate(args.rates):
-                    progress.update(task, description=f"{policy} at {rate} req/s")
-                    runs.append(run_load(engine, make_jobs(rate, args, vocab, seed=args.seed + i), policy, rate))
-                    progress.advance(task)
-    result = {"runs": [asdict(r) for r in runs], "config": _config(args), "loadavg": os.getloadavg()}
+    with ExitStack() as stack, Progress() as progress:
+        engines = {v: stack.enter_context(LLMEngine(engine_config(args, v), progress=False)) for v in args.policies}
+        for engine in engines.values():
+            _warm_up(engine)
+        vocab = next(iter(engines.values())).runner.args.vocab_size
+        task = progress.add_task("intercept bench", total=len(args.policies) * len(args.rates) * len(args.seeds))
+        for turn, (seed, (i, rate)) in enumerate(itertools.product(args.seeds, enumerate(args.rates))):
+            jobs = make_jobs(rate, args, vocab, seed=seed * 1000 + i)
+            for variant in _rotated(args.policies, turn):
+                progress.update(task, description=f"{variant} at {rate} req/s, seed {seed}")
+                runs.append(run_load(engines[variant], jobs, variant, rate, seed, args.declared_times, args.max_run_s))
+                progress.advance(task)
+    result = {"runs": [asdict(r) for r in runs], "config": _config(args), "loadavg": os.getloadavg(), **provenance()}
     write_report(result, Path(args.json))
     return result
 
 
+def _rotated(items: list[str], turn: int) -> list[str]:
+    """Who goes first changes from one rate and seed to the next."""
+    k = turn % len(items)
+    return items[k:] + items[:k]
+
+
 def _warm_up(engine: LLMEngine) -> None:
-    engine.generate([[100 + i for i in range(64)]], SamplingParams(max_tokens=8, ignore_eos=True))
+    """The same short load on every engine: kernels chosen, first steps of each size taken."""
+    engine.generate([[100 + i for i in range(64)], [300 + i for i in range(600)]],
+                    SamplingParams(max_tokens=16, ignore_eos=True))
 
 
 def _config(args: argparse.Namespace) -> dict:
-    keys = ("model", "num_layers", "dtype", "rates", "policies", "num_requests", "max_calls", "segment_tokens", "prompt_tokens",
-            "time_scale", "num_blocks", "num_host_blocks", "max_num_seqs", "max_num_batched_tokens", "seed",
-            "latency_bound_factor")
+    keys = ("model", "num_layers", "dtype", "rates", "policies", "seeds", "num_requests", "max_calls", "segment_tokens",
+            "prompt_tokens", "time_scale", "num_blocks", "num_host_blocks", "max_num_seqs", "max_num_batched_tokens",
+            "latency_bound_factor", "declared_times", "max_run_s")
     return {k: getattr(args, k) for k in keys} | {"mix": [asdict(s) for s in MIX]}
 
 
@@ -264,8 +306,15 @@ def add_intercept_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--num-threads", type=int, default=2, help="torch CPU threads; 0 keeps torch's choice")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="arrivals per second")
-    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help=(
+        "engine policies, all with prefix caching; new-request-no-cache: new-request without it"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed at each rate")
     parser.add_argument("--num-requests", type=int, default=10, help="requests per run")
+    parser.add_argument("--max-run-s", type=float, default=0.0, help=(
+        "end a run after this many seconds, aborting what is left (counted unfinished; their latency up to "
+        "then); 0: no limit"))
+    parser.add_argument("--declared-times", action="store_true", help=(
+        "tell auto each tool kind's true mean time (default: it learns a running mean of past calls)"))
     parser.add_argument("--max-calls", type=int, default=3, help="cap on tool calls per request")
     parser.add_argument("--segment-tokens", type=int, nargs=2, default=[8, 24], help="decode tokens between calls")
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="prompt length range")
@@ -274,7 +323,6 @@ def add_intercept_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-host-blocks", type=int, default=1024, help="host KV blocks for swapping")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-bound-factor", type=float, default=2.0, help=(
         "the normalized-latency bound for the throughput comparison: this x the lowest normalized latency "
         "at the lowest rate"))

@@ -59,3 +59,23 @@ def machine_info() -> dict[str, Any]:
         pass                    # not Linux: the platform's own description
     return {"cpu_model": f"{model} ({family.rstrip(', ')})" if family else model, "instruction_sets": flags, "num_cpus": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def command_line() -> str:
+    """The command that is running, as a shell line (`conveyor ...` for the CLI, whether it was
+    started as the script or as `python -m conveyor.cli`)."""
+    import shlex
+    import sys
+
+    program = "conveyor" if Path(sys.argv[0]).name in ("conveyor", "cli.py") else sys.argv[0]
+    return shlex.join([program, *sys.argv[1:]])
+
+
+def provenance() -> dict[str, Any]:
+    """What a results file records about its own making: the command line, the machine, the
+    date (UTC) and the load averages when it was written."""
+    import os
+    import time
+
+    return {"command": command_line(), "machine": machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}

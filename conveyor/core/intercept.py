@@ -16,8 +16,8 @@ block-seconds, and each step the scheduler takes the choice of least waste per r
 
 Fixed policies (``preserve``, ``discard``, ``swap``) are the baselines; ``new-request``
 behaves like today's servers: the tool call ends the request and the continuation is a new
-request (new arrival, no prefix cache) that prefills everything. The scheduler's KV policy
-holds one `Strategy` (`strategy(policy)`) and asks it each of these decisions.
+request (new arrival, last in line) that prefills what the prefix cache no longer holds
+(everything, with prefix caching off). The scheduler's KV policy holds one `Strategy` (`strategy(policy)`) and asks it each of these decisions.
 """
 from __future__ import annotations
 

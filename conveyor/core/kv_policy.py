@@ -86,8 +86,6 @@ class KVPolicy:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
-        if self.strategy.new_request and request.state is RequestState.AWAITING_TOOL:
-            request.skip_prefix_cache = True
 
     def preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Take a running request's KV away: swapped to the host pool where the strategy swaps

@@ -138,7 +138,6 @@ class Request:
     # interception (core/intercept.py): where the KV of a request waiting on a tool went
     host_block_table: list[int] = field(default_factory=list)   # blocks swapped out to the host pool
     recompute_until: int = 0        # tokens that had KV before it was dropped: prefilling them again is recompute
-    skip_prefix_cache: bool = False  # the new-request baseline: its continuation prefills everything
     tool: str | None = None         # the tool it waits on, its declared time and when the wait began
     tool_declared_s: float | None = None
     paused_at_s: float = 0.0

@@ -136,7 +136,7 @@ class Scheduler:
         """Adopt the request's cached prefix and allocate its first chunk; the chunk's size, or
         None if it does not fit even after reclaiming from requests waiting on tools."""
         while True:   # reclaiming may evict cached blocks: look the prefix up each time
-            prefix = [] if request.skip_prefix_cache else self.block_manager.lookup_prefix(request.token_ids)
+            prefix = self.block_manager.lookup_prefix(request.token_ids)
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import xgrammar as xgr
 from xgrammar.structural_tag import StructuralTag, TagsWithSeparatorFormat
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 ToolChoice = str | dict[str, Any]
 CALL_FORMAT = "qwen_3"      # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
 CALL_SEPARATOR = "\n"       # between calls of a "required" reply, as the Qwen chat template joins them
+MAX_SPARSE_WORDS = 1024     # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
+TOP_CANDIDATES = 16         # masked_argmax, many allowed: the highest logits tried
 
 
 class Constraint:
@@ -41,11 +44,13 @@ class Constraint:
     unconstrained, and the engine carries on.
     """
 
-    __slots__ = ("_failed", "_matcher")
+    __slots__ = ("_failed", "_matcher", "_row", "_vocab_size")
 
     def __init__(self, compiled: xgr.CompiledGrammar) -> None:
         self._matcher = xgr.GrammarMatcher(compiled)
         self._failed = False
+        self._vocab_size = compiled.tokenizer_info.vocab_size
+        self._row: Any = None        # a one-row bitmask for `masked_argmax`, made on first use
 
     @property
     def is_terminated(self) -> bool:
@@ -60,6 +65,33 @@ class Constraint:
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an `xgrammar.allocate_token_bitmask`."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def masked_argmax(self, row_logits: torch.Tensor, num_top: int = TOP_CANDIDATES) -> int | None:
+        """The token greedy decoding picks from `row_logits` [vocab] once masked, without masking
+        the row (~1 ms on a CPU), or None where that is not cheaper. One bitmask row is filled
+        (5-35 µs); where few words of it are set (a structural position: a key, a brace) the
+        allowed ids are read from those words alone and the best is taken among them (exact,
+        ties to the lowest id as in a masked argmax); where many are (inside a string) the
+        best allowed of the `num_top` highest logits, if one is above the lowest of them."""
+        if self._row is None:
+            self._row = xgr.allocate_token_bitmask(1, self._vocab_size)
+        self._matcher.fill_next_token_bitmask(self._row, 0)
+        words = self._row[0].numpy()
+        nonzero = np.flatnonzero(words)
+        if len(nonzero) == 0:
+            return None
+        if len(nonzero) <= MAX_SPARSE_WORDS:
+            bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(len(nonzero), 32)
+            allowed = (nonzero[:, None] * 32 + np.arange(32))[bits.astype(bool)]
+            allowed = allowed[allowed < row_logits.shape[-1]]
+            if len(allowed) == 0:
+                return None
+            return int(allowed[int(row_logits[torch.from_numpy(allowed)].argmax())])
+        values, top = row_logits.topk(min(num_top, row_logits.shape[-1]))
+        allowed = [(v, -t) for v, t in zip(values.tolist(), top.tolist()) if (int(words[t >> 5]) >> (t & 31)) & 1]
+        if not allowed or max(allowed)[0] == values[-1]:
+            return None      # none allowed, or a tie that may go on past the cut
+        return -max(allowed)[1]
 
     def try_accept(self, token: int) -> bool:
         """Advance past `token` if the grammar allows it; otherwise change nothing, return False."""

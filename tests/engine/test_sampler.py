@@ -17,10 +17,12 @@ LOGITS = torch.linspace(-2.0, 2.0, VOCAB)          # token 39 is the unmasked fa
 class AllowSet:
     """A constraint that allows the same tokens at every position (`fast`: has try_accept)."""
 
-    def __init__(self, allowed: set[int], fast: bool = True) -> None:
+    def __init__(self, allowed: set[int], fast: bool = True, top: bool = False) -> None:
         self.allowed, self.taken = allowed, []
         if fast:
             self.try_accept = self._try_accept
+        if top:       # a masked argmax that finds the best allowed of the 16 highest logits, or gives up
+            self.masked_argmax = lambda row: next((t for t in row.topk(16).indices.tolist() if t in self.allowed), None)
 
     active = True
 
@@ -51,6 +53,27 @@ def test_greedy_equals_masked_argmax(allowed) -> None:
     assert sample(sampler, SamplingParams(), constraint) == max(allowed) == constraint.taken[0]
     assert sampler.constraint_stats.num_tokens == 1
     assert sampler.constraint_stats.num_masked == (0 if 39 in allowed else 1)
+
+
+@pytest.mark.parametrize("allowed, num_masked", [({36, 30}, 0), ({3, 30}, 0), ({3, 4}, 1)])
+def test_a_refused_greedy_row_takes_the_constraints_masked_argmax_without_a_mask(allowed, num_masked) -> None:
+    sampler = Sampler(torch.device("cpu"))
+    constraint = AllowSet(allowed, top=True)
+    assert sample(sampler, SamplingParams(), constraint) == max(allowed) == constraint.taken[0]
+    stats = sampler.constraint_stats
+    assert (stats.num_refused, stats.num_masked) == (1, num_masked)   # 16 candidates: tokens 39..24
+
+
+def test_a_refused_sampling_row_is_masked_even_when_top_logits_are_offered() -> None:
+    """The shortcut is greedy's: a draw restricted to the top logits would not be p(x)/p(A) on A."""
+    sampler = Sampler(torch.device("cpu"))
+    allowed = {3, 30}
+    for position in range(40):
+        constraint = AllowSet(allowed, top=True)
+        constraint.masked_argmax = lambda row: pytest.fail("a sampling row took the greedy shortcut")
+        assert sample(sampler, SamplingParams(temperature=1.0, seed=1), constraint, position) in allowed
+    stats = sampler.constraint_stats
+    assert 0 < stats.num_refused == stats.num_masked      # every refused draw was masked and drawn again
 
 
 def test_temperature_draws_follow_the_masked_distribution() -> None:

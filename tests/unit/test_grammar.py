@@ -51,6 +51,48 @@ def one(tokenizer, char: str) -> int:
     return token
 
 
+def masked_argmax_by_mask(constraint, logits: torch.Tensor, vocab_size: int) -> int:
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    constraint.fill_mask(bitmask, 0)
+    masked = logits.clone().unsqueeze(0)
+    xgr.apply_token_bitmask_inplace(masked, bitmask)
+    return int(masked[0].argmax())
+
+
+@pytest.mark.parametrize("max_sparse_words", [1024, 0])     # 0: every position takes the top-logit path
+def test_masked_argmax_equals_the_argmax_of_the_masked_row(grammar, tokenizer, monkeypatch, max_sparse_words) -> None:
+    """At every position of a call (names, keys, string content), for random logits; ties too."""
+    monkeypatch.setattr("conveyor.tools.grammar.MAX_SPARSE_WORDS", max_sparse_words)
+    generator = torch.Generator().manual_seed(0)
+    constraint = grammar.constraint(TOOLS, "required")
+    num_found = 0
+    for token in ids(tokenizer, CALL):
+        for logits in (torch.randn(grammar.vocab_size, generator=generator), torch.zeros(grammar.vocab_size)):
+            got = constraint.masked_argmax(logits, num_top=16)
+            assert got in (None, masked_argmax_by_mask(constraint, logits, grammar.vocab_size)), (token, got)
+            num_found += got is not None
+        constraint.accept(token)
+    # sparse words (this 264-token vocabulary is 9 words): always found; the top-16 path gives up (None:
+    # mask instead) where no allowed token is among the 16 or a tie reaches the cut (all zeros)
+    assert num_found == 2 * len(ids(tokenizer, CALL)) if max_sparse_words else num_found > 0
+    assert constraint.try_accept(tokenizer.eos_token_id)
+
+
+def test_masked_argmax_gives_up_where_no_top_logit_is_allowed(grammar, tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr("conveyor.tools.grammar.MAX_SPARSE_WORDS", 0)
+    constraint = grammar.constraint(TOOLS, "required")
+    for token in ids(tokenizer, PREFIX):
+        constraint.accept(token)
+    logits = torch.zeros(grammar.vocab_size)
+    x = one(tokenizer, "x")
+    logits[x] = 1.0
+    assert constraint.masked_argmax(logits, num_top=1) is None         # "x" starts no tool name
+    logits[one(tokenizer, "c")] = 0.5
+    assert constraint.masked_argmax(logits, num_top=2) is None               # 0.5 is the cut: a tie may go on past it
+    assert constraint.masked_argmax(logits, num_top=3) == one(tokenizer, "c")
+    assert constraint.try_accept(one(tokenizer, "s"))                   # reading the bits did not move the matcher
+
+
 def test_mask_allows_only_known_tool_names(grammar, tokenizer) -> None:
     allowed = allowed_after(grammar, tokenizer, PREFIX)
     assert allowed == {one(tokenizer, "s"), one(tokenizer, "c")}

@@ -215,15 +215,27 @@ def test_discard_policy_recomputes_the_whole_context_in_chunks() -> None:
     assert [c.num_recompute_tokens for c in chunks] == [8, 0]
 
 
-def test_new_request_policy_goes_to_the_back_of_the_queue_without_prefix_cache() -> None:
-    s = make_policy("new-request", num_blocks=5)
+def test_new_request_policy_goes_to_the_back_of_the_queue() -> None:
+    s = make_policy("new-request", num_blocks=5, prefix_caching=False)
     a = paused_after_prompt(s, "a", 8)
     b = fresh("b", 16)
     s.add(b)                               # arrives after a, waits: a's blocks are dropped first
     run_step(s)
-    assert a.block_table == [] and a.skip_prefix_cache
+    assert a.block_table == []
     s.resume(a, [40])
     assert [r.request_id for r in s.waiting][-1] == "a" and a.arrival > b.arrival
+
+
+def test_a_new_request_continuation_adopts_what_the_prefix_cache_still_holds() -> None:
+    s = make_policy("new-request", num_blocks=8)
+    a = paused_after_prompt(s, "a", 8)
+    s.add(b := fresh("b", 8))
+    run_step(s)                            # the call ended a's request: its KV is freed, its full blocks stay cached
+    assert a.block_table == [] and b.state is RequestState.RUNNING
+    s.resume(a, [40])
+    out = run_step(s)
+    chunk = next(c for c in out.chunks if c.request is a)
+    assert chunk.start == 8 and out.num_recompute_tokens == 0       # its two full blocks came from the cache
 
 
 def test_auto_swaps_a_long_tool_wait_when_the_queue_needs_memory() -> None:

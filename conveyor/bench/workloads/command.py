@@ -21,7 +21,9 @@ from conveyor.config import EngineConfig, engine_config_from_flags
 def add_workloads_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["paced", "live"], default="paced",
                         help="paced: recorded outputs on an emulated decode clock; live: the model on this machine")
-    parser.add_argument("--rounds", type=int, default=3, help="lazy/partial pairs per case")
+    parser.add_argument("--rounds", type=int, default=5, help=(
+        "measured lazy/partial pairs per case (odd; after one discarded warm-up pair; the mode that goes first "
+        "alternates)"))
     parser.add_argument("--json", default=None, help="where to write the results "
                         "(default docs/results/workloads-<mode>.json)")
     parser.add_argument("--plots", default="docs/results", help="folder for the PNG plots ('' for none)")

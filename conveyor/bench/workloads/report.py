@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from conveyor.bench.results import provenance
 from conveyor.bench.workloads.rounds import Round
 from conveyor.bench.workloads.timing import efficiency, median, percentile
 
@@ -31,6 +32,7 @@ def summarize(runs: list[Round]) -> dict[str, Any]:
                                                                  q.ideal_saving_s / q.latency_s)
                                                       for q, p in zip(lazy, partial)])),
         "reduction_min": round(min(pairs), 4), "reduction_max": round(max(pairs), 4),
+        "reduction_pairs": [round(x, 4) for x in pairs],
         "rounds": len(lazy),
         "success_rate": round(sum(r.correct for r in runs) / len(runs), 4),
         "valid_call_rate": round(sum(r.valid_call for r in runs) / len(runs), 4),
@@ -49,7 +51,8 @@ def _decoded(run: Round) -> str:
 def _detail(run: Round) -> dict[str, Any]:
     """What one round decoded: tokens per model turn, and the end of its final answer."""
     return {"mode": run.tool_mode, "latency_s": round(run.latency_s, 4), "tokens_per_turn": [len(t) for t in run.turns],
-            "correct": run.correct, "ideal_saving_s": round(run.ideal_saving_s, 4), "answer_tail": run.text[-160:]}
+            "correct": run.correct, "ideal_saving_s": round(run.ideal_saving_s, 4),
+            "ideal_by_text_s": round(run.ideal_by_text_s, 4), "answer_tail": run.text[-160:]}
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -71,7 +74,7 @@ def report(mode: str, token_latency_ms: float | None, rounds: dict[str, list[Rou
            extra: dict[str, Any]) -> dict[str, Any]:
     return {"mode": mode, "token_latency_ms": token_latency_ms, **extra,
             "loadavg": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M"),
-            "workloads": {name: summarize(runs) for name, runs in rounds.items()}}
+            **provenance(), "workloads": {name: summarize(runs) for name, runs in rounds.items()}}
 
 
 def print_table(console: Console, data: dict[str, Any]) -> None:

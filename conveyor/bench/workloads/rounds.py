@@ -1,5 +1,10 @@
 """One round of one case: drive the engine, record the stream, and (for lazy rounds) work
-out the ideal saving from the timeline (`timing.py`)."""
+out the ideal saving from the timeline (`timing.py`).
+
+The ideal's events are stamped with the engine step that sampled the token completing each
+field or line (the text of the turn's tokens so far, decoded whole, is fed to a fresh parser),
+not with when the engine's text reached the benchmark: a delay inside the engine (a
+detokenizer holding text back) would otherwise shrink the ideal together with the gain."""
 from __future__ import annotations
 
 import os
@@ -25,10 +30,12 @@ class Round:
     results: list[ToolResult]
     timeline: list[Span]
     turns: list[list[int]]                                  # output token ids, per model turn
+    token_times: list[list[float]] = field(default_factory=lambda: [[]])   # when each token's step returned
     deltas: list[tuple[float, int, str]] = field(default_factory=list)   # (time, turn, text)
     results_by_turn: dict[int, list[ToolResult]] = field(default_factory=dict)
     correct: bool = False
     ideal_saving_s: float = 0.0
+    ideal_by_text_s: float = 0.0       # the same, events timed by when the engine's text arrived (the old way)
     loadavg_1m: float = 0.0            # the machine's load when the round ended (other work disturbs timings)
 
     @property
@@ -53,7 +60,9 @@ def run_case(engine: Any, case: Case, tool_mode: str, params: dict, constraint: 
                 run.results_by_turn[len(run.turns) - 1] = list(out.tool_results)
                 run.results += out.tool_results
                 run.turns.append([])
+                run.token_times.append([])
             run.turns[-1] += out.new_token_ids
+            run.token_times[-1] += [now] * len(out.new_token_ids)
             if out.new_text:
                 run.deltas.append((now, len(run.turns) - 1, out.new_text))
             if out.finished:
@@ -73,22 +82,49 @@ def _relative(result: ToolResult, start: float) -> ToolResult:
     return replace(result, started_at=result.started_at - start, done_at=result.done_at - start)
 
 
-def lazy_turns(run: Round, call_format: str, tools: dict[str, Any]) -> list[TurnTiming]:
-    """The turns of a lazy round that ended with calls, as TurnTimings."""
+def lazy_turns(run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None,
+               stop: tuple[str, ...] = ()) -> list[TurnTiming]:
+    """The turns of a lazy round that ended with calls, as TurnTimings. With `tokenizer` (and
+    token ids in the round) events are timed by the step that sampled their last token; else
+    (remote rounds carry no token ids) by when their text arrived."""
     decodes = [s for s in run.timeline if s.kind == "decode"]
     turns = []
     for number, results in sorted(run.results_by_turn.items()):
         if number >= len(decodes):
             break
-        events = _timed_events(call_format, [(t, text) for t, n, text in run.deltas if n == number])
+        if tokenizer is not None and run.turns[number]:
+            events = token_events(call_format, run.turns[number], run.token_times[number], tokenizer, stop)
+        else:
+            events = _timed_events(call_format, [(t, text) for t, n, text in run.deltas if n == number])
         decode_end = decodes[number].end
         calls, reject_s = _call_timings(events, results, decode_end, tools)
         turns.append(TurnTiming(decode_end, tuple(calls), reject_s))
     return turns
 
 
-def ideal_of(run: Round, call_format: str, tools: dict[str, Any]) -> float:
-    return sum(ideal_saving_s(t) for t in lazy_turns(run, call_format, tools))
+def ideal_of(run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None,
+             stop: tuple[str, ...] = ()) -> float:
+    return sum(ideal_saving_s(t) for t in lazy_turns(run, call_format, tools, tokenizer, stop))
+
+
+def token_events(call_format: str, tokens: list[int], times: list[float], tokenizer: Any,
+                 stop: tuple[str, ...] = ()) -> list[tuple[float, Any]]:
+    """The parser's events for a turn's tokens, each stamped with the time of the step that
+    sampled the token whose text completed it: the text of tokens[:k], whole characters only and
+    cut at a stop string (as the engine's detokenizer cuts it), is fed as soon as token k exists."""
+    parser = make_parser(call_format)
+    events: list[tuple[float, Any]] = []
+    fed = ""
+    for k, at in enumerate(times, 1):
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
+        if cut == len(text) and (text.endswith("\ufffd") or len(text) <= len(fed)):
+            continue
+        events += [(at, e) for e in parser.feed(text[len(fed):cut])]
+        fed = text[:cut]
+        if cut < len(text):
+            break          # a stop string: the engine's text ends here
+    return events + [(times[-1] if times else 0.0, e) for e in parser.close()]
 
 
 def _timed_events(call_format: str, deltas: list[tuple[float, str]]) -> list[tuple[float, Any]]:

@@ -28,7 +28,7 @@ STOP = "<tool_response>"     # the small model tends to write a tool result itse
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     mode: str = "paced"
-    rounds: int = 3
+    rounds: int = 5
     workloads: tuple[str, ...] = tuple(BUILDERS)
     pace: Pace = Pace()
     workload: WorkloadOptions = WorkloadOptions()
@@ -40,8 +40,8 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be paced or live, got {self.mode!r}")
-        if self.rounds < 1:
-            raise ValueError("rounds must be >= 1")
+        if self.rounds < 1 or self.rounds % 2 == 0:
+            raise ValueError(f"rounds must be odd and >= 1 (the median is then a measured pair), got {self.rounds}")
         unknown = set(self.workloads) - set(BUILDERS)
         if unknown:
             raise ValueError(f"unknown workloads {sorted(unknown)}; choose from {', '.join(BUILDERS)}")
@@ -113,17 +113,22 @@ def _eos_of(config: EngineConfig) -> int:
 
 def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOptions, progress: Progress,
                task: Any) -> list[Round]:
+    """A discarded warm-up pair, then `rounds` measured pairs; the mode that goes first alternates."""
     turns = _fixture(options.recorded_dir, case.name)["turns"] if options.mode == "paced" else None
     max_tokens = sum(map(len, turns)) + 8 if turns else case.max_tokens
-    _warm_up(engine, case)
+    tokenizer = getattr(engine, "tokenizer", None)
     runs: list[Round] = []
-    for number in range(options.rounds):
+    for number in range(-1, options.rounds):
         order = ("lazy", "partial") if number % 2 == 0 else ("partial", "lazy")
         for tool_mode in order:
-            params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": number, "stop": [STOP]}
+            params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": max(number, 0),
+                      "stop": [STOP]}
             run = run_case(engine, case, tool_mode, params, _replay(turns, options.paced_remote))
+            if number < 0:
+                continue        # the warm-up: first imports, page cache, prompt KV, for both modes alike
             if tool_mode == "lazy":
-                run.ideal_saving_s = ideal_of(run, case.call_format, tools)
+                run.ideal_saving_s = ideal_of(run, case.call_format, tools, tokenizer, (STOP,))
+                run.ideal_by_text_s = ideal_of(run, case.call_format, tools)
             runs.append(run)
             progress.advance(task)
     if options.record:
@@ -139,15 +144,6 @@ def _replay(turns: list[list[int]] | None, remote: bool) -> Any:
     if remote:
         return lambda n: {"replay": turns[n] if n < len(turns) else []}
     return replay_factory(turns)
-
-
-def _warm_up(engine: Any, case: Case) -> None:
-    """One token of the prompt, so that every measured round finds its KV cached alike. The
-    options are the case's own: they decide how the prompt is rendered (tool_choice="none"
-    left the prompt out of the cache, and the first round of each pair prefilled it)."""
-    for _ in engine.stream(list(case.messages), {"max_tokens": 1}, tools=list(case.tools), tool_mode="lazy",
-                           tool_choice=case.tool_choice, call_format=case.call_format, max_tool_rounds=0):
-        pass
 
 
 def _fixture(directory: Path, name: str) -> dict[str, Any]:
