@@ -131,7 +131,8 @@ class ToolRounds:
             if self._grammar is None:
                 from conveyor.tools.grammar import ToolGrammar
 
-                self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids))
+                self._grammar = ToolGrammar(self.tokenizer, self.runner.args.vocab_size, sorted(self.eos_token_ids),
+                                            compile_timeout_s=self.config.tools.grammar_timeout_s)
         specs = (self._tool_specs(list(options.tools)) or []) + list(options.client_tools)
         return self._grammar.constraint(specs, choice)
 
