@@ -132,6 +132,9 @@ class ToolConfig:
         "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"))
     constrained: bool = field(default=True, metadata=_help(
         "once a call starts (<tool_call>), mask logits so it names a known tool and fits its schema"))
+    grammar_timeout_s: float = field(default=0.0, metadata=_help(
+        "compile tool-call grammars in a helper process killed past this many seconds (a runaway "
+        "compile is stopped; costs a helper start and ~10x per uncached compile); 0: on the calling thread"))
     max_tool_rounds: int = field(default=4, metadata=_help("most tool-result turns per request"))
     num_workers: int = field(default=4, metadata=_help("tool worker processes, started before they are needed"))
     handoff_ms: float = field(default=1.0, metadata=_help(

@@ -63,7 +63,8 @@ class LLMEngine(EngineBase):
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         super().__init__()
-        form = GrammarForm(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids)
+        form = GrammarForm(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids,
+                           self.config.tools.grammar_timeout_s)
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
     def _measure_costs(self) -> Costs:

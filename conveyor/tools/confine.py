@@ -5,7 +5,8 @@ The seccomp filter (a small classic-BPF program, installed with prctl) returns E
 system calls tool code has no use for and that open a way out or into the kernel: ptrace and
 process_vm_*, mounting and namespaces (unshare, setns, clone with a CLONE_NEW* flag; clone3
 gets ENOSYS so that libc falls back to clone, whose flags the filter can see), kernel modules,
-kexec, bpf, perf_event_open, userfaultfd, keyrings, io_uring, file handles, the clock and
+kexec, bpf, perf_event_open, userfaultfd, keyrings, io_uring, file handles, POSIX message
+queues (they would outlive a call in the IPC namespace a worker keeps), the clock and
 reboot. A call from another ABI (x32, or 32-bit int 0x80) kills the process. x86-64 only:
 elsewhere `install_seccomp` raises OSError and the worker reports seccomp as missing.
 """
@@ -31,7 +32,7 @@ _DENIED = {      # x86-64 numbers
     "quotactl": 179, "nfsservctl": 180, "lookup_dcookie": 212, "clock_settime": 227, "kexec_load": 246,
     "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "perf_event_open": 298,
     "name_to_handle_at": 303, "open_by_handle_at": 304, "clock_adjtime": 305, "setns": 308,
-    "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
+    "mq_open": 240, "mq_unlink": 241, "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313,
     "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "io_uring_setup": 425,
     "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429,
     "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,

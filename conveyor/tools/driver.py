@@ -110,8 +110,10 @@ class GrammarForm:
     """The embedded engine's constraint form: the xgrammar tool grammar, built on first use
     (the `prepare` threads and the engine's may ask for it first)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int],
+                 compile_timeout_s: float = 0.0) -> None:
         self._args = (tokenizer, vocab_size, sorted(stop_token_ids))
+        self._compile_timeout_s = compile_timeout_s
         self._grammar: Any = None
         self._lock = threading.Lock()
 
@@ -120,7 +122,7 @@ class GrammarForm:
             if self._grammar is None:
                 from conveyor.tools.grammar import ToolGrammar  # xgrammar and torch stay off import
 
-                self._grammar = ToolGrammar(*self._args)
+                self._grammar = ToolGrammar(*self._args, compile_timeout_s=self._compile_timeout_s)
         return self._grammar.constraint(specs, choice)
 
 

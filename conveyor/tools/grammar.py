@@ -25,6 +25,8 @@ import torch
 import xgrammar as xgr
 from xgrammar.structural_tag import StructuralTag, TagsWithSeparatorFormat
 
+from conveyor.tools.grammar_compile import BoundedCompiler
+
 log = logging.getLogger(__name__)
 
 ToolChoice = str | dict[str, Any]
@@ -110,16 +112,19 @@ class ToolGrammar:
     `vocab_size` is the width of the model's logits (it may exceed the tokenizer's);
     `stop_token_ids` end a turn (the engine's `eos_token_ids`) and are allowed wherever
     the grammar may end. `max_whitespace` caps runs of whitespace inside arguments, so a
-    sampled call cannot stall in endless blanks.
+    sampled call cannot stall in endless blanks. `compile_timeout_s` > 0 compiles in a helper
+    process that is killed past it (`grammar_compile.py`); 0 compiles on the calling thread.
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int] | None = None, *,
-                 max_whitespace: int | None = 16, max_cached: int = 64) -> None:
+                 max_whitespace: int | None = 16, max_cached: int = 64, compile_timeout_s: float = 0.0) -> None:
         stops = sorted(stop_token_ids) if stop_token_ids is not None else None
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
         self.vocab_size = vocab_size
         self.max_whitespace = max_whitespace
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._compiler: Any = xgr.GrammarCompiler(info, cache_enabled=False)
+        if compile_timeout_s > 0:           # compiles in a helper process, killed past the timeout
+            self._compiler = BoundedCompiler(info, compile_timeout_s)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._max_cached = max_cached
         self._lock = threading.Lock()   # the cache is shared by the engine and its preparation threads
@@ -144,7 +149,7 @@ class ToolGrammar:
                 return self._cache[key]
         try:
             compiled = self._compiler.compile_structural_tag(self.structural_tag(tools, tool_choice))
-        except RuntimeError as e:    # xgrammar reports unsupported schemas this way
+        except (RuntimeError, TimeoutError) as e:    # xgrammar reports unsupported schemas as RuntimeError
             raise ValueError(f"cannot build a tool-call grammar: {e}") from e
         with self._lock:
             self._cache[key] = compiled

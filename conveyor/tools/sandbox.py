@@ -57,6 +57,7 @@ class Policy:
     view: View
     uid: int = 60100             # the uid workers run as when the server runs as root
     network: bool = False        # share the host's network namespace (tools that declare it)
+    outer_pid_ns: tuple[int, ...] = ()   # the server's and the host's PID namespaces (`zygote.confined`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,11 @@ class Report:
     missing: tuple[tuple[str, str], ...] = ()
     landlock_abi: int = 0
     temp_root: str = WRITABLE
+
+    @property
+    def isolated(self) -> bool:
+        """In namespaces of its own (its own PID namespace: a zygote may serve its calls)."""
+        return self.temp_root == WRITABLE and not any(layer == "namespaces" for layer, _ in self.missing)
 
     def missing_required(self) -> list[str]:
         return [f"{layer} ({why})" for layer, why in self.missing if layer in REQUIRED]

@@ -3,8 +3,9 @@
 Parent -> worker (pickled: the worker trusts its parent): Start, Field, LineMsg, Finish,
 Cancel, Stop. Worker -> parent: the replies of `replies.py` (JSON: the parent trusts no
 worker), Began and Idle telling the parent whether a worker is running a tool. A worker
-serves one call (the pool discards it after) and ignores messages for any call but its
-current one (they belong to a call already over: rejected, failed or cancelled).
+serves one call in a process of its own (forked by the worker's zygote, or the worker itself
+where it has no namespaces) and ignores messages for any call but its current one (they
+belong to a call already over: rejected, failed or cancelled).
 
 The sandbox it runs in is `sandbox.py`.
 """
@@ -18,6 +19,7 @@ import os
 import pickle
 import queue
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -28,7 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from conveyor.tools.base import CallInfo, FunctionTool, Tool, ToolRejected, ToolResult
-from conveyor.tools import replies, sandbox
+from conveyor.tools import replies, sandbox, zygote
 from conveyor.tools.replies import BEGAN, IDLE, Began, Cancelled, Done, Failed, Idle, Ready, Reply  # noqa: F401 - the protocol's names
 from conveyor.tools.sandbox import Policy, run_hook, set_cpu_budget
 
@@ -128,16 +130,28 @@ class _Active:
 
 
 def serve(conn: Connection, tools_blob: bytes, policy: Policy) -> None:
-    """Worker process entry point: load the tools, sandbox, say Ready, serve calls until Stop.
-    (The pool sends a worker one call: it is discarded after it.)"""
+    """Worker process entry point: load the tools, sandbox, say Ready, then serve calls: in its
+    own namespaces as a zygote (`zygote.py`: a fresh process per call), else itself, one call
+    (the pool discards such a worker after it)."""
     try:
         tools = {t.name: t for t in pickle.loads(tools_blob)}   # imports their modules, before the sandbox
         report = sandbox.enter(policy, conn.fileno())
+        if report.isolated and (why := zygote.confined(policy.outer_pid_ns)):
+            raise zygote.Unconfined(f"the sandbox reports namespaces of its own, but {why}")
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails start()
         _send(conn, Failed(_describe(e)))
         return
     _send(conn, Ready(report))
-    _Server(conn, tools, report.temp_root, policy.limits.cpu_time_s).run()
+
+    def serve_call(call_conn: Connection) -> None:
+        _Server(call_conn, tools, report.temp_root, policy.limits.cpu_time_s).run()
+
+    if not report.isolated:
+        serve_call(conn)
+        return
+    control = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    zygote.run(control, serve_call, report.temp_root, policy.outer_pid_ns)
 
 
 class _Server:

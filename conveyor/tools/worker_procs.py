@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from conveyor.tools import cgroups
+from conveyor.tools import cgroups, zygote
 from conveyor.tools import worker_main as wm
 from conveyor.tools.namespaces import WRITABLE
 from conveyor.tools.sandbox import Policy
@@ -40,11 +41,12 @@ _num_open_pools = 0        # the forkserver is stopped when the last pool closes
 @dataclass(slots=True, eq=False)
 class Worker:
     process: BaseProcess
-    conn: Connection
+    conn: Connection | None        # to the process serving its next or current call (None: being reset)
     network: bool                  # its profile: serves the tools that need the network
     temp_root: str = WRITABLE      # inside its own file system, unless its sandbox has none
-    ready: bool = False
-    served: bool = False           # it was given a call: it is discarded after that one
+    control: socket.socket | None = None   # to its zygote (`zygote.py`), once Ready said it has one
+    ready: bool = False            # a process that never ran a call waits for one
+    served: bool = False           # it was given a call: the process is discarded after that one
     call_id: str | None = None
     cancelling: bool = False       # Cancel sent, acknowledgement awaited
     deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
@@ -52,7 +54,7 @@ class Worker:
     running: bool = False          # between a Began and the next Idle: running a tool's code
     handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
     cpu_mark: tuple[float, float] | None = None   # (wall, CPU seconds) when last measured while running
-    ps: psutil.Process | None = None              # its handle for CPU times, made on first use
+    ps: psutil.Process | None = None              # the call process's handle for CPU times, made on first use
 
 
 def open_pool(preload: list[str]) -> None:
@@ -105,11 +107,44 @@ def spawn(tools_blob: bytes, policy: Policy) -> Worker:
 
 def send(worker: Worker, msg: Any) -> None:
     """Send `msg`; a dead worker is noticed by the pool's poll (its exit), not here."""
+    if worker.conn is None:
+        return                      # being reset: no call is bound to it
     if worker.num_unbegun == 0 and not isinstance(msg, wm.Stop):
         worker.handing_off = True
     worker.num_unbegun += 1
     with contextlib.suppress(OSError):
         worker.conn.send(msg)
+
+
+def become_zygote(worker: Worker) -> None:
+    """Ready said the worker forks a process per call: its pipe so far is the zygote's control
+    channel; the first call process's pipe follows on it (`take_call_process`)."""
+    assert worker.conn is not None
+    worker.control = socket.socket(fileno=os.dup(worker.conn.fileno()))
+    worker.conn.close()
+    worker.conn = None
+
+
+def take_call_process(worker: Worker) -> None:
+    """The zygote sent its next call process's pipe (EOFError, OSError or ValueError if not)."""
+    assert worker.control is not None
+    conn = zygote.receive(worker.control)
+    if worker.conn is not None:            # it was not asked for one
+        conn.close()
+        raise ValueError("a worker's zygote sent a call process it was not asked for")
+    worker.conn, worker.ready, worker.served, worker.ps = conn, True, False, None
+    worker.deadline, worker.num_unbegun, worker.handing_off = math.inf, 0, False
+
+
+def next_call(worker: Worker) -> None:
+    """The call is over: drop its process's pipe and have the zygote reset the worker and fork
+    the next one, within `zygote.RESET_TIMEOUT_S` (else the pool replaces the worker)."""
+    assert worker.control is not None and worker.conn is not None
+    worker.conn.close()
+    worker.conn, worker.ready = None, False
+    worker.deadline = time.perf_counter() + zygote.RESET_TIMEOUT_S + STOP_GRACE_S
+    with contextlib.suppress(OSError):
+        worker.control.send(zygote.NEXT)     # one byte: never blocks; a dead zygote shows as an EOF
 
 
 def free(worker: Worker) -> None:
@@ -120,12 +155,13 @@ def free(worker: Worker) -> None:
 
 
 def cpu_seconds(worker: Worker) -> float:
-    """CPU time the process serving the worker's calls has used (user + system); 0.0 once gone.
-    In its own namespaces that is the grandchild of the process we started (see `namespaces.py`)."""
+    """CPU time the process serving the worker's call has used (user + system); 0.0 once gone.
+    In its own namespaces that is the zygote's child, the great-grandchild of the process we
+    started (see `namespaces.py`)."""
     try:
-        if worker.ps is None:       # made once: a new handle costs twice the read it serves
+        if worker.ps is None:       # made once per call process: a new handle costs twice the read it serves
             ps = psutil.Process(worker.process.pid)
-            for _ in range(2 if worker.temp_root == WRITABLE else 0):
+            for _ in range(3 if worker.control is not None else 2 if worker.temp_root == WRITABLE else 0):
                 ps = ps.children()[0]
             worker.ps = ps
         times = worker.ps.cpu_times()
@@ -143,6 +179,8 @@ def exit_text(process: BaseProcess) -> str:
 
 def stop(worker: Worker, grace_s: float) -> None:
     """Let the worker exit within grace_s, then kill its process group; clean up after it."""
+    if worker.control is not None:
+        worker.control.close()                  # its zygote's EOF: the worker exits
     worker.process.join(grace_s)
     if worker.process.exitcode is None:
         try:
@@ -150,7 +188,8 @@ def stop(worker: Worker, grace_s: float) -> None:
         except OSError:
             worker.process.kill()                           # not yet the leader of its own group
         worker.process.join(STOP_GRACE_S)
-    worker.conn.close()
+    if worker.conn is not None:
+        worker.conn.close()
     cgroups.remove(worker.process.pid)
     own = os.path.join(tempfile.gettempdir(), "conveyor-worker-")    # never what else a worker names
     if worker.temp_root.startswith(own) and "/" not in worker.temp_root[len(own):]:

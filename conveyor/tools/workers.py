@@ -40,7 +40,7 @@ from typing import Any, Self
 
 from conveyor.config import ToolConfig
 from conveyor.config import cache_root
-from conveyor.tools import replies
+from conveyor.tools import replies, zygote
 from conveyor.tools import worker_main as wm
 from conveyor.tools import worker_procs as procs
 from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolResult
@@ -143,7 +143,8 @@ class WorkerPool:
         profiles = {}
         for network in sorted({bool(t.network) for t in self._tools} or {False}):
             tools = [t for t in self._tools if bool(t.network) == network]
-            profiles[network] = (wm.pickle_tools(tools), Policy(limits, view, config.sandbox_uid, network))
+            profiles[network] = (wm.pickle_tools(tools), Policy(limits, view, config.sandbox_uid, network,
+                                                                zygote.outer_pid_namespaces()))
         return profiles
 
     def _check_isolation(self) -> None:
@@ -306,24 +307,29 @@ class WorkerPool:
                 worker.deadline = time.perf_counter() + self.config.call_timeout_s
 
     def _receive(self, wait_s: float, results: list[ToolResult], workers: list[Worker] | None = None) -> None:
-        """Wait up to wait_s for replies or exits (of `workers`, default all), and handle them."""
+        """Wait up to wait_s for replies, zygotes' call processes or exits (of `workers`,
+        default all), and handle them."""
         self._adopt()
-        owners: dict[Any, Worker | None] = {self._recycler.wake_fd: None}     # None: a replacement is there
+        owners: dict[Any, tuple[Worker, bool] | None] = {self._recycler.wake_fd: None}   # None: a replacement
         for w in self._workers if workers is None else workers:
-            owners[w.conn] = owners[w.process.sentinel] = w
+            owners[w.process.sentinel] = (w, False)
+            if w.conn is not None:
+                owners[w.conn] = (w, False)
+            if w.control is not None:
+                owners[w.control] = (w, True)              # True: from its zygote
         for ready in wait(list(owners), wait_s):
-            worker = owners[ready]
-            if worker is None:
+            if (entry := owners[ready]) is None:
                 self._adopt()
                 continue
+            worker, from_zygote = entry
             if worker not in self._workers:
                 continue                                   # replaced already (conn and sentinel both ready)
             broken = ""
             try:
-                for _ in range(MAX_REPLIES):           # a flooding worker cannot hold the engine here
-                    if worker not in self._workers or not worker.conn.poll():
-                        break
-                    self._on_message(worker, replies.decode(worker.conn.recv_bytes(replies.MAX_REPLY_BYTES)), results)
+                if from_zygote:
+                    procs.take_call_process(worker)
+                else:
+                    self._take_replies(worker, results)
             except (EOFError, OSError):
                 broken = "died"
             except ValueError:
@@ -333,6 +339,13 @@ class WorkerPool:
                 self._replace(worker, results, f"RuntimeError: the tool's worker process {broken or 'died'} "
                                                f"({procs.exit_text(worker.process)})")
 
+    def _take_replies(self, worker: Worker, results: list[ToolResult]) -> None:
+        conn = worker.conn
+        for _ in range(MAX_REPLIES):           # a flooding worker cannot hold the engine here
+            if worker not in self._workers or worker.conn is not conn or conn is None or not conn.poll():
+                return                         # retired, reset, or turned into a zygote
+            self._on_message(worker, replies.decode(conn.recv_bytes(replies.MAX_REPLY_BYTES)), results)
+
     def _on_message(self, worker: Worker, msg: Any, results: list[ToolResult]) -> None:
         match msg:
             case wm.Began():
@@ -340,9 +353,13 @@ class WorkerPool:
                 worker.running = True
             case wm.Idle():
                 worker.running = False
-            case wm.Ready(report=report) if not worker.ready:      # before any tool code ran in it
-                worker.ready, worker.temp_root, self.report = True, report.temp_root, report
+            case wm.Ready(report=report) if not worker.ready and worker.control is None:   # before any tool code
+                worker.temp_root, self.report = report.temp_root, report
                 self._failed_starts = 0
+                if report.isolated:
+                    procs.become_zygote(worker)    # ready once its first call process is there
+                else:
+                    worker.ready = True
             case wm.Failed(error=error) if not self._started:
                 raise RuntimeError(f"a tool worker failed to start: {error}")
             case wm.Failed(error=error):       # a replacement: it exits, and is replaced (`_replace`)
@@ -380,9 +397,13 @@ class WorkerPool:
         self.num_restarts += 1
 
     def _retire(self, worker: Worker) -> None:
-        """The worker's call is over: discard it (with all its processes) for a fresh one,
-        which the recycler thread starts (`_adopt` takes it in)."""
+        """The worker's call is over: its zygote resets it (killing every process of the call)
+        and forks the next call process; a worker without one is discarded (with all its
+        processes) for a fresh one, which the recycler thread starts (`_adopt` takes it in)."""
         procs.free(worker)
+        if worker.control is not None:
+            procs.next_call(worker)
+            return
         self._workers.remove(worker)
         self._recycler.submit(worker, *self._profiles[worker.network])
 

@@ -168,3 +168,17 @@ def test_none_or_no_tools_is_unconstrained(grammar) -> None:
 def test_bad_choice_or_schema_is_a_value_error(grammar, tools, choice, message) -> None:
     with pytest.raises(ValueError, match=message):
         grammar.constraint(tools, choice)
+
+
+def test_a_bounded_compile_matches_and_a_runaway_one_is_stopped(tokenizer, grammar) -> None:
+    bounded = ToolGrammar(tokenizer, len(tokenizer) + 5, [tokenizer.eos_token_id], compile_timeout_s=120.0)
+    try:
+        for text in (CALL, PREFIX + 'calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'):
+            assert allowed_after(bounded, tokenizer, text[:-3]) == allowed_after(grammar, tokenizer, text[:-3])
+        helper = bounded._compiler._helper[0]
+        bounded._compiler.timeout_s = 1e-4               # as if it ran away: killed, not left running
+        with pytest.raises(ValueError, match="grammar compile stopped after"):
+            bounded.compiled([SEARCH], "required")
+        assert bounded._compiler.num_killed == 1 and not helper.is_alive()
+    finally:
+        bounded._compiler.close()

@@ -3,7 +3,7 @@
 Every case asserts that the attempt fails (an error result, or output showing the refusal),
 that nothing outside the sandbox changed, that the NEXT call is unaffected (`assert_clean`),
 and that no process the call started is left (`assert_no_orphans`: none outside the live
-workers' own three processes, and none of the sandbox's uid outside them anywhere on the
+workers' own four processes, and none of the sandbox's uid outside them anywhere on the
 host). Bounded: each call has a 10 s timeout, the fork bomb stops at 200, memory at 256 MiB.
 Loopback only. Skipped, naming what is missing, where the machine cannot isolate tool code.
 """
@@ -69,13 +69,14 @@ def _worker_trees(pool: WorkerPool) -> set[int]:
 
 
 def assert_no_orphans(pool: WorkerPool) -> None:
-    """Only fresh workers are left: each its three processes, nothing else of the sandbox uid."""
+    """Only reset workers are left: each its four processes (W0, W1, the zygote and its next call
+    process, see `zygote.py`), nothing else of the sandbox uid."""
     wait_until(pool, lambda: pool.num_idle == len(pool._workers))
     deadline = time.perf_counter() + 10
     while True:
         trees = _worker_trees(pool)
         stray = [p.pid for p in _sandbox_processes() if p.pid not in trees]
-        if not stray and len(trees) == 3 * len(pool._workers):
+        if not stray and len(trees) == 4 * len(pool._workers):
             return
         assert time.perf_counter() < deadline, f"orphans: {stray}, worker processes: {len(trees)}"
         pool.poll(0.05)
@@ -165,8 +166,8 @@ def test_no_secrets_in_the_environment_or_in_proc(pool: WorkerPool) -> None:
               "texts = [repr(dict(os.environ))] + [read(p) for p in glob.glob('/proc/*/environ') + "
               "glob.glob('/proc/*/cmdline')]",
               f"print(any({SECRET[:-2]!r} + 'et' in t for t in texts), 'CONVEYOR_API_KEY' in os.environ)",
-              "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))")
-    assert out == "False False\n['1', '2']", out       # its namespace's init and itself: no other process
+              "print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == [1, 2, os.getpid()])")
+    assert out == "False False\nTrue", out       # its namespace's init, the zygote and itself: no other process
 
 
 def test_secret_files_and_the_model_cache_are_not_there(pool: WorkerPool) -> None:
@@ -264,7 +265,7 @@ def test_no_worker_outlives_a_server_killed_with_sigkill(pool: WorkerPool) -> No
     try:
         assert server.stdout.readline().strip() == "ready"
         tree = psutil.Process(server.pid).children(recursive=True)
-        assert sum(p.uids().real == uid for p in tree) == 4           # two workers: two processes each of the uid
+        assert sum(p.uids().real == uid for p in tree) == 6           # two workers: three processes each of the uid
         server.kill()
         server.wait(10)
         gone, alive = psutil.wait_procs(tree, timeout=10)

@@ -425,3 +425,28 @@ def test_the_python_tool_refuses_a_sandbox_with_a_missing_layer_unless_unsafe_to
                 pool._check_isolation()
         else:
             pool._check_isolation()
+
+
+def test_no_state_survives_into_the_next_call_of_the_same_zygote() -> None:
+    registry = ToolRegistry([PythonTool()])
+    with WorkerPool(registry, ToolConfig(num_workers=1, call_timeout_s=10, cpu_time_s=5)) as pool:
+        wait_until(pool, lambda: pool.num_idle == 1)
+        if pool._workers[0].control is None:
+            pytest.skip("no namespaces here: each call gets a fresh worker")
+        zygote_pid = pool._workers[0].process.pid
+        leave = python(pool, "import ctypes, math, os, subprocess, sys, threading, time",
+                       "open('/sandbox/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x')",
+                       "threading.Thread(target=time.sleep, args=(60,), name='left', daemon=True).start()",
+                       "math.sqrt = lambda x: 'patched'",
+                       "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
+                       "shm = ctypes.CDLL(None).shmget(0, 4096, 0o1600)",     # IPC_PRIVATE | IPC_CREAT
+                       "print(shm >= 0, math.sqrt(1), len(os.listdir('/proc')) > 3)")
+        assert leave.content.strip() == "True patched True", leave.content
+        wait_until(pool, lambda: pool.num_idle == 1)
+        found = python(pool, "import math, os, threading",
+                       "others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, 2, os.getpid())]",
+                       "sorted(set(os.listdir('/sandbox')) - {os.path.basename(os.getcwd())}), os.listdir('/dev/shm'), "
+                       "[t.name for t in threading.enumerate() if t.name == 'left'], math.sqrt(1), others, "
+                       "len(open('/proc/sysvipc/shm').readlines())")
+        assert found.content == "([], [], [], 1.0, [], 1)", found.content    # the header line only
+        assert pool._workers[0].process.pid == zygote_pid and pool.num_restarts == 0   # the same zygote
