@@ -11,16 +11,21 @@ A weight of ``N`` rows and ``K`` columns is a uint8 tensor ``[N, row_bytes(qtype
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import contextlib
+import functools
+import hashlib
 import platform
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from conveyor.engine.model.kernels import cpu_flags
+from conveyor.config import cache_root
+from conveyor.engine.model.kernels import CSRC, cpu_flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,11 @@ def _quant_type(name: str) -> QuantType:
 # its matrices in Q5_0 (ffn_down in Q4_K / Q6_K, V and the output layer in Q8_0); SmolLM2 is Q4_1.
 QUANT_TYPES: dict[str, QuantType] = {
     name: _quant_type(name) for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
+
+# The order of enum QType in csrc/quant.h.
+QTYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
+SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp")
+HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h")
 
 # kernel name -> the /proc/cpuinfo flags it needs
 QKERNELS: dict[str, tuple[str, ...]] = {
@@ -109,8 +119,16 @@ def dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> torch.Ten
     n = _check_blocks(blocks, qtype, out.shape[1])
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} rows, the weight {n}")
-    out.copy_(reference_dequantize(blocks, qtype))
+    if (kernel := _dequantize_kernel()) is None:
+        out.copy_(reference_dequantize(blocks, qtype))
+    else:
+        quant_module().dequantize(blocks, QTYPE_IDS[qtype], out, kernel.removeprefix("q_"))
     return out
+
+
+def _dequantize_kernel() -> str | None:
+    """The widest kernel that runs here (de-quantization is bit-exact in every one), or None."""
+    return next((k for k in ("q_avx512", "q_avx2") if qkernel_why_not(k, "Q8_0") is None), None)
 
 
 def qkernel_why_not(kernel: str, qtype: str) -> str | None:
@@ -122,6 +140,8 @@ def qkernel_why_not(kernel: str, qtype: str) -> str | None:
         return f"unknown quantized kernel {kernel!r}; known: {', '.join(QKERNELS)}"
     if missing := _missing_isa(kernel):
         return f"{kernel} needs {', '.join(missing)}, which this CPU lacks"
+    if quant_module() is None:
+        return "the quantized kernels failed to build (see the warning above)"
     return None
 
 
@@ -139,4 +159,33 @@ def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> t
     _check_blocks(blocks, qtype, x.shape[1])
     if reason := qkernel_why_not(kernel, qtype):
         raise ValueError(f"kernel {kernel} cannot run: {reason}")
-    return reference_matmul(x, blocks, qtype)
+    return quant_module().qmatmul(x, blocks, QTYPE_IDS[qtype], kernel.removeprefix("q_"))
+
+
+def source_digest() -> str:
+    data = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, *HEADERS))
+    return hashlib.sha256(data + torch.__version__.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def quant_module() -> ModuleType | None:
+    """The compiled extension (``$CONVEYOR_CACHE/kernels/quant-*``), or None where it cannot be built."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    from rich.console import Console
+    from torch.utils.cpp_extension import load
+
+    digest = source_digest()
+    build_dir = cache_root() / "kernels" / f"quant-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build_dir.glob("*.so"))
+    try:
+        status = Console(stderr=True).status("compiling the quantized-weight kernels (once, about a minute)")
+        with status if fresh else contextlib.nullcontext():
+            # -ffp-contract=off: de-quantized values round as gguf.quants' separate multiply and add
+            return load(f"conveyor_quant_{digest}", [str(CSRC / s) for s in SOURCES], build_directory=str(build_dir),
+                        extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+                        extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 -- any build failure: the engine keeps its de-quantize-at-load path
+        warnings.warn(f"quantized-weight kernels unavailable: {e}", stacklevel=2)
+        return None
