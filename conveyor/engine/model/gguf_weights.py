@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ class _Source:
     kept: Counter
     repacked: Counter
     dequantized: Counter
+    views: set[str]                           # tensors whose mapped bytes a layer reads as they are
 
     def blocks(self, name: str, to_q8_0: bool = False) -> tuple[str, np.ndarray] | None:
         """(kernel type, rows of blocks) of a tensor the kernels take as it is, or rewritten as
@@ -208,6 +210,8 @@ class _Source:
         k = int(self.tensors[names[0]].shape[0])
         if len({qtype for qtype, _ in parts}) == 1:
             blocks = parts[0][1] if len(parts) == 1 else np.concatenate([b for _, b in parts])
+            if blocks is self.tensors[names[0]].data:
+                self.views.add(names[0])
             return QuantLinear(QuantWeight(parts[0][0], torch.from_numpy(blocks), k), bias, scratch)
         return Concat([QuantLinear(QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(b)), k),
                                    biases[i] if biases else None, scratch) for i, (qtype, b) in enumerate(parts)])
@@ -240,8 +244,9 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     """Load ``path``'s tensors into ``model`` (checked first: BadGGUF names a bad tensor);
     ``native`` keeps quantized blocks, else every weight is de-quantized to the model's dtype."""
     args = model.args
-    tensors = check_tensors(open_gguf(path), args, path)
-    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter())
+    reader = open_gguf(path)
+    tensors = check_tensors(reader, args, path)
+    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), set())
     scratch = Scratch()
     model.norm.copy_(source.dense("output_norm.weight"))
     head = "output.weight" if "output.weight" in tensors and not args.tie_word_embeddings else "token_embd.weight"
@@ -249,6 +254,7 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     embed = tensors["token_embd.weight"]
     if native:
         model.embed = QuantEmbedding(embed.tensor_type, embed.data, args.hidden_size, model.act_dtype)
+        source.views.add(embed.name)
     else:
         model.embed.weight.copy_(source.dense("token_embd.weight"))
     for i, layer in enumerate(model.layers):
@@ -261,6 +267,17 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
         _set(layer, "gate_up", source.linear([p + "ffn_gate.weight", p + "ffn_up.weight"], None, scratch))
         _set(layer, "down", source.linear([p + "ffn_down.weight"], None, scratch))
     source.notice(path)
+    _release(reader, [t for name, t in tensors.items() if name not in source.views])
+
+
+def _release(reader: GGUFReader, copied: list[ReaderTensor]) -> None:
+    """Drop the mapped pages of tensors the model holds a copy of (fused, reordered, rewritten or
+    de-quantized) from this process's memory: the file is read once and counted once."""
+    page = mmap.PAGESIZE
+    for t in copied:
+        begin, end = -(-t.data_offset // page) * page, (t.data_offset + t.n_bytes) // page * page
+        if end > begin:
+            reader.data._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 class Concat(torch.nn.Module):
