@@ -5,8 +5,9 @@ real tensors of SmolLM2-135M, for 1..32 activation rows and odd row counts.
 Tolerance: the kernels multiply exactly the de-quantized weights (checked bit-exact below) in fp32,
 summing in another order than ``torch.matmul``. Summing K fp32 products in any order is off from the
 exact sum by at most about K * 2^-24 * sum_i |x_i w_i| (first order), so two orders differ by at
-most twice that: ``tolerance`` below, per output element. Activations quantized to 8 bits (if a
-kernel does that) would have their own, larger bound.
+most twice that: ``tolerance`` below, per output element. A kernel that rounds the activations to
+8 bits per block of 32 (``quant.ACTIVATIONS``) moves each by at most half its block's scale
+max|x| / 127, which adds sum_i |w_i| * scale_i / 2 (times 1.01 for the rounding of the scale).
 """
 from __future__ import annotations
 
@@ -42,10 +43,16 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(raw.reshape(n, -1))
 
 
-def tolerance(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Per output element: twice the first-order error bound of an fp32 sum of K products."""
-    w = quant.reference_dequantize(blocks, qtype)
-    return 2 * x.shape[1] * FP32_UNIT * (x.double().abs() @ w.double().abs().T).float() + 1e-30
+def tolerance(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> torch.Tensor:
+    """Per output element: twice the first-order error bound of an fp32 sum of K products, plus
+    the activations' rounding where the kernel rounds them to 8 bits."""
+    w = quant.reference_dequantize(blocks, qtype).double()
+    bound = 2 * x.shape[1] * FP32_UNIT * (x.double().abs() @ w.abs().T)
+    if quant.ACTIVATIONS[kernel] == "int8":
+        scale = x.double().abs().reshape(x.shape[0], -1, 32).amax(-1, keepdim=True) / 127
+        half_step = (scale / 2).expand(-1, -1, 32).reshape(x.shape)
+        bound += 1.01 * half_step @ w.abs().T
+    return bound.float() + 1e-30
 
 
 def skip_unless_runs(kernel: str, qtype: str) -> None:
@@ -53,12 +60,24 @@ def skip_unless_runs(kernel: str, qtype: str) -> None:
         pytest.skip(reason)     # names the missing instruction set where that is the reason
 
 
+def rounded_to_8_bits(x: torch.Tensor) -> torch.Tensor:
+    """The activations an int8 kernel multiplies: per block of 32, round(x * 127 / max|x|) * max|x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax.double(), 0).float()   # correctly rounded, as the kernel's division
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
 def assert_matches_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> None:
     got = quant.qmatmul(x, blocks, qtype, kernel)
     want = quant.reference_matmul(x, blocks, qtype)
     assert got.dtype == torch.float32 and got.shape == want.shape
-    excess = ((got - want).abs() / tolerance(x, blocks, qtype)).max().item()
-    assert excess <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off by {excess:.2f}x the fp32-order bound"
+    excess = ((got - want).abs() / tolerance(x, blocks, qtype, kernel)).max().item()
+    assert excess <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off by {excess:.2f}x the bound"
+    if quant.ACTIVATIONS[kernel] == "int8":    # and exact but for fp32 order on the rounded activations
+        x8 = rounded_to_8_bits(x)
+        excess = ((got - quant.reference_matmul(x8, blocks, qtype)).abs() / tolerance(x8, blocks, qtype, "q_avx512"))
+        assert excess.max().item() <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off on its own 8-bit activations"
 
 
 @pytest.mark.parametrize("qtype", list(QUANT_TYPES))
