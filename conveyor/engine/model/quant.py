@@ -50,13 +50,19 @@ QUANT_TYPES: dict[str, QuantType] = {
 
 # The order of enum QType in csrc/quant.h.
 QTYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
-SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp")
+SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp", "quant_avx512vnni.cpp")
 HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h")
+
+# kernel name -> what it multiplies the weights with: fp32 activations as given, or activations
+# rounded to 8 bits per block of 32 (scale max|x| / 127, as llama.cpp's q8_0), so each is off by at
+# most half its block's scale
+ACTIVATIONS: dict[str, str] = {"q_avx2": "fp32", "q_avx512": "fp32", "q_avx512vnni": "int8"}
 
 # kernel name -> the /proc/cpuinfo flags it needs
 QKERNELS: dict[str, tuple[str, ...]] = {
     "q_avx2": ("avx2", "fma", "f16c"),
     "q_avx512": ("avx512f", "avx512bw"),
+    "q_avx512vnni": ("avx512f", "avx512bw", "avx512_vnni"),
 }
 
 

@@ -1,6 +1,7 @@
 // The torch-facing side of the quantized kernels: the parallel loops over weight rows and the check
 // that the CPU has the instruction set asked for. Shapes are checked in quant.py (check_shape).
-// Compiled for baseline x86-64; the kernels live in quant_avx2.cpp and quant_avx512.cpp.
+// Compiled for baseline x86-64; the kernels live in quant_avx2.cpp, quant_avx512.cpp (fp32 activations)
+// and quant_avx512vnni.cpp (activations quantized to 8 bits).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -14,6 +15,7 @@ using Dequantize = void (*)(int, const uint8_t*, void*, bool, int64_t, int64_t, 
 bool has(const std::string& isa) {
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (isa == "avx512vnni") return has("avx512") && __builtin_cpu_supports("avx512vnni");
   return false;
 }
 
@@ -25,10 +27,29 @@ void check(const torch::Tensor& w, int64_t qtype, const std::string& isa) {
 
 }  // namespace
 
+// Activations to 8 bits per block, then the VNNI products.
+torch::Tensor qmatmul_vnni(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), K64 = (K + 63) / 64 * 64;
+  torch::Tensor q = torch::empty({M, K64}, x.options().dtype(at::kChar));
+  torch::Tensor off = torch::empty({M, K64 / 4}, x.options().dtype(at::kInt));
+  torch::Tensor dx = torch::empty({M, K64 / 4}, x.options()), sums = torch::empty({M, K64 / 4}, x.options());
+  conveyor::quantize_acts_avx512vnni(static_cast<int>(qtype), x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(),
+                                     off.data_ptr<int32_t>(), dx.data_ptr<float>(), sums.data_ptr<float>());
+  torch::Tensor out = torch::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    conveyor::qrows_avx512vnni(static_cast<int>(qtype), q.data_ptr<int8_t>(), off.data_ptr<int32_t>(),
+                               dx.data_ptr<float>(), sums.data_ptr<float>(), wp, op, M, K, N, n0, n1);
+  });
+  return out;
+}
+
 // x: contiguous fp32 [M, K]; w: [N, row_bytes(K)] blocks. Returns fp32 [M, N].
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, const std::string& isa) {
   check(w, qtype, isa);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "bad x");
+  if (isa == "avx512vnni") return qmatmul_vnni(x, w, qtype);
   const Rows rows = isa == "avx2" ? conveyor::qrows_avx2 : conveyor::qrows_avx512;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   torch::Tensor out = torch::empty({M, N}, x.options());
