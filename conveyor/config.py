@@ -48,8 +48,9 @@ class ModelConfig:
         "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (native on CPU, bf16 "
         "on CUDA); safetensors models are always run as stored"))
     quant_kernel: str = field(default="auto", metadata=_help(
-        "matmul path of quantized weights: auto (measured per shape and row count, cached), dequant "
-        "(de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels (q_...)"))
+        "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
+        "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "
+        "(q_avx2, q_avx512; q_avx512vnni rounds activations to 8 bits per block and runs only when named)"))
 
     def __post_init__(self) -> None:
         _require([(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}"),
