@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import mmap
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf import quants as gguf_quants
 
 from conveyor.engine.model import quant
@@ -39,14 +40,39 @@ PLAIN = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationTyp
 REPACKED_AS_Q8_0 = {GGMLQuantizationType.Q4_0: 8, GGMLQuantizationType.Q5_0: 16}  # type -> integer offset
 
 
+_ITEM_BYTES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
+               GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
+               GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+
+
 class BadGGUF(UnsupportedGGUF):
     """A GGUF whose tensors do not match its header or the model; the message names the tensor."""
 
 
 class _Reader(GGUFReader):
-    """``GGUFReader`` whose tensor errors name the tensor, and that checks each tensor's bytes lie
+    """``GGUFReader`` whose tensor errors name the tensor, that checks each tensor's bytes lie
     inside the file before mapping them (gguf's own reader fails on a truncated file with a
-    reshape error that names nothing)."""
+    reshape error that names nothing), and that skips array-valued metadata (the tokenizer's
+    vocabulary and merges: gguf makes a numpy array per item, 490 MB for the default model's;
+    the tokenizer files come from transformers)."""
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if self.byte_order == "S":          # a file of the other byte order: gguf reads it all
+            return super()._build_fields(offs, count)
+        for _ in range(count):
+            (key_len,) = struct.unpack_from("<Q", self.data, offs)
+            value = offs + 8 + key_len
+            value_type, item_type, num_items = struct.unpack_from("<IIQ", self.data, value)
+            if value_type != GGUFValueType.ARRAY or item_type not in _ITEM_BYTES and item_type != GGUFValueType.STRING:
+                offs = super()._build_fields(offs, 1)
+                continue
+            offs = value + 16
+            if item_type == GGUFValueType.STRING:
+                for _ in range(num_items):
+                    offs += 8 + struct.unpack_from("<Q", self.data, offs)[0]
+            else:
+                offs += num_items * _ITEM_BYTES[item_type]
+        return offs
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         tensors: list[ReaderTensor] = []
@@ -167,7 +193,7 @@ class _Source:
     kept: Counter
     repacked: Counter
     dequantized: Counter
-    views: set[str]                           # tensors whose mapped bytes a layer reads as they are
+    mapping: mmap.mmap                        # the file, mapped copy-on-write (never written)
 
     def blocks(self, name: str, to_q8_0: bool = False) -> tuple[str, np.ndarray] | None:
         """(kernel type, rows of blocks) of a tensor the kernels take as it is, or rewritten as
@@ -204,17 +230,31 @@ class _Source:
         if not all(parts):
             self.dequantized.update(self.tensors[n].tensor_type.name for n in names
                                     if self.tensors[n].tensor_type not in PLAIN)
-            return torch.cat([self.dense(n) for n in names]), bias
+            weight = torch.cat([self.dense(n) for n in names])
+            self.release(names)
+            return weight, bias
         for n, (qtype, _) in zip(names, parts):
             (self.kept if qtype == self.tensors[n].tensor_type.name else self.repacked)[self.tensors[n].tensor_type.name] += 1
         k = int(self.tensors[names[0]].shape[0])
         if len({qtype for qtype, _ in parts}) == 1:
             blocks = parts[0][1] if len(parts) == 1 else np.concatenate([b for _, b in parts])
-            if blocks is self.tensors[names[0]].data:
-                self.views.add(names[0])
+            if blocks is not self.tensors[names[0]].data:
+                self.release(names)
             return QuantLinear(QuantWeight(parts[0][0], torch.from_numpy(blocks), k), bias, scratch)
+        self.release([n for n, (_, b) in zip(names, parts) if b is not self.tensors[n].data])
         return Concat([QuantLinear(QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(b)), k),
                                    biases[i] if biases else None, scratch) for i, (qtype, b) in enumerate(parts)])
+
+    def release(self, names: list[str]) -> None:
+        """Drop the mapped pages of tensors the model now holds a copy of (fused, reordered,
+        rewritten or de-quantized) from this process's memory, so the file's bytes are not
+        counted twice; an untouched private page is read from the file again if ever needed."""
+        page = mmap.PAGESIZE
+        for name in names:
+            t = self.tensors[name]
+            begin, end = -(-t.data_offset // page) * page, (t.data_offset + t.n_bytes) // page * page
+            if end > begin:
+                self.mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
     def notice(self, path: Path) -> None:
         if self.native and self.dequantized:
@@ -246,7 +286,7 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     args = model.args
     reader = open_gguf(path)
     tensors = check_tensors(reader, args, path)
-    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), set())
+    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), reader.data._mmap)
     scratch = Scratch()
     model.norm.copy_(source.dense("output_norm.weight"))
     head = "output.weight" if "output.weight" in tensors and not args.tie_word_embeddings else "token_embd.weight"
@@ -254,9 +294,9 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     embed = tensors["token_embd.weight"]
     if native:
         model.embed = QuantEmbedding(embed.tensor_type, embed.data, args.hidden_size, model.act_dtype)
-        source.views.add(embed.name)
     else:
         model.embed.weight.copy_(source.dense("token_embd.weight"))
+        source.release(["token_embd.weight"])
     for i, layer in enumerate(model.layers):
         p = f"blk.{i}."
         layer.input_norm.copy_(source.dense(p + "attn_norm.weight"))
@@ -267,17 +307,6 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
         _set(layer, "gate_up", source.linear([p + "ffn_gate.weight", p + "ffn_up.weight"], None, scratch))
         _set(layer, "down", source.linear([p + "ffn_down.weight"], None, scratch))
     source.notice(path)
-    _release(reader, [t for name, t in tensors.items() if name not in source.views])
-
-
-def _release(reader: GGUFReader, copied: list[ReaderTensor]) -> None:
-    """Drop the mapped pages of tensors the model holds a copy of (fused, reordered, rewritten or
-    de-quantized) from this process's memory: the file is read once and counted once."""
-    page = mmap.PAGESIZE
-    for t in copied:
-        begin, end = -(-t.data_offset // page) * page, (t.data_offset + t.n_bytes) // page * page
-        if end > begin:
-            reader.data._mmap.madvise(mmap.MADV_DONTNEED, begin, end - begin)
 
 
 class Concat(torch.nn.Module):
