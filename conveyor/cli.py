@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="install, verify and convert a built-in model")
     pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
-    pull.add_argument("--weights", choices=["native", "bf16"], default="native",
-                      help="native: keep the GGUF as it is (what the engine runs on CPU); bf16: de-quantize it once")
+    pull.add_argument("--weights", choices=["native", "bf16"], default="bf16",
+                      help="bf16: de-quantize it once (what --weights auto runs); native: keep the GGUF as it is")
     pull.set_defaults(run=_model_pull)
 
     _add_bench(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True))

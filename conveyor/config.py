@@ -45,8 +45,8 @@ class ModelConfig:
         "or one of avx2, avx512, avx512bf16 (our kernels), onednn (fp32-packed weights), torch (F.linear)"))
     weights: str = field(default="auto", metadata=_help(
         "GGUF models: native (Q4_K/Q5_K/Q6_K/Q8_0 blocks kept as in the file, Q4_0/Q5_0 as Q8_0; CPU only), "
-        "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (native on CPU, bf16 "
-        "on CUDA); safetensors models are always run as stored"))
+        "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (bf16 until native "
+        "decodes faster here); safetensors models are always run as stored"))
     quant_kernel: str = field(default="auto", metadata=_help(
         "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
         "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "

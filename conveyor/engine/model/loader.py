@@ -76,11 +76,12 @@ ALIASES: dict[str, str] = {"default": "qwen2.5-coder-0.5b"}
 
 
 def resolve_weights(weights: str, device: str) -> str:
-    """``--weights`` made concrete: ``auto`` is native on CPU (the quantized kernels are CPU
-    kernels) and bf16 elsewhere."""
-    if weights == "auto":
-        return "native" if device.split(":")[0] == "cpu" else "bf16"
-    return weights
+    """``--weights`` made concrete. ``auto`` is bf16 everywhere for now: on CPU, native weights
+    are to become the default once they decode faster than bf16 in `conveyor bench engine`; on
+    2026-12-04 they did not (docs/results/engine.md). Native weights run on CPU only."""
+    if weights == "native" and device.split(":")[0] != "cpu":
+        raise ValueError("--weights native runs on CPU only (the quantized kernels are CPU kernels); use bf16")
+    return "bf16" if weights == "auto" else weights
 
 
 def resolve_model(spec: str = "default", *, progress: bool = True, weights: str = "bf16") -> Path:
