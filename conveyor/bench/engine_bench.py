@@ -15,6 +15,7 @@ higher kept) is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -29,7 +30,8 @@ import torch
 from rich.console import Console
 
 from conveyor.bench.engine_report import report
-from conveyor.bench.llamacpp_peer import llama_server, llamacpp_decode, peak_rss_mb
+from conveyor.bench.llamacpp_peer import llama_server, llamacpp_decode
+from conveyor.bench.llamacpp_peer import peak_rss_mb as child_peak_rss_mb
 from conveyor.bench.results import write_json
 from conveyor.bench.step_profile import profile_decode
 from conveyor.config import engine_config_from_flags
@@ -125,6 +127,21 @@ def memory_bandwidth_gb_s() -> float:
     return a.numel() * 4 / best / 1e9
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set since the last ``reset_peak_rss`` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak from the current resident set (Linux >= 4.0), so the 1 GiB bandwidth
+    probe and the previous engine do not count in an engine's peak; no-op where unsupported."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def bytes_per_token(engine: LLMEngine) -> int:
     """Bytes a one-row decode step reads: every weight but the embedding table (one row of it),
     each layer's in the form its one-row path reads (an fp32-packed copy for oneDNN, the
@@ -150,6 +167,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
                     "warmup_tokens": args.warmup_tokens, "repeats": args.repeats, "conveyor": {}}
     model_dirs: list[Path] = []
     for weights in args.weights_compared:
+        reset_peak_rss()
         engine = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, weights=weights)))
         if engine.model_dir in model_dirs:        # a safetensors model runs as stored whatever --weights says
             continue
@@ -178,20 +196,24 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
 
 
 def _conveyor_rows(engine: LLMEngine, args: argparse.Namespace, console: Console, label: str) -> dict:
-    """Decode rows, prefill and step profile of one engine; the peak RSS is this process's so
-    far (the native engine runs first, so its figure is its own)."""
+    """Decode rows, prefill and step profile of one engine; its peak RSS from its load to its last
+    row, the bandwidth probes left out (``reset_peak_rss`` after each)."""
     new, warm, reps = args.new_tokens, args.warmup_tokens, args.repeats
+    peaks = [peak_rss_mb()]                       # the load
     bandwidth_before = memory_bandwidth_gb_s()
+    reset_peak_rss()
     with console.status(f"conveyor {label}: decode"):
         rates = {c: repeated(lambda c=c: conveyor_decode(engine, c, new), lambda c=c: conveyor_decode(engine, c, warm),
                              reps) for c in args.concurrency}
+    peaks.append(peak_rss_mb())
     bandwidth_after = memory_bandwidth_gb_s()
+    reset_peak_rss()
     with console.status(f"conveyor {label}: prefill"):
         prefill = conveyor_prefill(engine, args.prefill_tokens)
     with console.status(f"conveyor {label}: decode step profile"):
         step_profile = [profile_decode(engine, c) for c in args.profile]
     return {"tok_s": rates, "prefill_tok_s": prefill, "step_profile_ms": step_profile,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": max(*peaks, peak_rss_mb()),
             "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
             "bytes_per_token": bytes_per_token(engine), "linear_choices": engine.runner.linear_choices,
             "model_dir": str(engine.model_dir)}
@@ -206,7 +228,7 @@ def _llamacpp_rows(gguf: Path, args: argparse.Namespace, threads: int, console: 
             with console.status(f"llama.cpp: decode at concurrency {c}"):
                 rates[c] = repeated(lambda c=c: llamacpp_decode(url, prompts(c), args.new_tokens),
                                     lambda c=c: llamacpp_decode(url, prompts(c), args.warmup_tokens), args.repeats)
-        rss = peak_rss_mb(pid)
+        rss = child_peak_rss_mb(pid)
     return {"tok_s": rates, "peak_rss_mb": rss, "threads": threads, "gguf": str(gguf)}
 
 

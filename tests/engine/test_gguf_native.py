@@ -12,11 +12,15 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 from transformers import AutoModelForCausalLM
 
-from conveyor.engine.model import quant
-from conveyor.engine.model import qlinear
+from conveyor.engine.model import qlinear, quant
 from conveyor.engine.model.gguf_weights import Concat, as_q8_0
 from conveyor.engine.model.linear import Linear
-from conveyor.engine.model.qlinear import DEQUANT, QuantEmbedding, QuantLinear, quant_paths
+from conveyor.engine.model.qlinear import (
+    DEQUANT,
+    QuantEmbedding,
+    QuantLinear,
+    quant_paths,
+)
 from conveyor.engine.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 from tests.gguf_tiny import private_model_cache, write_tiny_gguf

@@ -15,6 +15,7 @@ layer multiplies the same blocks.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import mmap
 import struct
@@ -25,12 +26,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFValueType,
+    ReaderTensor,
+)
 from gguf import quants as gguf_quants
 
 from conveyor.engine.model import quant
 from conveyor.engine.model.gguf import UnsupportedGGUF
-from conveyor.engine.model.qlinear import QuantEmbedding, QuantLinear, QuantWeight, Scratch
+from conveyor.engine.model.qlinear import (
+    QuantEmbedding,
+    QuantLinear,
+    QuantWeight,
+    Scratch,
+)
 
 if TYPE_CHECKING:
     from conveyor.engine.model.llama import CausalLM, ModelArgs
@@ -117,7 +129,7 @@ def open_gguf(path: Path) -> GGUFReader:
     except (ValueError, IndexError, KeyError, OSError) as error:
         raise BadGGUF(f"cannot read {path} as GGUF: {error}") from error
     ordered = sorted(reader.tensors, key=lambda t: t.data_offset)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if a.data_offset + a.n_bytes > b.data_offset:
             raise BadGGUF(f"{path}: tensor {a.name}: its {a.n_bytes} bytes overlap tensor {b.name}: the header's "
                           "block count does not match the data")

@@ -81,7 +81,7 @@ def make_quant(path: str, weight: QuantWeight, bias: torch.Tensor | None, scratc
         product = _dequant_product(weight, scratch)
     else:
         blocks, qtype = weight.blocks, weight.qtype
-        product = lambda x: quant.qmatmul(x.float().contiguous(), blocks, qtype, path)  # noqa: E731
+        product = lambda x: quant.qmatmul(x.float().contiguous(), blocks, qtype, path)
     if bias is None:
         return product
     return lambda x: product(x).add_(bias)
