@@ -39,7 +39,7 @@ def gguf_architecture(gguf: Path) -> str:
 
 def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
     """Write bf16 safetensors, config and tokenizer files beside `gguf`, then delete it."""
-    from conveyor.engine.model.gguf_weights import open_gguf
+    from conveyor.engine.model.gguf_check import open_gguf
 
     build_dir = gguf.parent
     open_gguf(gguf)             # a tensor outside the file or overlapping another: refused, named
@@ -62,7 +62,7 @@ def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
 def prepare_native(gguf: Path, progress: bool, console: Console) -> None:
     """Check every tensor of `gguf` against its header and write the config, generation config and
     tokenizer files beside it (no de-quantizing: the engine loads the blocks, gguf_weights.py)."""
-    from conveyor.engine.model.gguf_weights import check_tensors, open_gguf
+    from conveyor.engine.model.gguf_check import check_tensors, open_gguf
     from conveyor.engine.model.llama import ModelArgs
 
     build_dir = gguf.parent
