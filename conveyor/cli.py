@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _model_pull(args: argparse.Namespace) -> int:
     from conveyor.engine.model.loader import pull_model
 
-    print(pull_model(args.name))
+    print(pull_model(args.name, weights=args.weights))
     return 0
 
 
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     pull = model.add_parser("pull", help="install, verify and convert a built-in model")
     pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
+    pull.add_argument("--weights", choices=["native", "bf16"], default="bf16",
+                      help="bf16: de-quantize it once (what --weights auto runs); native: keep the GGUF as it is")
     pull.set_defaults(run=_model_pull)
 
     _add_bench(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True))

@@ -56,6 +56,7 @@ def _choices_help(intro: str, helps: dict[Any, str]) -> str:
 
 
 LINEAR_KERNELS = ("auto", "avx2", "avx512", "avx512bf16", "onednn", "torch")
+WEIGHTS = ("auto", "native", "bf16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,20 @@ class ModelConfig:
     linear_kernel: str = field(default="auto", metadata=_help(
         "CPU matmul path: auto (the fastest per weight shape and row count, measured at load and cached), "
         "or one of avx2, avx512, avx512bf16 (our kernels), onednn (fp32-packed weights), torch (F.linear)"))
+    weights: str = field(default="auto", metadata=_help(
+        "GGUF models: native (Q4_K/Q5_K/Q6_K/Q8_0 blocks kept as in the file, Q4_0/Q5_0 as Q8_0; CPU only), "
+        "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (bf16 until native "
+        "decodes faster here); safetensors models are always run as stored"))
+    quant_kernel: str = field(default="auto", metadata=_help(
+        "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
+        "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "
+        "(q_avx2, q_avx512; q_avx512vnni rounds activations to 8 bits per block and runs only when named)"))
 
     def __post_init__(self) -> None:
         _require([(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}"),
+                  (self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}"),
+                  (self.quant_kernel == "auto" or self.quant_kernel == "dequant" or self.quant_kernel.startswith("q_"),
+                   f"quant_kernel must be auto, dequant or a q_ kernel, got {self.quant_kernel!r}"),
                   (self.linear_kernel in LINEAR_KERNELS,
                    f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}"),
                   (self.max_model_len > 0, "max_model_len must be positive"),

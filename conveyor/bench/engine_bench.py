@@ -1,7 +1,10 @@
-"""`conveyor bench engine`: decode and prefill speed against transformers, in one run.
+"""`conveyor bench engine`: decode and prefill speed against llama.cpp and transformers, in one run.
 
-Both engines use the same weights. transformers runs at its best: its bf16 and fp32 rows are
-both measured and the faster is the baseline at each concurrency. Each side gets the same
+For a GGUF model Conveyor runs twice, on its native weights (the file's quantized blocks) and on
+bf16 weights de-quantized from them; llama.cpp's server runs on the same file with the same
+threads, prompts and new tokens (``llamacpp_peer.py``). transformers runs on the bf16 weights, at
+its best: its bf16 and fp32 rows are both measured and the faster is the baseline at each
+concurrency. Each side gets the same
 explicit warm-up (one generation of ``--warmup-tokens`` per concurrency) and ``--repeats`` timed
 runs; the median is compared and the spread reported. Decode speed counts the tokens after each
 request's first one, over the time after every request has its first token, so prefill is
@@ -12,6 +15,9 @@ higher kept) is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import gc
 import os
 import resource
 import shlex
@@ -24,12 +30,17 @@ import torch
 from rich.console import Console
 
 from conveyor.bench.engine_report import report
+from conveyor.bench.llamacpp_peer import llama_server, llamacpp_decode
+from conveyor.bench.llamacpp_peer import peak_rss_mb as child_peak_rss_mb
 from conveyor.bench.results import write_json
 from conveyor.bench.step_profile import profile_decode
 from conveyor.config import engine_config_from_flags
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.model.kernels import cpu_flags, cpu_model
 from conveyor.engine.model.linear import Linear
+from conveyor.engine.model.llama import GGUF_NAME
+from conveyor.engine.model.loader import resolve_model
+from conveyor.engine.model.qlinear import QuantLinear
 from conveyor.core.request import SamplingParams
 
 TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
@@ -51,6 +62,11 @@ def add_engine_bench_flags(parser: argparse.ArgumentParser) -> None:
                         help="tokens of the untimed generation each side runs first at each concurrency")
     parser.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
                         help="transformers dtypes to measure; the faster at each concurrency is the baseline")
+    parser.add_argument("--weights-compared", nargs="+", default=["native", "bf16"], choices=["native", "bf16"],
+                        help="GGUF models: the Conveyor weights to measure, in this order (the first is the "
+                             "headline row; its peak RSS is its own)")
+    parser.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=True,
+                        help="GGUF models: measure llama.cpp's server (xllamacpp) on the same file and threads")
 
 
 def prompts(n: int) -> list[list[dict]]:
@@ -111,12 +127,31 @@ def memory_bandwidth_gb_s() -> float:
     return a.numel() * 4 / best / 1e9
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set since the last ``reset_peak_rss`` (Linux VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak from the current resident set (Linux >= 4.0), so the 1 GiB bandwidth
+    probe and the previous engine do not count in an engine's peak; no-op where unsupported."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def bytes_per_token(engine: LLMEngine) -> int:
     """Bytes a one-row decode step reads: every weight but the embedding table (one row of it),
-    each layer's in the form its one-row path reads (an fp32-packed copy for oneDNN)."""
+    each layer's in the form its one-row path reads (an fp32-packed copy for oneDNN, the
+    quantized blocks of a native layer)."""
     model = engine.runner.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters()) - model.embed.nbytes
+    embed = {id(p) for p in model.embed.parameters()}
+    total = sum(p.nbytes for p in model.parameters() if id(p) not in embed)
     for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += m.nbytes
         if isinstance(m, Linear) and m.plan and m.plan[0] == "onednn" and m.weight.element_size() < 4:
             total += m.weight.numel() * (4 - m.weight.element_size())
     return total
@@ -124,32 +159,34 @@ def bytes_per_token(engine: LLMEngine) -> int:
 
 def run_engine_bench(args: argparse.Namespace) -> dict:
     console = Console()
-    engine = LLMEngine(engine_config_from_flags(args))
-    new, warm, reps = args.new_tokens, args.warmup_tokens, args.repeats
-    bandwidth_before = memory_bandwidth_gb_s()
-    with console.status("conveyor: decode"):
-        ours = {c: repeated(lambda c=c: conveyor_decode(engine, c, new), lambda c=c: conveyor_decode(engine, c, warm),
-                            reps) for c in args.concurrency}
-    bandwidth_after = memory_bandwidth_gb_s()
-    with console.status("conveyor: prefill"):
-        prefill = conveyor_prefill(engine, args.prefill_tokens)
-    with console.status("conveyor: decode step profile"):
-        step_profile = [profile_decode(engine, c) for c in args.profile]
-    result = {
-        "command": shlex.join(["conveyor", *sys.argv[1:]]),
-        "model": args.model, "device": str(engine.runner.device), "dtype": args.dtype,
-        "cpu": cpu_model(), "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "load_average_before": os.getloadavg(), "new_tokens": new, "warmup_tokens": warm, "repeats": reps,
-        "linear_choices": engine.runner.linear_choices, "conveyor_tok_s": ours,
-        "prefill_tokens": args.prefill_tokens, "prefill_tok_s": prefill, "step_profile_ms": step_profile,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
-        "bytes_per_token": bytes_per_token(engine),
-    }
-    model_dir = engine.model_dir
-    del engine
-    result["hf_tok_s"] = _hf_rates(model_dir, args, console)
+    config = engine_config_from_flags(args)
+    result: dict = {"command": shlex.join(["conveyor", *sys.argv[1:]]), "model": args.model,
+                    "device": args.device, "dtype": args.dtype, "cpu": cpu_model(),
+                    "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))),
+                    "torch": torch.__version__, "load_average_before": os.getloadavg(), "new_tokens": args.new_tokens,
+                    "warmup_tokens": args.warmup_tokens, "repeats": args.repeats, "conveyor": {}}
+    model_dirs: list[Path] = []
+    for weights in args.weights_compared:
+        reset_peak_rss()
+        engine = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, weights=weights)))
+        if engine.model_dir in model_dirs:        # a safetensors model runs as stored whatever --weights says
+            continue
+        model_dirs.append(engine.model_dir)
+        label = "native" if (engine.model_dir / GGUF_NAME).is_file() else "bf16"
+        result["conveyor"][label] = _conveyor_rows(engine, args, console, label)
+        result["threads"] = torch.get_num_threads()
+        del engine
+        gc.collect()
+    primary = next(iter(result["conveyor"].values()))
+    result.update({k: primary[k] for k in ("linear_choices", "prefill_tok_s", "step_profile_ms", "peak_rss_mb",
+                                           "memory_bandwidth_gb_s", "bytes_per_token")})
+    result["conveyor_tok_s"], result["prefill_tokens"] = primary["tok_s"], args.prefill_tokens
+    gguf = next((d / GGUF_NAME for d in model_dirs if (d / GGUF_NAME).is_file()), None)
+    if gguf is not None and args.llamacpp:
+        result["llamacpp"] = _llamacpp_rows(gguf, args, result["threads"], console)
+    bf16_dir = next((d for d in model_dirs if not (d / GGUF_NAME).is_file()), None) or \
+        resolve_model(args.model, progress=False, weights="bf16")
+    result["hf_tok_s"] = _hf_rates(bf16_dir, args, console)
     result["load_average_after"] = os.getloadavg()
     _summarise(result)
     report(console, result)
@@ -158,16 +195,61 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
     return result
 
 
+def _conveyor_rows(engine: LLMEngine, args: argparse.Namespace, console: Console, label: str) -> dict:
+    """Decode rows, prefill and step profile of one engine; its peak RSS from its load to its last
+    row, the bandwidth probes left out (``reset_peak_rss`` after each)."""
+    new, warm, reps = args.new_tokens, args.warmup_tokens, args.repeats
+    peaks = [peak_rss_mb()]                       # the load
+    bandwidth_before = memory_bandwidth_gb_s()
+    reset_peak_rss()
+    with console.status(f"conveyor {label}: decode"):
+        rates = {c: repeated(lambda c=c: conveyor_decode(engine, c, new), lambda c=c: conveyor_decode(engine, c, warm),
+                             reps) for c in args.concurrency}
+    peaks.append(peak_rss_mb())
+    bandwidth_after = memory_bandwidth_gb_s()
+    reset_peak_rss()
+    with console.status(f"conveyor {label}: prefill"):
+        prefill = conveyor_prefill(engine, args.prefill_tokens)
+    with console.status(f"conveyor {label}: decode step profile"):
+        step_profile = [profile_decode(engine, c) for c in args.profile]
+    return {"tok_s": rates, "prefill_tok_s": prefill, "step_profile_ms": step_profile,
+            "peak_rss_mb": max(*peaks, peak_rss_mb()),
+            "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
+            "bytes_per_token": bytes_per_token(engine), "linear_choices": engine.runner.linear_choices,
+            "model_dir": str(engine.model_dir)}
+
+
+def _llamacpp_rows(gguf: Path, args: argparse.Namespace, threads: int, console: Console) -> dict:
+    """llama.cpp's server on the same file and threads: decode rows and its peak RSS."""
+    rates = {}
+    with console.status("llama.cpp: starting its server"), \
+            llama_server(gguf, threads, max(args.concurrency)) as (url, pid):
+        for c in args.concurrency:
+            with console.status(f"llama.cpp: decode at concurrency {c}"):
+                rates[c] = repeated(lambda c=c: llamacpp_decode(url, prompts(c), args.new_tokens),
+                                    lambda c=c: llamacpp_decode(url, prompts(c), args.warmup_tokens), args.repeats)
+        rss = child_peak_rss_mb(pid)
+    return {"tok_s": rates, "peak_rss_mb": rss, "threads": threads, "gguf": str(gguf)}
+
+
 def _summarise(result: dict) -> None:
-    """Baseline per concurrency (the faster transformers dtype), ratios and the bandwidth share."""
-    bandwidth = max(result["memory_bandwidth_gb_s"].values())
-    result["bandwidth_ceiling_tok_s"] = bandwidth * 1e9 / result["bytes_per_token"]
+    """Per concurrency: each engine's median, the transformers baseline (the faster dtype) and the
+    ratios; the bandwidth ceiling of the primary Conveyor engine and its concurrency-1 share."""
+    for entry in result["conveyor"].values():
+        entry["bandwidth_ceiling_tok_s"] = max(entry["memory_bandwidth_gb_s"].values()) * 1e9 / entry["bytes_per_token"]
+    result["bandwidth_ceiling_tok_s"] = next(iter(result["conveyor"].values()))["bandwidth_ceiling_tok_s"]
+    llamacpp = result.get("llamacpp", {}).get("tok_s", {})
     rows = []
     for c, ours in result["conveyor_tok_s"].items():
         hf = {dtype: rates[c]["median"] for dtype, rates in result["hf_tok_s"].items() if c in rates}
         best = max(hf, key=hf.__getitem__) if hf else None
-        rows.append({"concurrency": c, "conveyor_tok_s": ours["median"], "hf_best_dtype": best,
-                     "hf_tok_s": hf[best] if best else None, "ratio": ours["median"] / hf[best] if best else None})
+        row = {"concurrency": c, "conveyor_tok_s": ours["median"], "hf_best_dtype": best,
+               "hf_tok_s": hf[best] if best else None, "ratio": ours["median"] / hf[best] if best else None,
+               "by_weights": {w: e["tok_s"][c]["median"] for w, e in result["conveyor"].items()}}
+        if c in llamacpp:
+            row["llamacpp_tok_s"] = llamacpp[c]["median"]
+            row["ratio_to_llamacpp"] = ours["median"] / llamacpp[c]["median"]
+        rows.append(row)
     result["rows"] = rows
     if 1 in result["conveyor_tok_s"]:
         result["c1_share_of_ceiling"] = result["conveyor_tok_s"][1]["median"] / result["bandwidth_ceiling_tok_s"]

@@ -7,13 +7,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.model.linear import Linear
+from conveyor.engine.model.qlinear import QuantLinear
 from conveyor.core.request import SamplingParams
 
 
 def profile_decode(engine: LLMEngine, concurrency: int, steps: int = 20) -> dict[str, float]:
     """Milliseconds per decode step at ``concurrency``, split by part of the forward pass.
 
-    Matmul time comes from hooks on every ``Linear`` (our kernel or oneDNN inside); attention
+    Matmul time comes from hooks on every ``Linear`` and ``QuantLinear`` (our kernel or oneDNN inside); attention
     (KV write, block gather, SDPA) from the profiler's self times, which it inflates a little;
     "other" is the rest: norms, RoPE, sampling, scheduling and Python."""
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
@@ -25,7 +26,7 @@ def profile_decode(engine: LLMEngine, concurrency: int, steps: int = 20) -> dict
     started: list[float] = []
     hooks = []
     for m in engine.runner.model.modules():
-        if isinstance(m, Linear):
+        if isinstance(m, (Linear, QuantLinear)):
             hooks.append(m.register_forward_pre_hook(lambda *_: started.append(time.perf_counter())))
             hooks.append(m.register_forward_hook(lambda *_: linear_s.__setitem__(
                 0, linear_s[0] + time.perf_counter() - started.pop())))

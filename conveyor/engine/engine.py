@@ -47,11 +47,12 @@ class LLMEngine(EngineBase):
             AutoTokenizer,  # heavy imports stay off `import conveyor`
         )
 
-        from conveyor.engine.model.loader import resolve_model
+        from conveyor.engine.model.loader import resolve_model, resolve_weights
         from conveyor.engine.runner import ModelRunner
 
         self.config = config
-        self.model_dir = resolve_model(config.model.model, progress=progress)
+        weights = resolve_weights(config.model.weights, config.model.device)
+        self.model_dir = resolve_model(config.model.model, progress=progress, weights=weights)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = (runner_factory or ModelRunner)(config.model, config.cache, self.model_dir)
         # a stand-in runner without a host pool serves no swapping (intercept: preserve or discard)

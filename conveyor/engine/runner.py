@@ -20,7 +20,8 @@ from conveyor.engine.model.attention import (
 )
 from conveyor.engine.model.kernel_choice import choose_kernels
 from conveyor.engine.model.linear import Linear
-from conveyor.engine.model.llama import CausalLM, ModelArgs, activation_dtype
+from conveyor.engine.model.llama import GGUF_NAME, CausalLM, ModelArgs, activation_dtype
+from conveyor.engine.model.qlinear import QuantLinear
 from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 from conveyor.engine.sampler import Sampler
 
@@ -47,10 +48,13 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         with torch.device(self.device):
             self.model = CausalLM(self.args, self.dtype, activation_dtype(self.dtype, self.device))
+        if (Path(model_dir) / GGUF_NAME).is_file() and self.device.type != "cpu":
+            raise ValueError("native GGUF weights run on CPU only; use --weights bf16 on CUDA")
         with torch.inference_mode():
             self.model.load(model_dir)
-        layers = [m for m in self.model.modules() if isinstance(m, Linear)]
-        self.linear_choices = choose_kernels(layers, self.model.act_dtype, model_config.linear_kernel)
+        layers = [m for m in self.model.modules() if isinstance(m, (Linear, QuantLinear))]
+        self.linear_choices = choose_kernels(layers, self.model.act_dtype, model_config.linear_kernel,
+                                             model_config.quant_kernel)
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         a = self.args
         self.kv = torch.zeros(a.num_layers, 2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,

@@ -20,9 +20,11 @@ from conveyor.core.request import Request, SamplingParams
 
 def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,
                 budget: int = 16, max_seqs: int = 8, prefix_caching: bool = True,
-                tools: ToolConfig = ToolConfig(), linear_kernel: str = "auto", device: str = "cpu") -> LLMEngine:
+                tools: ToolConfig = ToolConfig(), linear_kernel: str = "auto", device: str = "cpu",
+                weights: str = "auto", quant_kernel: str = "auto") -> LLMEngine:
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), dtype=dtype, linear_kernel=linear_kernel, device=device),
+        model=ModelConfig(model=str(model_dir), dtype=dtype, linear_kernel=linear_kernel, device=device,
+                          weights=weights, quant_kernel=quant_kernel),
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), tools=tools)
     return LLMEngine(config, progress=False)

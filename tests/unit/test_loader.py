@@ -108,7 +108,7 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path: Path, cache: Path,
     abandoned = cache / "models" / ".fake-0.99999999.tmp"  # left by a pid that no longer exists
     abandoned.mkdir(parents=True)
 
-    def interrupt(build_dir: Path, progress: bool) -> None:
+    def interrupt(build_dir: Path, progress: bool, weights: str) -> None:
         assert (build_dir / "model.gguf").read_bytes() == part.read_bytes()
         raise KeyboardInterrupt
 

@@ -1,5 +1,6 @@
 """De-quantize a GGUF checkpoint with transformers into bf16 safetensors and tokenizer files
-beside it (the loader decides where, and makes the directory appear atomically)."""
+beside it, or (native weights) only check it and write its config and tokenizer files beside it;
+the loader decides where, and makes the directory appear atomically."""
 from __future__ import annotations
 
 import functools
@@ -38,7 +39,10 @@ def gguf_architecture(gguf: Path) -> str:
 
 def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
     """Write bf16 safetensors, config and tokenizer files beside `gguf`, then delete it."""
+    from conveyor.engine.model.gguf_check import open_gguf
+
     build_dir = gguf.parent
+    open_gguf(gguf)             # a tensor outside the file or overlapping another: refused, named
     architecture = gguf_architecture(gguf)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,6 +57,28 @@ def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
         step("converting tokenizer")
         AutoTokenizer.from_pretrained(build_dir, gguf_file=str(gguf)).save_pretrained(build_dir)
     gguf.unlink()
+
+
+def prepare_native(gguf: Path, progress: bool, console: Console) -> None:
+    """Check every tensor of `gguf` against its header and write the config, generation config and
+    tokenizer files beside it (no de-quantizing: the engine loads the blocks, gguf_weights.py)."""
+    from conveyor.engine.model.gguf_check import check_tensors, open_gguf
+    from conveyor.engine.model.llama import ModelArgs
+
+    build_dir = gguf.parent
+    with _steps(progress, "preparing GGUF", console) as step, _quiet_transformers():
+        step("checking tensors")
+        reader = open_gguf(gguf)
+        architecture = gguf_architecture(gguf)
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        config = AutoConfig.from_pretrained(build_dir, gguf_file=str(gguf))
+        config.architectures = [architecture]
+        check_tensors(reader, ModelArgs.from_hf_config(config.to_dict()), gguf)
+        config.save_pretrained(build_dir)
+        GenerationConfig.from_model_config(config).save_pretrained(build_dir)
+        step("converting tokenizer")
+        AutoTokenizer.from_pretrained(build_dir, gguf_file=str(gguf)).save_pretrained(build_dir)
 
 
 def _drop_quantization_markers(model: PreTrainedModel) -> None:

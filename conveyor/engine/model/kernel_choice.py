@@ -1,4 +1,4 @@
-"""Which path (``paths.py``) each CPU ``Linear`` runs, per weight shape and row bucket: measured.
+"""Which path (``paths.py``, ``qlinear.py``) each CPU ``Linear`` and ``QuantLinear`` runs, per weight shape and row bucket: measured.
 
 At load, for each distinct weight shape the layers of that shape are timed with every path that
 can run here, at the top of each row bucket, and the fastest is kept. A trial runs the path once
@@ -20,42 +20,47 @@ from collections.abc import Iterable
 import torch
 
 from conveyor.config import cache_root
+from conveyor.engine.model import quant
 from conveyor.engine.model.kernels import cpu_flags, cpu_model, source_digest
 from conveyor.engine.model.linear import BUCKETS, Linear
-from conveyor.engine.model.paths import PATHS, why_not
+from conveyor.engine.model.paths import PATHS
+from conveyor.engine.model.qlinear import QuantLinear, quant_paths
 
 log = logging.getLogger("conveyor.kernels")
 TRIAL_BYTES = 64 * 2**20
 MIN_TRIAL_S = 0.02    # per path and bucket (shared machines are noisy: more trials, best one counts)
 MAX_TRIALS = 20
-FORMAT = 1
+FORMAT = 3
 Choices = dict[str, dict[str, dict]]   # shape -> bucket label -> {"path": name, "ms": {path: ms}}
+Layer = Linear | QuantLinear
 
 
-def shape_key(layer: Linear) -> str:
-    w = layer.weight
-    return f"{str(w.dtype).removeprefix('torch.')} {w.shape[0]}x{w.shape[1]}"
+def shape_key(layer: Layer) -> str:
+    return layer.shape_key
 
 
 def cache_key() -> dict:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
     return {"format": FORMAT, "cpu": cpu_model(), "flags": flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "kernels": source_digest()}
+            "torch": torch.__version__, "kernels": source_digest(), "quant_kernels": quant.source_digest()}
 
 
-def choose_kernels(layers: Iterable[Linear], act_dtype: torch.dtype = torch.float32, forced: str = "auto") -> Choices:
-    """Give every CPU layer its path per bucket (``forced``: one path for all);
-    returns shape -> bucket -> choice. ``act_dtype``: the activations the layers will see."""
-    groups: dict[str, list[Linear]] = {}
+def choose_kernels(layers: Iterable[Layer], act_dtype: torch.dtype = torch.float32, forced: str = "auto",
+                   forced_quant: str = "auto") -> Choices:
+    """Give every CPU layer its path per bucket (``forced``: one path for all bf16/fp32 layers,
+    ``forced_quant``: one for all quantized ones); returns shape -> bucket -> choice.
+    ``act_dtype``: the activations the layers will see."""
+    groups: dict[str, list[Layer]] = {}
     for layer in layers:
-        if layer.weight.device.type == "cpu":
-            groups.setdefault(shape_key(layer), []).append(layer)
+        if isinstance(layer, QuantLinear) or layer.weight.device.type == "cpu":
+            groups.setdefault(layer.shape_key, []).append(layer)
     if not groups:
         return {}
-    if forced != "auto":
-        choices = {key: _forced(forced, group[0]) for key, group in groups.items()}
-    else:
-        choices = _cached_or_measured(groups, act_dtype)
+    force = {key: forced_quant if isinstance(group[0], QuantLinear) else forced for key, group in groups.items()}
+    choices = {key: _forced(force[key], group[0], act_dtype) for key, group in groups.items() if force[key] != "auto"}
+    auto = {key: group for key, group in groups.items() if force[key] == "auto"}
+    if auto:
+        choices.update(_cached_or_measured(auto, act_dtype))
     for key, group in groups.items():
         plan = [choices[key][label]["path"] for label, _ in BUCKETS]
         for layer in group:
@@ -64,18 +69,21 @@ def choose_kernels(layers: Iterable[Linear], act_dtype: torch.dtype = torch.floa
     return choices
 
 
-def _forced(path: str, layer: Linear) -> dict[str, dict]:
-    w = layer.weight
-    if reason := why_not(path, w.dtype, w.shape[1]):
-        raise ValueError(f"--linear-kernel {path} cannot run: {reason}")
+def _forced(path: str, layer: Layer, act_dtype: torch.dtype) -> dict[str, dict]:
+    reasons = layer.path_reasons(act_dtype)
+    flag = "--quant-kernel" if isinstance(layer, QuantLinear) else "--linear-kernel"
+    if path not in reasons:
+        raise ValueError(f"{flag} {path} is not a path for {layer.shape_key}; choose auto or one of {', '.join(reasons)}")
+    if reasons[path]:
+        raise ValueError(f"{flag} {path} cannot run: {reasons[path]}")
     return {label: {"path": path, "ms": {}} for label, _ in BUCKETS}
 
 
-def _cached_or_measured(groups: dict[str, list[Linear]], act_dtype: torch.dtype) -> Choices:
+def _cached_or_measured(groups: dict[str, list[Layer]], act_dtype: torch.dtype) -> Choices:
     key = {**cache_key(), "activations": str(act_dtype).removeprefix("torch.")}
     path = cache_root() / "kernels" / f"choices-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     cached = _read(path, key)
-    usable = {k: v for k, v in cached.items() if k in groups and _still_runs(v, groups[k][0])}
+    usable = {k: v for k, v in cached.items() if k in groups and _still_runs(v, groups[k][0], act_dtype)}
     missing = [k for k in groups if k not in usable]
     if not missing:
         return usable
@@ -88,9 +96,9 @@ def _cached_or_measured(groups: dict[str, list[Linear]], act_dtype: torch.dtype)
     return {**usable, **measured}
 
 
-def _still_runs(choice: dict[str, dict], layer: Linear) -> bool:
-    w = layer.weight
-    return all(why_not(c["path"], w.dtype, w.shape[1]) is None for c in choice.values())
+def _still_runs(choice: dict[str, dict], layer: Layer, act_dtype: torch.dtype) -> bool:
+    reasons = layer.path_reasons(act_dtype)
+    return all(c["path"] in reasons and reasons[c["path"]] is None for c in choice.values())
 
 
 def _read(path, key: dict) -> Choices:
@@ -100,7 +108,8 @@ def _read(path, key: dict) -> Choices:
         if data["key"] != key:
             return {}
         choices = data["choices"]
-        ok = all(isinstance(c, dict) and c["path"] in PATHS for b in choices.values() for c in b.values())
+        known = (*PATHS, *quant_paths())
+        ok = all(isinstance(c, dict) and c["path"] in known for b in choices.values() for c in b.values())
         labels_ok = all(set(b) == {label for label, _ in BUCKETS} for b in choices.values())
         return choices if ok and labels_ok else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -119,22 +128,25 @@ def _write(path, key: dict, choices: Choices) -> None:
         raise
 
 
-def _measure(group: list[Linear], act_dtype: torch.dtype) -> dict[str, dict]:
+def _measure(group: list[Layer], act_dtype: torch.dtype) -> dict[str, dict]:
     """Time every path that runs here on this shape's layers, per bucket; the fastest wins."""
-    w = group[0].weight
-    reasons = {p: why_not(p, w.dtype, w.shape[1]) for p in PATHS}
+    first = group[0]
+    reasons = first.path_reasons(act_dtype)
     candidates = [p for p, reason in reasons.items() if reason is None]
-    if len(candidates) > 1 and w.dtype != act_dtype:
+    if len(candidates) > 1 and isinstance(first, Linear) and first.weight.dtype != act_dtype:
         candidates.remove("torch")   # it widens the whole weight per call: the last resort, not a contender
-    layers = group[:max(1, -(-TRIAL_BYTES // w.nbytes))]
+    # Kernels that round activations to 8 bits changed the tiny models' greedy tokens against fp32
+    # (tests/engine/test_gguf_native.py): they run only when --quant-kernel names them.
+    candidates = [p for p in candidates if quant.ACTIVATIONS.get(p, "fp32") == "fp32"]
+    layers = group[:max(1, -(-TRIAL_BYTES // first.nbytes))]
     products = {p: [layer.product(p) for layer in layers] for p in candidates}
     result = {}
     for label, rows in BUCKETS:
-        ms = {p: t * 1e3 for p, t in _race(products, torch.randn(rows, w.shape[1]).to(act_dtype)).items()}
+        ms = {p: t * 1e3 for p, t in _race(products, torch.randn(rows, first.in_features).to(act_dtype)).items()}
         result[label] = {"path": min(ms, key=ms.__getitem__), "ms": {p: round(t, 4) for p, t in ms.items()}}
     for p, reason in reasons.items():      # a kernel that should have run here: say what runs instead
         if reason and ("self-check" in reason or "build" in reason):
-            log.warning("linear kernel %s is not used: %s; %s runs %s instead", p, reason, shape_key(group[0]),
+            log.warning("linear kernel %s is not used: %s; %s runs %s instead", p, reason, first.shape_key,
                         ", ".join(sorted({c["path"] for c in result.values()})))
     return result
 

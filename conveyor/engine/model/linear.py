@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conveyor.engine.model.paths import Product, make
+from conveyor.engine.model.paths import PATHS, Product, make, why_not
 
 # (label, the row count it is measured at); rows above 32 (prefill chunks) are the last bucket
 BUCKETS = (("1", 1), ("2-4", 4), ("5-8", 8), ("9-16", 16), ("17-32", 32), ("33+", 64))
@@ -42,6 +42,22 @@ class Linear(torch.nn.Module):
             if bias is None:
                 raise ValueError("missing bias")
             self.bias.copy_(bias)
+
+    @property
+    def shape_key(self) -> str:
+        return f"{str(self.weight.dtype).removeprefix('torch.')} {self.weight.shape[0]}x{self.weight.shape[1]}"
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def path_reasons(self, act_dtype: torch.dtype) -> dict[str, str | None]:
+        """Every path of ``paths.py``, with why it cannot run here (None: it can)."""
+        return {p: why_not(p, self.weight.dtype, self.in_features) for p in PATHS}
 
     def product(self, path: str) -> Product:
         """The product function of ``path`` over this layer's weights (``paths.why_not`` must allow it)."""

