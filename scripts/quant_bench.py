@@ -6,7 +6,7 @@ kernel chosen for bf16 weights, the streaming-read ceiling, and de-quantization 
 the same run. Weights are several copies of the shape (at least --bytes in all), visited in turn, so
 that they come from memory as in a decode step.
 
-    PYTHONPATH=$PWD python scripts/quant_bench.py [--rows 1,8,32] [--bytes 128]
+    PYTHONPATH=$PWD python scripts/quant_bench.py [--rows 1,8,32] [--bytes 128] [--threads 1]
 """
 from __future__ import annotations
 
@@ -39,15 +39,18 @@ def random_weight(qtype: str, n: int, k: int, rng: np.random.Generator) -> torch
 
 
 def best_s(fn, copies: list, min_s: float = 0.3) -> float:
-    """Seconds per call of the fastest pass over all copies (at least two passes, about min_s in all)."""
+    """Seconds of the fastest single call, over at least two passes over all copies (about min_s in
+    all). Per call, not per pass: on a shared 2-core machine a call whose second thread is not
+    scheduled waits a time slice, and a pass's mean would mostly measure those waits."""
     fn(copies[0])
     best, spent, passes = float("inf"), 0.0, 0
     while passes < 2 or spent < min_s:
-        start = time.perf_counter()
         for c in copies:
+            start = time.perf_counter()
             fn(c)
-        t = time.perf_counter() - start
-        best, spent, passes = min(best, t / len(copies)), spent + t, passes + 1
+            t = time.perf_counter() - start
+            best, spent = min(best, t), spent + t
+        passes += 1
     return best
 
 
@@ -98,7 +101,10 @@ def main() -> None:
     parser.add_argument("--rows", default="1,8,32")
     parser.add_argument("--bytes", type=int, default=128, help="MiB of weight copies per shape")
     parser.add_argument("--shapes", default="", help="indices into SHAPES, comma-separated (default all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     rng = np.random.default_rng(0)

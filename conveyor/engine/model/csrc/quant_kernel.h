@@ -15,6 +15,9 @@ namespace conveyor {
 namespace {
 
 constexpr int64_t kTile = 8;
+// How far ahead of each weight row's block to prefetch, as in quant_avx512vnni.cpp (past a row's end:
+// the rows the next tiles read; a prefetch never faults).
+constexpr int64_t kAhead = 2048;
 
 template <class T>
 constexpr int64_t row_bytes(int64_t K) { return K / T::kElems * T::kBytes; }
@@ -34,7 +37,11 @@ void tile(const float* x, const uint8_t* w, float* out, int64_t n, int64_t K, in
     for (int m = 0; m < G; ++m) acc[r][m] = V::zero();
   for (int64_t b = 0; b < K / T::kElems; ++b) {
     float s[R][T::kGroups], o[R][T::kGroups];
-    for (int r = 0; r < R; ++r) T::scales(w + (n + r) * rb + b * T::kBytes, s[r], o[r]);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* block = w + (n + r) * rb + b * T::kBytes;
+      T::scales(block, s[r], o[r]);
+      for (int l = 0; l < T::kBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(block + kAhead + l), _MM_HINT_T0);
+    }
     for (int g = 0; g < T::kGroups; ++g) {
       const int64_t k = b * T::kElems + 16 * g;
       typename V::F wv[R];
