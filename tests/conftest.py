@@ -27,6 +27,7 @@ SLOW = (
     # against transformers, every kernel built and timed, engines with tool workers, grammars compiled
     "tests/engine/test_exactness.py", "tests/engine/test_linear.py", "tests/engine/test_tools.py",
     "tests/engine/test_constrained.py", "tests/engine/test_swap.py",
+    "tests/engine/test_quant_kernels.py", "tests/engine/test_gguf_native.py",
 )
 
 

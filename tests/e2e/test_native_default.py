@@ -10,7 +10,7 @@ import torch
 from conveyor.engine.model.llama import CausalLM
 from conveyor.engine.model.loader import resolve_model
 from conveyor.engine.model.qlinear import QuantLinear
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 
 PROMPTS = ["Write a python function that reverses a string.", "What is a paged KV cache?",

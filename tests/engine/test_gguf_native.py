@@ -21,7 +21,7 @@ from conveyor.engine.model.qlinear import (
     QuantLinear,
     quant_paths,
 )
-from conveyor.engine.request import SamplingParams
+from conveyor.core.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 from tests.gguf_tiny import private_model_cache, write_tiny_gguf
 
