@@ -13,13 +13,10 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from conveyor.engine.model.architectures import GGUF_ARCHITECTURES
+from conveyor.engine.model.errors import UnsupportedGGUF
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-class UnsupportedGGUF(ValueError):
-    """The file is not GGUF, or holds an architecture we do not run."""
 
 
 def gguf_architecture(gguf: Path) -> str:

@@ -21,7 +21,7 @@ from gguf import (
 )
 from gguf import quants as gguf_quants
 
-from conveyor.engine.model.gguf import UnsupportedGGUF
+from conveyor.engine.model.errors import UnsupportedGGUF
 
 if TYPE_CHECKING:
     from conveyor.engine.model.llama import ModelArgs

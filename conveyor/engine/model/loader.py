@@ -32,7 +32,8 @@ from rich.progress import (
 
 from conveyor.config import cache_root
 from conveyor.engine.model.architectures import ARCHITECTURES
-from conveyor.engine.model.gguf import UnsupportedGGUF, convert_gguf, prepare_native
+from conveyor.engine.model.errors import UnsupportedGGUF
+from conveyor.engine.model.gguf import convert_gguf, prepare_native
 
 _GGUF_NAME = "model.gguf"
 _CHUNK_BYTES = 8 << 20
