@@ -59,8 +59,30 @@ def missing_isa(kernel: str) -> list[str]:
 
 
 def source_digest() -> str:
-    data = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, "gemv.h"))
+    return sources_digest((*SOURCES, "gemv.h"))
+
+
+def sources_digest(names: tuple[str, ...]) -> str:
+    """A short hash of these csrc/ files and the torch version: the key of their build."""
+    data = b"".join((CSRC / name).read_bytes() for name in names)
     return hashlib.sha256(data + torch.__version__.encode()).hexdigest()[:12]
+
+
+def build_extension(name: str, sources: tuple[str, ...], digest: str, what: str,
+                    extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+    """Compile csrc/ ``sources`` into ``$CONVEYOR_CACHE/kernels/<name>-<digest>`` (once; a status
+    line names ``what`` while a fresh build runs) and load it. Raises whatever the build raises."""
+    from rich.console import Console
+    from torch.utils.cpp_extension import load
+
+    build_dir = cache_root() / "kernels" / f"{name}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build_dir.glob("*.so"))
+    status = Console(stderr=True).status(f"compiling the {what} (once, about a minute)")
+    with status if fresh else contextlib.nullcontext():
+        return load(f"conveyor_{name}_{digest}", [str(CSRC / s) for s in sources], build_directory=str(build_dir),
+                    extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp", *extra_cflags],
+                    extra_ldflags=["-fopenmp"])
 
 
 @functools.cache
@@ -68,19 +90,8 @@ def gemv_module() -> ModuleType | None:
     """The compiled extension, or None where it cannot be built on this machine."""
     if platform.machine() not in ("x86_64", "AMD64") or not any(not missing_isa(k) for k in KERNELS):
         return None
-    from rich.console import Console
-    from torch.utils.cpp_extension import load
-
-    digest = source_digest()
-    build_dir = cache_root() / "kernels" / f"gemv-{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob("*.so"))
     try:
-        status = Console(stderr=True).status("compiling the bf16 decode kernels (once, about a minute)")
-        with status if fresh else contextlib.nullcontext():
-            return load(f"conveyor_gemv_{digest}", [str(CSRC / s) for s in SOURCES], build_directory=str(build_dir),
-                        extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp"],
-                        extra_ldflags=["-fopenmp"])
+        return build_extension("gemv", SOURCES, source_digest(), "bf16 decode kernels")
     except Exception as e:  # any build failure: keep serving with PyTorch's kernels
         warnings.warn(f"bf16 decode kernels unavailable, using PyTorch's matmuls: {e}", stacklevel=2)
         return None

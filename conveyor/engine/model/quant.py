@@ -11,9 +11,7 @@ A weight of ``N`` rows and ``K`` columns is a uint8 tensor ``[N, row_bytes(qtype
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import platform
 import warnings
 from dataclasses import dataclass
@@ -24,8 +22,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from conveyor.config import cache_root
-from conveyor.engine.model.kernels import CSRC, cpu_flags
+from conveyor.engine.model.kernels import build_extension, cpu_flags, sources_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +166,7 @@ def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> t
 
 
 def source_digest() -> str:
-    data = b"".join((CSRC / name).read_bytes() for name in (*SOURCES, *HEADERS))
-    return hashlib.sha256(data + torch.__version__.encode()).hexdigest()[:12]
+    return sources_digest((*SOURCES, *HEADERS))
 
 
 @functools.cache
@@ -178,20 +174,10 @@ def quant_module() -> ModuleType | None:
     """The compiled extension (``$CONVEYOR_CACHE/kernels/quant-*``), or None where it cannot be built."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
-    from rich.console import Console
-    from torch.utils.cpp_extension import load
-
-    digest = source_digest()
-    build_dir = cache_root() / "kernels" / f"quant-{digest}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob("*.so"))
     try:
-        status = Console(stderr=True).status("compiling the quantized-weight kernels (once, about a minute)")
-        with status if fresh else contextlib.nullcontext():
-            # -ffp-contract=off: de-quantized values round as gguf.quants' separate multiply and add
-            return load(f"conveyor_quant_{digest}", [str(CSRC / s) for s in SOURCES], build_directory=str(build_dir),
-                        extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-                        extra_ldflags=["-fopenmp"])
+        # -ffp-contract=off: de-quantized values round as gguf.quants' separate multiply and add
+        return build_extension("quant", SOURCES, source_digest(), "quantized-weight kernels",
+                               ("-ffp-contract=off",))
     except Exception as e:  # noqa: BLE001 -- any build failure: the engine keeps its de-quantize-at-load path
         warnings.warn(f"quantized-weight kernels unavailable: {e}", stacklevel=2)
         return None
