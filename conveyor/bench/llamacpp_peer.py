@@ -24,9 +24,11 @@ p = xllamacpp.CommonParams()
 p.model.path = sys.argv[1]
 p.port = 0
 p.n_parallel = int(sys.argv[3])
-p.n_ctx = 1024 * int(sys.argv[3])
+p.n_ctx = int(sys.argv[4]) * int(sys.argv[3])
 p.cpuparams.n_threads = int(sys.argv[2])
 p.cpuparams_batch.n_threads = int(sys.argv[2])
+p.endpoint_metrics = True
+p.endpoint_slots = True
 p.warmup = False
 server = xllamacpp.Server(p)
 print("listening", server.listening_address, flush=True)
@@ -35,9 +37,12 @@ sys.stdin.read()            # until the parent closes our stdin
 
 
 @contextmanager
-def llama_server(gguf: Path, num_threads: int, num_parallel: int, deadline_s: float = 180.0) -> Iterator[tuple[str, int]]:
-    """Yields (base URL, child pid); the child is stopped on exit."""
-    child = subprocess.Popen([sys.executable, "-c", _MAIN, str(gguf), str(num_threads), str(num_parallel)],
+def llama_server(gguf: Path, num_threads: int, num_parallel: int, ctx_per_slot: int = 1024,
+                 deadline_s: float = 180.0) -> Iterator[tuple[str, int]]:
+    """Yields (base URL, child pid); the child is stopped on exit. Also the llama.cpp server of
+    the remote-backend tests (`tests/backends/llamacpp.py`)."""
+    child = subprocess.Popen([sys.executable, "-c", _MAIN, str(gguf), str(num_threads), str(num_parallel),
+                              str(ctx_per_slot)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = next((line.split()[1] for line in child.stdout if line.startswith("listening ")), None)
