@@ -1,4 +1,5 @@
 """Conveyor: a tool-aware LLM serving engine."""
+
 import os
 
 # PyTorch's OpenMP (libgomp) keeps an idle thread spinning for 300,000 iterations (milliseconds)

@@ -1,4 +1,5 @@
 """`conveyor chat | demo | model | bench`; flags are generated from the config dataclasses."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, CacheConfig, "KV cache")
     add_flags(parser, SchedulerConfig, "scheduler")
     add_flags(parser, ToolConfig, "tools", {"tools": BUILTIN_TOOLS})
-    add_flags(parser, BackendConfig, "remote backend (Conveyor's tool layer in front of vLLM, SGLang, llama.cpp)")
+    add_flags(
+        parser, BackendConfig, "remote backend (Conveyor's tool layer in front of vLLM, SGLang, llama.cpp)"
+    )
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -142,14 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(serve, ServerConfig, "server")
     serve.set_defaults(run=_serve)
 
-    model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
+    model = commands.add_parser("model", help="manage models").add_subparsers(
+        dest="model_command", required=True
+    )
     pull = model.add_parser("pull", help="install, verify and convert a built-in model")
-    pull.add_argument("name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m")
-    pull.add_argument("--weights", choices=["native", "bf16"], default="bf16",
-                      help="bf16: de-quantize it once (what --weights auto runs); native: keep the GGUF as it is")
+    pull.add_argument(
+        "name", nargs="?", default="default", help="default, qwen2.5-coder-0.5b or smollm2-135m"
+    )
+    pull.add_argument(
+        "--weights",
+        choices=["native", "bf16"],
+        default="bf16",
+        help="bf16: de-quantize it once (what --weights auto runs); native: keep the GGUF as it is",
+    )
     pull.set_defaults(run=_model_pull)
 
-    _add_bench(commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True))
+    _add_bench(
+        commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    )
     return parser
 
 
@@ -164,7 +177,9 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
 
     from conveyor.bench.overhead import add_overhead_flags
 
-    overhead = bench.add_parser("overhead", help="CPU cost of parsing and dispatch, and field-to-hook latency")
+    overhead = bench.add_parser(
+        "overhead", help="CPU cost of parsing and dispatch, and field-to-hook latency"
+    )
     add_overhead_flags(overhead)
     _engine_flags(overhead)
     overhead.set_defaults(run=_bench_overhead)
@@ -174,20 +189,29 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
     calls.add_argument("--seeds", type=int, default=2, help="sampled runs per prompt, besides the greedy one")
     calls.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled runs")
     calls.add_argument("--max-tokens", type=int, default=160, help="most tokens per reply")
-    calls.add_argument("--modes", nargs="+", default=["auto", "required", "auto-grammar"],
-                       choices=["auto", "required", "auto-grammar"], help="tool_choice modes to run")
+    calls.add_argument(
+        "--modes",
+        nargs="+",
+        default=["auto", "required", "auto-grammar"],
+        choices=["auto", "required", "auto-grammar"],
+        help="tool_choice modes to run",
+    )
     _engine_flags(calls)
     calls.set_defaults(run=_bench_calls)
 
     from conveyor.bench.serve import add_serve_bench_flags
 
-    serve = bench.add_parser("serve", help="the HTTP server under load: throughput, TTFT, inter-token latency")
+    serve = bench.add_parser(
+        "serve", help="the HTTP server under load: throughput, TTFT, inter-token latency"
+    )
     add_serve_bench_flags(serve)
     serve.set_defaults(run=_bench_serve)
 
     from conveyor.bench.intercept import add_intercept_flags
 
-    intercept = bench.add_parser("intercept", help="KV policies for requests waiting on tools, under Poisson load")
+    intercept = bench.add_parser(
+        "intercept", help="KV policies for requests waiting on tools, under Poisson load"
+    )
     add_intercept_flags(intercept)
     intercept.set_defaults(run=_bench_intercept)
 
@@ -200,8 +224,11 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
 
     from conveyor.bench.soak import add_soak_flags
 
-    soak = bench.add_parser("soak", help="a bounded soak of `conveyor serve`: mixed tool requests, aborts, tool "
-                                         "faults; RSS, FDs, blocks and workers must stay flat")
+    soak = bench.add_parser(
+        "soak",
+        help="a bounded soak of `conveyor serve`: mixed tool requests, aborts, tool "
+        "faults; RSS, FDs, blocks and workers must stay flat",
+    )
     add_soak_flags(soak)
     soak.set_defaults(run=_bench_soak)
 

@@ -3,16 +3,17 @@
 Each field's ``metadata["help"]`` becomes the flag's help text, the field name
 becomes ``--field-name`` and the default and type come from the annotation.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import enum
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 import types
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, get_args, get_type_hints
 
 T = TypeVar("T")
@@ -30,6 +31,7 @@ def _require(checks: list[tuple[bool, str]]) -> None:
 
 class InterceptPolicy(enum.StrEnum):
     """What happens to the KV of a request waiting on a tool (core/intercept.py)."""
+
     PRESERVE = "preserve"
     DISCARD = "discard"
     SWAP = "swap"
@@ -61,163 +63,297 @@ WEIGHTS = ("auto", "native", "bf16")
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    model: str = field(default="default", metadata=_help(
-        "'default' (Qwen2.5-Coder-0.5B-Instruct, installed on first use), a GGUF file "
-        "or a Hugging Face safetensors directory"))
+    model: str = field(
+        default="default",
+        metadata=_help(
+            "'default' (Qwen2.5-Coder-0.5B-Instruct, installed on first use), a GGUF file "
+            "or a Hugging Face safetensors directory"
+        ),
+    )
     device: str = field(default="cpu", metadata=_help("torch device: cpu or cuda"))
-    dtype: str = field(default="bfloat16", metadata=_help("weights and KV cache dtype: bfloat16, float16 or float32"))
-    max_model_len: int = field(default=4096, metadata=_help(
-        "longest prompt plus output, capped by the model's own limit"))
+    dtype: str = field(
+        default="bfloat16", metadata=_help("weights and KV cache dtype: bfloat16, float16 or float32")
+    )
+    max_model_len: int = field(
+        default=4096, metadata=_help("longest prompt plus output, capped by the model's own limit")
+    )
     num_threads: int = field(default=0, metadata=_help("CPU threads for torch; 0 keeps torch's choice"))
-    linear_kernel: str = field(default="auto", metadata=_help(
-        "CPU matmul path: auto (the fastest per weight shape and row count, measured at load and cached), "
-        "or one of avx2, avx512, avx512bf16 (our kernels), onednn (fp32-packed weights), torch (F.linear)"))
-    weights: str = field(default="auto", metadata=_help(
-        "GGUF models: native (Q4_K/Q5_K/Q6_K/Q8_0 blocks kept as in the file, Q4_0/Q5_0 as Q8_0; CPU only), "
-        "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (bf16 until native "
-        "decodes faster here); safetensors models are always run as stored"))
-    quant_kernel: str = field(default="auto", metadata=_help(
-        "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
-        "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "
-        "(q_avx2, q_avx512; q_avx512vnni rounds activations to 8 bits per block and runs only when named)"))
+    linear_kernel: str = field(
+        default="auto",
+        metadata=_help(
+            "CPU matmul path: auto (the fastest per weight shape and row count, measured at load and cached), "
+            "or one of avx2, avx512, avx512bf16 (our kernels), onednn (fp32-packed weights), torch (F.linear)"
+        ),
+    )
+    weights: str = field(
+        default="auto",
+        metadata=_help(
+            "GGUF models: native (Q4_K/Q5_K/Q6_K/Q8_0 blocks kept as in the file, Q4_0/Q5_0 as Q8_0; CPU only), "
+            "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (bf16 until native "
+            "decodes faster here); safetensors models are always run as stored"
+        ),
+    )
+    quant_kernel: str = field(
+        default="auto",
+        metadata=_help(
+            "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
+            "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "
+            "(q_avx2, q_avx512; q_avx512vnni rounds activations to 8 bits per block and runs only when named)"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        _require([(self.device.split(":")[0] in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}"),
-                  (self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}"),
-                  (self.quant_kernel == "auto" or self.quant_kernel == "dequant" or self.quant_kernel.startswith("q_"),
-                   f"quant_kernel must be auto, dequant or a q_ kernel, got {self.quant_kernel!r}"),
-                  (self.linear_kernel in LINEAR_KERNELS,
-                   f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}"),
-                  (self.max_model_len > 0, "max_model_len must be positive"),
-                  (self.num_threads >= 0, "num_threads must be >= 0")])
+        _require(
+            [
+                (
+                    self.device.split(":")[0] in ("cpu", "cuda"),
+                    f"device must be cpu or cuda, got {self.device!r}",
+                ),
+                (
+                    self.weights in WEIGHTS,
+                    f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}",
+                ),
+                (
+                    self.quant_kernel == "auto"
+                    or self.quant_kernel == "dequant"
+                    or self.quant_kernel.startswith("q_"),
+                    f"quant_kernel must be auto, dequant or a q_ kernel, got {self.quant_kernel!r}",
+                ),
+                (
+                    self.linear_kernel in LINEAR_KERNELS,
+                    f"linear_kernel must be one of {', '.join(LINEAR_KERNELS)}, got {self.linear_kernel!r}",
+                ),
+                (self.max_model_len > 0, "max_model_len must be positive"),
+                (self.num_threads >= 0, "num_threads must be >= 0"),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     block_size: int = field(default=16, metadata=_help("tokens per KV block"))
     kv_cache_mb: int = field(default=1024, metadata=_help("memory for the paged KV cache on CPU, in MiB"))
-    gpu_memory_utilization: float = field(default=0.9, metadata=_help(
-        "on CUDA, the share of the GPU's memory this engine may fill: the KV cache takes what the weights "
-        "leave of it, measured with torch.cuda.mem_get_info after loading (--kv-cache-mb is for CPU)"))
+    gpu_memory_utilization: float = field(
+        default=0.9,
+        metadata=_help(
+            "on CUDA, the share of the GPU's memory this engine may fill: the KV cache takes what the weights "
+            "leave of it, measured with torch.cuda.mem_get_info after loading (--kv-cache-mb is for CPU)"
+        ),
+    )
     num_blocks: int = field(default=0, metadata=_help("KV blocks; 0 derives the count from --kv-cache-mb"))
     prefix_caching: bool = field(default=True, metadata=_help("reuse the KV of full blocks seen before"))
-    swap_space_mb: int = field(default=1024, metadata=_help(
-        "host memory for KV blocks swapped out while their request waits on a tool, in MiB"))
-    num_host_blocks: int = field(default=0, metadata=_help("host KV blocks; 0 derives the count from --swap-space-mb"))
+    swap_space_mb: int = field(
+        default=1024,
+        metadata=_help("host memory for KV blocks swapped out while their request waits on a tool, in MiB"),
+    )
+    num_host_blocks: int = field(
+        default=0, metadata=_help("host KV blocks; 0 derives the count from --swap-space-mb")
+    )
 
     def __post_init__(self) -> None:
-        _require([(self.block_size > 0, "block_size must be positive"),
-                  (self.kv_cache_mb > 0, "kv_cache_mb must be positive"),
-                  (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
-                  (self.swap_space_mb >= 0, "swap_space_mb must be >= 0"),
-                  (self.num_host_blocks >= 0, "num_host_blocks must be >= 0 (0 derives it from swap_space_mb)"),
-                  (self.num_blocks >= 0, "num_blocks must be >= 0 (0 derives it from kv_cache_mb)")])
+        _require(
+            [
+                (self.block_size > 0, "block_size must be positive"),
+                (self.kv_cache_mb > 0, "kv_cache_mb must be positive"),
+                (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
+                (self.swap_space_mb >= 0, "swap_space_mb must be >= 0"),
+                (self.num_host_blocks >= 0, "num_host_blocks must be >= 0 (0 derives it from swap_space_mb)"),
+                (self.num_blocks >= 0, "num_blocks must be >= 0 (0 derives it from kv_cache_mb)"),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_seqs: int = field(default=64, metadata=_help("most requests in one step's batch"))
-    max_num_batched_tokens: int = field(default=512, metadata=_help(
-        "token budget of one step: decodes plus prefill chunks"))
-    intercept: str = field(default=InterceptPolicy.PRESERVE.value, metadata=_help(
-        _choices_help("KV of requests waiting on a tool", INTERCEPT_HELP)))
-    swap_budget_ms: float = field(default=5.0, metadata=_help(
-        "time one step may spend copying KV blocks each way; turned into blocks by a copy timed at start-up"))
-    default_tool_s: float = field(default=1.0, metadata=_help(
-        "expected tool time before a tool has a declared estimate or a past call"))
+    max_num_batched_tokens: int = field(
+        default=512, metadata=_help("token budget of one step: decodes plus prefill chunks")
+    )
+    intercept: str = field(
+        default=InterceptPolicy.PRESERVE.value,
+        metadata=_help(_choices_help("KV of requests waiting on a tool", INTERCEPT_HELP)),
+    )
+    swap_budget_ms: float = field(
+        default=5.0,
+        metadata=_help(
+            "time one step may spend copying KV blocks each way; turned into blocks by a copy timed at start-up"
+        ),
+    )
+    default_tool_s: float = field(
+        default=1.0, metadata=_help("expected tool time before a tool has a declared estimate or a past call")
+    )
 
     def __post_init__(self) -> None:
         policies = [p.value for p in InterceptPolicy]
-        _require([(self.max_num_seqs > 0, "max_num_seqs must be positive"),
-                  (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
-                  (self.intercept in policies, f"intercept must be one of {', '.join(policies)}, got {self.intercept!r}"),
-                  (self.swap_budget_ms >= 0, "swap_budget_ms must be >= 0"),
-                  (self.default_tool_s >= 0, "default_tool_s must be >= 0")])
+        _require(
+            [
+                (self.max_num_seqs > 0, "max_num_seqs must be positive"),
+                (self.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive"),
+                (
+                    self.intercept in policies,
+                    f"intercept must be one of {', '.join(policies)}, got {self.intercept!r}",
+                ),
+                (self.swap_budget_ms >= 0, "swap_budget_ms must be >= 0"),
+                (self.default_tool_s >= 0, "default_tool_s must be >= 0"),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ToolConfig:
-    tools: tuple[str, ...] = field(default=(), metadata=_help(
-        "tools the engine runs: built-in names ({names}) "
-        "or module:object specs; worker processes start with the engine when any are given"))
-    tool_mode: str = field(default="partial", metadata=_help(
-        "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"))
-    constrained: bool = field(default=True, metadata=_help(
-        "once a call starts (<tool_call>), mask logits so it names a known tool and fits its schema"))
-    grammar_timeout_s: float = field(default=0.0, metadata=_help(
-        "compile tool-call grammars in a helper process killed past this many seconds (a runaway "
-        "compile is stopped; costs a helper start and ~10x per uncached compile); 0: on the calling thread"))
+    tools: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "tools the engine runs: built-in names ({names}) "
+            "or module:object specs; worker processes start with the engine when any are given"
+        ),
+    )
+    tool_mode: str = field(
+        default="partial",
+        metadata=_help(
+            "partial: hand each completed field or line to the tool as it is decoded; lazy: only at the call's end"
+        ),
+    )
+    constrained: bool = field(
+        default=True,
+        metadata=_help(
+            "once a call starts (<tool_call>), mask logits so it names a known tool and fits its schema"
+        ),
+    )
+    grammar_timeout_s: float = field(
+        default=0.0,
+        metadata=_help(
+            "compile tool-call grammars in a helper process killed past this many seconds (a runaway "
+            "compile is stopped; costs a helper start and ~10x per uncached compile); 0: on the calling thread"
+        ),
+    )
     max_tool_rounds: int = field(default=4, metadata=_help("most tool-result turns per request"))
-    num_workers: int = field(default=4, metadata=_help("tool worker processes, started before they are needed"))
-    handoff_ms: float = field(default=1.0, metadata=_help(
-        "after sending a worker new work, the engine waits up to this long for the worker to take it "
-        "(its core then runs the tool's hook at once instead of after a scheduler slice); 0 disables"))
-    share_cores: bool = field(default=True, metadata=_help(
-        "on CPU, run the forward pass on one thread fewer per worker computing a tool's code (not one "
-        "waiting on the network), so tools and decoding do not oversubscribe the cores (a preempted "
-        "thread stalls the whole parallel op)"))
-    call_timeout_s: float = field(default=30.0, metadata=_help(
-        "wall-clock limit of one call from its end in the stream; a worker past it is killed and replaced"))
+    num_workers: int = field(
+        default=4, metadata=_help("tool worker processes, started before they are needed")
+    )
+    handoff_ms: float = field(
+        default=1.0,
+        metadata=_help(
+            "after sending a worker new work, the engine waits up to this long for the worker to take it "
+            "(its core then runs the tool's hook at once instead of after a scheduler slice); 0 disables"
+        ),
+    )
+    share_cores: bool = field(
+        default=True,
+        metadata=_help(
+            "on CPU, run the forward pass on one thread fewer per worker computing a tool's code (not one "
+            "waiting on the network), so tools and decoding do not oversubscribe the cores (a preempted "
+            "thread stalls the whole parallel op)"
+        ),
+    )
+    call_timeout_s: float = field(
+        default=30.0,
+        metadata=_help(
+            "wall-clock limit of one call from its end in the stream; a worker past it is killed and replaced"
+        ),
+    )
     cpu_time_s: int = field(default=20, metadata=_help("CPU seconds one call may use in its worker"))
     memory_mb: int = field(default=2048, metadata=_help("memory limit of a worker's data segment, in MiB"))
     file_size_mb: int = field(default=64, metadata=_help("largest file a tool may write, in MiB"))
-    worker_nice: int = field(default=0, metadata=_help(
-        "CPU priority of tool workers below the engine (0-19). 0: a worker woken by new work runs at "
-        "once (niced workers waited 1-5 ms behind busy decode threads here), and --share-cores gives "
-        "running tools their own core; raise it where tools must never slow decoding"))
-    max_processes: int = field(default=64, metadata=_help(
-        "most processes and threads one tool worker and everything it starts may have"))
-    sandbox_uid: int = field(default=60100, metadata=_help(
-        "uid and gid tool workers run as when the server runs as root (one no other process or file uses)"))
-    unsafe_tools: bool = field(default=False, metadata=_help(
-        "run tools that execute model-written code (python) even where the machine cannot isolate them "
-        "(no user/PID/mount/network namespaces, seccomp or no_new_privs); see docs/security.md"))
+    worker_nice: int = field(
+        default=0,
+        metadata=_help(
+            "CPU priority of tool workers below the engine (0-19). 0: a worker woken by new work runs at "
+            "once (niced workers waited 1-5 ms behind busy decode threads here), and --share-cores gives "
+            "running tools their own core; raise it where tools must never slow decoding"
+        ),
+    )
+    max_processes: int = field(
+        default=64,
+        metadata=_help("most processes and threads one tool worker and everything it starts may have"),
+    )
+    sandbox_uid: int = field(
+        default=60100,
+        metadata=_help(
+            "uid and gid tool workers run as when the server runs as root (one no other process or file uses)"
+        ),
+    )
+    unsafe_tools: bool = field(
+        default=False,
+        metadata=_help(
+            "run tools that execute model-written code (python) even where the machine cannot isolate them "
+            "(no user/PID/mount/network namespaces, seccomp or no_new_privs); see docs/security.md"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        _require([(self.tool_mode in ("partial", "lazy"), f"tool_mode must be partial or lazy, got {self.tool_mode!r}"),
-                  (self.max_tool_rounds >= 0, "max_tool_rounds must be >= 0"),
-                  (self.num_workers > 0, "num_workers must be positive"),
-                  (self.call_timeout_s > 0, "call_timeout_s must be positive"),
-                  (0 <= self.handoff_ms <= 1000, "handoff_ms must be in [0, 1000]"),
-                  (self.cpu_time_s > 0, "cpu_time_s must be positive"),
-                  (self.memory_mb > 0, "memory_mb must be positive"),
-                  (self.file_size_mb > 0, "file_size_mb must be positive"),
-                  (0 <= self.worker_nice <= 19, "worker_nice must be between 0 and 19"),
-                  (self.max_processes >= 4, "max_processes must be at least 4"),
-                  (0 < self.sandbox_uid < 2**32 - 1, "sandbox_uid must be a uid other than 0")])
+        _require(
+            [
+                (
+                    self.tool_mode in ("partial", "lazy"),
+                    f"tool_mode must be partial or lazy, got {self.tool_mode!r}",
+                ),
+                (self.max_tool_rounds >= 0, "max_tool_rounds must be >= 0"),
+                (self.num_workers > 0, "num_workers must be positive"),
+                (self.call_timeout_s > 0, "call_timeout_s must be positive"),
+                (0 <= self.handoff_ms <= 1000, "handoff_ms must be in [0, 1000]"),
+                (self.cpu_time_s > 0, "cpu_time_s must be positive"),
+                (self.memory_mb > 0, "memory_mb must be positive"),
+                (self.file_size_mb > 0, "file_size_mb must be positive"),
+                (0 <= self.worker_nice <= 19, "worker_nice must be between 0 and 19"),
+                (self.max_processes >= 4, "max_processes must be at least 4"),
+                (0 < self.sandbox_uid < 2**32 - 1, "sandbox_uid must be a uid other than 0"),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata=_help("address to listen on"))
     port: int = field(default=8000, metadata=_help("port to listen on (0: any free port)"))
-    api_key: str = field(default="", metadata=_help(
-        "require 'Authorization: Bearer KEY' on every /v1 route (also read from CONVEYOR_API_KEY); empty: no auth"))
-    served_model_name: str = field(default="", metadata=_help(
-        "the model name clients send; empty: the --model value's last path part"))
-    max_pending: int = field(default=256, metadata=_help(
-        "most requests in flight; more get HTTP 429 until some finish"))
-    default_max_tokens: int = field(default=1024, metadata=_help(
-        "max_tokens of requests that give none (cut to the model's context)"))
-    max_body_kb: int = field(default=4096, metadata=_help(
-        "largest request body in KiB; a larger one gets HTTP 413 before it is parsed"))
-    prepare_timeout_s: float = field(default=30.0, metadata=_help(
-        "longest a request's chat template, tokenization and tool-grammar compilation may take (off the "
-        "engine thread); past it the request gets HTTP 400"))
-    mcp: tuple[str, ...] = field(default=(), metadata=_help(
-        "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"))
+    api_key: str = field(
+        default="",
+        metadata=_help(
+            "require 'Authorization: Bearer KEY' on every /v1 route (also read from CONVEYOR_API_KEY); empty: no auth"
+        ),
+    )
+    served_model_name: str = field(
+        default="", metadata=_help("the model name clients send; empty: the --model value's last path part")
+    )
+    max_pending: int = field(
+        default=256, metadata=_help("most requests in flight; more get HTTP 429 until some finish")
+    )
+    default_max_tokens: int = field(
+        default=1024, metadata=_help("max_tokens of requests that give none (cut to the model's context)")
+    )
+    max_body_kb: int = field(
+        default=4096,
+        metadata=_help("largest request body in KiB; a larger one gets HTTP 413 before it is parsed"),
+    )
+    prepare_timeout_s: float = field(
+        default=30.0,
+        metadata=_help(
+            "longest a request's chat template, tokenization and tool-grammar compilation may take (off the "
+            "engine thread); past it the request gets HTTP 400"
+        ),
+    )
+    mcp: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"
+        ),
+    )
 
     def __post_init__(self) -> None:
-        _require([(0 <= self.port < 65536, "port must be in [0, 65535]"),
-                  (self.max_pending > 0, "max_pending must be positive"),
-                  (self.default_max_tokens > 0, "default_max_tokens must be positive"),
-                  (self.max_body_kb > 0, "max_body_kb must be positive"),
-                  (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive")])
+        _require(
+            [
+                (0 <= self.port < 65536, "port must be in [0, 65535]"),
+                (self.max_pending > 0, "max_pending must be positive"),
+                (self.default_max_tokens > 0, "default_max_tokens must be positive"),
+                (self.max_body_kb > 0, "max_body_kb must be positive"),
+                (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive"),
+            ]
+        )
 
 
 # how tool calls are constrained remotely, by dialect (each one's form: backends/constraints.py)
 BACKEND_DIALECTS: dict[str, str] = {
-    "llama.cpp": "json_schema, and a lazy GBNF grammar for \"auto\"",
+    "llama.cpp": 'json_schema, and a lazy GBNF grammar for "auto"',
     "vllm": "the embedded engine's xgrammar structural tag",
     "none": "",
 }
@@ -225,33 +361,65 @@ BACKEND_DIALECTS: dict[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
-    backend: str | None = field(default=None, metadata=_help(
-        "URL of a remote OpenAI-compatible engine (vLLM, SGLang, llama.cpp server), e.g. http://127.0.0.1:8080: "
-        "Conveyor's tool layer drives its /v1/completions stream; unset: the embedded engine"))
-    backend_model: str = field(default="", metadata=_help(
-        "the model name sent to the remote engine; empty: the first one its /v1/models lists"))
-    backend_api_key: str = field(default="", metadata=_help(
-        "bearer token for the remote engine (also read from CONVEYOR_BACKEND_API_KEY)"))
-    backend_dialect: str = field(default="llama.cpp", metadata=_help(
-        _choices_help("how constrained calls are asked of the remote engine", BACKEND_DIALECTS)))
-    connect_timeout_s: float = field(default=5.0, metadata=_help("limit on opening a connection to the remote engine"))
-    read_timeout_s: float = field(default=60.0, metadata=_help(
-        "longest wait for the remote engine's next streamed chunk (the first one includes its prefill)"))
-    max_retries: int = field(default=2, metadata=_help(
-        "retries of a remote request that failed before its first token (connection refused, 429, 502-504); "
-        "never once text has reached the tool layer"))
-    retry_backoff_s: float = field(default=0.2, metadata=_help("wait before the first retry; doubles each time"))
+    backend: str | None = field(
+        default=None,
+        metadata=_help(
+            "URL of a remote OpenAI-compatible engine (vLLM, SGLang, llama.cpp server), e.g. http://127.0.0.1:8080: "
+            "Conveyor's tool layer drives its /v1/completions stream; unset: the embedded engine"
+        ),
+    )
+    backend_model: str = field(
+        default="",
+        metadata=_help("the model name sent to the remote engine; empty: the first one its /v1/models lists"),
+    )
+    backend_api_key: str = field(
+        default="",
+        metadata=_help("bearer token for the remote engine (also read from CONVEYOR_BACKEND_API_KEY)"),
+    )
+    backend_dialect: str = field(
+        default="llama.cpp",
+        metadata=_help(
+            _choices_help("how constrained calls are asked of the remote engine", BACKEND_DIALECTS)
+        ),
+    )
+    connect_timeout_s: float = field(
+        default=5.0, metadata=_help("limit on opening a connection to the remote engine")
+    )
+    read_timeout_s: float = field(
+        default=60.0,
+        metadata=_help(
+            "longest wait for the remote engine's next streamed chunk (the first one includes its prefill)"
+        ),
+    )
+    max_retries: int = field(
+        default=2,
+        metadata=_help(
+            "retries of a remote request that failed before its first token (connection refused, 429, 502-504); "
+            "never once text has reached the tool layer"
+        ),
+    )
+    retry_backoff_s: float = field(
+        default=0.2, metadata=_help("wait before the first retry; doubles each time")
+    )
     max_connections: int = field(default=64, metadata=_help("pooled HTTP connections to the remote engine"))
 
     def __post_init__(self) -> None:
-        _require([(self.backend is None or self.backend.startswith(("http://", "https://")),
-                   f"backend must be an http(s) URL, got {self.backend!r}"),
-                  (self.backend_dialect in BACKEND_DIALECTS,
-                   f"backend_dialect must be {_one_of(list(BACKEND_DIALECTS))}, got {self.backend_dialect!r}"),
-                  (self.connect_timeout_s > 0 and self.read_timeout_s > 0, "backend timeouts must be positive"),
-                  (self.max_retries >= 0, "max_retries must be >= 0"),
-                  (self.retry_backoff_s >= 0, "retry_backoff_s must be >= 0"),
-                  (self.max_connections > 0, "max_connections must be positive")])
+        _require(
+            [
+                (
+                    self.backend is None or self.backend.startswith(("http://", "https://")),
+                    f"backend must be an http(s) URL, got {self.backend!r}",
+                ),
+                (
+                    self.backend_dialect in BACKEND_DIALECTS,
+                    f"backend_dialect must be {_one_of(list(BACKEND_DIALECTS))}, got {self.backend_dialect!r}",
+                ),
+                (self.connect_timeout_s > 0 and self.read_timeout_s > 0, "backend timeouts must be positive"),
+                (self.max_retries >= 0, "max_retries must be >= 0"),
+                (self.retry_backoff_s >= 0, "retry_backoff_s must be >= 0"),
+                (self.max_connections > 0, "max_connections must be positive"),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +436,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("CONVEYOR_CACHE") or Path.home() / ".cache" / "conveyor")
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = None,
-              names: dict[str, Iterable[str]] | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    title: str | None = None,
+    names: dict[str, Iterable[str]] | None = None,
+) -> None:
     """Add one ``--flag`` per field of the dataclass ``cls`` (bool, int, float, str, optional
     scalars and tuples of scalars). ``names[field]``, a registry's names, fill the ``{names}``
     of that field's help (this module imports no registry)."""
@@ -282,9 +454,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, title: str | None = No
         doc = f"{text} (default: {f.default})".strip()
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
-        elif isinstance(kind, types.UnionType):             # X | None
+        elif isinstance(kind, types.UnionType):  # X | None
             group.add_argument(flag, type=get_args(kind)[0], default=f.default, help=doc)
-        elif getattr(kind, "__origin__", None) is tuple:    # tuple[X, ...]
+        elif getattr(kind, "__origin__", None) is tuple:  # tuple[X, ...]
             group.add_argument(flag, type=get_args(kind)[0], nargs="*", default=f.default, help=doc)
         else:
             group.add_argument(flag, type=kind, default=f.default, help=doc)
@@ -297,6 +469,10 @@ def from_flags(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def engine_config_from_flags(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=from_flags(ModelConfig, args), cache=from_flags(CacheConfig, args),
-                        scheduler=from_flags(SchedulerConfig, args), tools=from_flags(ToolConfig, args),
-                        backend=from_flags(BackendConfig, args) if hasattr(args, "backend") else BackendConfig())
+    return EngineConfig(
+        model=from_flags(ModelConfig, args),
+        cache=from_flags(CacheConfig, args),
+        scheduler=from_flags(SchedulerConfig, args),
+        tools=from_flags(ToolConfig, args),
+        backend=from_flags(BackendConfig, args) if hasattr(args, "backend") else BackendConfig(),
+    )

@@ -8,6 +8,7 @@ per field `hook_delays_s - hook_queued_s` (the time from sending to the hook run
 instead of being discarded, so no replacement starts; the difference from a plain run is
 what starting the replacements costs the hooks of the calls that overlap them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ def _keep_worker(pool: WorkerPool, worker: worker_procs.Worker) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--reuse-workers", action="store_true")
@@ -57,11 +60,13 @@ def main() -> None:
     if args.reuse_workers:
         WorkerPool._retire = _keep_worker  # type: ignore[method-assign]
     delays = sorted(measure(args.calls, args.workers))
-    at = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))] * 1e3   # noqa: E731
+    at = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))] * 1e3
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
-    print(f"{'reuse' if args.reuse_workers else 'per-call'}: {len(delays)} fields, p50 {at(0.5):.2f} ms, "
-          f"p99 {at(0.99):.2f} ms, max {delays[-1] * 1e3:.2f} ms, load {load}")
+    print(
+        f"{'reuse' if args.reuse_workers else 'per-call'}: {len(delays)} fields, p50 {at(0.5):.2f} ms, "
+        f"p99 {at(0.99):.2f} ms, max {delays[-1] * 1e3:.2f} ms, load {load}"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ lock pins ``torch==2.13.0`` without the ``+cpu`` label, which that wheel satisfi
 ``tests/unit/test_lock.py`` fails when pyproject.toml and the lock disagree, or when the installed
 packages are not the locked ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,30 @@ def resolve(constraints: dict[str, str]) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report, pins = Path(tmp) / "report.json", Path(tmp) / "pins.txt"
         pins.write_text("".join(f"{n}=={v}\n" for n, v in constraints.items()))
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), "-c", str(pins), "-e", f"{ROOT}[test]"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--report",
+                str(report),
+                "-c",
+                str(pins),
+                "-e",
+                f"{ROOT}[test]",
+            ],
+            check=True,
+        )
         installs = json.loads(report.read_text())["install"]
-    return {normalize(i["metadata"]["name"]): i["metadata"]["version"].split("+")[0]
-            for i in installs if normalize(i["metadata"]["name"]) != "conveyor"}
+    return {
+        normalize(i["metadata"]["name"]): i["metadata"]["version"].split("+")[0]
+        for i in installs
+        if normalize(i["metadata"]["name"]) != "conveyor"
+    }
 
 
 def main() -> None:

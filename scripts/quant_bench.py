@@ -8,6 +8,7 @@ that they come from memory as in a decode step.
 
     PYTHONPATH=$PWD python scripts/quant_bench.py [--rows 1,8,32] [--bytes 128] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,24 @@ from conveyor.engine.model import kernels, quant
 
 # (rows N, columns K, type, what it is in the default model)
 SHAPES = (
-    (896, 896, "Q5_0", "attn q/o"), (128, 896, "Q8_0", "attn v"), (128, 896, "Q5_0", "attn k"),
-    (4864, 896, "Q5_0", "ffn gate/up"), (896, 4864, "Q4_K", "ffn down"), (896, 4864, "Q6_K", "ffn down"),
+    (896, 896, "Q5_0", "attn q/o"),
+    (128, 896, "Q8_0", "attn v"),
+    (128, 896, "Q5_0", "attn k"),
+    (4864, 896, "Q5_0", "ffn gate/up"),
+    (896, 4864, "Q4_K", "ffn down"),
+    (896, 4864, "Q6_K", "ffn down"),
     (151936, 896, "Q8_0", "output"),
 )
-FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-               "Q5_K": (0, 2), "Q6_K": (208,)}
+FP16_FIELDS = {
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+}
 
 
 def random_weight(qtype: str, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
@@ -34,7 +47,9 @@ def random_weight(qtype: str, n: int, k: int, rng: np.random.Generator) -> torch
     t = quant.QUANT_TYPES[qtype]
     raw = rng.integers(0, 256, (n * k // t.block_elems, t.block_bytes), dtype=np.uint8)
     for offset in FP16_FIELDS[qtype]:
-        raw[:, offset:offset + 2] = rng.uniform(1e-4, 2e-3, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, offset : offset + 2] = (
+            rng.uniform(1e-4, 2e-3, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        )
     return torch.from_numpy(raw.reshape(n, -1))
 
 
@@ -70,13 +85,19 @@ def bench_shape(n: int, k: int, qtype: str, rows: list[int], total_bytes: int, r
         gbs = []
         for m in rows:
             x = torch.randn(m, k)
-            gbs.append(one.numel() / best_s(lambda w, x=x, kernel=kernel: quant.qmatmul(x, w, qtype, kernel), copies) / 1e9)
+            gbs.append(
+                one.numel()
+                / best_s(lambda w, x=x, kernel=kernel: quant.qmatmul(x, w, qtype, kernel), copies)
+                / 1e9
+            )
         lines.append(f"  {kernel:14s} " + "  ".join(f"M={m:<2d} {g:6.1f} GB/s" for m, g in zip(rows, gbs)))
     for dtype in (torch.float32, torch.bfloat16):
         out = torch.empty(n, k, dtype=dtype)
         s = best_s(lambda w, out=out: quant.dequantize(w, qtype, out), copies)
-        lines.append(f"  dequantize->{str(dtype).removeprefix('torch.'):8s} {one.numel() / s / 1e9:6.1f} GB/s read, "
-                     f"{out.numel() * out.element_size() / s / 1e9:6.1f} GB/s written")
+        lines.append(
+            f"  dequantize->{str(dtype).removeprefix('torch.'):8s} {one.numel() / s / 1e9:6.1f} GB/s read, "
+            f"{out.numel() * out.element_size() / s / 1e9:6.1f} GB/s written"
+        )
     return lines
 
 
@@ -108,8 +129,10 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     rng = np.random.default_rng(0)
-    print(f"CPU: {kernels.cpu_model()}; {torch.get_num_threads()} threads; load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(
+        f"CPU: {kernels.cpu_model()}; {torch.get_num_threads()} threads; load average "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     print(f"streaming read (torch sum of 512 MiB fp32): {read_ceiling_gbs():.1f} GB/s")
     with torch.inference_mode():
         for n, k, qtype, what in picked:

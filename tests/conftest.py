@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight models (Llama and Qwen2 shapes) with a byte-level tokenizer."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,14 +21,22 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The test tiers, by file (one table, so test modules carry no tier of their own):
 # `pytest -m "not slow and not e2e"` is the quick tier; plain `pytest` runs everything.
-E2E = ("tests/e2e/", "tests/backends/test_remote_llamacpp.py")     # the real SmolLM2 (and llama.cpp)
+E2E = ("tests/e2e/", "tests/backends/test_remote_llamacpp.py")  # the real SmolLM2 (and llama.cpp)
 SLOW = (
-    "tests/bench/test_engine_bench.py", "tests/bench/test_soak.py", "tests/bench/test_workloads_smoke.py",
-    "tests/server/test_schemathesis.py", "tests/server/test_hostile_code_http.py", "tests/unit/test_sandbox_hostile.py",
+    "tests/bench/test_engine_bench.py",
+    "tests/bench/test_soak.py",
+    "tests/bench/test_workloads_smoke.py",
+    "tests/server/test_schemathesis.py",
+    "tests/server/test_hostile_code_http.py",
+    "tests/unit/test_sandbox_hostile.py",
     # against transformers, every kernel built and timed, engines with tool workers, grammars compiled
-    "tests/engine/test_exactness.py", "tests/engine/test_linear.py", "tests/engine/test_tools.py",
-    "tests/engine/test_constrained.py", "tests/engine/test_swap.py",
-    "tests/engine/test_quant_kernels.py", "tests/engine/test_gguf_native.py",
+    "tests/engine/test_exactness.py",
+    "tests/engine/test_linear.py",
+    "tests/engine/test_tools.py",
+    "tests/engine/test_constrained.py",
+    "tests/engine/test_swap.py",
+    "tests/engine/test_quant_kernels.py",
+    "tests/engine/test_gguf_native.py",
 )
 
 

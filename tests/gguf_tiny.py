@@ -1,5 +1,6 @@
 """Tiny random GGUF models (Llama and Qwen2 shapes) written with gguf.GGUFWriter, their tensors in
 a mix of the GGUF types a real file holds, with the byte-level tokenizer of tests/tiny.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,10 +21,24 @@ SCALE_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q3_K: (108,)}
 # layer 1 has Q5_0 beside Q8_0 there (Q5_0 rewritten as Q8_0, fused); Q3_K has no kernel
 # (de-quantized at load, with a notice)
 LAYER_TYPES = [
-    {"attn_q": T.Q4_K, "attn_k": T.Q5_0, "attn_v": T.Q8_0, "attn_output": T.Q4_1,
-     "ffn_gate": T.Q5_K, "ffn_up": T.Q5_K, "ffn_down": T.Q6_K},
-    {"attn_q": T.Q5_0, "attn_k": T.Q8_0, "attn_v": T.Q8_0, "attn_output": T.Q3_K,
-     "ffn_gate": T.Q4_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_K},
+    {
+        "attn_q": T.Q4_K,
+        "attn_k": T.Q5_0,
+        "attn_v": T.Q8_0,
+        "attn_output": T.Q4_1,
+        "ffn_gate": T.Q5_K,
+        "ffn_up": T.Q5_K,
+        "ffn_down": T.Q6_K,
+    },
+    {
+        "attn_q": T.Q5_0,
+        "attn_k": T.Q8_0,
+        "attn_v": T.Q8_0,
+        "attn_output": T.Q3_K,
+        "ffn_gate": T.Q4_0,
+        "ffn_up": T.Q4_0,
+        "ffn_down": T.Q4_K,
+    },
 ]
 
 
@@ -50,7 +65,7 @@ def quantized(values: np.ndarray, qtype: T, rng: np.random.Generator) -> np.ndar
     def with_scale(scale: float) -> np.ndarray:
         b = blocks.copy()
         for offset in SCALE_OFFSETS[qtype]:
-            b[:, offset:offset + 2] = np.full((len(b), 1), scale, np.float16).view(np.uint8)
+            b[:, offset : offset + 2] = np.full((len(b), 1), scale, np.float16).view(np.uint8)
         return b.reshape(rows, -1)
 
     spread = gguf_quants.dequantize(with_scale(1.0), qtype).std()
@@ -116,8 +131,15 @@ def write_tiny_gguf(path: Path, arch: str, seed: int = 0) -> Path:
         wq, wk = w(q, HIDDEN), w(kv, HIDDEN)
         if arch == "llama":
             wq, wk = _llama_permute(wq, HEADS), _llama_permute(wk, KV_HEADS)
-        shapes = {"attn_q": wq, "attn_k": wk, "attn_v": w(kv, HIDDEN), "attn_output": w(HIDDEN, q),
-                  "ffn_gate": w(INTER, HIDDEN), "ffn_up": w(INTER, HIDDEN), "ffn_down": w(HIDDEN, INTER)}
+        shapes = {
+            "attn_q": wq,
+            "attn_k": wk,
+            "attn_v": w(kv, HIDDEN),
+            "attn_output": w(HIDDEN, q),
+            "ffn_gate": w(INTER, HIDDEN),
+            "ffn_up": w(INTER, HIDDEN),
+            "ffn_down": w(HIDDEN, INTER),
+        }
         for kind, values in shapes.items():
             _add(writer, p + kind + ".weight", values, types[kind], rng)
         if arch == "qwen2":

@@ -1,4 +1,5 @@
 """Waiting on a condition of another thread's work, bounded (for state no event signals)."""
+
 from __future__ import annotations
 
 import time

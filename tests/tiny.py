@@ -1,4 +1,5 @@
 """Tiny random-weight Llama and Qwen2 checkpoints, saved the way Hugging Face saves them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,9 +32,17 @@ def build_tiny_model(path: Path, family: str, seed: int = 0) -> Path:
     """Save a random tiny model of ``family`` ('llama' or 'qwen2') and its tokenizer to ``path``."""
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
-    common = dict(vocab_size=len(tokenizer) + 5, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    common = dict(  # noqa: C408
+        vocab_size=len(tokenizer) + 5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, tie_word_embeddings=False, **common))
     else:

@@ -3,6 +3,7 @@
 Conveyor's tool layer in front of a remote OpenAI-compatible engine (vLLM, SGLang, llama.cpp
 server). Both implement the Engine protocol (`engine/api.py`); servers, benchmarks and
 commands create engines through this function and type against that protocol."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 __all__ = ["BackendError", "open_engine"]
 
 
-def open_engine(config: EngineConfig = EngineConfig(), *, progress: bool = True, tools: Iterable[Any] = ()) -> Engine:
+def open_engine(
+    config: EngineConfig = EngineConfig(), *, progress: bool = True, tools: Iterable[Any] = ()
+) -> Engine:
     """An engine for `config`: the remote backend if `config.backend.backend` is set, else the embedded one."""
     if config.backend.backend:
         from conveyor.backends.remote import RemoteEngine

@@ -18,6 +18,7 @@ gets the nearest form it accepts:
   The tool still validates its arguments.
 - **none**: nothing; the remote engine decodes freely.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,19 +29,19 @@ from typing import Any
 from conveyor.config import BACKEND_DIALECTS
 from conveyor.tools.parsers import HERMES_CALL
 
-CALL_OPEN, CALL_CLOSE = HERMES_CALL      # the Hermes/Qwen call format's start and end
-TRIGGER_WORD = 1                        # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_WORD
+CALL_OPEN, CALL_CLOSE = HERMES_CALL  # the Hermes/Qwen call format's start and end
+TRIGGER_WORD = 1  # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_WORD
 
 # JSON values for GBNF, after llama.cpp's grammars/json.gbnf; `ws` caps a run of blanks as the
 # embedded grammar's max_whitespace does.
-_JSON_GBNF = r'''
+_JSON_GBNF = r"""
 value ::= object | array | string | number | ("true" | "false" | "null") ws
 object ::= "{" ws ( string ":" ws value ( "," ws string ":" ws value )* )? "}" ws
 array ::= "[" ws ( value ( "," ws value )* )? "]" ws
 string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} ) )* "\"" ws
 number ::= "-"? ( [0-9] | [1-9] [0-9]{0,15} ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]{1,16} )? ws
 ws ::= | " " | "\n" [ \t]{0,16}
-'''
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +68,20 @@ def caller_forms(constraint: Any) -> Callable[[int], TurnForm] | None:
 
 def call_schema(specs: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON schema of one call, `{"name": ..., "arguments": ...}`, of any of the tools `specs`."""
-    return {"anyOf": [{"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
-                       "properties": {"name": {"const": s["function"]["name"]},
-                                      "arguments": s["function"].get("parameters") or {"type": "object"}}}
-                      for s in specs]}
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"const": s["function"]["name"]},
+                    "arguments": s["function"].get("parameters") or {"type": "object"},
+                },
+            }
+            for s in specs
+        ]
+    }
 
 
 def remote_form(dialect: str, specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
@@ -89,7 +100,9 @@ def remote_form(dialect: str, specs: list[dict[str, Any]], choice: str | dict[st
 def _vllm_form(specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
     from conveyor.tools.grammar import structural_tag
 
-    return TurnForm({"structured_outputs": {"structural_tag": structural_tag(specs, choice).model_dump_json()}})
+    return TurnForm(
+        {"structured_outputs": {"structural_tag": structural_tag(specs, choice).model_dump_json()}}
+    )
 
 
 def _llamacpp_form(specs: list[dict[str, Any]], choice: str | dict[str, Any]) -> TurnForm:
@@ -110,11 +123,16 @@ def lazy_call_grammar(names: list[str]) -> dict[str, Any]:
     """llama.cpp request fields for an "auto" turn: a GBNF grammar of one call of the tools
     `names`, lazy until the model writes `<tool_call>`."""
     name = " | ".join(_gbnf_literal(json.dumps(n)) for n in names)
-    root = (f'root ::= {_gbnf_literal(CALL_OPEN + "{")} ws {_gbnf_literal(json.dumps("name"))} ":" ws ( {name} ) '
-            f'ws "," ws {_gbnf_literal(json.dumps("arguments"))} ":" ws object "}}" {_gbnf_literal(CALL_CLOSE)}')
-    return {"grammar": root + _JSON_GBNF, "grammar_lazy": True,
-            "grammar_triggers": [{"type": TRIGGER_WORD, "value": CALL_OPEN.strip()}],
-            "preserved_tokens": [CALL_OPEN.strip(), CALL_CLOSE.strip()]}
+    root = (
+        f'root ::= {_gbnf_literal(CALL_OPEN + "{")} ws {_gbnf_literal(json.dumps("name"))} ":" ws ( {name} ) '
+        f'ws "," ws {_gbnf_literal(json.dumps("arguments"))} ":" ws object "}}" {_gbnf_literal(CALL_CLOSE)}'
+    )
+    return {
+        "grammar": root + _JSON_GBNF,
+        "grammar_lazy": True,
+        "grammar_triggers": [{"type": TRIGGER_WORD, "value": CALL_OPEN.strip()}],
+        "preserved_tokens": [CALL_OPEN.strip(), CALL_CLOSE.strip()],
+    }
 
 
 def _gbnf_literal(text: str) -> str:

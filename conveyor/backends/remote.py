@@ -10,6 +10,7 @@ in 0 of 29 samples (see shared/models.md). The text feeds the same `ToolDriver` 
 embedded engine's (parsers, executor, workers, the same safety rules: external tools run
 only after a clean end); a rejected field closes the remote stream at once.
 """
+
 from __future__ import annotations
 
 import queue
@@ -50,8 +51,14 @@ class RemoteEngine(EngineBase):
 
     _requests: dict[str, RemoteRequest]
 
-    def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
-                 tools: Iterable[Any] = (), client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        *,
+        progress: bool = True,
+        tools: Iterable[Any] = (),
+        client: httpx.Client | None = None,
+    ) -> None:
         """`config.backend.backend` is the remote engine's base URL; `config.model.model` names the
         same model locally, for its tokenizer and chat template (prompts are rendered here)."""
         from transformers import AutoTokenizer
@@ -66,15 +73,17 @@ class RemoteEngine(EngineBase):
         self.client = client or connect(backend)
         try:
             self.model_name = backend.backend_model or discover_model(self.client, self.url)
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.model, progress=progress))
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model(config.model.model, progress=progress)
+            )
         except BaseException:
-            self.client.close()         # nothing is left open by a failed start
+            self.client.close()  # nothing is left open by a failed start
             raise
         self.max_model_len = config.model.max_model_len
         self.retry = RetryPolicy(backend.max_retries, backend.retry_backoff_s)
         self.events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         super().__init__()
-        form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)  # noqa: E731
+        form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
     def close(self) -> None:
@@ -83,7 +92,7 @@ class RemoteEngine(EngineBase):
         for request_id in list(self._requests):
             self.abort(request_id)
         for stream in streams:
-            stream.join(1.0)        # readers wake at once from the socket shutdown
+            stream.join(1.0)  # readers wake at once from the socket shutdown
         self.driver.close()
         self.client.close()
 
@@ -99,30 +108,52 @@ class RemoteEngine(EngineBase):
             rendered = self.tokenizer.decode(rendered)
         return non_empty(rendered)
 
-    def prepare(self, prompt: Prompt, *, tools: list[str | dict] | None = None, call_format: str | None = None,
-                **_: Any) -> PreparedPrompt:
+    def prepare(
+        self,
+        prompt: Prompt,
+        *,
+        tools: list[str | dict] | None = None,
+        call_format: str | None = None,
+        **_: Any,
+    ) -> PreparedPrompt:
         """The prompt rendered and tokenized (to check its length) off the engine's thread; pass
         the result to `add_request` with the same options."""
         text = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, ids, text)
 
-    def add_request(self, prompt: Prompt, params: Params = None, *,
-                    request_id: str | None = None, tools: list[str | dict] | None = None,
-                    tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
-                    max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: Params = None,
+        *,
+        request_id: str | None = None,
+        tools: list[str | dict] | None = None,
+        tool_choice: str | dict = "auto",
+        tool_mode: str | None = None,
+        call_format: str | None = None,
+        max_tool_rounds: int | None = None,
+        constraint: Any = None,
+        lenient_calls: bool = True,
+    ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
         that returns one per turn number; default: the remote form of `tool_choice` (constraints.py)."""
         params = sampling_params(params)
-        options = self.driver.options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls)
+        options = self.driver.options(
+            tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
+        )
         if not isinstance(prompt, PreparedPrompt):
             prompt = self.prepare(prompt, tools=tools, call_format=call_format)
         if len(prompt.token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt.token_ids)} tokens; the limit is {self.max_model_len - 1}")
+            raise ValueError(
+                f"prompt has {len(prompt.token_ids)} tokens; the limit is {self.max_model_len - 1}"
+            )
         request_id = self._new_id(request_id)
         factory = caller_forms(constraint)
-        first = self.driver.constraint(options, 0, factory) or TurnForm()   # may raise: nothing is registered yet
+        first = (
+            self.driver.constraint(options, 0, factory) or TurnForm()
+        )  # may raise: nothing is registered yet
         request = RemoteRequest(request_id, prompt.text, params, len(prompt.token_ids))
         self.driver.attach(request_id, options, factory)
         self._requests[request_id] = request
@@ -131,8 +162,14 @@ class RemoteEngine(EngineBase):
 
     def _open_turn(self, request: RemoteRequest, form: TurnForm) -> None:
         """Send the conversation so far; the reply streams in on `self.events`."""
-        request.stream = RemoteStream(self.client, "/v1/completions", request.body(self.model_name, form),
-                                      (request.request_id, request.turn), self.events, self.retry)
+        request.stream = RemoteStream(
+            self.client,
+            "/v1/completions",
+            request.body(self.model_name, form),
+            (request.request_id, request.turn),
+            self.events,
+            self.retry,
+        )
 
     def get_request(self, request_id: str) -> RemoteRequest:
         return self._requests[request_id]
@@ -157,7 +194,7 @@ class RemoteEngine(EngineBase):
         if not self._requests:
             return outputs
         if not outputs and all(r.stream is None for r in self._requests.values()):
-            return self._poll_tools(0.02)       # every request waits on its tools: wait on the workers
+            return self._poll_tools(0.02)  # every request waits on its tools: wait on the workers
         try:
             events = [self.events.get(timeout=0.0 if outputs else 0.02)]
         except queue.Empty:
@@ -169,7 +206,7 @@ class RemoteEngine(EngineBase):
     def _on_event(self, event: StreamEvent) -> RemoteOutput | None:
         request = self._requests.get(event.key[0])
         if request is None or request.turn != event.key[1] or request.stream is None:
-            return None         # a stream closed by abort or a rejection: its last events are dropped
+            return None  # a stream closed by abort or a rejection: its last events are dropped
         if isinstance(event, StreamText):
             return request.output(self._take(request, event.text))
         request.stream = None
@@ -185,7 +222,9 @@ class RemoteEngine(EngineBase):
 
     def _end_turn(self, request: RemoteRequest, finish_reason: str, usage: dict[str, Any]) -> RemoteOutput:
         """The remote engine finished the turn: wait for its calls, or finish the request."""
-        text = self._take(request, "") if request.forced else ""     # a turn that streamed nothing after its start
+        text = (
+            self._take(request, "") if request.forced else ""
+        )  # a turn that streamed nothing after its start
         if request.closing and finish_reason == "stop":
             text += self._take(request, request.closing)
         request.end_turn(usage)
@@ -197,7 +236,9 @@ class RemoteEngine(EngineBase):
         decision = self.driver.end_turn(request.request_id, None)
         if decision == "wait":
             return request.output(text)
-        return self._finish(request, "stop" if decision == "finish" else "tool_calls", cancel=False, text=text)
+        return self._finish(
+            request, "stop" if decision == "finish" else "tool_calls", cancel=False, text=text
+        )
 
     def _poll_tools(self, timeout_s: float) -> list[RemoteOutput]:
         """Tool results in: close the stream of a turn a rejected call cut off; continue requests
@@ -213,7 +254,7 @@ class RemoteEngine(EngineBase):
     def _continue(self, ready: Continuation) -> RemoteOutput:
         """Append the tool-result turn to the conversation and start the next remote turn."""
         request = self._requests[ready.request_id]
-        if ready.final is not None:       # the results are reported and the request ends
+        if ready.final is not None:  # the results are reported and the request ends
             return self._finish(request, ready.final, cancel=False, results=ready.results)
         request.prompt += ready.text
         request.turn += 1
@@ -223,11 +264,18 @@ class RemoteEngine(EngineBase):
         self._open_turn(request, self.driver.next_constraint(request.request_id) or TurnForm())
         return request.output("", ready.results)
 
-    def _finish(self, request: RemoteRequest, reason: str, *, cancel: bool, text: str = "",
-                results: list | None = None, error: str | None = None) -> RemoteOutput:
+    def _finish(
+        self,
+        request: RemoteRequest,
+        reason: str,
+        *,
+        cancel: bool,
+        text: str = "",
+        results: list | None = None,
+        error: str | None = None,
+    ) -> RemoteOutput:
         """End the request: close its stream, drop its tool session (cancelling its calls if `cancel`)."""
         request.close_stream()
         self._requests.pop(request.request_id, None)
         request.finish_reason, request.error = reason, error
         return request.output(text, results, self.driver.detach(request.request_id, cancel))
-

@@ -5,14 +5,15 @@ so far: the first prompt, then each turn's raw text exactly as streamed, then th
 tool-result turn. A turn may be forced to start with some text (`forced`, already at the end
 of the prompt) and get some text added after a clean stop (`closing`); see constraints.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from conveyor.backends.constraints import TurnForm
-from conveyor.engine.api import RequestOutput
 from conveyor.core.request import SamplingParams
+from conveyor.engine.api import RequestOutput
 
 if TYPE_CHECKING:
     from conveyor.backends.stream import RemoteStream
@@ -31,20 +32,20 @@ class RemoteRequest:
     """One request's conversation with the remote engine."""
 
     request_id: str
-    prompt: str                  # the conversation so far, the model's raw output included
+    prompt: str  # the conversation so far, the model's raw output included
     params: SamplingParams
     num_prompt_tokens: int
     turn: int = 0
-    forced: str = ""             # text the turn was started with (the prompt ends with it), not yet shown
-    closing: str = ""            # text added to the turn after a clean stop (constraints.TurnForm)
+    forced: str = ""  # text the turn was started with (the prompt ends with it), not yet shown
+    closing: str = ""  # text added to the turn after a clean stop (constraints.TurnForm)
     turn_text: list[str] = field(default_factory=list)
     output_text: list[str] = field(default_factory=list)
     stream: RemoteStream | None = None
     num_output_tokens: int = 0
-    num_turn_tokens: int = 0     # output tokens of the turns before this one
-    num_cached_tokens: int = 0   # prompt tokens the remote engine found in its prefix cache, all turns
+    num_turn_tokens: int = 0  # output tokens of the turns before this one
+    num_cached_tokens: int = 0  # prompt tokens the remote engine found in its prefix cache, all turns
     num_prefill_tokens: int = 0  # prompt tokens it had to compute, all turns
-    turn_usage: list[dict[str, Any]] = field(default_factory=list)   # the remote's usage report per turn
+    turn_usage: list[dict[str, Any]] = field(default_factory=list)  # the remote's usage report per turn
     finish_reason: str | None = None
     error: str | None = None
 
@@ -59,8 +60,14 @@ class RemoteRequest:
     def body(self, model: str, form: TurnForm) -> dict[str, Any]:
         """The next turn's streamed completion request; the turn starts with `form.opening`."""
         self.forced, self.closing = form.opening, form.closing
-        return {"model": model, "prompt": self.prompt + form.opening, "stream": True,
-                "stream_options": {"include_usage": True}, **self._sampling_fields(), **form.fields}
+        return {
+            "model": model,
+            "prompt": self.prompt + form.opening,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self._sampling_fields(),
+            **form.fields,
+        }
 
     def take(self, text: str) -> str:
         """New text of the turn (after the forced opening, shown with the first text)."""
@@ -68,7 +75,7 @@ class RemoteRequest:
             text, self.forced = self.forced + text, ""
         self.turn_text.append(text)
         self.output_text.append(text)
-        self.num_output_tokens += 1          # one streamed chunk per token; usage corrects it at the end
+        self.num_output_tokens += 1  # one streamed chunk per token; usage corrects it at the end
         return text
 
     def end_turn(self, usage: dict[str, Any]) -> None:
@@ -97,17 +104,36 @@ class RemoteRequest:
             self.stream = None
 
     def output(self, text: str, results: list | None = None, timeline: list | None = None) -> RemoteOutput:
-        return RemoteOutput(self.request_id, [], text, self.finished, self.finish_reason, self.num_prompt_tokens,
-                            self.num_output_tokens, results or [], timeline, self.num_cached_tokens, self.error,
-                            self.num_prefill_tokens)
+        return RemoteOutput(
+            self.request_id,
+            [],
+            text,
+            self.finished,
+            self.finish_reason,
+            self.num_prompt_tokens,
+            self.num_output_tokens,
+            results or [],
+            timeline,
+            self.num_cached_tokens,
+            self.error,
+            self.num_prefill_tokens,
+        )
 
     def _sampling_fields(self) -> dict[str, Any]:
         """The sampling parameters as OpenAI fields (plus the vLLM / llama.cpp extensions top_k,
         ignore_eos and stop_token_ids, sent only when set)."""
         p = self.params
-        body: dict[str, Any] = {"max_tokens": max(1, p.max_tokens - self.num_output_tokens),
-                                "temperature": p.temperature, "top_p": p.top_p}
-        extras = {"top_k": p.top_k or None, "seed": p.seed, "stop": list(p.stop) or None,
-                  "ignore_eos": p.ignore_eos or None, "stop_token_ids": list(p.stop_token_ids) or None}
+        body: dict[str, Any] = {
+            "max_tokens": max(1, p.max_tokens - self.num_output_tokens),
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+        }
+        extras = {
+            "top_k": p.top_k or None,
+            "seed": p.seed,
+            "stop": list(p.stop) or None,
+            "ignore_eos": p.ignore_eos or None,
+            "stop_token_ids": list(p.stop_token_ids) or None,
+        }
         body.update({k: v for k, v in extras.items() if v is not None})
         return body

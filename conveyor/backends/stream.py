@@ -8,6 +8,7 @@ llama.cpp server abort a request whose client went away). A request that fails b
 first text (connection refused, 429, 502-504) is retried; once text has reached the tool
 layer it never is, because a retry would replay calls whose fields tools have already seen.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 class StreamText:
     """New text of a stream."""
 
-    key: tuple[str, int]        # (request id, turn number)
+    key: tuple[str, int]  # (request id, turn number)
     text: str
 
 
@@ -35,7 +36,7 @@ class StreamDone:
     """The remote engine finished the turn."""
 
     key: tuple[str, int]
-    finish_reason: str          # stop | length (as the remote engine reports it)
+    finish_reason: str  # stop | length (as the remote engine reports it)
     usage: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,8 +63,15 @@ class RemoteStream:
     """POST `body` to `path` with streaming and report its events on `events` (see the module
     docstring). Starts reading at once."""
 
-    def __init__(self, client: httpx.Client, path: str, body: dict[str, Any], key: tuple[str, int],
-                 events: queue.SimpleQueue[StreamEvent], retry: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(
+        self,
+        client: httpx.Client,
+        path: str,
+        body: dict[str, Any],
+        key: tuple[str, int],
+        events: queue.SimpleQueue[StreamEvent],
+        retry: RetryPolicy = RetryPolicy(),
+    ) -> None:
         self.client = client
         self.path = path
         self.body = body
@@ -84,7 +92,7 @@ class RemoteStream:
             sock, self._socket = self._socket, None
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)   # wakes the blocked read and sends FIN to the remote
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read and sends FIN to the remote
             except OSError:
                 pass
 
@@ -118,12 +126,14 @@ class RemoteStream:
                 self._keep_socket(response)
                 if response.status_code != 200:
                     response.read()
-                    return (response.status_code in RETRY_STATUSES,
-                            StreamFailed(self.key, _error_message(response), response.status_code))
+                    return (
+                        response.status_code in RETRY_STATUSES,
+                        StreamFailed(self.key, _error_message(response), response.status_code),
+                    )
                 return False, self._read(response)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             return True, StreamFailed(self.key, f"remote engine unreachable: {e}", 503)
-        except (httpx.HTTPError, OSError, ValueError) as e:     # ValueError: a chunk that is not JSON
+        except (httpx.HTTPError, OSError, ValueError) as e:  # ValueError: a chunk that is not JSON
             if self.closed:
                 return False, None
             kind = "timed out" if isinstance(e, httpx.TimeoutException) else "dropped the stream"
@@ -134,7 +144,7 @@ class RemoteStream:
         sock = stream.get_extra_info("socket") if stream is not None else None
         with self._lock:
             self._socket = sock
-        if self.closed:         # closed while connecting
+        if self.closed:  # closed while connecting
             self.close()
 
     def _read(self, response: httpx.Response) -> StreamEvent | None:

@@ -11,6 +11,7 @@ call of the expected tool whose arguments validate against its schema. The gramm
 costs are measured in the same run: building the tokenizer's tables, compiling each
 choice, and the per-token mask (fill plus apply, replayed over the constrained replies).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,29 +26,39 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from conveyor.config import engine_config_from_flags
 from conveyor.bench.results import write_json
-from conveyor.engine.engine import LLMEngine
+from conveyor.config import engine_config_from_flags
 from conveyor.core.request import SamplingParams
+from conveyor.engine.engine import LLMEngine
 from conveyor.tools.base import FunctionTool
 from conveyor.tools.grammar import ToolGrammar
 from conveyor.tools.parsers import CallEnd, CallStart, make_parser
 
-MODES = {"auto": None, "required": "required", "auto-grammar": "auto"}   # mode -> grammar choice
+MODES = {"auto": None, "required": "required", "auto-grammar": "auto"}  # mode -> grammar choice
 OUTCOMES = ("ok", "no call", "unknown tool", "wrong tool", "bad arguments")
-TABLE = ("The database has one table: employees(id INTEGER PRIMARY KEY, name TEXT, department TEXT, "
-         "salary REAL, hired_on DATE).")
+TABLE = (
+    "The database has one table: employees(id INTEGER PRIMARY KEY, name TEXT, department TEXT, "
+    "salary REAL, hired_on DATE)."
+)
 PROMPTS = {
-    "search": ["What is the latest news about the James Webb Space Telescope?",
-               "Find recent reviews of the Framework 16 laptop.",
-               "Who won the most recent Tour de France?",
-               "Look up the current population of Lagos, Nigeria."],
-    "sql": [f"{TABLE} How many employees work in the Sales department?",
-            f"{TABLE} What is the average salary in each department?",
-            f"{TABLE} List the five most recently hired employees.",
-            f"{TABLE} Which employees earn more than 100000?"],
-    "calculator": ["What is 48271 * 9133?", "Compute (1234.5 - 78.25) / 3.5.",
-                   "What is 2 to the power of 37?", "How much is 17% of 8420?"],
+    "search": [
+        "What is the latest news about the James Webb Space Telescope?",
+        "Find recent reviews of the Framework 16 laptop.",
+        "Who won the most recent Tour de France?",
+        "Look up the current population of Lagos, Nigeria.",
+    ],
+    "sql": [
+        f"{TABLE} How many employees work in the Sales department?",
+        f"{TABLE} What is the average salary in each department?",
+        f"{TABLE} List the five most recently hired employees.",
+        f"{TABLE} Which employees earn more than 100000?",
+    ],
+    "calculator": [
+        "What is 48271 * 9133?",
+        "Compute (1234.5 - 78.25) / 3.5.",
+        "What is 2 to the power of 37?",
+        "How much is 17% of 8420?",
+    ],
 }
 
 
@@ -100,7 +111,8 @@ def score(reply: str, tool: str) -> str:
 def workload(num_seeds: int, temperature: float, max_tokens: int) -> list[tuple[str, int, SamplingParams]]:
     """(tool, prompt index, sampling) of every run in one mode: greedy, then the seeds."""
     samplings = [SamplingParams(max_tokens=max_tokens)] + [
-        SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=s) for s in range(num_seeds)]
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=s) for s in range(num_seeds)
+    ]
     return [(tool, i, p) for tool, prompts in PROMPTS.items() for i in range(len(prompts)) for p in samplings]
 
 
@@ -119,11 +131,25 @@ def run_mode(engine: LLMEngine, grammar: ToolGrammar, mode: str, runs: list) -> 
     records = []
     for (tool, i, params), r in zip(runs, requests):
         reply = engine.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
-        records.append({"tool": tool, "prompt": i, "seed": params.seed, "outcome": score(reply, tool),
-                        "num_tokens": len(r.output_token_ids), "tokens": r.output_token_ids, "reply": reply})
+        records.append(
+            {
+                "tool": tool,
+                "prompt": i,
+                "seed": params.seed,
+                "outcome": score(reply, tool),
+                "num_tokens": len(r.output_token_ids),
+                "tokens": r.output_token_ids,
+                "reply": reply,
+            }
+        )
     num_tokens = sum(rec["num_tokens"] for rec in records)
-    return {"mode": mode, "constrained": MODES[mode] is not None, "wall_s": wall_s,
-            "tok_s": num_tokens / wall_s, "records": records}
+    return {
+        "mode": mode,
+        "constrained": MODES[mode] is not None,
+        "wall_s": wall_s,
+        "tok_s": num_tokens / wall_s,
+        "records": records,
+    }
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -131,10 +157,18 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     records = result["records"]
     per_tool = {t: sum(r["outcome"] == "ok" for r in records if r["tool"] == t) for t in PROMPTS}
     outcomes = {o: sum(r["outcome"] == o for r in records) for o in OUTCOMES}
-    return {"mode": result["mode"], "constrained": result["constrained"], "runs": len(records),
-            "success": outcomes["ok"], "success_rate": outcomes["ok"] / len(records), "per_tool_ok": per_tool,
-            "outcomes": outcomes, "mean_tokens": statistics.mean(r["num_tokens"] for r in records),
-            "tok_s": result["tok_s"], "wall_s": result["wall_s"]}
+    return {
+        "mode": result["mode"],
+        "constrained": result["constrained"],
+        "runs": len(records),
+        "success": outcomes["ok"],
+        "success_rate": outcomes["ok"] / len(records),
+        "per_tool_ok": per_tool,
+        "outcomes": outcomes,
+        "mean_tokens": statistics.mean(r["num_tokens"] for r in records),
+        "tok_s": result["tok_s"],
+        "wall_s": result["wall_s"],
+    }
 
 
 def compile_costs(engine: LLMEngine) -> tuple[ToolGrammar, dict[str, Any]]:
@@ -179,8 +213,12 @@ def mask_costs(engine: LLMEngine, grammar: ToolGrammar, results: list[dict[str, 
                 fill.append(t1 - t0)
                 total.append(time.perf_counter() - t1)
                 constraint.accept(token)
-    return {"num_tokens": len(total), "fill_p50_us": _percentile_us(fill, 50),
-            "fill_apply_p50_us": _percentile_us(total, 50), "fill_apply_p99_us": _percentile_us(total, 99)}
+    return {
+        "num_tokens": len(total),
+        "fill_p50_us": _percentile_us(fill, 50),
+        "fill_apply_p50_us": _percentile_us(total, 50),
+        "fill_apply_p99_us": _percentile_us(total, 99),
+    }
 
 
 def _percentile_us(times_s: list[float], pct: int) -> float | None:
@@ -200,11 +238,18 @@ def run_calls_bench(args: argparse.Namespace) -> dict[str, Any]:
         with console.status(f"{mode}: {len(runs)} runs"):
             results.append(run_mode(engine, grammar, mode, runs))
     costs["mask"] = mask_costs(engine, grammar, results)
-    result = {"model": args.model, "device": str(engine.runner.device),
-              "dtype": str(engine.runner.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-              "seeds": args.seeds, "temperature": args.temperature, "max_tokens": args.max_tokens,
-              "grammar": costs, "modes": [summarize(r) for r in results],
-              "runs": {r["mode"]: [_without_tokens(rec) for rec in r["records"]] for r in results}}
+    result = {
+        "model": args.model,
+        "device": str(engine.runner.device),
+        "dtype": str(engine.runner.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "seeds": args.seeds,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "grammar": costs,
+        "modes": [summarize(r) for r in results],
+        "runs": {r["mode"]: [_without_tokens(rec) for rec in r["records"]] for r in results},
+    }
     _report(console, result)
     write_json(Path(args.json), result, indent=2)
     console.print(f"wrote {args.json}")
@@ -216,22 +261,44 @@ def _without_tokens(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _report(console: Console, result: dict[str, Any]) -> None:
-    table = Table(title=f"tool-call success, {result['model']} ({result['modes'][0]['runs']} runs per mode: "
-                        f"greedy + {result['seeds']} seeds at temperature {result['temperature']})")
-    for col in ("mode", "grammar", "success", *PROMPTS, "no call", "unknown tool", "wrong tool", "bad args",
-                "tokens/reply", "wall s"):
+    table = Table(
+        title=f"tool-call success, {result['model']} ({result['modes'][0]['runs']} runs per mode: "
+        f"greedy + {result['seeds']} seeds at temperature {result['temperature']})"
+    )
+    for col in (
+        "mode",
+        "grammar",
+        "success",
+        *PROMPTS,
+        "no call",
+        "unknown tool",
+        "wrong tool",
+        "bad args",
+        "tokens/reply",
+        "wall s",
+    ):
         table.add_column(col, justify="right")
     for m in result["modes"]:
         per_tool = [f"{m['per_tool_ok'][t]}/{m['runs'] // len(PROMPTS)}" for t in PROMPTS]
         outcomes = [str(m["outcomes"][o]) for o in OUTCOMES[1:]]
-        table.add_row(m["mode"], "yes" if m["constrained"] else "no",
-                      f"{m['success']}/{m['runs']} ({m['success_rate']:.0%})", *per_tool, *outcomes,
-                      f"{m['mean_tokens']:.0f}", f"{m['wall_s']:.0f}")
+        table.add_row(
+            m["mode"],
+            "yes" if m["constrained"] else "no",
+            f"{m['success']}/{m['runs']} ({m['success_rate']:.0%})",
+            *per_tool,
+            *outcomes,
+            f"{m['mean_tokens']:.0f}",
+            f"{m['wall_s']:.0f}",
+        )
     console.print(table)
     g, mask = result["grammar"], result["grammar"]["mask"]
     compiles = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in g["compile_s"].items())
-    console.print(f"grammar: tokenizer tables {g['tokenizer_info_s']:.2f} s once; compile {compiles}; "
-                  f"cached lookup {g['cached_constraint_us']:.0f} us")
+    console.print(
+        f"grammar: tokenizer tables {g['tokenizer_info_s']:.2f} s once; compile {compiles}; "
+        f"cached lookup {g['cached_constraint_us']:.0f} us"
+    )
     if mask["num_tokens"] > 1:
-        console.print(f"mask per token over {mask['num_tokens']} tokens: fill p50 {mask['fill_p50_us']:.1f} us; "
-                      f"fill + apply p50 {mask['fill_apply_p50_us']:.1f} us, p99 {mask['fill_apply_p99_us']:.1f} us")
+        console.print(
+            f"mask per token over {mask['num_tokens']} tokens: fill p50 {mask['fill_p50_us']:.1f} us; "
+            f"fill + apply p50 {mask['fill_apply_p50_us']:.1f} us, p99 {mask['fill_apply_p99_us']:.1f} us"
+        )

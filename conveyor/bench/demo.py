@@ -5,6 +5,7 @@ statement runs as soon as it is decoded, so the program's work overlaps decoding
 mode (today's servers) it starts when the call is complete. Prints the answer, both
 timelines and the time saved. Greedy decoding: both modes decode the same tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,11 +18,15 @@ from rich.table import Table
 
 from conveyor.tools.driver import Span
 
-SYSTEM = ("You can run Python. To do so, write one complete program in a single ```python block; it is "
-          "executed and you will see its output. After the output, state the final answer in one sentence.")
-TASK = ("Using only the standard library: count the prime numbers below 2,000,000 with a sieve and print the "
-        "count; then estimate pi with a Monte Carlo simulation of 1,000,000 random points (random.seed(0)) and "
-        "print the estimate.")
+SYSTEM = (
+    "You can run Python. To do so, write one complete program in a single ```python block; it is "
+    "executed and you will see its output. After the output, state the final answer in one sentence."
+)
+TASK = (
+    "Using only the standard library: count the prime numbers below 2,000,000 with a sieve and print the "
+    "count; then estimate pi with a Monte Carlo simulation of 1,000,000 random points (random.seed(0)) and "
+    "print the estimate."
+)
 
 
 @dataclass(slots=True)
@@ -36,8 +41,8 @@ class DemoRun:
 
 def run_demo(args: argparse.Namespace) -> list[DemoRun]:
     """Run the task once per mode on one engine; print answer, timelines and time saved."""
-    from conveyor.config import engine_config_from_flags
     from conveyor.backends import open_engine
+    from conveyor.config import engine_config_from_flags
 
     config = engine_config_from_flags(args)
     config = dataclasses.replace(config, tools=dataclasses.replace(config.tools, tools=("python",)))
@@ -56,8 +61,13 @@ def run_demo(args: argparse.Namespace) -> list[DemoRun]:
 
 def _run_once(engine, messages: list[dict], mode: str, max_tokens: int) -> DemoRun:
     start = time.perf_counter()
-    rid = engine.add_request(messages, {"max_tokens": max_tokens, "temperature": 0.0}, tools=["python"],
-                             tool_mode=mode, call_format="python")
+    rid = engine.add_request(
+        messages,
+        {"max_tokens": max_tokens, "temperature": 0.0},
+        tools=["python"],
+        tool_mode=mode,
+        call_format="python",
+    )
     text, results, timeline, num_tokens = [], [], [], 0
     while engine.has_unfinished:
         for out in engine.step():
@@ -85,20 +95,30 @@ def _report(console: Console, runs: list[DemoRun]) -> None:
         table.add_column(column)
     for run in runs:
         for span in run.timeline:
-            table.add_row(run.mode, span.kind, f"{span.start:.2f}", f"{span.end:.2f}", f"{span.end - span.start:.2f}")
+            table.add_row(
+                run.mode, span.kind, f"{span.start:.2f}", f"{span.end:.2f}", f"{span.end - span.start:.2f}"
+            )
     console.print(table)
     for run in runs:
-        console.print(f"{run.mode:>8}: {_bar(run.timeline, max(lazy.latency_s, partial.latency_s))}  "
-                      f"{run.latency_s:.2f} s, {run.num_tokens} tokens")
-    console.print("          [green]=[/green] decode  [yellow]#[/yellow] tool running  . waiting for the tool")
+        console.print(
+            f"{run.mode:>8}: {_bar(run.timeline, max(lazy.latency_s, partial.latency_s))}  "
+            f"{run.latency_s:.2f} s, {run.num_tokens} tokens"
+        )
+    console.print(
+        "          [green]=[/green] decode  [yellow]#[/yellow] tool running  . waiting for the tool"
+    )
     saved = lazy.latency_s - partial.latency_s
     same = partial.results == lazy.results
-    console.print(f"[bold]time saved by partial execution: {saved:.2f} s ({saved / lazy.latency_s:.1%} of "
-                  f"{lazy.latency_s:.2f} s)[/bold]; same tool output in both modes: {same}")
+    console.print(
+        f"[bold]time saved by partial execution: {saved:.2f} s ({saved / lazy.latency_s:.1%} of "
+        f"{lazy.latency_s:.2f} s)[/bold]; same tool output in both modes: {same}"
+    )
     if not same:
         console.print(f"lazy-mode tool output: {lazy.results}", markup=False, highlight=False)
-    console.print("On a CPU-only machine the tool's work and decoding share the cores: partial execution "
-                  "saves time when the tool waits (I/O, network, a GPU decoding) or spare cores exist.")
+    console.print(
+        "On a CPU-only machine the tool's work and decoding share the cores: partial execution "
+        "saves time when the tool waits (I/O, network, a GPU decoding) or spare cores exist."
+    )
 
 
 def _bar(spans: list[Span], total_s: float, width: int = 60) -> str:

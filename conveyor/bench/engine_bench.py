@@ -12,6 +12,7 @@ measured apart. The memory-bandwidth ceiling of batch-1 decode (bytes read per t
 per second this machine streams, measured right before and after Conveyor's decode rows, the
 higher kept) is measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,24 @@ from conveyor.bench.llamacpp_peer import peak_rss_mb as child_peak_rss_mb
 from conveyor.bench.results import write_json
 from conveyor.bench.step_profile import profile_decode
 from conveyor.config import engine_config_from_flags
+from conveyor.core.request import SamplingParams
 from conveyor.engine.engine import LLMEngine
 from conveyor.engine.model.kernels import cpu_flags, cpu_model
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import GGUF_NAME
 from conveyor.engine.model.loader import resolve_model
 from conveyor.engine.model.qlinear import QuantLinear
-from conveyor.core.request import SamplingParams
 
-TOPICS = ["a lighthouse", "paged memory", "a chess opening", "river deltas", "compilers", "a bakery",
-          "volcanoes", "the number zero"]
+TOPICS = [
+    "a lighthouse",
+    "paged memory",
+    "a chess opening",
+    "river deltas",
+    "compilers",
+    "a bakery",
+    "volcanoes",
+    "the number zero",
+]
 
 
 def add_engine_bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,25 +62,55 @@ def add_engine_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent requests")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per request")
     parser.add_argument("--prefill-tokens", type=int, default=1000, help="prompt length of the prefill test")
-    parser.add_argument("--hf-max-concurrency", type=int, default=32,
-                        help="skip the transformers baseline above this concurrency")
-    parser.add_argument("--profile", type=int, nargs="*", default=[1, 8],
-                        help="concurrencies at which to split a decode step's time")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median and spread reported)")
-    parser.add_argument("--warmup-tokens", type=int, default=8,
-                        help="tokens of the untimed generation each side runs first at each concurrency")
-    parser.add_argument("--hf-dtypes", nargs="+", default=["bfloat16", "float32"],
-                        help="transformers dtypes to measure; the faster at each concurrency is the baseline")
-    parser.add_argument("--weights-compared", nargs="+", default=["native", "bf16"], choices=["native", "bf16"],
-                        help="GGUF models: the Conveyor weights to measure, in this order (the first is the "
-                             "headline row; its peak RSS is its own)")
-    parser.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=True,
-                        help="GGUF models: measure llama.cpp's server (xllamacpp) on the same file and threads")
+    parser.add_argument(
+        "--hf-max-concurrency",
+        type=int,
+        default=32,
+        help="skip the transformers baseline above this concurrency",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        nargs="*",
+        default=[1, 8],
+        help="concurrencies at which to split a decode step's time",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per row (median and spread reported)"
+    )
+    parser.add_argument(
+        "--warmup-tokens",
+        type=int,
+        default=8,
+        help="tokens of the untimed generation each side runs first at each concurrency",
+    )
+    parser.add_argument(
+        "--hf-dtypes",
+        nargs="+",
+        default=["bfloat16", "float32"],
+        help="transformers dtypes to measure; the faster at each concurrency is the baseline",
+    )
+    parser.add_argument(
+        "--weights-compared",
+        nargs="+",
+        default=["native", "bf16"],
+        choices=["native", "bf16"],
+        help="GGUF models: the Conveyor weights to measure, in this order (the first is the "
+        "headline row; its peak RSS is its own)",
+    )
+    parser.add_argument(
+        "--llamacpp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GGUF models: measure llama.cpp's server (xllamacpp) on the same file and threads",
+    )
 
 
 def prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Write a long essay about {TOPICS[i % len(TOPICS)]} (essay {i})."}]
-            for i in range(n)]
+    return [
+        [{"role": "user", "content": f"Write a long essay about {TOPICS[i % len(TOPICS)]} (essay {i})."}]
+        for i in range(n)
+    ]
 
 
 def conveyor_decode(engine: LLMEngine, n: int, new_tokens: int) -> float:
@@ -101,8 +140,13 @@ def hf_decode(model, tokenizer, n: int, new_tokens: int) -> float:
 
     def timed(tokens: int) -> float:
         start = time.perf_counter()
-        model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id or 0)
+        model.generate(
+            **batch,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
         return time.perf_counter() - start
 
     first = timed(1)
@@ -160,16 +204,27 @@ def bytes_per_token(engine: LLMEngine) -> int:
 def run_engine_bench(args: argparse.Namespace) -> dict:
     console = Console()
     config = engine_config_from_flags(args)
-    result: dict = {"command": shlex.join(["conveyor", *sys.argv[1:]]), "model": args.model,
-                    "device": args.device, "dtype": args.dtype, "cpu": cpu_model(),
-                    "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))),
-                    "torch": torch.__version__, "load_average_before": os.getloadavg(), "new_tokens": args.new_tokens,
-                    "warmup_tokens": args.warmup_tokens, "repeats": args.repeats, "conveyor": {}}
+    result: dict = {
+        "command": shlex.join(["conveyor", *sys.argv[1:]]),
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "cpu": cpu_model(),
+        "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))),
+        "torch": torch.__version__,
+        "load_average_before": os.getloadavg(),
+        "new_tokens": args.new_tokens,
+        "warmup_tokens": args.warmup_tokens,
+        "repeats": args.repeats,
+        "conveyor": {},
+    }
     model_dirs: list[Path] = []
     for weights in args.weights_compared:
         reset_peak_rss()
-        engine = LLMEngine(dataclasses.replace(config, model=dataclasses.replace(config.model, weights=weights)))
-        if engine.model_dir in model_dirs:        # a safetensors model runs as stored whatever --weights says
+        engine = LLMEngine(
+            dataclasses.replace(config, model=dataclasses.replace(config.model, weights=weights))
+        )
+        if engine.model_dir in model_dirs:  # a safetensors model runs as stored whatever --weights says
             continue
         model_dirs.append(engine.model_dir)
         label = "native" if (engine.model_dir / GGUF_NAME).is_file() else "bf16"
@@ -178,14 +233,26 @@ def run_engine_bench(args: argparse.Namespace) -> dict:
         del engine
         gc.collect()
     primary = next(iter(result["conveyor"].values()))
-    result.update({k: primary[k] for k in ("linear_choices", "prefill_tok_s", "step_profile_ms", "peak_rss_mb",
-                                           "memory_bandwidth_gb_s", "bytes_per_token")})
+    result.update(
+        {
+            k: primary[k]
+            for k in (
+                "linear_choices",
+                "prefill_tok_s",
+                "step_profile_ms",
+                "peak_rss_mb",
+                "memory_bandwidth_gb_s",
+                "bytes_per_token",
+            )
+        }
+    )
     result["conveyor_tok_s"], result["prefill_tokens"] = primary["tok_s"], args.prefill_tokens
     gguf = next((d / GGUF_NAME for d in model_dirs if (d / GGUF_NAME).is_file()), None)
     if gguf is not None and args.llamacpp:
         result["llamacpp"] = _llamacpp_rows(gguf, args, result["threads"], console)
-    bf16_dir = next((d for d in model_dirs if not (d / GGUF_NAME).is_file()), None) or \
-        resolve_model(args.model, progress=False, weights="bf16")
+    bf16_dir = next((d for d in model_dirs if not (d / GGUF_NAME).is_file()), None) or resolve_model(
+        args.model, progress=False, weights="bf16"
+    )
     result["hf_tok_s"] = _hf_rates(bf16_dir, args, console)
     result["load_average_after"] = os.getloadavg()
     _summarise(result)
@@ -199,12 +266,18 @@ def _conveyor_rows(engine: LLMEngine, args: argparse.Namespace, console: Console
     """Decode rows, prefill and step profile of one engine; its peak RSS from its load to its last
     row, the bandwidth probes left out (``reset_peak_rss`` after each)."""
     new, warm, reps = args.new_tokens, args.warmup_tokens, args.repeats
-    peaks = [peak_rss_mb()]                       # the load
+    peaks = [peak_rss_mb()]  # the load
     bandwidth_before = memory_bandwidth_gb_s()
     reset_peak_rss()
     with console.status(f"conveyor {label}: decode"):
-        rates = {c: repeated(lambda c=c: conveyor_decode(engine, c, new), lambda c=c: conveyor_decode(engine, c, warm),
-                             reps) for c in args.concurrency}
+        rates = {
+            c: repeated(
+                lambda c=c: conveyor_decode(engine, c, new),
+                lambda c=c: conveyor_decode(engine, c, warm),
+                reps,
+            )
+            for c in args.concurrency
+        }
     peaks.append(peak_rss_mb())
     bandwidth_after = memory_bandwidth_gb_s()
     reset_peak_rss()
@@ -212,22 +285,32 @@ def _conveyor_rows(engine: LLMEngine, args: argparse.Namespace, console: Console
         prefill = conveyor_prefill(engine, args.prefill_tokens)
     with console.status(f"conveyor {label}: decode step profile"):
         step_profile = [profile_decode(engine, c) for c in args.profile]
-    return {"tok_s": rates, "prefill_tok_s": prefill, "step_profile_ms": step_profile,
-            "peak_rss_mb": max(*peaks, peak_rss_mb()),
-            "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
-            "bytes_per_token": bytes_per_token(engine), "linear_choices": engine.runner.linear_choices,
-            "model_dir": str(engine.model_dir)}
+    return {
+        "tok_s": rates,
+        "prefill_tok_s": prefill,
+        "step_profile_ms": step_profile,
+        "peak_rss_mb": max(*peaks, peak_rss_mb()),
+        "memory_bandwidth_gb_s": {"before": bandwidth_before, "after": bandwidth_after},
+        "bytes_per_token": bytes_per_token(engine),
+        "linear_choices": engine.runner.linear_choices,
+        "model_dir": str(engine.model_dir),
+    }
 
 
 def _llamacpp_rows(gguf: Path, args: argparse.Namespace, threads: int, console: Console) -> dict:
     """llama.cpp's server on the same file and threads: decode rows and its peak RSS."""
     rates = {}
-    with console.status("llama.cpp: starting its server"), \
-            llama_server(gguf, threads, max(args.concurrency)) as (url, pid):
+    with (
+        console.status("llama.cpp: starting its server"),
+        llama_server(gguf, threads, max(args.concurrency)) as (url, pid),
+    ):
         for c in args.concurrency:
             with console.status(f"llama.cpp: decode at concurrency {c}"):
-                rates[c] = repeated(lambda c=c: llamacpp_decode(url, prompts(c), args.new_tokens),
-                                    lambda c=c: llamacpp_decode(url, prompts(c), args.warmup_tokens), args.repeats)
+                rates[c] = repeated(
+                    lambda c=c: llamacpp_decode(url, prompts(c), args.new_tokens),
+                    lambda c=c: llamacpp_decode(url, prompts(c), args.warmup_tokens),
+                    args.repeats,
+                )
         rss = child_peak_rss_mb(pid)
     return {"tok_s": rates, "peak_rss_mb": rss, "threads": threads, "gguf": str(gguf)}
 
@@ -236,23 +319,32 @@ def _summarise(result: dict) -> None:
     """Per concurrency: each engine's median, the transformers baseline (the faster dtype) and the
     ratios; the bandwidth ceiling of the primary Conveyor engine and its concurrency-1 share."""
     for entry in result["conveyor"].values():
-        entry["bandwidth_ceiling_tok_s"] = max(entry["memory_bandwidth_gb_s"].values()) * 1e9 / entry["bytes_per_token"]
+        entry["bandwidth_ceiling_tok_s"] = (
+            max(entry["memory_bandwidth_gb_s"].values()) * 1e9 / entry["bytes_per_token"]
+        )
     result["bandwidth_ceiling_tok_s"] = next(iter(result["conveyor"].values()))["bandwidth_ceiling_tok_s"]
     llamacpp = result.get("llamacpp", {}).get("tok_s", {})
     rows = []
     for c, ours in result["conveyor_tok_s"].items():
         hf = {dtype: rates[c]["median"] for dtype, rates in result["hf_tok_s"].items() if c in rates}
         best = max(hf, key=hf.__getitem__) if hf else None
-        row = {"concurrency": c, "conveyor_tok_s": ours["median"], "hf_best_dtype": best,
-               "hf_tok_s": hf[best] if best else None, "ratio": ours["median"] / hf[best] if best else None,
-               "by_weights": {w: e["tok_s"][c]["median"] for w, e in result["conveyor"].items()}}
+        row = {
+            "concurrency": c,
+            "conveyor_tok_s": ours["median"],
+            "hf_best_dtype": best,
+            "hf_tok_s": hf[best] if best else None,
+            "ratio": ours["median"] / hf[best] if best else None,
+            "by_weights": {w: e["tok_s"][c]["median"] for w, e in result["conveyor"].items()},
+        }
         if c in llamacpp:
             row["llamacpp_tok_s"] = llamacpp[c]["median"]
             row["ratio_to_llamacpp"] = ours["median"] / llamacpp[c]["median"]
         rows.append(row)
     result["rows"] = rows
     if 1 in result["conveyor_tok_s"]:
-        result["c1_share_of_ceiling"] = result["conveyor_tok_s"][1]["median"] / result["bandwidth_ceiling_tok_s"]
+        result["c1_share_of_ceiling"] = (
+            result["conveyor_tok_s"][1]["median"] / result["bandwidth_ceiling_tok_s"]
+        )
 
 
 def _hf_rates(model_dir: Path, args: argparse.Namespace, console: Console) -> dict[str, dict[int, dict]]:
@@ -261,14 +353,20 @@ def _hf_rates(model_dir: Path, args: argparse.Namespace, console: Console) -> di
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rates: dict[str, dict[int, dict]] = {}
     for dtype in args.hf_dtypes:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(args.device).eval()
+        model = (
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+            .to(args.device)
+            .eval()
+        )
         rates[dtype] = {}
         with torch.inference_mode():
             for c in args.concurrency:
                 if c <= args.hf_max_concurrency:
                     with console.status(f"transformers {dtype}: decode at concurrency {c}"):
-                        rates[dtype][c] = repeated(lambda c=c: hf_decode(model, tokenizer, c, args.new_tokens),
-                                                   lambda c=c: hf_decode(model, tokenizer, c, args.warmup_tokens),
-                                                   args.repeats)
+                        rates[dtype][c] = repeated(
+                            lambda c=c, m=model: hf_decode(m, tokenizer, c, args.new_tokens),
+                            lambda c=c, m=model: hf_decode(m, tokenizer, c, args.warmup_tokens),
+                            args.repeats,
+                        )
         del model
     return rates

@@ -12,6 +12,7 @@ one engine each, all loaded and warmed up alike, taking turns run by run, the or
 ``auto`` learns tool times from a running mean of past calls (``--declared-times`` gives it
 each kind's true mean instead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,24 @@ from rich.progress import Progress
 
 from conveyor.bench.results import provenance
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from conveyor.engine.engine import LLMEngine
 from conveyor.core.request import SamplingParams
+from conveyor.engine.engine import LLMEngine
 
 # bench policy -> (the engine's --intercept, prefix caching)
-VARIANTS = {"preserve": ("preserve", True), "discard": ("discard", True), "swap": ("swap", True),
-            "auto": ("auto", True), "new-request": ("new-request", True),
-            "new-request-no-cache": ("new-request", False)}
+VARIANTS = {
+    "preserve": ("preserve", True),
+    "discard": ("discard", True),
+    "swap": ("swap", True),
+    "auto": ("auto", True),
+    "new-request": ("new-request", True),
+    "new-request-no-cache": ("new-request", False),
+}
 
 
 @dataclass(frozen=True, slots=True)
 class ToolShape:
     """One tool kind: time mean and spread (s), calls per request, result tokens."""
+
     name: str
     mean_s: float
     std_s: float
@@ -49,17 +56,22 @@ class ToolShape:
 
 
 # InferCept (ICML 2024) section 3, Table 1, as we read it (see docs/results/intercept.md)
-MIX = (ToolShape("math", 9e-5, 2e-4, 3.75, 28), ToolShape("qa", 0.72, 0.30, 2.52, 7),
-       ToolShape("ve", 0.09, 0.10, 28.18, 19), ToolShape("chatbot", 28.59, 15.45, 4.45, 25),
-       ToolShape("image", 20.03, 7.88, 6.91, 10), ToolShape("tts", 17.32, 7.62, 6.88, 10))
+MIX = (
+    ToolShape("math", 9e-5, 2e-4, 3.75, 28),
+    ToolShape("qa", 0.72, 0.30, 2.52, 7),
+    ToolShape("ve", 0.09, 0.10, 28.18, 19),
+    ToolShape("chatbot", 28.59, 15.45, 4.45, 25),
+    ToolShape("image", 20.03, 7.88, 6.91, 10),
+    ToolShape("tts", 17.32, 7.62, 6.88, 10),
+)
 
 
 @dataclass(frozen=True, slots=True)
 class ScriptedCall:
     tool: str
-    after_tokens: int       # output tokens decoded when the call is made
+    after_tokens: int  # output tokens decoded when the call is made
     duration_s: float
-    declared_s: float       # the tool's own estimate: its kind's mean
+    declared_s: float  # the tool's own estimate: its kind's mean
     result_ids: tuple[int, ...]
 
 
@@ -96,6 +108,7 @@ def make_jobs(rate: float, args: argparse.Namespace, vocab: int, seed: int) -> l
 class Timing:
     """Forward and copy time of a run, and the forward time's share spent recomputing
     (each step's time split by its tokens)."""
+
     forward_s: float = 0.0
     recompute_s: float = 0.0
     swap_s: float = 0.0
@@ -121,7 +134,7 @@ class Timing:
 
     @staticmethod
     def detach(engine: LLMEngine) -> None:
-        del engine.runner.execute, engine.runner.swap     # the instance attributes: back to the methods
+        del engine.runner.execute, engine.runner.swap  # the instance attributes: back to the methods
 
 
 @dataclass(slots=True)
@@ -130,11 +143,11 @@ class Run:
     rate: float
     seed: int = 0
     num_requests: int = 0
-    num_completed: int = 0                # within --max-run-s (unfinished ones were aborted there)
+    num_completed: int = 0  # within --max-run-s (unfinished ones were aborted there)
     duration_s: float = 0.0
     requests_per_s: float = 0.0
     output_tokens_per_s: float = 0.0
-    normalized_latency_s: float = 0.0     # mean over requests of (finish - arrival) / output tokens
+    normalized_latency_s: float = 0.0  # mean over requests of (finish - arrival) / output tokens
     recompute_share: float = 0.0
     forward_s: float = 0.0
     swap_s: float = 0.0
@@ -142,8 +155,15 @@ class Run:
     latencies_s: list[float] = field(default_factory=list)
 
 
-def run_load(engine: LLMEngine, jobs: list[Job], policy: str, rate: float, seed: int = 0, declared: bool = False,
-             max_run_s: float = 0.0) -> Run:
+def run_load(
+    engine: LLMEngine,
+    jobs: list[Job],
+    policy: str,
+    rate: float,
+    seed: int = 0,
+    declared: bool = False,
+    max_run_s: float = 0.0,
+) -> Run:
     """Serve ``jobs`` in real time (at most ``max_run_s`` when > 0); returns the run's measurements."""
     timing = Timing()
     timing.attach(engine)
@@ -154,11 +174,13 @@ def run_load(engine: LLMEngine, jobs: list[Job], policy: str, rate: float, seed:
     return _summarize(policy, rate, seed, requests, finish_s, end_s, timing)
 
 
-def _serve(engine: LLMEngine, jobs: list[Job], declared: bool, max_run_s: float) -> tuple[dict[str, float], dict, float]:
+def _serve(
+    engine: LLMEngine, jobs: list[Job], declared: bool, max_run_s: float
+) -> tuple[dict[str, float], dict, float]:
     """Returns when each request finished, the requests, and when the run ended (s from its start)."""
     arrivals = list(reversed(jobs))
     resumes: list[tuple[float, str]] = []
-    live: dict[str, tuple[Job, int]] = {}       # request id -> (job, calls made)
+    live: dict[str, tuple[Job, int]] = {}  # request id -> (job, calls made)
     finish_s: dict[str, float] = {}
     requests = {}
     start = time.perf_counter()
@@ -169,19 +191,20 @@ def _serve(engine: LLMEngine, jobs: list[Job], declared: bool, max_run_s: float)
             return finish_s, requests, now
         while arrivals and arrivals[-1].arrival_s <= now:
             job = arrivals.pop()
-            rid = engine.add_request(list(job.prompt_ids), SamplingParams(max_tokens=job.num_output_tokens,
-                                                                          ignore_eos=True))
+            rid = engine.add_request(
+                list(job.prompt_ids), SamplingParams(max_tokens=job.num_output_tokens, ignore_eos=True)
+            )
             live[rid], requests[rid] = (job, 0), (job, engine.get_request(rid))
         while resumes and resumes[0][0] <= now:
             rid = heapq.heappop(resumes)[1]
             job, made = live[rid]
             engine.resume(rid, list(job.calls[made - 1].result_ids))
-        if not engine.scheduler.has_work:     # everyone waits on a tool or has not arrived
+        if not engine.scheduler.has_work:  # everyone waits on a tool or has not arrived
             events = ([arrivals[-1].arrival_s] if arrivals else []) + ([resumes[0][0]] if resumes else [])
             time.sleep(max(0.0, min(min(events, default=now) - now, 0.05)))
             continue
         outputs = engine.step()
-        if not outputs:       # nothing could run (blocks held by requests on tools): wait a little
+        if not outputs:  # nothing could run (blocks held by requests on tools): wait a little
             time.sleep(0.001)
         for out in outputs:
             job, made = live[out.request_id]
@@ -204,18 +227,39 @@ def _abort(engine: LLMEngine, live: dict) -> None:
         engine.step()
 
 
-def _summarize(policy: str, rate: float, seed: int, requests: dict, finish_s: dict[str, float], end_s: float,
-               timing: Timing) -> Run:
+def _summarize(
+    policy: str,
+    rate: float,
+    seed: int,
+    requests: dict,
+    finish_s: dict[str, float],
+    end_s: float,
+    timing: Timing,
+) -> Run:
     """A request still unfinished at the end counts with the run's end as its finish (a lower bound)."""
     first = min(job.arrival_s for job, _ in requests.values())
     duration = (max(finish_s.values()) if len(finish_s) == len(requests) else end_s) - first
     outputs = sum(len(r.output_token_ids) for _, r in requests.values())
-    latencies = [(finish_s.get(rid, end_s) - job.arrival_s) / max(len(r.output_token_ids), 1)
-                 for rid, (job, r) in requests.items()]
-    return Run(policy, rate, seed, len(requests), len(finish_s), duration, len(finish_s) / duration,
-               outputs / duration, sum(latencies) / len(latencies),
-               timing.recompute_s / max(timing.forward_s, 1e-9), timing.forward_s, timing.swap_s,
-               sum(r.num_preemptions for _, r in requests.values()), latencies)
+    latencies = [
+        (finish_s.get(rid, end_s) - job.arrival_s) / max(len(r.output_token_ids), 1)
+        for rid, (job, r) in requests.items()
+    ]
+    return Run(
+        policy,
+        rate,
+        seed,
+        len(requests),
+        len(finish_s),
+        duration,
+        len(finish_s) / duration,
+        outputs / duration,
+        sum(latencies) / len(latencies),
+        timing.recompute_s / max(timing.forward_s, 1e-9),
+        timing.forward_s,
+        timing.swap_s,
+        sum(r.num_preemptions for _, r in requests.values()),
+        latencies,
+    )
 
 
 def truncated_model(spec: str, num_layers: int) -> str:
@@ -249,12 +293,21 @@ def truncated_model(spec: str, num_layers: int) -> str:
 def engine_config(args: argparse.Namespace, variant: str) -> EngineConfig:
     policy, prefix_caching = VARIANTS[variant]
     return EngineConfig(
-        model=ModelConfig(model=truncated_model(args.model, args.num_layers), dtype=args.dtype,
-                          num_threads=args.num_threads),
-        cache=CacheConfig(block_size=16, num_blocks=args.num_blocks, num_host_blocks=args.num_host_blocks,
-                          prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  intercept=policy))
+        model=ModelConfig(
+            model=truncated_model(args.model, args.num_layers), dtype=args.dtype, num_threads=args.num_threads
+        ),
+        cache=CacheConfig(
+            block_size=16,
+            num_blocks=args.num_blocks,
+            num_host_blocks=args.num_host_blocks,
+            prefix_caching=prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            intercept=policy,
+        ),
+    )
 
 
 def run_intercept_bench(args: argparse.Namespace) -> dict:
@@ -263,18 +316,29 @@ def run_intercept_bench(args: argparse.Namespace) -> dict:
 
     runs: list[Run] = []
     with ExitStack() as stack, Progress() as progress:
-        engines = {v: stack.enter_context(LLMEngine(engine_config(args, v), progress=False)) for v in args.policies}
+        engines = {
+            v: stack.enter_context(LLMEngine(engine_config(args, v), progress=False)) for v in args.policies
+        }
         for engine in engines.values():
             _warm_up(engine)
         vocab = next(iter(engines.values())).runner.args.vocab_size
-        task = progress.add_task("intercept bench", total=len(args.policies) * len(args.rates) * len(args.seeds))
+        task = progress.add_task(
+            "intercept bench", total=len(args.policies) * len(args.rates) * len(args.seeds)
+        )
         for turn, (seed, (i, rate)) in enumerate(itertools.product(args.seeds, enumerate(args.rates))):
             jobs = make_jobs(rate, args, vocab, seed=seed * 1000 + i)
             for variant in _rotated(args.policies, turn):
                 progress.update(task, description=f"{variant} at {rate} req/s, seed {seed}")
-                runs.append(run_load(engines[variant], jobs, variant, rate, seed, args.declared_times, args.max_run_s))
+                runs.append(
+                    run_load(engines[variant], jobs, variant, rate, seed, args.declared_times, args.max_run_s)
+                )
                 progress.advance(task)
-    result = {"runs": [asdict(r) for r in runs], "config": _config(args), "loadavg": os.getloadavg(), **provenance()}
+    result = {
+        "runs": [asdict(r) for r in runs],
+        "config": _config(args),
+        "loadavg": os.getloadavg(),
+        **provenance(),
+    }
     write_report(result, Path(args.json))
     return result
 
@@ -287,43 +351,99 @@ def _rotated(items: list[str], turn: int) -> list[str]:
 
 def _warm_up(engine: LLMEngine) -> None:
     """The same short load on every engine: kernels chosen, first steps of each size taken."""
-    engine.generate([[100 + i for i in range(64)], [300 + i for i in range(600)]],
-                    SamplingParams(max_tokens=16, ignore_eos=True))
+    engine.generate(
+        [[100 + i for i in range(64)], [300 + i for i in range(600)]],
+        SamplingParams(max_tokens=16, ignore_eos=True),
+    )
 
 
 def _config(args: argparse.Namespace) -> dict:
-    keys = ("model", "num_layers", "dtype", "rates", "policies", "seeds", "num_requests", "max_calls", "segment_tokens",
-            "prompt_tokens", "time_scale", "num_blocks", "num_host_blocks", "max_num_seqs", "max_num_batched_tokens",
-            "latency_bound_factor", "declared_times", "max_run_s")
+    keys = (
+        "model",
+        "num_layers",
+        "dtype",
+        "rates",
+        "policies",
+        "seeds",
+        "num_requests",
+        "max_calls",
+        "segment_tokens",
+        "prompt_tokens",
+        "time_scale",
+        "num_blocks",
+        "num_host_blocks",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "latency_bound_factor",
+        "declared_times",
+        "max_run_s",
+    )
     return {k: getattr(args, k) for k in keys} | {"mix": [asdict(s) for s in MIX]}
 
 
 def add_intercept_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="docs/results/intercept.json", help="where to write the results")
     parser.add_argument("--model", default="smollm2-135m", help="model (a small one keeps the runs short)")
-    parser.add_argument("--num-layers", type=int, default=4, help=(
-        "run a copy of the model cut to its first N layers (same code path, less time per token); 0: all"))
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=4,
+        help=(
+            "run a copy of the model cut to its first N layers (same code path, less time per token); 0: all"
+        ),
+    )
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--num-threads", type=int, default=2, help="torch CPU threads; 0 keeps torch's choice")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="arrivals per second")
-    parser.add_argument("--policies", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help=(
-        "engine policies, all with prefix caching; new-request-no-cache: new-request without it"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed at each rate")
+    parser.add_argument(
+        "--num-threads", type=int, default=2, help="torch CPU threads; 0 keeps torch's choice"
+    )
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="arrivals per second"
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help=("engine policies, all with prefix caching; new-request-no-cache: new-request without it"),
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed at each rate"
+    )
     parser.add_argument("--num-requests", type=int, default=10, help="requests per run")
-    parser.add_argument("--max-run-s", type=float, default=0.0, help=(
-        "end a run after this many seconds, aborting what is left (counted unfinished; their latency up to "
-        "then); 0: no limit"))
-    parser.add_argument("--declared-times", action="store_true", help=(
-        "tell auto each tool kind's true mean time (default: it learns a running mean of past calls)"))
+    parser.add_argument(
+        "--max-run-s",
+        type=float,
+        default=0.0,
+        help=(
+            "end a run after this many seconds, aborting what is left (counted unfinished; their latency up to "
+            "then); 0: no limit"
+        ),
+    )
+    parser.add_argument(
+        "--declared-times",
+        action="store_true",
+        help=("tell auto each tool kind's true mean time (default: it learns a running mean of past calls)"),
+    )
     parser.add_argument("--max-calls", type=int, default=3, help="cap on tool calls per request")
-    parser.add_argument("--segment-tokens", type=int, nargs=2, default=[8, 24], help="decode tokens between calls")
+    parser.add_argument(
+        "--segment-tokens", type=int, nargs=2, default=[8, 24], help="decode tokens between calls"
+    )
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[32, 128], help="prompt length range")
-    parser.add_argument("--time-scale", type=float, default=0.25, help="tool times are the paper's times x this")
-    parser.add_argument("--num-blocks", type=int, default=40, help="device KV blocks of 16 tokens (small: pressure)")
+    parser.add_argument(
+        "--time-scale", type=float, default=0.25, help="tool times are the paper's times x this"
+    )
+    parser.add_argument(
+        "--num-blocks", type=int, default=40, help="device KV blocks of 16 tokens (small: pressure)"
+    )
     parser.add_argument("--num-host-blocks", type=int, default=1024, help="host KV blocks for swapping")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--max-num-batched-tokens", type=int, default=256)
-    parser.add_argument("--latency-bound-factor", type=float, default=2.0, help=(
-        "the normalized-latency bound for the throughput comparison: this x the lowest normalized latency "
-        "at the lowest rate"))
-
+    parser.add_argument(
+        "--latency-bound-factor",
+        type=float,
+        default=2.0,
+        help=(
+            "the normalized-latency bound for the throughput comparison: this x the lowest normalized latency "
+            "at the lowest rate"
+        ),
+    )

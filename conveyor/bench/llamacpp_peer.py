@@ -5,6 +5,7 @@ the same number of new tokens (``ignore_eos``), the same threads.
 Decode speed is counted as Conveyor's is: the tokens after each request's first one, over the
 time after every request of the round has its first token (streamed, one token per event).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,13 +38,18 @@ sys.stdin.read()            # until the parent closes our stdin
 
 
 @contextmanager
-def llama_server(gguf: Path, num_threads: int, num_parallel: int, ctx_per_slot: int = 1024,
-                 deadline_s: float = 180.0) -> Iterator[tuple[str, int]]:
+def llama_server(
+    gguf: Path, num_threads: int, num_parallel: int, ctx_per_slot: int = 1024, deadline_s: float = 180.0
+) -> Iterator[tuple[str, int]]:
     """Yields (base URL, child pid); the child is stopped on exit. Also the llama.cpp server of
     the remote-backend tests (`tests/backends/llamacpp.py`)."""
-    child = subprocess.Popen([sys.executable, "-c", _MAIN, str(gguf), str(num_threads), str(num_parallel),
-                              str(ctx_per_slot)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _MAIN, str(gguf), str(num_threads), str(num_parallel), str(ctx_per_slot)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         url = next((line.split()[1] for line in child.stdout if line.startswith("listening ")), None)
         if url is None:
@@ -52,7 +58,7 @@ def llama_server(gguf: Path, num_threads: int, num_parallel: int, ctx_per_slot: 
         while not _healthy(url):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"llama.cpp server at {url} not healthy in time")
-            time.sleep(0.1)     # polling its readiness endpoint: there is no event to wait on
+            time.sleep(0.1)  # polling its readiness endpoint: there is no event to wait on
         yield url, child.pid
     finally:
         child.stdin.close()
@@ -80,8 +86,14 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def _stream(url: str, messages: list[dict], new_tokens: int, stamps: list[float]) -> None:
-    body = {"messages": messages, "max_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "cache_prompt": False}
+    body = {
+        "messages": messages,
+        "max_tokens": new_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "cache_prompt": False,
+    }
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600.0) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -95,7 +107,9 @@ def _stream(url: str, messages: list[dict], new_tokens: int, stamps: list[float]
 def llamacpp_decode(url: str, prompts: list[list[dict]], new_tokens: int) -> float:
     """Decode tok/s of one round of ``prompts`` sent at once."""
     stamps: list[list[float]] = [[] for _ in prompts]
-    threads = [threading.Thread(target=_stream, args=(url, p, new_tokens, s)) for p, s in zip(prompts, stamps)]
+    threads = [
+        threading.Thread(target=_stream, args=(url, p, new_tokens, s)) for p, s in zip(prompts, stamps)
+    ]
     for t in threads:
         t.start()
     for t in threads:

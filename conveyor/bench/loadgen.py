@@ -1,6 +1,7 @@
 """An async load generator for OpenAI-compatible servers (loopback only): Poisson arrivals at
 a given request rate, bounded in request count and time; streams each answer and records
 time to first token, inter-token gaps and output tokens (from the usage chunk)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,14 @@ def check_loopback(url: str) -> None:
 async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Sample:
     sample, start = Sample(), time.perf_counter()
     last = start
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return sample
@@ -52,20 +59,30 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
     return sample
 
 
-async def run_load(url: str, model: str, prompts: list[str], rate: float, num_requests: int, max_tokens: int,
-                   duration_s: float, seed: int = 0) -> tuple[list[Sample], float]:
+async def run_load(
+    url: str,
+    model: str,
+    prompts: list[str],
+    rate: float,
+    num_requests: int,
+    max_tokens: int,
+    duration_s: float,
+    seed: int = 0,
+) -> tuple[list[Sample], float]:
     """Send `num_requests` (at most `duration_s` of arrivals) at `rate` req/s; returns the
     samples and the wall time until the last answer."""
     check_loopback(url)
     rng = random.Random(seed)
     start = time.perf_counter()
     tasks = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=512)) as client:
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=512)
+    ) as client:
         for i in range(num_requests):
             if time.perf_counter() - start > duration_s:
                 break
             tasks.append(asyncio.create_task(_one(client, url, model, prompts[i % len(prompts)], max_tokens)))
-            await asyncio.sleep(rng.expovariate(rate))     # arrival process, not synchronisation
+            await asyncio.sleep(rng.expovariate(rate))  # arrival process, not synchronisation
         samples = await asyncio.gather(*tasks)
     return list(samples), time.perf_counter() - start
 
@@ -81,7 +98,12 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
     ttft = [s.ttft_s for s in ok]
     itl = [x for s in ok for x in s.itl_s]
     tokens = sum(s.num_output_tokens for s in ok)
-    return {"num_requests": len(samples), "num_ok": len(ok), "wall_s": round(wall_s, 3),
-            "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
-            "ttft_s": {f"p{int(q * 100)}": round(pct(ttft, q), 4) for q in (0.5, 0.9, 0.99)},
-            "itl_s": {f"p{int(q * 100)}": round(pct(itl, q), 4) for q in (0.5, 0.9, 0.99)}}
+    return {
+        "num_requests": len(samples),
+        "num_ok": len(ok),
+        "wall_s": round(wall_s, 3),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall_s, 2) if wall_s else 0.0,
+        "ttft_s": {f"p{int(q * 100)}": round(pct(ttft, q), 4) for q in (0.5, 0.9, 0.99)},
+        "itl_s": {f"p{int(q * 100)}": round(pct(itl, q), 4) for q in (0.5, 0.9, 0.99)},
+    }

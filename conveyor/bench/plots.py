@@ -1,5 +1,6 @@
 """Plots of the workload benchmark (matplotlib, PNG): a timeline per workload (decode and tool
 runs, lazy above partial) and a bar chart of the median latencies."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Benchmark result files, written atomically: a temp file beside the target, then a rename,
 so an interrupted run never leaves a half-written JSON, table or plot where a reader expects a
 result."""
+
 from __future__ import annotations
 
 import json
@@ -51,14 +52,17 @@ def machine_info() -> dict[str, Any]:
             if key.strip() == "model name":
                 model = value.strip()
             elif key.strip() in ("cpu family", "model"):
-                family += f"{key.strip()} {value.strip()}, "      # the model name alone may be just "AMD EPYC"
+                family += f"{key.strip()} {value.strip()}, "  # the model name alone may be just "AMD EPYC"
             elif key.strip() == "flags":
                 flags = sorted(f for f in value.split() if f.startswith(_ISA_PREFIXES))
                 break
     except OSError:
-        pass                    # not Linux: the platform's own description
-    return {"cpu_model": f"{model} ({family.rstrip(', ')})" if family else model, "instruction_sets": flags, "num_cpus": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+        pass  # not Linux: the platform's own description
+    return {
+        "cpu_model": f"{model} ({family.rstrip(', ')})" if family else model,
+        "instruction_sets": flags,
+        "num_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
 
 
 def command_line() -> str:
@@ -77,5 +81,9 @@ def provenance() -> dict[str, Any]:
     import os
     import time
 
-    return {"command": command_line(), "machine": machine_info(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "command": command_line(),
+        "machine": machine_info(),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }

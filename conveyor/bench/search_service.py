@@ -11,6 +11,7 @@ serves `DEMO_DOCUMENTS`, the help pages of the fictional shop of the `sqlite` de
 with `python -m conveyor.bench.search_service [--port 8765] [--corpus docs.jsonl]`
 (one `{"id", "title", "text"}` object per line) and point CONVEYOR_SEARCH_URL at it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,22 +41,53 @@ class Document:
 
 
 DEMO_DOCUMENTS = (
-    Document("shipping", "Shipping times", "Orders ship from our Lisbon warehouse within two working days. "
-             "Delivery takes 3-5 days in Europe and 7-10 days to Canada and Kenya."),
-    Document("returns", "Returns and refunds", "Unused items can be returned within 30 days of delivery. "
-             "Refunds go back to the original payment method within 5 working days."),
-    Document("warranty", "Warranty", "Furniture and electronics carry a two-year warranty; office chairs "
-             "carry five years. Stationery and grocery items have no warranty."),
-    Document("stores", "Store locations", "Our stores are in Lisbon, Oslo, Toronto and Nairobi. "
-             "All stores open 9:00-18:00 on weekdays; Oslo also opens on Saturdays."),
-    Document("payment", "Payment methods", "We accept cards, bank transfer and vouchers. "
-             "Orders over 100 EUR may be paid in three instalments."),
-    Document("loyalty", "Loyalty programme", "Customers earn one point per euro spent; 100 points give "
-             "a 5 EUR voucher. Points expire two years after the order."),
-    Document("coffee", "Coffee beans", "Our coffee beans are roasted weekly and sold in 500 g bags. "
-             "Store them airtight and use them within a month of roasting."),
-    Document("chairs", "Choosing an office chair", "Adjust the seat so that your feet rest flat and your "
-             "knees are level with your hips. The office chair has adjustable armrests."),
+    Document(
+        "shipping",
+        "Shipping times",
+        "Orders ship from our Lisbon warehouse within two working days. "
+        "Delivery takes 3-5 days in Europe and 7-10 days to Canada and Kenya.",
+    ),
+    Document(
+        "returns",
+        "Returns and refunds",
+        "Unused items can be returned within 30 days of delivery. "
+        "Refunds go back to the original payment method within 5 working days.",
+    ),
+    Document(
+        "warranty",
+        "Warranty",
+        "Furniture and electronics carry a two-year warranty; office chairs "
+        "carry five years. Stationery and grocery items have no warranty.",
+    ),
+    Document(
+        "stores",
+        "Store locations",
+        "Our stores are in Lisbon, Oslo, Toronto and Nairobi. "
+        "All stores open 9:00-18:00 on weekdays; Oslo also opens on Saturdays.",
+    ),
+    Document(
+        "payment",
+        "Payment methods",
+        "We accept cards, bank transfer and vouchers. Orders over 100 EUR may be paid in three instalments.",
+    ),
+    Document(
+        "loyalty",
+        "Loyalty programme",
+        "Customers earn one point per euro spent; 100 points give "
+        "a 5 EUR voucher. Points expire two years after the order.",
+    ),
+    Document(
+        "coffee",
+        "Coffee beans",
+        "Our coffee beans are roasted weekly and sold in 500 g bags. "
+        "Store them airtight and use them within a month of roasting.",
+    ),
+    Document(
+        "chairs",
+        "Choosing an office chair",
+        "Adjust the seat so that your feet rest flat and your "
+        "knees are level with your hips. The office chair has adjustable armrests.",
+    ),
 )
 
 
@@ -84,8 +116,13 @@ class Corpus:
 
     def _hit(self, doc_id: str, score: float) -> dict[str, Any]:
         doc = self.documents[doc_id]
-        return {"id": doc.id, "title": doc.title, "snippet": doc.text[:160], "score": round(score, 4),
-                "url": f"/docs/{quote(doc.id)}"}
+        return {
+            "id": doc.id,
+            "title": doc.title,
+            "snippet": doc.text[:160],
+            "score": round(score, 4),
+            "url": f"/docs/{quote(doc.id)}",
+        }
 
 
 class SearchHandler(BaseHTTPRequestHandler):
@@ -95,7 +132,7 @@ class SearchHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.server.latency_s > 0:
-            time.sleep(self.server.latency_s)      # the injected network round trip
+            time.sleep(self.server.latency_s)  # the injected network round trip
         url = urlsplit(self.path)
         doc = self.server.corpus.documents.get(unquote(url.path.removeprefix("/docs/")))
         if url.path == "/search":
@@ -128,8 +165,9 @@ class SearchHandler(BaseHTTPRequestHandler):
 class SearchServer(ThreadingHTTPServer):
     """The service bound to (host, port); port 0 picks a free one (see `url`)."""
 
-    def __init__(self, corpus: Corpus | None = None, host: str = "127.0.0.1", port: int = 0,
-                 latency_s: float = 0.0) -> None:
+    def __init__(
+        self, corpus: Corpus | None = None, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0
+    ) -> None:
         super().__init__((host, port), SearchHandler)
         self.corpus = corpus or Corpus(DEMO_DOCUMENTS)
         self.latency_s = latency_s

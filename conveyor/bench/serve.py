@@ -11,6 +11,7 @@ load falls on both alike; the ratios are per rate and repeat, with their median 
 Otherwise the JSON says the peer was not run. The 1/5/15-minute load averages are read before
 and after each run; the JSON and the table carry the command line that made them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ from rich.progress import Progress
 from conveyor.bench.loadgen import check_loopback, run_load, summarize
 from conveyor.bench.results import provenance, write_json, write_text
 
-PROMPTS = ["Write a Python function that reverses a string.", "Explain what a hash map is in two sentences.",
-           "List three uses of a queue.", "What does HTTP status 429 mean?"]
+PROMPTS = [
+    "Write a Python function that reverses a string.",
+    "Explain what a hash map is in two sentences.",
+    "List three uses of a queue.",
+    "What does HTTP status 429 mean?",
+]
 
 
 def add_serve_bench_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +51,17 @@ def add_serve_bench_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--peer-url", default="", help="a loopback OpenAI server to compare (same model)")
     parser.add_argument("--peer-model", default="bench", help="the model name the peer serves")
-    parser.add_argument("--peer-command", default="",
-                        help="start the peer with this command line (up beside ours; stopped at the end)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each server at each rate, interleaved")
-    parser.add_argument("--warmup-requests", type=int, default=8, help="unmeasured requests each server gets first")
+    parser.add_argument(
+        "--peer-command",
+        default="",
+        help="start the peer with this command line (up beside ours; stopped at the end)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each server at each rate, interleaved"
+    )
+    parser.add_argument(
+        "--warmup-requests", type=int, default=8, help="unmeasured requests each server gets first"
+    )
 
 
 def free_port() -> int:
@@ -59,17 +71,27 @@ def free_port() -> int:
 
 
 def _start_server(model: str, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "conveyor.cli", "serve", "--model", model, "--port", str(port),
-           "--served-model-name", "bench"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "conveyor.cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+    ]
     return wait_healthy(spawn_server(cmd), f"http://127.0.0.1:{port}", "conveyor serve")
 
 
 def spawn_server(cmd: list[str]) -> subprocess.Popen:
     """A server in its own process group (its children are stopped with it); its stderr goes
     to an unnamed temporary file (a pipe nobody reads would fill up and stall a chatty server)."""
-    log = tempfile.TemporaryFile()     # noqa: SIM115 - lives as long as the server; stop_server closes it
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server; stop_server closes it
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-    server.stderr = log                 # Popen keeps only pipes there: keep the file for stderr_tail
+    server.stderr = log  # Popen keeps only pipes there: keep the file for stderr_tail
     return server
 
 
@@ -87,8 +109,8 @@ def wait_healthy(server: subprocess.Popen, url: str, name: str, timeout_s: float
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return server
         except httpx.HTTPError:
-            pass                    # not listening yet
-        time.sleep(0.5)             # waiting for a subprocess to load a model: polling its health
+            pass  # not listening yet
+        time.sleep(0.5)  # waiting for a subprocess to load a model: polling its health
     stop_server(server)
     raise RuntimeError(f"{name} did not become healthy in {timeout_s:.0f} s")
 
@@ -110,7 +132,7 @@ def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
-        pass                        # the group is gone
+        pass  # the group is gone
 
 
 def _loadavg() -> list[float]:
@@ -120,15 +142,22 @@ def _loadavg() -> list[float]:
 def _warm(url: str, model: str, args: argparse.Namespace) -> None:
     """The same warm-up for every server: `--warmup-requests` requests at 4 req/s, not measured."""
     if args.warmup_requests:
-        asyncio.run(run_load(url, model, PROMPTS, 4.0, args.warmup_requests, args.max_tokens, args.duration_s))
+        asyncio.run(
+            run_load(url, model, PROMPTS, 4.0, args.warmup_requests, args.max_tokens, args.duration_s)
+        )
 
 
 def _one_run(url: str, model: str, rate: float, repeat: int, args: argparse.Namespace) -> dict:
     before = _loadavg()
-    samples, wall_s = asyncio.run(run_load(url, model, PROMPTS, rate, args.num_requests, args.max_tokens,
-                                           args.duration_s, seed=repeat))
-    return {"rate": rate, "repeat": repeat, **summarize(samples, wall_s),
-            "loadavg_before_after": {"before": before, "after": _loadavg()}}
+    samples, wall_s = asyncio.run(
+        run_load(url, model, PROMPTS, rate, args.num_requests, args.max_tokens, args.duration_s, seed=repeat)
+    )
+    return {
+        "rate": rate,
+        "repeat": repeat,
+        **summarize(samples, wall_s),
+        "loadavg_before_after": {"before": before, "after": _loadavg()},
+    }
 
 
 def _interleaved(servers: dict[str, tuple[str, str]], args: argparse.Namespace, progress: Progress) -> dict:
@@ -153,8 +182,10 @@ def run_serve_bench(args: argparse.Namespace) -> dict:
         port = free_port()
         stack.callback(stop_server, _start_server(args.model, port))
         if args.peer_url and args.peer_command:
-            stack.callback(stop_server, wait_healthy(spawn_server(shlex.split(args.peer_command)), args.peer_url,
-                                                     "the peer"))
+            stack.callback(
+                stop_server,
+                wait_healthy(spawn_server(shlex.split(args.peer_command)), args.peer_url, "the peer"),
+            )
         servers = {"conveyor": (f"http://127.0.0.1:{port}", "bench")}
         if args.peer_url:
             servers["peer"] = (args.peer_url, args.peer_model)
@@ -162,11 +193,19 @@ def run_serve_bench(args: argparse.Namespace) -> dict:
             _warm(url, model, args)
         runs = _interleaved(servers, args, progress)
     peer = runs.get("peer")
-    result = {"model": args.model, "max_tokens": args.max_tokens, "num_requests": args.num_requests,
-              "repeats": args.repeats, "warmup_requests": args.warmup_requests,
-              "loadavg_before_after": {"before": before, "after": _loadavg()}, "conveyor": runs["conveyor"],
-              "peer": peer if peer is not None else "not run (no --peer-url)",
-              "peer_command": args.peer_command or None, **_ratios(runs["conveyor"], peer), **provenance()}
+    result = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "num_requests": args.num_requests,
+        "repeats": args.repeats,
+        "warmup_requests": args.warmup_requests,
+        "loadavg_before_after": {"before": before, "after": _loadavg()},
+        "conveyor": runs["conveyor"],
+        "peer": peer if peer is not None else "not run (no --peer-url)",
+        "peer_command": args.peer_command or None,
+        **_ratios(runs["conveyor"], peer),
+        **provenance(),
+    }
     _write(Path(args.json), result)
     return result
 
@@ -187,32 +226,54 @@ def _ratios(ours: dict, peer: dict | None) -> dict:
             cell["tokens"].append(a["output_tokens_per_s"] / b["output_tokens_per_s"])
         if b["ttft_s"]["p50"]:
             cell["ttft"].append(a["ttft_s"]["p50"] / b["ttft_s"]["p50"])
-    spread = lambda v: {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3),
-                        "n": len(v)} if v else None
-    return {"ratio_output_tokens_per_s": {str(rate): spread(c["tokens"]) for rate, c in by_rate.items()},
-            "ratio_ttft_p50": {str(rate): spread(c["ttft"]) for rate, c in by_rate.items()}}
+    spread = lambda v: (
+        {
+            "median": round(statistics.median(v), 3),
+            "min": round(min(v), 3),
+            "max": round(max(v), 3),
+            "n": len(v),
+        }
+        if v
+        else None
+    )
+    return {
+        "ratio_output_tokens_per_s": {str(rate): spread(c["tokens"]) for rate, c in by_rate.items()},
+        "ratio_ttft_p50": {str(rate): spread(c["ttft"]) for rate, c in by_rate.items()},
+    }
 
 
 def _write(path: Path, result: dict) -> None:
     write_json(path, result, indent=2)
-    lines = [("| server | rate (req/s) | repeat | ok/sent | output tokens | output tok/s | TTFT p50 / p90 (s) | "
-              "ITL p50 / p90 (s) | load avg 1 min before / after |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| server | rate (req/s) | repeat | ok/sent | output tokens | output tok/s | TTFT p50 / p90 (s) | "
+            "ITL p50 / p90 (s) | load avg 1 min before / after |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("conveyor", "peer"):
         for row in result[name]["rates"] if isinstance(result[name], dict) else []:
             load = row["loadavg_before_after"]
-            lines.append(f"| {name} | {row['rate']} | {row.get('repeat', 0)} | {row['num_ok']}/{row['num_requests']} "
-                         f"| {row['output_tokens']} | {row['output_tokens_per_s']} "
-                         f"| {row['ttft_s']['p50']} / {row['ttft_s']['p90']} "
-                         f"| {row['itl_s']['p50']} / {row['itl_s']['p90']} | {load['before'][0]} / {load['after'][0]} |")
+            lines.append(
+                f"| {name} | {row['rate']} | {row.get('repeat', 0)} | {row['num_ok']}/{row['num_requests']} "
+                f"| {row['output_tokens']} | {row['output_tokens_per_s']} "
+                f"| {row['ttft_s']['p50']} / {row['ttft_s']['p90']} "
+                f"| {row['itl_s']['p50']} / {row['itl_s']['p90']} | {load['before'][0]} / {load['after'][0]} |"
+            )
     ratios = ""
     if result["ratio_output_tokens_per_s"]:
-        cells = lambda key: ", ".join(f"{rate} req/s {c['median']}x [{c['min']}, {c['max']}]"
-                                      for rate, c in result[key].items() if c)
-        ratios = (f"\nconveyor / peer per rate, median [min, max] over {result['repeats']} interleaved repeats: "
-                  f"output tokens/s {cells('ratio_output_tokens_per_s')}; TTFT p50 {cells('ratio_ttft_p50')}\n")
+        cells = lambda key: ", ".join(
+            f"{rate} req/s {c['median']}x [{c['min']}, {c['max']}]" for rate, c in result[key].items() if c
+        )
+        ratios = (
+            f"\nconveyor / peer per rate, median [min, max] over {result['repeats']} interleaved repeats: "
+            f"output tokens/s {cells('ratio_output_tokens_per_s')}; TTFT p50 {cells('ratio_ttft_p50')}\n"
+        )
     load = result["loadavg_before_after"]
-    write_text(path.with_suffix(".md"),
-               f"# conveyor bench serve\n\nmodel {result['model']}, {result['max_tokens']} tokens per answer, "
-               f"{result['num_requests']} requests per run, {result['warmup_requests']} warm-up requests per server, "
-               f"CPU {result['machine']['cpu_model']}, load average (1/5/15 min) before {load['before']}, "
-               f"after {load['after']}.\n\nCommand: `{result['command']}`\n\n" + "\n".join(lines) + "\n" + ratios)
+    write_text(
+        path.with_suffix(".md"),
+        f"# conveyor bench serve\n\nmodel {result['model']}, {result['max_tokens']} tokens per answer, "
+        f"{result['num_requests']} requests per run, {result['warmup_requests']} warm-up requests per server, "
+        f"CPU {result['machine']['cpu_model']}, load average (1/5/15 min) before {load['before']}, "
+        f"after {load['after']}.\n\nCommand: `{result['command']}`\n\n" + "\n".join(lines) + "\n" + ratios,
+    )

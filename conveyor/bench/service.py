@@ -1,5 +1,6 @@
 """Loopback services the benchmarks start in processes of their own (the search service, the paced
 stand-in engine), and the streamed-response writing they share with the tests' fake engine."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ from typing import Any
 STOP_S = 5.0
 
 
-def start_service(target: Callable[..., None], args: tuple[Any, ...], name: str,
-                  start_s: float) -> tuple[str, Callable[[], None]]:
+def start_service(
+    target: Callable[..., None], args: tuple[Any, ...], name: str, start_s: float
+) -> tuple[str, Callable[[], None]]:
     """Run `target(conn, *args)` in a spawned child, which sends its URL on `conn` once it serves
     (`serve_until_stopped`); returns that URL and a function that stops the child. Raises
     RuntimeError, leaving no child behind, when no URL comes within `start_s`."""
@@ -27,7 +29,7 @@ def start_service(target: Callable[..., None], args: tuple[Any, ...], name: str,
 
     def stop() -> None:
         with contextlib.suppress(OSError):
-            conn.send("stop")                 # a clean exit: the child's finalizers run
+            conn.send("stop")  # a clean exit: the child's finalizers run
         process.join(STOP_S)
         if process.is_alive():
             process.terminate()
@@ -45,9 +47,10 @@ def start_service(target: Callable[..., None], args: tuple[Any, ...], name: str,
 
 def serve_until_stopped(conn: Connection, server: BaseServer, url: str) -> None:
     """In the child: send `url`, then serve until the parent says stop or goes away."""
+
     def stop_on_message() -> None:
         with contextlib.suppress(EOFError, OSError):
-            conn.recv()                       # "stop", or the parent is gone
+            conn.recv()  # "stop", or the parent is gone
         server.shutdown()
 
     threading.Thread(target=stop_on_message, daemon=True).start()

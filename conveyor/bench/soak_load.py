@@ -8,6 +8,7 @@ purpose), `rejected` (an invalid request answered 4xx, as it should be), `unexpe
 `5xx`, or `error` (a transport failure, a stream that ended without its finish reason, or an
 error event mid-stream), with its first few details kept for the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,39 @@ from typing import Any
 import httpx
 
 # kind -> weight in the mix
-MIX = {"chat": 20, "chat_nostream": 8, "nostream_disconnect": 4, "client_tool": 20, "server_tool": 40, "bad": 8}
+MIX = {
+    "chat": 20,
+    "chat_nostream": 8,
+    "nostream_disconnect": 4,
+    "client_tool": 20,
+    "server_tool": 40,
+    "bad": 8,
+}
 SERVER_TOOLS = ("calculator", "python", "fault")
-CHAT_PROMPTS = ("Write a haiku about queues.", "Explain a hash map in two sentences.",
-                "List three uses of a stack.", "What does HTTP status 429 mean?")
-TOOL_PROMPTS = {"calculator": "What is 17 * 23 + 4? Use the calculator.",
-                "python": "Write Python code that prints the first ten square numbers.",
-                "fault": "Look up the key 'alpha' in the flaky store."}
-FORECAST = {"type": "function", "function": {
-    "name": "forecast", "description": "Weather forecast for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"enum": [1, 2, 3]}},
-                   "required": ["city", "days"], "additionalProperties": False}}}
+CHAT_PROMPTS = (
+    "Write a haiku about queues.",
+    "Explain a hash map in two sentences.",
+    "List three uses of a stack.",
+    "What does HTTP status 429 mean?",
+)
+TOOL_PROMPTS = {
+    "calculator": "What is 17 * 23 + 4? Use the calculator.",
+    "python": "Write Python code that prints the first ten square numbers.",
+    "fault": "Look up the key 'alpha' in the flaky store.",
+}
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "forecast",
+        "description": "Weather forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"enum": [1, 2, 3]}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
 MAX_DETAILS = 20
 
 
@@ -39,13 +62,13 @@ class LoadConfig:
     url: str
     model: str
     concurrency: int
-    max_requests: int                  # 0: no limit but time
-    abort_share: float                 # share of streamed requests closed early
-    max_tokens: tuple[int, int]        # uniform range of each request's max_tokens
+    max_requests: int  # 0: no limit but time
+    abort_share: float  # share of streamed requests closed early
+    max_tokens: tuple[int, int]  # uniform range of each request's max_tokens
     seed: int
     request_timeout_s: float
-    long_prompt_words: int             # a prompt past the model's context (an invalid request)
-    mix: dict[str, int] = field(default_factory=lambda: dict(MIX))     # request kind -> weight
+    long_prompt_words: int  # a prompt past the model's context (an invalid request)
+    mix: dict[str, int] = field(default_factory=lambda: dict(MIX))  # request kind -> weight
 
 
 @dataclass(slots=True)
@@ -53,8 +76,8 @@ class Outcome:
     kind: str
     outcome: str
     finish_reason: str | None = None
-    tool_results: list[tuple[str, str]] = field(default_factory=list)    # server tools' (name, result)
-    client_calls: list[tuple[str, str]] = field(default_factory=list)    # client tools' (call id, arguments)
+    tool_results: list[tuple[str, str]] = field(default_factory=list)  # server tools' (name, result)
+    client_calls: list[tuple[str, str]] = field(default_factory=list)  # client tools' (call id, arguments)
     detail: str = ""
 
 
@@ -97,14 +120,20 @@ class Outcomes:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"total": sum(self.outcomes.values()), **{k: self.outcomes[k] for k in sorted(self.outcomes)}}
+            return {
+                "total": sum(self.outcomes.values()),
+                **{k: self.outcomes[k] for k in sorted(self.outcomes)},
+            }
 
     def report(self) -> dict[str, Any]:
         with self._lock:
-            return {"outcomes": dict(self.outcomes),
-                    "by_kind": {k: dict(v) for k, v in sorted(self.by_kind.items())},
-                    "finish_reasons": dict(self.finish_reasons),
-                    "tool_results": dict(sorted(self.tool_results.items())), "details": list(self.details)}
+            return {
+                "outcomes": dict(self.outcomes),
+                "by_kind": {k: dict(v) for k, v in sorted(self.by_kind.items())},
+                "finish_reasons": dict(self.finish_reasons),
+                "tool_results": dict(sorted(self.tool_results.items())),
+                "details": list(self.details),
+            }
 
 
 def classify_result(tool: str, text: str) -> str:
@@ -128,8 +157,10 @@ class Load:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.num_sent = 0
-        self._threads = [threading.Thread(target=self._client, args=(i,), name=f"soak-client-{i}", daemon=True)
-                         for i in range(config.concurrency)]
+        self._threads = [
+            threading.Thread(target=self._client, args=(i,), name=f"soak-client-{i}", daemon=True)
+            for i in range(config.concurrency)
+        ]
 
     def start(self) -> None:
         for t in self._threads:
@@ -148,7 +179,9 @@ class Load:
 
     def _take(self) -> bool:
         with self._lock:
-            if self._stop.is_set() or (self.config.max_requests and self.num_sent >= self.config.max_requests):
+            if self._stop.is_set() or (
+                self.config.max_requests and self.num_sent >= self.config.max_requests
+            ):
                 return False
             self.num_sent += 1
             return True
@@ -165,8 +198,14 @@ class Load:
 
 # ---- one request of each kind (each yields the outcomes of the HTTP requests it made) ---------
 def _body(config: LoadConfig, rng: random.Random, messages: list[dict], **extra: Any) -> dict[str, Any]:
-    return {"model": config.model, "messages": messages, "max_tokens": rng.randint(*config.max_tokens),
-            "temperature": rng.choice((0.0, 0.7, 1.0)), "seed": rng.randint(0, 2**31), **extra}
+    return {
+        "model": config.model,
+        "messages": messages,
+        "max_tokens": rng.randint(*config.max_tokens),
+        "temperature": rng.choice((0.0, 0.7, 1.0)),
+        "seed": rng.randint(0, 2**31),
+        **extra,
+    }
 
 
 def _user(text: str) -> list[dict]:
@@ -197,40 +236,70 @@ def _nostream_disconnect(http: httpx.Client, config: LoadConfig, rng: random.Ran
 def _client_tool(http: httpx.Client, config: LoadConfig, rng: random.Random) -> list[Outcome]:
     """A named client tool (the grammar forces the call); half the time the client answers it."""
     messages = _user("What is the weather in Paris for the next two days?")
-    body = _body(config, rng, messages, tools=[FORECAST],
-                 tool_choice={"type": "function", "function": {"name": "forecast"}})
+    body = _body(
+        config,
+        rng,
+        messages,
+        tools=[FORECAST],
+        tool_choice={"type": "function", "function": {"name": "forecast"}},
+    )
     first = plain_request(http, "client_tool", body)
     calls = first.client_calls
     if first.outcome != "ok" or first.finish_reason != "tool_calls" or not calls or rng.random() < 0.5:
         return [first]
     call_id, arguments = calls[0]
-    follow = [*messages, {"role": "assistant", "content": "", "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": "forecast", "arguments": arguments}}]},
-        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"city": "Paris", "high_c": 21})}]
-    return [first, stream_request(http, "client_tool_followup", _body(config, rng, follow, tools=[FORECAST]),
-                                  _abort_after(config, rng))]
+    follow = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": "forecast", "arguments": arguments}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"city": "Paris", "high_c": 21})},
+    ]
+    return [
+        first,
+        stream_request(
+            http,
+            "client_tool_followup",
+            _body(config, rng, follow, tools=[FORECAST]),
+            _abort_after(config, rng),
+        ),
+    ]
 
 
 def _server_tool(http: httpx.Client, config: LoadConfig, rng: random.Random) -> list[Outcome]:
     name = rng.choice(SERVER_TOOLS)
-    body = _body(config, rng, _user(TOOL_PROMPTS[name]), tool_choice={"type": "function", "function": {"name": name}})
+    body = _body(
+        config, rng, _user(TOOL_PROMPTS[name]), tool_choice={"type": "function", "function": {"name": name}}
+    )
     return [stream_request(http, f"server_tool:{name}", body, _abort_after(config, rng))]
 
 
 def _bad(http: httpx.Client, config: LoadConfig, rng: random.Random) -> list[Outcome]:
     """An invalid request, which must be refused with a 4xx and leave nothing behind."""
     messages = _user("hello")
-    bodies = [_body(config, rng, messages, tool_choice={"type": "function", "function": {"name": "no_such_tool"}}),
-              {**_body(config, rng, messages), "model": "no-such-model"},
-              {**_body(config, rng, messages), "temperature": 5},
-              _body(config, rng, []),
-              _body(config, rng, messages, tool_choice="required"),
-              _body(config, rng, _user("word " * config.long_prompt_words), stream=True)]
+    bodies = [
+        _body(config, rng, messages, tool_choice={"type": "function", "function": {"name": "no_such_tool"}}),
+        {**_body(config, rng, messages), "model": "no-such-model"},
+        {**_body(config, rng, messages), "temperature": 5},
+        _body(config, rng, []),
+        _body(config, rng, messages, tool_choice="required"),
+        _body(config, rng, _user("word " * config.long_prompt_words), stream=True),
+    ]
     return [plain_request(http, "bad", rng.choice(bodies), expect_4xx=True)]
 
 
-_REQUESTS = {"chat": _chat, "chat_nostream": _chat_nostream, "nostream_disconnect": _nostream_disconnect,
-             "client_tool": _client_tool, "server_tool": _server_tool, "bad": _bad}
+_REQUESTS = {
+    "chat": _chat,
+    "chat_nostream": _chat_nostream,
+    "nostream_disconnect": _nostream_disconnect,
+    "client_tool": _client_tool,
+    "server_tool": _server_tool,
+    "bad": _bad,
+}
 
 
 # ---- HTTP ---------------------------------------------------------------------------------
@@ -244,12 +313,18 @@ def _status_outcome(kind: str, response: httpx.Response, expect_4xx: bool) -> Ou
     return Outcome(kind, "rejected" if expect_4xx else "unexpected_4xx", detail=f"HTTP {code}: {text}")
 
 
-def plain_request(http: httpx.Client, kind: str, body: dict[str, Any], timeout_s: float | None = None,
-                  expect_4xx: bool = False) -> Outcome:
+def plain_request(
+    http: httpx.Client,
+    kind: str,
+    body: dict[str, Any],
+    timeout_s: float | None = None,
+    expect_4xx: bool = False,
+) -> Outcome:
     """A non-streamed request; `timeout_s` set: a client that gives up reading is `aborted`."""
     try:
-        with http.stream("POST", "/v1/chat/completions", json=body,
-                         timeout=timeout_s or http.timeout) as response:
+        with http.stream(
+            "POST", "/v1/chat/completions", json=body, timeout=timeout_s or http.timeout
+        ) as response:
             if (bad := _status_outcome(kind, response, expect_4xx)) is not None:
                 return bad
             data = json.loads(response.read())
@@ -260,7 +335,9 @@ def plain_request(http: httpx.Client, kind: str, body: dict[str, Any], timeout_s
     choice = data["choices"][0]
     message = choice["message"]
     calls = [(c["id"], c["function"]["arguments"]) for c in message.get("tool_calls") or []]
-    results = [(c["function"]["name"], str(c.get("result", ""))) for c in message.get("server_tool_calls") or []]
+    results = [
+        (c["function"]["name"], str(c.get("result", ""))) for c in message.get("server_tool_calls") or []
+    ]
     return Outcome(kind, "ok", choice["finish_reason"], results, calls)
 
 
@@ -289,7 +366,7 @@ def _read_events(kind: str, lines: Any, abort_after: int | None) -> Outcome:
             return out
         if abort_after is not None and num_events >= abort_after:
             out.outcome, out.detail = "aborted", ""
-            return out                   # leaving the `with` closes the connection: the server aborts
+            return out  # leaving the `with` closes the connection: the server aborts
         num_events += 1
         event = json.loads(line[6:])
         if "error" in event:
@@ -306,6 +383,8 @@ def _note_event(out: Outcome, event: dict[str, Any], names: dict[str, str]) -> N
             if call.get("id"):
                 names[call["id"]] = call["function"]["name"]
         if delta.get("role") == "tool":
-            out.tool_results.append((names.get(delta.get("tool_call_id"), "?"), str(delta.get("content", ""))))
+            out.tool_results.append(
+                (names.get(delta.get("tool_call_id"), "?"), str(delta.get("content", "")))
+            )
         if choice.get("finish_reason"):
             out.finish_reason = choice["finish_reason"]

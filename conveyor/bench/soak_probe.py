@@ -7,6 +7,7 @@ The soak makes itself a child subreaper (Linux `PR_SET_CHILD_SUBREAPER`): a desc
 server that outlives it is re-parented to the soak instead of init, so `orphans()` finds it
 even if it was started and detached between two samples.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,9 +61,9 @@ class ServerProbe:
     pid: int
     url: str
     process: psutil.Process = field(init=False)
-    seen: dict[int, float] = field(default_factory=dict)     # pid -> create time, every descendant seen
+    seen: dict[int, float] = field(default_factory=dict)  # pid -> create time, every descendant seen
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10.0))
-    ours_before: set[int] = field(default_factory=set)       # this process's other children (not the server's)
+    ours_before: set[int] = field(default_factory=set)  # this process's other children (not the server's)
 
     def __post_init__(self) -> None:
         self.process = psutil.Process(self.pid)
@@ -85,18 +86,29 @@ class ServerProbe:
     def sample(self, start: float) -> dict[str, Any]:
         """One row of the time series (plain data)."""
         with self.process.oneshot():
-            rss, fds, threads = self.process.memory_info().rss, self.process.num_fds(), self.process.num_threads()
+            rss, fds, threads = (
+                self.process.memory_info().rss,
+                self.process.num_fds(),
+                self.process.num_threads(),
+            )
         children_rss, children = 0, self._descendants()
         for child in children:
             with contextlib.suppress(psutil.Error):
                 children_rss += child.memory_info().rss
         m = self.metrics()
-        return {"t_s": round(time.monotonic() - start, 2), "rss_mb": round(rss / 2**20, 1), "num_fds": fds,
-                "num_threads": threads, "num_descendants": len(children),
-                "descendants_rss_mb": round(children_rss / 2**20, 1),
-                "kv_blocks_used": m.get(KV_USED), "requests_running": m.get(RUNNING),
-                "requests_awaiting_tools": m.get(AWAITING), "busy_workers": _sum(matching(m, "busy")),
-                "worker_restarts": _sum(matching(m, "restart"))}
+        return {
+            "t_s": round(time.monotonic() - start, 2),
+            "rss_mb": round(rss / 2**20, 1),
+            "num_fds": fds,
+            "num_threads": threads,
+            "num_descendants": len(children),
+            "descendants_rss_mb": round(children_rss / 2**20, 1),
+            "kv_blocks_used": m.get(KV_USED),
+            "requests_running": m.get(RUNNING),
+            "requests_awaiting_tools": m.get(AWAITING),
+            "busy_workers": _sum(matching(m, "busy")),
+            "worker_restarts": _sum(matching(m, "restart")),
+        }
 
     def _descendants(self) -> list[psutil.Process]:
         try:

@@ -7,6 +7,7 @@ timeout (the pool must kill and replace the worker) or the worker's death (it mu
 replaced). Results and error messages start with `fault:<kind>` so that the client can count
 what was injected from the tool results it is streamed.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,8 @@ FAULTS = {"ok": 30, "sleep": 20, "raise": 15, "large": 15, "memory": 8, "hang": 
 LARGE_CHARS = (64 * 1024, 1024 * 1024)
 SLEEP_S = (0.05, 2.0)
 MEMORY_MB = 256
-HANG_S = 3600.0                 # far past any call timeout the soak runs with
-_rng = random.Random()          # seeded from the OS per worker process
+HANG_S = 3600.0  # far past any call timeout the soak runs with
+_rng = random.Random()  # seeded from the OS per worker process
 
 
 class FaultInjected(RuntimeError):
@@ -48,7 +49,7 @@ def fault(key: str) -> str:
     elif kind == "large":
         return "fault:large " + "x" * _rng.randint(*LARGE_CHARS)
     elif kind == "memory":
-        block = bytearray(MEMORY_MB * 1024 * 1024)      # touched pages: a real RSS spike
+        block = bytearray(MEMORY_MB * 1024 * 1024)  # touched pages: a real RSS spike
         block[::4096] = b"\x01" * len(block[::4096])
         return f"fault:memory {MEMORY_MB} MiB touched"
     elif kind == "hang":

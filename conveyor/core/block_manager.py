@@ -11,6 +11,7 @@ A second pool of ``num_host_blocks`` blocks lives in host memory: ``swap_out`` m
 request's blocks there and ``swap_in`` back; each returns the (from, to) block pairs that
 the runner copies.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ class Block:
 class BlockManager:
     """Owns the block pool; requests hold block ids in their ``block_table``."""
 
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True,
-                 num_host_blocks: int = 0) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, prefix_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0 or num_host_blocks < 0:
             raise ValueError("num_blocks and block_size must be positive, num_host_blocks >= 0")
         self.block_size = block_size
@@ -86,7 +88,7 @@ class BlockManager:
         found: list[int] = []
         prev = None
         for i in range((len(token_ids) - 1) // self.block_size):
-            chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+            chunk = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             prev = chain_hash(prev, chunk)
             block_id = self._by_hash.get(prev)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
@@ -101,7 +103,7 @@ class BlockManager:
         bs = self.block_size
         hashes = request.block_hashes
         for i in range(len(hashes), request.num_computed_tokens // bs):
-            chunk = tuple(request.token_ids[i * bs:(i + 1) * bs])
+            chunk = tuple(request.token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(hashes[-1] if hashes else None, chunk)
             hashes.append(h)
             block = self.blocks[request.block_table[i]]

@@ -19,6 +19,7 @@ behaves like today's servers: the tool call ends the request and the continuatio
 request (new arrival, last in line) that prefills what the prefix cache no longer holds
 (everything, with prefix caching off). The scheduler's KV policy holds one `Strategy` (`strategy(policy)`) and asks it each of these decisions.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ POLICIES = tuple(p.value for p in InterceptPolicy)
 class Costs:
     """Measured costs: one block's copy one way (at start-up), prefill time per token and the
     time of a step (running averages over the engine's forward passes)."""
+
     swap_s_per_block: float = 1e-4
     swap_budget_blocks: int = 64
     prefill_s_per_token: float = 1e-3
@@ -53,6 +55,7 @@ class Costs:
 class ToolTimes:
     """Expected tool time: the tool's declared estimate, else a running mean of that tool's
     past calls, else ``default_s``."""
+
     default_s: float = 1.0
     _sum_s: dict[str | None, float] = field(default_factory=dict)
     _count: dict[str | None, int] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class ToolTimes:
 @dataclass(frozen=True, slots=True)
 class Waste:
     """Block-seconds each choice would waste for one request waiting on a tool."""
+
     request: Request
     num_blocks: int
     preserve: float
@@ -98,8 +102,13 @@ class Decisions:
     discard: list[Request] = field(default_factory=list)
 
 
-def choose(wastes: Sequence[Waste], need_blocks: int, swap_budget_blocks: int, host_free_blocks: int,
-           step_s: float = 0.0) -> Decisions:
+def choose(
+    wastes: Sequence[Waste],
+    need_blocks: int,
+    swap_budget_blocks: int,
+    host_free_blocks: int,
+    step_s: float = 0.0,
+) -> Decisions:
     """Min-waste choice for one step: requests in order of what freeing them gains, most first;
     each is swapped if that is its least waste and the swap budget and host pool allow, else
     discarded if that wastes less than preserving, else preserved; stop once ``need_blocks``
@@ -116,14 +125,17 @@ def choose(wastes: Sequence[Waste], need_blocks: int, swap_budget_blocks: int, h
         if freed >= need_blocks or w.gain <= 0:
             break
         n = w.num_blocks
-        fits_budget = n <= budget_room or budget_room == swap_budget_blocks   # a big one may overrun
+        fits_budget = n <= budget_room or budget_room == swap_budget_blocks  # a big one may overrun
         if w.swap <= w.discard and n <= host_room and fits_budget:
             decisions.swap.append(w.request)
             budget_room -= n
             host_room -= n
-        elif w.swap <= w.discard and n <= host_room and _deferral_waste(w, deferred, swap_budget_blocks,
-                                                                         step_s) <= w.discard:
-            deferred += n            # kept this step; swapped once a step's budget reaches it
+        elif (
+            w.swap <= w.discard
+            and n <= host_room
+            and _deferral_waste(w, deferred, swap_budget_blocks, step_s) <= w.discard
+        ):
+            deferred += n  # kept this step; swapped once a step's budget reaches it
             host_room -= n
         elif w.discard < w.preserve:
             decisions.discard.append(w.request)
@@ -161,15 +173,21 @@ def fixed(policy: str, holding: Sequence[Request], host_free_blocks: int) -> Dec
 class Strategy:
     """A fixed policy: preserve, discard, swap or new-request (see the module docstring)."""
 
-    reclaims_on_demand = True   # a queued request short of blocks takes them from requests on tools
+    reclaims_on_demand = True  # a queued request short of blocks takes them from requests on tools
 
     def __init__(self, policy: InterceptPolicy) -> None:
         self.policy = policy
-        self.swaps = policy is InterceptPolicy.SWAP      # reclaim and preempt by swap where the host has room
-        self.new_request = policy is InterceptPolicy.NEW_REQUEST   # dropped KV: the continuation is new
+        self.swaps = policy is InterceptPolicy.SWAP  # reclaim and preempt by swap where the host has room
+        self.new_request = policy is InterceptPolicy.NEW_REQUEST  # dropped KV: the continuation is new
 
-    def settle(self, holding: Sequence[Request], host_free_blocks: int, waste: Callable[[Request], Waste],
-               need_blocks: Callable[[], int], costs: Costs) -> Decisions:
+    def settle(
+        self,
+        holding: Sequence[Request],
+        host_free_blocks: int,
+        waste: Callable[[Request], Waste],
+        need_blocks: Callable[[], int],
+        costs: Costs,
+    ) -> Decisions:
         """This step's swaps and discards among the requests on tools that hold device blocks."""
         return fixed(self.policy, holding, host_free_blocks)
 
@@ -186,22 +204,33 @@ class AutoStrategy(Strategy):
     """Least waste per request (InferCept): `choose` each step, the most wasteful kept KV
     first when blocks are short, preemption by swap where the copy costs less than recompute."""
 
-    reclaims_on_demand = False      # `settle` has already freed what is worth freeing for the queue
+    reclaims_on_demand = False  # `settle` has already freed what is worth freeing for the queue
 
     def __init__(self, policy: InterceptPolicy = InterceptPolicy.AUTO) -> None:
         super().__init__(policy)
         self.swaps = True
 
-    def settle(self, holding: Sequence[Request], host_free_blocks: int, waste: Callable[[Request], Waste],
-               need_blocks: Callable[[], int], costs: Costs) -> Decisions:
-        return choose([waste(r) for r in holding], need_blocks(), costs.swap_budget_blocks, host_free_blocks,
-                      costs.step_s)
+    def settle(
+        self,
+        holding: Sequence[Request],
+        host_free_blocks: int,
+        waste: Callable[[Request], Waste],
+        need_blocks: Callable[[], int],
+        costs: Costs,
+    ) -> Decisions:
+        return choose(
+            [waste(r) for r in holding],
+            need_blocks(),
+            costs.swap_budget_blocks,
+            host_free_blocks,
+            costs.step_s,
+        )
 
     def victim(self, holding: Sequence[Request], waste: Callable[[Request], Waste]) -> Request:
         return max((waste(r) for r in holding), key=lambda w: w.preserve).request
 
     def swap_preempts(self, request: Request, costs: Costs) -> bool:
-        w = waste_of(request, 0.0, 0, costs)    # the same costs as a tool wait's
+        w = waste_of(request, 0.0, 0, costs)  # the same costs as a tool wait's
         return w.swap < w.discard
 
 

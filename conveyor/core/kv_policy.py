@@ -3,6 +3,7 @@ scheduler's `KVPolicy` applies its intercept strategy (core/intercept.py) to req
 waiting on tools, reclaims their blocks when others need them, and preempts running
 requests (by swap where the strategy swaps, else by recompute). Pure Python.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -18,6 +19,7 @@ from conveyor.core.step_plan import SchedulerOutput, Swap
 @dataclass(slots=True)
 class Queues:
     """The scheduler's requests by state, each list sorted by arrival."""
+
     waiting: list[Request] = field(default_factory=list)
     running: list[Request] = field(default_factory=list)
     swapped: list[Request] = field(default_factory=list)
@@ -27,8 +29,15 @@ class Queues:
 class KVPolicy:
     """The KV side of the scheduler, over the scheduler's queues and block manager."""
 
-    def __init__(self, strategy: intercept.Strategy, block_manager: BlockManager, queues: Queues,
-                 costs: intercept.Costs, tool_times: intercept.ToolTimes, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        strategy: intercept.Strategy,
+        block_manager: BlockManager,
+        queues: Queues,
+        costs: intercept.Costs,
+        tool_times: intercept.ToolTimes,
+        clock: Callable[[], float],
+    ) -> None:
         self.strategy = strategy
         self.block_manager = block_manager
         self.queues = queues
@@ -41,8 +50,9 @@ class KVPolicy:
         holding = [r for r in self.queues.awaiting_tool.values() if r.block_table]
         if not holding:
             return
-        decisions = self.strategy.settle(holding, self.block_manager.num_free_host_blocks, self._waste,
-                                         self._num_needed_blocks, self.costs)
+        decisions = self.strategy.settle(
+            holding, self.block_manager.num_free_host_blocks, self._waste, self._num_needed_blocks, self.costs
+        )
         for request in decisions.swap:
             self._swap_out(request, out)
         for request in decisions.discard:

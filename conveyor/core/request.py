@@ -2,6 +2,7 @@
 
 Pure Python: the scheduler and block manager work on these objects without torch.
 """
+
 from __future__ import annotations
 
 import enum
@@ -12,10 +13,12 @@ from typing import Any
 
 
 class RequestState(enum.Enum):
-    WAITING = "waiting"            # queued; no KV yet, or preempted (KV dropped, recompute later)
-    RUNNING = "running"            # in the batch: prefilling or decoding
-    AWAITING_TOOL = "awaiting_tool"  # out of the batch, waiting for tool results (KV kept, swapped or dropped)
-    SWAPPED = "swapped"            # tool results in; its KV waits in host memory to be swapped in
+    WAITING = "waiting"  # queued; no KV yet, or preempted (KV dropped, recompute later)
+    RUNNING = "running"  # in the batch: prefilling or decoding
+    AWAITING_TOOL = (
+        "awaiting_tool"  # out of the batch, waiting for tool results (KV kept, swapped or dropped)
+    )
+    SWAPPED = "swapped"  # tool results in; its KV waits in host memory to be swapped in
     FINISHED = "finished"
 
 
@@ -42,10 +45,11 @@ FINISH_REASON: dict[FinishCause, str] = {
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature == 0`` is greedy."""
+
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0                      # 0: no top-k cut
+    top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -59,17 +63,25 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ``ValueError`` with a clear message for any unusable value."""
         checks = [
-            (_integer(self.max_tokens) and self.max_tokens > 0,
-             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (_finite(self.temperature) and self.temperature >= 0,
-             f"temperature must be a finite number >= 0, got {self.temperature!r}"),
+            (
+                _integer(self.max_tokens) and self.max_tokens > 0,
+                f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+            ),
+            (
+                _finite(self.temperature) and self.temperature >= 0,
+                f"temperature must be a finite number >= 0, got {self.temperature!r}",
+            ),
             (_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (_integer(self.top_k) and self.top_k >= 0,
-             f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}"),
+            (
+                _integer(self.top_k) and self.top_k >= 0,
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}",
+            ),
             (self.seed is None or _integer(self.seed), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (all(_integer(t) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids must be non-negative integers"),
+            (
+                all(_integer(t) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids must be non-negative integers",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -119,26 +131,27 @@ class Request:
     ``token_ids`` holds prompt and output tokens alike; ``num_computed_tokens`` of
     them have their KV in the cache. The rest are prefilled (or decoded) next.
     """
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int = field(default_factory=new_arrival)
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    output_token_ids: list[int] = field(default_factory=list)   # sampled tokens only
+    output_token_ids: list[int] = field(default_factory=list)  # sampled tokens only
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache hashes of the full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the full blocks
     state: RequestState = RequestState.WAITING
     finish_cause: FinishCause | None = None
-    stop_token_ids: frozenset[int] = frozenset()   # the model's EOS ids (unless ignored) and the params'
-    num_computed_total: int = 0     # tokens run through the model, recomputes included
+    stop_token_ids: frozenset[int] = frozenset()  # the model's EOS ids (unless ignored) and the params'
+    num_computed_total: int = 0  # tokens run through the model, recomputes included
     num_preemptions: int = 0
-    constraint: Any = None    # the current turn's tools.grammar.Constraint: the runner masks logits by it
-    pause_on_stop: bool = False     # a stop token ends the turn, not the request: the engine decides
+    constraint: Any = None  # the current turn's tools.grammar.Constraint: the runner masks logits by it
+    pause_on_stop: bool = False  # a stop token ends the turn, not the request: the engine decides
     # interception (core/intercept.py): where the KV of a request waiting on a tool went
-    host_block_table: list[int] = field(default_factory=list)   # blocks swapped out to the host pool
-    recompute_until: int = 0        # tokens that had KV before it was dropped: prefilling them again is recompute
-    tool: str | None = None         # the tool it waits on, its declared time and when the wait began
+    host_block_table: list[int] = field(default_factory=list)  # blocks swapped out to the host pool
+    recompute_until: int = 0  # tokens that had KV before it was dropped: prefilling them again is recompute
+    tool: str | None = None  # the tool it waits on, its declared time and when the wait began
     tool_declared_s: float | None = None
     paused_at_s: float = 0.0
 

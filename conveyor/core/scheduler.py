@@ -15,6 +15,7 @@ stay in the prefix cache) and it is recomputed later. The KV side of this (inter
 policy, reclaiming, preemption) is the `kv_policy.KVPolicy` the scheduler holds; the plan handed to the runner is
 `step_plan.SchedulerOutput`.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -25,7 +26,6 @@ from conveyor.config import SchedulerConfig
 from conveyor.core import intercept
 from conveyor.core.block_manager import BlockManager
 from conveyor.core.kv_policy import KVPolicy, Queues
-from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 from conveyor.core.request import (
     FinishCause,
     Request,
@@ -33,25 +33,42 @@ from conveyor.core.request import (
     by_arrival,
     new_arrival,
 )
+from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 
 
 class Scheduler:
     """Queues requests by state and plans each step; owns block allocation for them."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
-                 costs: intercept.Costs | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        max_model_len: int,
+        costs: intercept.Costs | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
         # a request must always fit in the whole pool, or a preempted one could never come back
         self.max_model_len = min(max_model_len, block_manager.num_blocks * block_manager.block_size)
         self.queues = Queues()
-        self.waiting, self.running, self.swapped = self.queues.waiting, self.queues.running, self.queues.swapped
-        self.awaiting_tool = self.queues.awaiting_tool      # the same objects: never rebound
+        self.waiting, self.running, self.swapped = (
+            self.queues.waiting,
+            self.queues.running,
+            self.queues.swapped,
+        )
+        self.awaiting_tool = self.queues.awaiting_tool  # the same objects: never rebound
         self.costs = costs or intercept.Costs()
         self.tool_times = intercept.ToolTimes(config.default_tool_s)
         self.clock = clock
-        self.kv = KVPolicy(intercept.strategy(config.intercept), block_manager, self.queues, self.costs,
-                           self.tool_times, clock)
+        self.kv = KVPolicy(
+            intercept.strategy(config.intercept),
+            block_manager,
+            self.queues,
+            self.costs,
+            self.tool_times,
+            clock,
+        )
 
     @property
     def has_work(self) -> bool:
@@ -96,12 +113,14 @@ class Scheduler:
         for request in order:
             if budget <= 0 or len(out.chunks) >= self.config.max_num_seqs:
                 break
-            if request.state is not RequestState.RUNNING:     # preempted earlier in this loop
+            if request.state is not RequestState.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(request.num_uncomputed_tokens, budget)
             if not self._allocate_running(request, n, scheduled, out):
                 continue
-            out.chunks.append(Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens))
+            out.chunks.append(
+                Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens)
+            )
             scheduled.add(request.request_id)
             budget -= n
         return budget
@@ -129,13 +148,15 @@ class Scheduler:
             self.waiting.pop(0)
             request.state = RequestState.RUNNING
             bisect.insort(self.running, request, key=by_arrival)
-            out.chunks.append(Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens))
+            out.chunks.append(
+                Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens)
+            )
             budget -= n
 
     def _allocate_waiting(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Adopt the request's cached prefix and allocate its first chunk; the chunk's size, or
         None if it does not fit even after reclaiming from requests waiting on tools."""
-        while True:   # reclaiming may evict cached blocks: look the prefix up each time
+        while True:  # reclaiming may evict cached blocks: look the prefix up each time
             prefix = self.block_manager.lookup_prefix(request.token_ids)
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
@@ -161,7 +182,7 @@ class Scheduler:
             updated.append(request)
             cause = self._stop_cause(request, token)
             if cause is FinishCause.STOP_TOKEN and request.pause_on_stop:
-                self.pause_for_tool(request)    # keeps its KV; the engine finishes or resumes it
+                self.pause_for_tool(request)  # keeps its KV; the engine finishes or resumes it
             elif cause is not None:
                 self.finish(request, cause)
         return updated
@@ -175,7 +196,9 @@ class Scheduler:
         return None
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def pause_for_tool(self, request: Request, tool: str | None = None, declared_s: float | None = None) -> None:
+    def pause_for_tool(
+        self, request: Request, tool: str | None = None, declared_s: float | None = None
+    ) -> None:
         """Take a running (or preempted: waiting or swapped) request out of the batch; KV it has
         stays until the intercept policy decides at the next step. ``tool`` and ``declared_s``
         (the tool's own estimate of its time) feed the expected waiting time."""
@@ -207,9 +230,9 @@ class Scheduler:
         elif request.host_block_table:
             request.state = RequestState.SWAPPED
             bisect.insort(self.swapped, request, key=by_arrival)
-        else:   # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
+        else:  # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
             if self.kv.strategy.new_request:
-                request.arrival = new_arrival()     # the continuation is a new request, last in line
+                request.arrival = new_arrival()  # the continuation is a new request, last in line
             self.add(request)
 
     def finish(self, request: Request, cause: FinishCause) -> None:

@@ -2,12 +2,13 @@
 engine it is (`LLMEngine`, embedded; `backends.remote.RemoteEngine`), and the plain data that
 crosses it. `EngineBase` holds the conveniences written once for both (`stream`, `generate`,
 the context manager)."""
+
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from conveyor.core.request import SamplingParams
 from conveyor.tools.base import ToolResult
@@ -20,6 +21,7 @@ class PreparedPrompt:
     """A prompt rendered and tokenized ahead of `add_request` (`prepare`, off the engine's
     thread); `prompt` is what the caller gave, `text` the rendered prompt (the remote engine
     sends it)."""
+
     prompt: str | list[int] | list[dict[str, Any]]
     token_ids: list[int]
     text: str = ""
@@ -32,6 +34,7 @@ Params = SamplingParams | dict | None
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
+
     request_id: str
     new_token_ids: list[int]
     new_text: str
@@ -40,14 +43,15 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     tool_results: list[ToolResult] = field(default_factory=list)  # a tool round's results, when it resumes
-    timeline: list[Span] | None = None          # decode / tool / wait spans, on the last output
-    num_cached_tokens: int = 0                  # tokens whose KV came from the prefix cache
-    error: str | None = None                    # why, when finish_reason is "error"
+    timeline: list[Span] | None = None  # decode / tool / wait spans, on the last output
+    num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """Counts for monitoring (the server's /metrics); `num_requests` is the server's own count."""
+
     num_blocks: int = 0
     num_used_blocks: int = 0
     num_awaiting_tools: int = 0
@@ -98,7 +102,7 @@ class EngineBase:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
-    def __enter__(self) -> EngineBase:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
 """Incremental detokenization (whole characters only) and stop-string matching."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ class Detokenizer:
     ``stop`` strings end the text: output is held back while it could still be the
     start of a stop string, and cut where one matches.
     """
+
     tokenizer: object
     ids: list[int]
     stop: tuple[str, ...] = ()
-    text: str = ""            # all output text so far, stop strings cut off
-    emitted: int = 0          # characters of ``text`` already handed out
+    text: str = ""  # all output text so far, stop strings cut off
+    emitted: int = 0  # characters of ``text`` already handed out
     stopped: bool = False
     _prefix: int = field(init=False)
     _read: int = field(init=False)
@@ -48,22 +50,22 @@ class Detokenizer:
 
     def _decode_new(self, final: bool) -> None:
         decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix :], skip_special_tokens=True)
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
             self._match_stop()
 
     def _match_stop(self) -> None:
         found = [at for s in self.stop if (at := self.text.find(s, max(self.emitted - len(s), 0))) >= 0]
         if found:
-            self.text = self.text[:min(found)]
+            self.text = self.text[: min(found)]
             self.stopped = True
 
     def _release(self, final: bool) -> str:
         end = max(len(self.text) - (0 if final else self._held()), self.emitted)
-        delta = self.text[self.emitted:end]
+        delta = self.text[self.emitted : end]
         self.emitted = end
         return delta
 

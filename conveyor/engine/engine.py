@@ -1,4 +1,5 @@
 """LLMEngine: add requests, step, abort; one step is schedule -> run -> update."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.config import EngineConfig
+from conveyor.core.block_manager import BlockManager
+from conveyor.core.intercept import Costs
+from conveyor.core.request import FinishCause, Request, RequestState
+from conveyor.core.scheduler import Scheduler
 from conveyor.engine.api import (
     EngineBase,
     EngineStats,
@@ -20,11 +25,7 @@ from conveyor.engine.api import (
     render_prompt,
     sampling_params,
 )
-from conveyor.core.block_manager import BlockManager
 from conveyor.engine.detokenizer import Detokenizer
-from conveyor.core.intercept import Costs
-from conveyor.core.request import FinishCause, Request, RequestState
-from conveyor.core.scheduler import Scheduler
 from conveyor.tools.base import ToolResult
 from conveyor.tools.driver import Continuation, GrammarForm, Span, ToolDriver
 from conveyor.tools.workers import WorkerStats
@@ -37,8 +38,14 @@ class LLMEngine(EngineBase):
 
     _requests: dict[str, tuple[Request, Detokenizer]]
 
-    def __init__(self, config: EngineConfig = EngineConfig(), *, progress: bool = True,
-                 tools: Iterable[Any] = (), runner_factory: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig = EngineConfig(),
+        *,
+        progress: bool = True,
+        tools: Iterable[Any] = (),
+        runner_factory: Callable[..., Any] | None = None,
+    ) -> None:
         """`tools`: more tools to serve besides `config.tools.tools` (Tool objects, typed
         functions or module:object specs); worker processes start here when there are any.
         `runner_factory(model_config, cache_config, model_dir)`: a stand-in for ModelRunner (the
@@ -56,16 +63,23 @@ class LLMEngine(EngineBase):
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.runner = (runner_factory or ModelRunner)(config.model, config.cache, self.model_dir)
         # a stand-in runner without a host pool serves no swapping (intercept: preserve or discard)
-        num_host_blocks = self.runner.init_host_pool(config.cache) if hasattr(self.runner, "init_host_pool") else 0
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching,
-                                          num_host_blocks)
+        num_host_blocks = (
+            self.runner.init_host_pool(config.cache) if hasattr(self.runner, "init_host_pool") else 0
+        )
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching, num_host_blocks
+        )
         max_len = min(config.model.max_model_len, self.runner.args.max_position_embeddings)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len, self._measure_costs())
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
         super().__init__()
-        form = GrammarForm(self.tokenizer, self.runner.args.vocab_size, self.eos_token_ids,
-                           self.config.tools.grammar_timeout_s)
+        form = GrammarForm(
+            self.tokenizer,
+            self.runner.args.vocab_size,
+            self.eos_token_ids,
+            self.config.tools.grammar_timeout_s,
+        )
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
 
     def _measure_costs(self) -> Costs:
@@ -96,8 +110,15 @@ class LLMEngine(EngineBase):
             raise ValueError(f"token ids must be integers in [0, {vocab})")
         return list(ids)
 
-    def prepare(self, prompt: Prompt, *, tools: list[str | dict] | None = None, tool_choice: str | dict = "auto",
-                call_format: str | None = None, **_: Any) -> PreparedPrompt:
+    def prepare(
+        self,
+        prompt: Prompt,
+        *,
+        tools: list[str | dict] | None = None,
+        tool_choice: str | dict = "auto",
+        call_format: str | None = None,
+        **_: Any,
+    ) -> PreparedPrompt:
         """The slow, input-dependent part of `add_request`, safe to run on another thread (the
         server's preparation threads): the chat template rendered and tokenized (the fast
         tokenizer's encode only reads its state) and the tool-call grammars of the request's
@@ -105,14 +126,24 @@ class LLMEngine(EngineBase):
         options. Raises ValueError (or whatever the template raises) for unusable input."""
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         options = self.driver.options(tools or [], tool_choice, None, call_format, None)
-        for turn in (0, 1) if options is not None else ():    # turn 1 stands for every later one
+        for turn in (0, 1) if options is not None else ():  # turn 1 stands for every later one
             self.driver.constraint(options, turn)
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
 
-    def add_request(self, prompt: Prompt, params: Params = None, *,
-                    request_id: str | None = None, tools: list[str | dict] | None = None,
-                    tool_choice: str | dict = "auto", tool_mode: str | None = None, call_format: str | None = None,
-                    max_tool_rounds: int | None = None, constraint: Any = None, lenient_calls: bool = True) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: Params = None,
+        *,
+        request_id: str | None = None,
+        tools: list[str | dict] | None = None,
+        tool_choice: str | dict = "auto",
+        tool_mode: str | None = None,
+        call_format: str | None = None,
+        max_tool_rounds: int | None = None,
+        constraint: Any = None,
+        lenient_calls: bool = True,
+    ) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
         `tools`: names of the engine's tools the model may call (the engine runs them and
@@ -126,20 +157,24 @@ class LLMEngine(EngineBase):
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained)."""
         params = sampling_params(params)
-        options = self.driver.options(tools or [], tool_choice, tool_mode, call_format, max_tool_rounds,
-                                      lenient_calls)
+        options = self.driver.options(
+            tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
+        )
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
-                             f"(max_model_len {self.max_model_len} leaves room for one output token)")
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
+                f"(max_model_len {self.max_model_len} leaves room for one output token)"
+            )
         request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
         factory = constraint if callable(constraint) else None
-        request.constraint = (self.driver.constraint(options, 0, factory) if constraint is None or factory
-                              else constraint)
+        request.constraint = (
+            self.driver.constraint(options, 0, factory) if constraint is None or factory else constraint
+        )
         detok = Detokenizer(self.tokenizer, token_ids, params.stop)
-        request.pause_on_stop = self.driver.attach(request_id, options, factory)   # engine tools run the calls
+        request.pause_on_stop = self.driver.attach(request_id, options, factory)  # engine tools run the calls
         self._requests[request_id] = (request, detok)
         self.scheduler.add(request)
         return request_id
@@ -155,7 +190,9 @@ class LLMEngine(EngineBase):
         self.scheduler.finish(request, FinishCause.ABORT)
         return self._output(request, [], detok.flush(), timeline=self._detach_tools(request))
 
-    def pause_for_tool(self, request_id: str, tool: str | None = None, declared_s: float | None = None) -> str:
+    def pause_for_tool(
+        self, request_id: str, tool: str | None = None, declared_s: float | None = None
+    ) -> str:
         """Take a running request out of the batch while its tools run; the intercept policy keeps,
         swaps or drops its KV (``tool`` and its ``declared_s`` estimate set the expected wait).
         Returns the turn's text still held back (stop-string look-ahead, a partial character)."""
@@ -178,7 +215,9 @@ class LLMEngine(EngineBase):
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
-        return EngineStats(bm.num_blocks, bm.num_used_blocks, self.driver.num_waiting, WorkerStats.of(self.driver))
+        return EngineStats(
+            bm.num_blocks, bm.num_used_blocks, self.driver.num_waiting, WorkerStats.of(self.driver)
+        )
 
     # ---- the loop -------------------------------------------------------------------------
     @property
@@ -213,7 +252,7 @@ class LLMEngine(EngineBase):
         tools = self.driver.runs(request.request_id)
         if tools:
             self.driver.feed(request.request_id, text)
-        if detok.stopped:   # a stop string wins over a length limit reached on the same token
+        if detok.stopped:  # a stop string wins over a length limit reached on the same token
             if request.finished:
                 request.finish_cause = FinishCause.STOP_STRING
             elif tools:
@@ -234,7 +273,7 @@ class LLMEngine(EngineBase):
         finish "error" (blocks freed, calls cancelled), never the step or the engine."""
         try:
             return work(*args)
-        except Exception as e:  # noqa: BLE001 - one request's fault is not the batch's
+        except Exception as e:
             log.exception("request %s failed", request.request_id)
             self._requests.pop(request.request_id, None)
             if not request.finished:
@@ -243,13 +282,28 @@ class LLMEngine(EngineBase):
             out.error = f"{type(e).__name__}: {e}"
             return out
 
-    def _output(self, request: Request, tokens: list[int], text: str, results: list[ToolResult] | None = None,
-                timeline: list[Span] | None = None) -> RequestOutput:
+    def _output(
+        self,
+        request: Request,
+        tokens: list[int],
+        text: str,
+        results: list[ToolResult] | None = None,
+        timeline: list[Span] | None = None,
+    ) -> RequestOutput:
         # tokens that needed KV so far, minus those the model computed: the prefix cache's share
         cached = max(0, request.num_tokens - 1 - request.num_computed_total)
-        return RequestOutput(request.request_id, tokens, text, request.finished, request.finish_reason,
-                             len(request.prompt_token_ids), len(request.output_token_ids), results or [], timeline,
-                             cached)
+        return RequestOutput(
+            request.request_id,
+            tokens,
+            text,
+            request.finished,
+            request.finish_reason,
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+            results or [],
+            timeline,
+            cached,
+        )
 
     def _request(self, request_id: str) -> tuple[Request, Detokenizer]:
         try:
@@ -258,18 +312,23 @@ class LLMEngine(EngineBase):
             raise ValueError(f"unknown or finished request {request_id!r}") from None
 
     # ---- tool rounds (the driver runs them; the engine settles the request's KV and state) --
-    def _end_turn(self, request: Request, detok: Detokenizer, text: str, stop_text: str | None) -> RequestOutput:
+    def _end_turn(
+        self, request: Request, detok: Detokenizer, text: str, stop_text: str | None
+    ) -> RequestOutput:
         """The model's turn ended cleanly: wait for its calls, or finish."""
         held = detok.flush()
         self.driver.feed(request.request_id, held)
         decision = self.driver.end_turn(request.request_id, stop_text)
         if decision != "wait":
-            cause = {"finish": FinishCause.STOP_STRING if detok.stopped else FinishCause.STOP_TOKEN,
-                     "tool_calls": FinishCause.TOOL_CALLS}[decision]
+            cause = {
+                "finish": FinishCause.STOP_STRING if detok.stopped else FinishCause.STOP_TOKEN,
+                "tool_calls": FinishCause.TOOL_CALLS,
+            }[decision]
             self.scheduler.finish(request, cause)
             del self._requests[request.request_id]
-            return self._output(request, request.output_token_ids[-1:], text + held,
-                                timeline=self._detach_tools(request))
+            return self._output(
+                request, request.output_token_ids[-1:], text + held, timeline=self._detach_tools(request)
+            )
         return self._output(request, request.output_token_ids[-1:], text + held)
 
     def _poll_tools(self, timeout_s: float) -> list[RequestOutput]:
@@ -293,13 +352,14 @@ class LLMEngine(EngineBase):
 
     def _resume_with_results(self, ready: Continuation) -> RequestOutput:
         request, _ = self._requests[ready.request_id]
-        if ready.final is not None:       # the results are reported and the request ends
-            self.scheduler.finish(request, FinishCause.TOOL_CALLS if ready.final == "tool_calls"
-                                  else FinishCause.LENGTH)
+        if ready.final is not None:  # the results are reported and the request ends
+            self.scheduler.finish(
+                request, FinishCause.TOOL_CALLS if ready.final == "tool_calls" else FinishCause.LENGTH
+            )
             return self._end_with(request, ready.results)
         try:
             self.resume(ready.request_id, ready.text)
-        except ValueError:      # the results do not fit in max_model_len
+        except ValueError:  # the results do not fit in max_model_len
             self.scheduler.finish(request, FinishCause.LENGTH)
             return self._end_with(request, ready.results)
         request.constraint = self.driver.next_constraint(ready.request_id)

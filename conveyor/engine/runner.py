@@ -3,6 +3,7 @@
 Tokens are laid out decodes first (chunks of one token), then prefill chunks;
 only rows that sample go through the final norm and the output layer.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from conveyor.config import CacheConfig, ModelConfig
+from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 from conveyor.engine.model.attention import (
     AttentionMetadata,
     PrefillSegment,
@@ -22,7 +24,6 @@ from conveyor.engine.model.kernel_choice import choose_kernels
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import GGUF_NAME, CausalLM, ModelArgs, activation_dtype
 from conveyor.engine.model.qlinear import QuantLinear
-from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 from conveyor.engine.sampler import Sampler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,12 +54,21 @@ class ModelRunner:
         with torch.inference_mode():
             self.model.load(model_dir)
         layers = [m for m in self.model.modules() if isinstance(m, (Linear, QuantLinear))]
-        self.linear_choices = choose_kernels(layers, self.model.act_dtype, model_config.linear_kernel,
-                                             model_config.quant_kernel)
+        self.linear_choices = choose_kernels(
+            layers, self.model.act_dtype, model_config.linear_kernel, model_config.quant_kernel
+        )
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         a = self.args
-        self.kv = torch.zeros(a.num_layers, 2, self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                              dtype=self.dtype, device=self.device)
+        self.kv = torch.zeros(
+            a.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(a.num_layers)]
         self.sampler = Sampler(self.device)
         self.num_threads = torch.get_num_threads()
@@ -75,8 +85,10 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         budget = free - (1 - cache_config.gpu_memory_utilization) * total
         if budget < self._block_bytes():
-            raise ValueError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
-                             f"{total / 2**30:.1f}, at most {cache_config.gpu_memory_utilization:.0%} to be used")
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of "
+                f"{total / 2**30:.1f}, at most {cache_config.gpu_memory_utilization:.0%} to be used"
+            )
         return int(budget // self._block_bytes())
 
     def execute(self, out: SchedulerOutput) -> list[int | None]:
@@ -84,8 +96,12 @@ class ModelRunner:
         logits, order = self.forward(out)
         sampled_chunks = [i for i in order if out.chunks[i].sample]
         requests = [out.chunks[i].request for i in sampled_chunks]
-        tokens = self.sampler(logits, [r.params for r in requests], [len(r.output_token_ids) for r in requests],
-                              [r.constraint for r in requests])
+        tokens = self.sampler(
+            logits,
+            [r.params for r in requests],
+            [len(r.output_token_ids) for r in requests],
+            [r.constraint for r in requests],
+        )
         result: list[int | None] = [None] * len(out.chunks)
         for i, token in zip(sampled_chunks, tokens):
             result[i] = token
@@ -106,16 +122,22 @@ class ModelRunner:
         decodes = [c for c in chunks if c.num_tokens == 1]
         width = max((len(c.request.block_table) for c in decodes), default=0)
         tables = [c.request.block_table + [0] * (width - len(c.request.block_table)) for c in decodes]
-        prefill_tables = [c.request.block_table for c in chunks[len(decodes):]]
-        tensors = self._upload([*self._flatten(chunks), [b for t in tables for b in t],
-                                [c.start + 1 for c in decodes], *prefill_tables])
+        prefill_tables = [c.request.block_table for c in chunks[len(decodes) :]]
+        tensors = self._upload(
+            [
+                *self._flatten(chunks),
+                [b for t in tables for b in t],
+                [c.start + 1 for c in decodes],
+                *prefill_tables,
+            ]
+        )
         input_ids, positions, slots, logit_rows, flat_tables, lens = tensors[:6]
         meta = AttentionMetadata(slot_mapping=slots)
         if decodes:
             meta.num_decodes = len(decodes)
             meta.decode_block_tables = flat_tables.view(len(decodes), width)
             meta.decode_mask = decode_mask(lens, width * self.block_size)
-        self._add_prefills(meta, chunks[len(decodes):], tensors[6:])
+        self._add_prefills(meta, chunks[len(decodes) :], tensors[6:])
         return self.model(input_ids, positions, meta, self.kv_caches, logit_rows), order
 
     def _upload(self, lists: list[list[int]]) -> list[torch.Tensor]:
@@ -135,14 +157,16 @@ class ModelRunner:
         for c in chunks:
             table = c.request.block_table
             span = range(c.start, c.start + c.num_tokens)
-            ids.extend(c.request.token_ids[c.start:c.start + c.num_tokens])
+            ids.extend(c.request.token_ids[c.start : c.start + c.num_tokens])
             positions.extend(span)
             slots.extend(table[p // bs] * bs + p % bs for p in span)
             if c.sample:
                 logit_rows.append(len(ids) - 1)
         return ids, positions, slots, logit_rows
 
-    def _add_prefills(self, meta: AttentionMetadata, prefills: list[Chunk], tables: list[torch.Tensor]) -> None:
+    def _add_prefills(
+        self, meta: AttentionMetadata, prefills: list[Chunk], tables: list[torch.Tensor]
+    ) -> None:
         group = self.args.num_heads // self.args.num_kv_heads
         row = meta.num_decodes
         for c, table in zip(prefills, tables):
@@ -157,8 +181,16 @@ class ModelRunner:
         before it is read)."""
         a = self.args
         num = cache_config.num_host_blocks or cache_config.swap_space_mb * 2**20 // self._block_bytes()
-        self.host_kv = torch.empty(a.num_layers, 2, num, self.block_size, a.num_kv_heads, a.head_dim,
-                                   dtype=self.dtype, pin_memory=self.device.type == "cuda")
+        self.host_kv = torch.empty(
+            a.num_layers,
+            2,
+            num,
+            self.block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=self.dtype,
+            pin_memory=self.device.type == "cuda",
+        )
         return num
 
     @torch.inference_mode()
@@ -173,7 +205,7 @@ class ModelRunner:
             dst_ids = torch.tensor([p[1] for p in s.pairs], dtype=torch.long).to(dst.device)
             gathered = src.index_select(2, src_ids)
             if s.to_host:
-                gathered = gathered.cpu()        # blocking: the device's copy is done before the read
+                gathered = gathered.cpu()  # blocking: the device's copy is done before the read
             elif self.device.type == "cuda":
                 gathered = gathered.pin_memory().to(dst.device, non_blocking=True)
             dst.index_copy_(2, dst_ids, gathered)

@@ -15,6 +15,7 @@ again. Exact: greedy picks the masked argmax either way; a draw
 from p kept when allowed, else redrawn (with a fresh seed stream) from p restricted to the
 allowed set A, is distributed as p(x)/p(A) on A.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ import torch
 
 from conveyor.core.request import SamplingParams
 
-REDRAW_SALT = 0x5EED_0F_6EA6     # a redraw after masking uses its own seed stream
+REDRAW_SALT = 0x5EED_0F_6EA6  # a redraw after masking uses its own seed stream
 
 
 @dataclass(slots=True)
@@ -34,8 +35,8 @@ class ConstraintStats:
     constraints (accept checks, masks, redraws) in seconds."""
 
     num_tokens: int = 0
-    num_refused: int = 0       # the grammar refused the unmasked token
-    num_masked: int = 0        # of those, the ones that needed the whole mask
+    num_refused: int = 0  # the grammar refused the unmasked token
+    num_masked: int = 0  # of those, the ones that needed the whole mask
     seconds: float = 0.0
 
 
@@ -45,38 +46,61 @@ class Sampler:
         self._mask = GrammarMask()
         self.constraint_stats = ConstraintStats()
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 constraints: list[Any] | None = None) -> list[int]:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        positions: list[int],
+        constraints: list[Any] | None = None,
+    ) -> list[int]:
         """One token per row of ``logits`` [rows, vocab]; ``positions`` are the rows' output
         indices; ``constraints`` (None entries for free rows) restrict rows and advance."""
         rows = [(row, c) for row, c in enumerate(constraints or ()) if c is not None and c.active]
-        mask_first = {row for row, _ in rows if not _unmasked_is_exact(params[row])}   # no draw to waste
+        mask_first = {row for row, _ in rows if not _unmasked_is_exact(params[row])}  # no draw to waste
         tokens = self._draw(logits, params, positions, skip=mask_first)
         if rows:
             self._constrain(logits, params, positions, rows, tokens)
         return tokens
 
-    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-              salt: int = 0, skip: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        positions: list[int],
+        salt: int = 0,
+        skip: set[int] | frozenset[int] = frozenset(),
+    ) -> list[int]:
         tokens = logits.argmax(dim=-1).tolist()
         for i, p in enumerate(params):
             if not p.greedy and i not in skip:
                 tokens[i] = self._sample_row(logits[i], p, positions[i], salt)
         return tokens
 
-    def _constrain(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                   rows: list[tuple[int, Any]], tokens: list[int]) -> None:
+    def _constrain(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        positions: list[int],
+        rows: list[tuple[int, Any]],
+        tokens: list[int],
+    ) -> None:
         """Keep each row's token if its grammar takes it (where that is exact), else mask and redraw."""
         start = time.perf_counter()
-        masked = [(row, c) for row, c in rows
-                  if not (_unmasked_is_exact(params[row]) and _try_accept(c, tokens[row]))]
+        masked = [
+            (row, c)
+            for row, c in rows
+            if not (_unmasked_is_exact(params[row]) and _try_accept(c, tokens[row]))
+        ]
         num_refused = len(masked)
-        masked = [(row, c) for row, c in masked if not self._best_allowed(logits[row], params[row], c, tokens, row)]
+        masked = [
+            (row, c) for row, c in masked if not self._best_allowed(logits[row], params[row], c, tokens, row)
+        ]
         if masked:
             indices = [row for row, _ in masked]
             self._mask.apply(logits, indices, [c for _, c in masked])
-            redrawn = self._draw(logits[indices], [params[i] for i in indices], [positions[i] for i in indices],
-                                 REDRAW_SALT)
+            redrawn = self._draw(
+                logits[indices], [params[i] for i in indices], [positions[i] for i in indices], REDRAW_SALT
+            )
             for (row, constraint), token in zip(masked, redrawn):
                 tokens[row] = token
                 constraint.accept(token)
@@ -87,8 +111,9 @@ class Sampler:
         stats.seconds += time.perf_counter() - start
 
     @staticmethod
-    def _best_allowed(row_logits: torch.Tensor, p: SamplingParams, constraint: Any, tokens: list[int],
-                      row: int) -> bool:
+    def _best_allowed(
+        row_logits: torch.Tensor, p: SamplingParams, constraint: Any, tokens: list[int], row: int
+    ) -> bool:
         """A greedy row: its token is the constraint's masked argmax, where it has a cheap one (see the module docstring)."""
         masked_argmax = getattr(constraint, "masked_argmax", None)
         if not p.greedy or masked_argmax is None:
@@ -122,7 +147,7 @@ def _unmasked_is_exact(p: SamplingParams) -> bool:
 
 
 def _try_accept(constraint: Any, token: int) -> bool:
-    try_accept = getattr(constraint, "try_accept", None)    # optional: without it, always mask
+    try_accept = getattr(constraint, "try_accept", None)  # optional: without it, always mask
     return try_accept is not None and try_accept(token)
 
 
@@ -149,5 +174,6 @@ class GrammarMask:
             bitmask = self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
         for row, constraint in zip(rows, constraints):
             constraint.fill_mask(bitmask, row)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=logits.shape[1], indices=rows)
+        xgr.apply_token_bitmask_inplace(
+            logits, bitmask.to(logits.device, non_blocking=True), vocab_size=logits.shape[1], indices=rows
+        )

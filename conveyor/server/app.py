@@ -7,6 +7,7 @@ request sends gives a 5xx unless the engine itself failed. A non-streamed reques
 client disconnects is aborted, as a stream is. If the engine thread dies, /health turns 503
 and `on_fatal` runs (`serve` then stops uvicorn and exits non-zero).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,28 +49,36 @@ log = logging.getLogger(__name__)
 class State:
     config: ServerConfig
     model: str
-    server_tools: dict[str, dict] = field(default_factory=dict)   # name -> OpenAI spec
+    server_tools: dict[str, dict] = field(default_factory=dict)  # name -> OpenAI spec
     parser: str = "hermes"
     client: EngineClient | None = None
     load_error: str | None = None
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     num_pending: int = 0
     ids: Any = field(default_factory=lambda: itertools.count())
-    loaded: threading.Event = field(default_factory=threading.Event)   # set when loading ended (either way)
-    on_fatal: Callable[[], None] | None = None      # the engine thread died: stop serving
+    loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
+    on_fatal: Callable[[], None] | None = None  # the engine thread died: stop serving
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
             detail = f": {self.load_error}" if self.load_error else "; retry shortly"
             raise ApiError(503, f"the model is loading{detail}", "server_error", "model_not_ready")
         if self.client.failed:
-            raise ApiError(503, f"the engine failed ({self.client.failed}); the server is shutting down",
-                           "server_error", "engine_failed")
+            raise ApiError(
+                503,
+                f"the engine failed ({self.client.failed}); the server is shutting down",
+                "server_error",
+                "engine_failed",
+            )
         return self.client
 
 
-def create_app(load: Callable[[], tuple[EngineClient, dict[str, dict], str]], config: ServerConfig,
-               model: str, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    load: Callable[[], tuple[EngineClient, dict[str, dict], str]],
+    config: ServerConfig,
+    model: str,
+    on_fatal: Callable[[], None] | None = None,
+) -> FastAPI:
     """`load()` returns (client, server tool specs by name, call parser kind); `on_fatal()` runs
     on the event loop if the engine thread dies."""
     state = State(config, model, on_fatal=on_fatal)
@@ -115,8 +124,13 @@ def _auth(state: State) -> Callable[[Request], None]:
             return
         given = request.headers.get("authorization", "")
         if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "authentication_error",
-                           "invalid_api_key")
+            raise ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                "authentication_error",
+                "invalid_api_key",
+            )
+
     return check
 
 
@@ -139,16 +153,19 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": state.model, "object": "model", "created": 0,
-                                            "owned_by": "conveyor"}]}
+        return {
+            "object": "list",
+            "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": "conveyor"}],
+        }
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         client, request_id = _admit(state, body.model, "chatcmpl")
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:
-            request, run = chat.build_chat(body, request_id, state.model, state.server_tools, max_tokens,
-                                           state.parser)
+            request, run = chat.build_chat(
+                body, request_id, state.model, state.server_tools, max_tokens, state.parser
+            )
         except chat.BadRequest as e:
             raise ApiError(400, str(e), param=e.param) from None
         stream = await _submit(state, client, request)
@@ -168,8 +185,9 @@ def _routes(app: FastAPI, state: State) -> None:
         stream = await _submit(state, client, request)
         if not body.stream:
             try:
-                return await _unless_disconnected(http, complete_text(request_id, state.model, body, stream,
-                                                                      state.metrics))
+                return await _unless_disconnected(
+                    http, complete_text(request_id, state.model, body, stream, state.metrics)
+                )
             finally:
                 state.num_pending -= 1
         return _sse(state, stream_text(request_id, state.model, body, stream, state.metrics))
@@ -181,8 +199,13 @@ def _token_limit(client: EngineClient, body: ChatCompletionRequest | CompletionR
     context = client.max_model_len
     limit = body.token_limit
     if limit is not None and context is not None and limit > context:
-        raise ApiError(400, f"{body.limit_param} is {limit}, more than this model's context of {context} tokens "
-                            "(prompt included)", param=body.limit_param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"{body.limit_param} is {limit}, more than this model's context of {context} tokens "
+            "(prompt included)",
+            param=body.limit_param,
+            code="context_length_exceeded",
+        )
     return limit or (min(default, context) if context else default)
 
 
@@ -200,7 +223,7 @@ async def _unless_disconnected(http: Request, answer: Awaitable[Any]) -> Any:
             with suppress(asyncio.CancelledError):
                 await work
     if work.cancelled():
-        return Response(status_code=499)        # nobody is listening any more
+        return Response(status_code=499)  # nobody is listening any more
     return work.result()
 
 
@@ -214,11 +237,18 @@ async def _disconnected(http: Request) -> None:
 def _admit(state: State, model: str, prefix: str) -> tuple[EngineClient, str]:
     client = state.ready_client()
     if model != state.model:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves {state.model!r}",
-                       code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {state.model!r}",
+            code="model_not_found",
+        )
     if state.num_pending >= state.config.max_pending:
-        raise ApiError(429, f"too many requests in flight (limit {state.config.max_pending}); retry later",
-                       "rate_limit_error", "queue_full")
+        raise ApiError(
+            429,
+            f"too many requests in flight (limit {state.config.max_pending}); retry later",
+            "rate_limit_error",
+            "queue_full",
+        )
     return client, f"{prefix}-{next(state.ids)}-{int(time.time() * 1000) % 100000}"
 
 
@@ -241,7 +271,7 @@ def _sse(state: State, chunks: AsyncIterator[dict[str, Any]]) -> StreamingRespon
             async for item in chunks:
                 yield f"data: {json.dumps(item)}\n\n"
             yield "data: [DONE]\n\n"
-        except Exception as e:  # noqa: BLE001 - the headers are out: the client gets an error event, not a cut stream
+        except Exception as e:
             if not isinstance(e, EngineFailed):
                 log.exception("a stream failed")
             message = str(e) if isinstance(e, EngineFailed) else f"internal error: {type(e).__name__}"
@@ -249,4 +279,5 @@ def _sse(state: State, chunks: AsyncIterator[dict[str, Any]]) -> StreamingRespon
         finally:
             await chunks.aclose()
             state.num_pending -= 1
+
     return StreamingResponse(events(), media_type="text/event-stream")

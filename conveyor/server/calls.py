@@ -6,6 +6,7 @@ events. Text goes out as `content`; a call's CallStart opens a `tool_calls` entr
 FieldDone adds a fragment of its JSON arguments (`{"key": value`, `, "key": value`), and
 CallEnd closes the object, so the fragments join into the call's arguments. Pure Python.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,11 @@ class StreamedCall:
     ended: bool = False
 
     def as_tool_call(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": "".join(self.arguments)}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
 
 
 @dataclass(slots=True)
@@ -62,8 +67,15 @@ class CallStream:
     (no tools offered); `lenient` also reads JSON calls in fences and bare JSON (`make_parser`).
     """
 
-    def __init__(self, request_id: str, server_tools: set[str], parse: bool, parser: str = "hermes",
-                 client_tools: set[str] | None = None, lenient: bool = True) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        server_tools: set[str],
+        parse: bool,
+        parser: str = "hermes",
+        client_tools: set[str] | None = None,
+        lenient: bool = True,
+    ) -> None:
         self.request_id = request_id
         self.server_tools = server_tools
         self.client_tools = client_tools
@@ -71,8 +83,8 @@ class CallStream:
         self.kind = parser
         self.lenient = lenient
         self.calls: list[StreamedCall] = []
-        self._turn: dict[int, StreamedCall] = {}        # parser index -> call, this turn
-        self._unoffered: dict[int, str] = {}            # parser index -> name, calls shown as text
+        self._turn: dict[int, StreamedCall] = {}  # parser index -> call, this turn
+        self._unoffered: dict[int, str] = {}  # parser index -> name, calls shown as text
         self._parser = make_parser(parser, lenient) if parse else None
 
     def feed(self, text: str) -> list[Delta]:
@@ -107,7 +119,9 @@ class CallStream:
                 if server is None:
                     self._unoffered[event.index] = event.name
                     continue
-                call = StreamedCall(len(self.calls), f"call_{self.request_id}_{len(self.calls)}", event.name, server)
+                call = StreamedCall(
+                    len(self.calls), f"call_{self.request_id}_{len(self.calls)}", event.name, server
+                )
                 self.calls.append(call)
                 self._turn[event.index] = call
                 out.append(self._piece(call, "", first=True))
@@ -119,12 +133,14 @@ class CallStream:
                 call.num_fields += 1
                 out.append(self._piece(call, f"{lead}{json.dumps(event.key)}: {json.dumps(event.value)}"))
             elif isinstance(event, CallEnd) and event.index in self._turn:
-                out.append(self._piece(self._turn[event.index], _closing(self._turn[event.index], event.args)))
+                out.append(
+                    self._piece(self._turn[event.index], _closing(self._turn[event.index], event.args))
+                )
         return out
 
     def _is_server(self, name: str) -> bool | None:
         """Whether a call is the server's (True), the client's (False) or nobody's (None)."""
-        if self.client_tools is None:       # no client names given: every non-server call is the client's
+        if self.client_tools is None:  # no client names given: every non-server call is the client's
             return name in self.server_tools
         if name in self.client_tools:
             return False

@@ -19,6 +19,7 @@ tool nobody offered never runs and is never returned as a client call. JSON call
 only inside `<tool_call>` tags unless the request sets `lenient_tool_calls` (then ```json
 fences and bare JSON lines too): prose that quotes a call is text.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,8 +59,14 @@ class ChatRun:
     finish_reason: str | None = None
 
 
-def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_tools: dict[str, dict],
-               default_max_tokens: int, parser: str) -> tuple[GenerateRequest, ChatRun]:
+def build_chat(
+    body: ChatCompletionRequest,
+    request_id: str,
+    model: str,
+    server_tools: dict[str, dict],
+    default_max_tokens: int,
+    parser: str,
+) -> tuple[GenerateRequest, ChatRun]:
     """Check the request against the served tools and turn it into an engine request."""
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
@@ -73,9 +80,17 @@ def build_chat(body: ChatCompletionRequest, request_id: str, model: str, server_
     messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
     tools = [] if choice == "none" else [*offered_server, *client]
-    options = {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
-    calls = CallStream(request_id, set(offered_server), parse=bool(tools), parser=parser, client_tools=names,
-                       lenient=body.lenient_tool_calls)
+    options = (
+        {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
+    )
+    calls = CallStream(
+        request_id,
+        set(offered_server),
+        parse=bool(tools),
+        parser=parser,
+        client_tools=names,
+        lenient=body.lenient_tool_calls,
+    )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
     return GenerateRequest(request_id, messages, params, options), run
@@ -88,7 +103,9 @@ async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterat
         async for out in stream:
             _timing(run, out, metrics)
             if out.finished and out.finish_reason == "error":
-                raise EngineFailed(f"the engine failed this request: {getattr(out, 'error', None) or 'unknown error'}")
+                raise EngineFailed(
+                    f"the engine failed this request: {getattr(out, 'error', None) or 'unknown error'}"
+                )
             if out.tool_results:
                 for delta in _turn_results(run, out.tool_results):
                     yield delta
@@ -100,7 +117,7 @@ async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterat
                 _finish(run, out, metrics)
                 return
             if not run.parallel and any(c.ended for c in run.calls.client_calls):
-                _finish(run, out, metrics, reason="tool_calls")     # one call asked for: stop here
+                _finish(run, out, metrics, reason="tool_calls")  # one call asked for: stop here
                 return
     finally:
         await stream.aclose()
@@ -130,21 +147,33 @@ def _timing(run: ChatRun, out: Any, metrics: Any) -> None:
 
 def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> None:
     reason = reason or out.finish_reason
-    if reason != "length" and run.calls.client_calls:     # "length": the last call may be cut short
+    if reason != "length" and run.calls.client_calls:  # "length": the last call may be cut short
         reason = "tool_calls"
     run.finish_reason = "stop" if reason == "abort" else reason
-    run.usage = {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
-                 "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-                 "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}
+    run.usage = {
+        "prompt_tokens": out.num_prompt_tokens,
+        "completion_tokens": out.num_output_tokens,
+        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
+    }
     if out.finished:
         metrics.observe_finished(out)
 
 
-def chunk(run: ChatRun, delta: dict[str, Any] | None, finish_reason: str | None = None,
-          usage: dict[str, Any] | None = None) -> dict[str, Any]:
+def chunk(
+    run: ChatRun,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    usage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One `chat.completion.chunk`; `delta` None gives the usage-only last chunk."""
-    body: dict[str, Any] = {"id": run.id, "object": "chat.completion.chunk", "created": run.created,
-                            "model": run.model, "choices": []}
+    body: dict[str, Any] = {
+        "id": run.id,
+        "object": "chat.completion.chunk",
+        "created": run.created,
+        "model": run.model,
+        "choices": [],
+    }
     if delta is not None:
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     if run.include_usage:
@@ -166,12 +195,20 @@ async def complete(run: ChatRun, stream: OutputStream, metrics: Any) -> dict[str
     content = []
     async for delta in drive(run, stream, metrics):
         content.append(delta.get("content", "") if "role" not in delta else "")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(content) or None,
-                               "tool_calls": [c.as_tool_call() for c in run.calls.client_calls] or None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(content) or None,
+        "tool_calls": [c.as_tool_call() for c in run.calls.client_calls] or None,
+    }
     results = {c.index: r for c, r in run.server_results}
     server = [c for c in run.calls.calls if c.server]
-    if server:      # every server call, with None where the request ended before its result
+    if server:  # every server call, with None where the request ended before its result
         message["server_tool_calls"] = [{**c.as_tool_call(), "result": results.get(c.index)} for c in server]
-    return {"id": run.id, "object": "chat.completion", "created": run.created, "model": run.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
-            "usage": run.usage}
+    return {
+        "id": run.id,
+        "object": "chat.completion",
+        "created": run.created,
+        "model": run.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
+        "usage": run.usage,
+    }

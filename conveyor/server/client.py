@@ -17,6 +17,7 @@ its request; its thread runs on to the end (a compile cannot be interrupted). Sh
 die, `failed` says why, every waiting request gets an error at once, later ones are refused,
 and the `on_failure` callbacks run (the server then fails /health and exits non-zero).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,13 +42,13 @@ class GenerateRequest:
     request_id: str
     prompt: str | list[int] | list[dict[str, Any]]
     params: dict[str, Any]
-    options: dict[str, Any] = field(default_factory=dict)   # tools, tool_choice, ...
+    options: dict[str, Any] = field(default_factory=dict)  # tools, tool_choice, ...
 
 
 @dataclass(frozen=True, slots=True)
 class _Add:
     request: GenerateRequest
-    sink: Any            # callable(item) run on the event loop
+    sink: Any  # callable(item) run on the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +70,8 @@ class EngineError:
 
 
 IDLE_TICK_S = 0.25
-NUM_PREPARE_THREADS = 2      # per pool
-_ACCEPTED = object()     # the first item of an accepted request's queue
+NUM_PREPARE_THREADS = 2  # per pool
+_ACCEPTED = object()  # the first item of an accepted request's queue
 
 
 class EngineFailed(RuntimeError):
@@ -135,15 +136,17 @@ class EngineClient:
     def __init__(self, engine: Engine, prepare_timeout_s: float = 30.0) -> None:
         self.engine = engine
         self.prepare_timeout_s = prepare_timeout_s
-        self.failed: str | None = None          # why the engine thread died, once it has
+        self.failed: str | None = None  # why the engine thread died, once it has
         self._commands: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._sinks: dict[str, Any] = {}
         self._stats = EngineStats()
-        self._lock = threading.Lock()           # orders `failed` against new commands
+        self._lock = threading.Lock()  # orders `failed` against new commands
         self._on_failure: list[Callable[[str], None]] = []
         self._prepare = getattr(engine, "prepare", None)
-        self._preparers = {tools: ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix=f"conveyor-prepare-{name}")
-                           for tools, name in ((True, "tools"), (False, "plain"))}
+        self._preparers = {
+            tools: ThreadPoolExecutor(NUM_PREPARE_THREADS, thread_name_prefix=f"conveyor-prepare-{name}")
+            for tools, name in ((True, "tools"), (False, "plain"))
+        }
         self._thread = threading.Thread(target=self._run, name="conveyor-engine", daemon=True)
         self._thread.start()
 
@@ -157,7 +160,9 @@ class EngineClient:
         with self._lock:
             if self.failed:
                 raise RequestRejected(f"the engine failed: {self.failed}", 503)
-            self._commands.put(_Add(request, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item)))
+            self._commands.put(
+                _Add(request, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
+            )
         first = await outputs.get()
         if isinstance(first, EngineError):
             raise RequestRejected(first.message, first.status)
@@ -173,8 +178,10 @@ class EngineClient:
         try:
             prompt = await asyncio.wait_for(work, self.prepare_timeout_s)
         except TimeoutError:
-            raise RequestRejected(f"preparing the request (chat template, tokens, tool grammar) took longer "
-                                  f"than {self.prepare_timeout_s:g} s; send smaller tool schemas or prompts") from None
+            raise RequestRejected(
+                f"preparing the request (chat template, tokens, tool grammar) took longer "
+                f"than {self.prepare_timeout_s:g} s; send smaller tool schemas or prompts"
+            ) from None
         except Exception as e:  # noqa: BLE001 - any failure here is this request's alone
             error = _rejection(e)
             raise RequestRejected(error.message, error.status) from None
@@ -217,14 +224,14 @@ class EngineClient:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as e:  # noqa: BLE001 - the thread is gone: fail everything, loudly
+        except BaseException as e:
             log.exception("the engine thread died")
             self._die(f"{type(e).__name__}: {e}")
 
     def _loop(self) -> None:
         while True:
             idle = not self.engine.has_unfinished
-            try:    # idle: wake now and then, so the engine can reap tool workers of aborted calls
+            try:  # idle: wake now and then, so the engine can reap tool workers of aborted calls
                 command = self._commands.get(block=idle, timeout=IDLE_TICK_S if idle else None)
             except queue.Empty:
                 command = None
@@ -256,7 +263,7 @@ class EngineClient:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - a broken step fails its requests, not the server
+        except Exception as e:
             log.exception("an engine step failed")
             for sink in self._sinks.values():
                 sink(EngineError(f"engine error: {type(e).__name__}: {e}", 500))
@@ -295,5 +302,9 @@ class EngineClient:
 
 
 def _engine_stats(engine: Engine, num_requests: int) -> EngineStats:
-    stats = getattr(engine, "stats", None)      # a test's stand-in engine may have none
-    return dataclasses.replace(stats(), num_requests=num_requests) if stats else EngineStats(num_requests=num_requests)
+    stats = getattr(engine, "stats", None)  # a test's stand-in engine may have none
+    return (
+        dataclasses.replace(stats(), num_requests=num_requests)
+        if stats
+        else EngineStats(num_requests=num_requests)
+    )

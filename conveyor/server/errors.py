@@ -1,6 +1,7 @@
 """Errors in OpenAI's JSON shape: the exception the routes raise, the handlers that turn every
 failure (bad input, an engine fault, anything unexpected) into JSON, never plain text, and
 the request-body limit, answered the same way."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = ErrorResponse(error_body(self._message(), "invalid_request_error", "body_too_large"), 413)
+            response = ErrorResponse(
+                error_body(self._message(), "invalid_request_error", "body_too_large"), 413
+            )
             return await response(scope, receive, send)
         received = 0
 
@@ -52,6 +55,7 @@ class BodyLimit:
             if received > self.max_bytes:
                 raise StarletteHTTPException(413, self._message())
             return message
+
         await self.app(scope, limited, send)
 
     def _message(self) -> str:
@@ -61,15 +65,21 @@ class BodyLimit:
 class ApiError(Exception):
     """An error answered in OpenAI's JSON shape with an HTTP status."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
 
 
-
 def install_handlers(app: FastAPI) -> None:
     """Answer every error of `app` in OpenAI's JSON shape."""
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> ErrorResponse:
         return ErrorResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status)
@@ -80,20 +90,25 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputRejected)
     async def input_rejected(_: Request, e: InputRejected) -> ErrorResponse:
-        return ErrorResponse(error_body(str(e), "invalid_request_error", None, e.param or None), status_code=400)
+        return ErrorResponse(
+            error_body(str(e), "invalid_request_error", None, e.param or None), status_code=400
+        )
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> ErrorResponse:    # OpenAI's shape, never plain text
+    async def unexpected(_: Request, e: Exception) -> ErrorResponse:  # OpenAI's shape, never plain text
         log.exception("unhandled error in a route")
-        return ErrorResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return ErrorResponse(
+            error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> ErrorResponse:
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = "; ".join(f"{'.'.join(map(str, x.get('loc', ())))}: {x.get('msg')}" for x in e.errors()[:5])
-        return ErrorResponse(error_body(message or "invalid request", "invalid_request_error", None, param),
-                            status_code=400)
+        return ErrorResponse(
+            error_body(message or "invalid request", "invalid_request_error", None, param), status_code=400
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> ErrorResponse:

@@ -7,18 +7,19 @@ of a request must be valid Unicode, every value nests at most `MAX_DEPTH` levels
 schemas and call arguments have size bounds of their own. Pure Python, no pydantic: the
 protocol models call these checks.
 """
+
 from __future__ import annotations
 
 import json
 from typing import Any
 
-MAX_DEPTH = 64                   # nesting of any value in a request body
-MAX_SCHEMA_DEPTH = 32            # nesting of one tool's parameters schema
-MAX_SCHEMA_CHARS = 64 * 1024     # one tool's parameters schema as JSON
-MAX_TOOLS = 128                  # tools offered by one request
+MAX_DEPTH = 64  # nesting of any value in a request body
+MAX_SCHEMA_DEPTH = 32  # nesting of one tool's parameters schema
+MAX_SCHEMA_CHARS = 64 * 1024  # one tool's parameters schema as JSON
+MAX_TOOLS = 128  # tools offered by one request
 MAX_ARGUMENT_CHARS = 256 * 1024  # one tool call's arguments string (in the conversation's history)
-MAX_STOPS = 16                   # stop strings of one request (each is matched after every token)
-MAX_STOP_CHARS = 256             # one stop string
+MAX_STOPS = 16  # stop strings of one request (each is matched after every token)
+MAX_STOP_CHARS = 256  # one stop string
 
 
 class InputRejected(Exception):
@@ -58,8 +59,9 @@ def _check_text(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise InputRejected(where, f"character {e.start} is a lone surrogate ({text[e.start]!r}), "
-                                   "not valid Unicode") from None
+        raise InputRejected(
+            where, f"character {e.start} is a lone surrogate ({text[e.start]!r}), not valid Unicode"
+        ) from None
 
 
 def _printable(key: str) -> str:

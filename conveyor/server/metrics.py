@@ -1,4 +1,5 @@
 """Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,28 +21,50 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft_s = Histogram("conveyor_time_to_first_token_seconds", "Time to first token",
-                                buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.itl_s = Histogram("conveyor_inter_token_latency_seconds", "Time between streamed tokens",
-                               buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.tool_s = Histogram("conveyor_tool_execution_seconds", "Tool call time, start to result",
-                                ["tool"], buckets=_LATENCY_BUCKETS_S, registry=r)
-        self.overlap_s = Counter("conveyor_tool_overlap_saved_seconds",
-                                 "Tool time that ran while the model was still decoding", registry=r)
+        self.ttft_s = Histogram(
+            "conveyor_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl_s = Histogram(
+            "conveyor_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.tool_s = Histogram(
+            "conveyor_tool_execution_seconds",
+            "Tool call time, start to result",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.overlap_s = Counter(
+            "conveyor_tool_overlap_saved_seconds",
+            "Tool time that ran while the model was still decoding",
+            registry=r,
+        )
         self.requests = Counter("conveyor_requests", "Finished requests", ["finish_reason"], registry=r)
         self.tokens = Counter("conveyor_generated_tokens", "Generated tokens", registry=r)
         self.running = Gauge("conveyor_requests_running", "Requests in the engine", registry=r)
-        self.awaiting_tools = Gauge("conveyor_requests_awaiting_tools", "Requests waiting on tool results",
-                                    registry=r)
+        self.awaiting_tools = Gauge(
+            "conveyor_requests_awaiting_tools", "Requests waiting on tool results", registry=r
+        )
         self.kv_used = Gauge("conveyor_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("conveyor_kv_blocks_total", "KV cache blocks", registry=r)
         self.workers_busy = Gauge("conveyor_tool_workers_busy", "Tool workers serving a call", registry=r)
-        self.worker_restarts = Counter("conveyor_tool_worker_restarts",
-                                       "Tool workers replaced after a crash, timeout or unacknowledged cancel",
-                                       registry=r)
-        self.sandbox_refusals = Counter("conveyor_tool_sandbox_refusals",
-                                        "Tool-code actions the workers' sandbox refused (its audit hook)", registry=r)
-        self._workers_seen = (0, 0)       # the pool's totals at the last render
+        self.worker_restarts = Counter(
+            "conveyor_tool_worker_restarts",
+            "Tool workers replaced after a crash, timeout or unacknowledged cancel",
+            registry=r,
+        )
+        self.sandbox_refusals = Counter(
+            "conveyor_tool_sandbox_refusals",
+            "Tool-code actions the workers' sandbox refused (its audit hook)",
+            registry=r,
+        )
+        self._workers_seen = (0, 0)  # the pool's totals at the last render
 
     def observe_finished(self, out: Any) -> None:
         """Counts from a request's last engine output (its timeline gives tool and overlap times)."""
@@ -61,7 +84,7 @@ class ServerMetrics:
         self.kv_total.set(stats.num_blocks)
         workers = stats.workers
         self.workers_busy.set(workers.busy)
-        restarts, refusals = self._workers_seen         # the pool keeps totals: count what is new
+        restarts, refusals = self._workers_seen  # the pool keeps totals: count what is new
         self.worker_restarts.inc(max(0, workers.restarts - restarts))
         self.sandbox_refusals.inc(max(0, workers.refusals - refusals))
         self._workers_seen = (workers.restarts, workers.refusals)

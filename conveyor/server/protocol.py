@@ -3,6 +3,7 @@ the engine. Only the fields Conveyor serves are declared; unknown fields are ign
 OpenAI's own server does for fields it does not know. Types are strict: `"max_tokens": "10"`
 or `"stream": "yes"` is a 400, not coerced. Every string must be valid Unicode and nesting,
 schemas and call arguments are bounded (`limits.py`)."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from conveyor.server.limits import (
     decode_arguments,
 )
 
-MIN_TOP_P = 1e-6      # below 1 / vocabulary size for any vocabulary under a million tokens
+MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
 
 
 class _Model(BaseModel):
@@ -86,7 +87,9 @@ class Message(_Model):
         """Only text parts are served: anything else is named here, so the 400 names the message."""
         for i, part in enumerate(content if isinstance(content, list) else []):
             if part.get("type") != "text":
-                raise ValueError(f"only text content parts are supported; part {i} has type {part.get('type')!r}")
+                raise ValueError(
+                    f"only text content parts are supported; part {i} has type {part.get('type')!r}"
+                )
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"text part {i} has no 'text' string")
         return content
@@ -146,8 +149,13 @@ class _Sampling(_Model):
         """The engine's sampling params. A top_p below MIN_TOP_P is raised to it: the nucleus is
         then still exactly the most likely token (its probability is at least 1/vocabulary),
         while a value that rounds to 0 in float32 would leave no token at all."""
-        return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": max(self.top_p, MIN_TOP_P),
-                "seed": self.seed, "stop": self.stops}
+        return {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": max(self.top_p, MIN_TOP_P),
+            "seed": self.seed,
+            "stop": self.stops,
+        }
 
 
 class ChatCompletionRequest(_Sampling):
@@ -156,7 +164,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    lenient_tool_calls: bool = False    # Conveyor's extension: also read calls in ```json fences and bare JSON
+    lenient_tool_calls: bool = False  # Conveyor's extension: also read calls in ```json fences and bare JSON
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -184,10 +192,19 @@ def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
     objects (templates print them as JSON), no None contents."""
     out = []
     for m in messages:
-        item: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        item: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": _text(m.content),
+        }
         if m.tool_calls:
-            item["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": c.function.decoded}} for c in m.tool_calls]
+            item["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.decoded},
+                }
+                for c in m.tool_calls
+            ]
         if m.tool_call_id:
             item["tool_call_id"] = m.tool_call_id
         if m.name:
@@ -201,7 +218,7 @@ def _text(content: str | list[dict[str, Any]] | None) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(p["text"] for p in content)      # text parts only (Message._text_parts)
+    return "".join(p["text"] for p in content)  # text parts only (Message._text_parts)
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 `ServerThread` runs a server inside this process (tests, benchmarks): it binds a port (0 for
 any free one) and `start()` returns once uvicorn listens and the engine is loaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,19 +16,23 @@ from conveyor.config import EngineConfig, ServerConfig
 from conveyor.server.app import create_app
 from conveyor.server.client import EngineClient
 
-
-GRACEFUL_SHUTDOWN_S = 10     # open connections get this long to finish once the server stops
+GRACEFUL_SHUTDOWN_S = 10  # open connections get this long to finish once the server stops
 
 
 def served_name(config: EngineConfig, server: ServerConfig) -> str:
     return server.served_model_name or Path(config.model.model.rstrip("/")).name or config.model.model
 
 
-def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[Any] = (),
-                  engine_factory: Callable[..., Any] | None = None) -> Callable[[], tuple[EngineClient, dict, str]]:
+def engine_loader(
+    config: EngineConfig,
+    server: ServerConfig,
+    tools: Iterable[Any] = (),
+    engine_factory: Callable[..., Any] | None = None,
+) -> Callable[[], tuple[EngineClient, dict, str]]:
     """The app's `load`: MCP tools listed, the engine opened (`backends.open_engine`, or
     `engine_factory(config, tools=...)`), its client started; returns (client, server tool
     specs by name, call parser kind)."""
+
     def load() -> tuple[EngineClient, dict, str]:
         from conveyor.backends import open_engine
         from conveyor.tools.base import ToolRegistry
@@ -42,11 +47,16 @@ def engine_loader(config: EngineConfig, server: ServerConfig, tools: Iterable[An
         engine = (engine_factory or open_engine)(config, progress=False, tools=extra)
         parser = default_format(specs)
         return EngineClient(engine, server.prepare_timeout_s), specs, parser
+
     return load
 
 
-def build_app(config: EngineConfig, server: ServerConfig, load: Callable[[], tuple[EngineClient, dict, str]],
-              on_fatal: Callable[[], None] | None = None) -> Any:
+def build_app(
+    config: EngineConfig,
+    server: ServerConfig,
+    load: Callable[[], tuple[EngineClient, dict, str]],
+    on_fatal: Callable[[], None] | None = None,
+) -> Any:
     key = server.api_key or os.environ.get("CONVEYOR_API_KEY", "")
     if key != server.api_key:
         from dataclasses import replace
@@ -63,8 +73,17 @@ def serve(config: EngineConfig, server: ServerConfig) -> None:
 
     holder: list[uvicorn.Server] = []
     app = build_app(config, server, engine_loader(config, server), on_fatal=lambda: _stop(holder[0]))
-    holder.append(uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
-                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)))
+    holder.append(
+        uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=server.host,
+                port=server.port,
+                log_level="info",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        )
+    )
     holder[0].run()
     client = app.state.conveyor.client
     if client is not None and client.failed:

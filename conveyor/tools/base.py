@@ -7,6 +7,7 @@ arguments, or `cancel()` when the request is aborted or the call is cut off. Hoo
 worker process (`workers.py`), on a fresh copy of the registered tool per call
 (`Tool.for_call`), so they may keep per-call state in attributes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,7 +98,7 @@ class Tool:
 
     name: str = ""
     description: str = ""
-    parameters: dict[str, Any] = {"type": "object", "properties": {}}  # noqa: RUF012 - subclasses replace it
+    parameters: dict[str, Any] = {"type": "object", "properties": {}}
     side_effects: SideEffects = "external"
     body_field: str | None = None
     cpu_bound: bool = True
@@ -128,15 +129,18 @@ class Tool:
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI / chat-template description of this tool."""
-        return {"type": "function",
-                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 class FunctionTool(Tool):
     """A plain typed Python function as a lazy tool: all its work happens in `finish`."""
 
-    def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
-                 side_effects: SideEffects = "external") -> None:
+    def __init__(
+        self, fn: Callable[..., Any], *, name: str | None = None, side_effects: SideEffects = "external"
+    ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
         self.description, arg_docs = _parse_docstring(inspect.getdoc(fn) or "")
@@ -147,8 +151,9 @@ class FunctionTool(Tool):
         return self.fn(**args)
 
 
-def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         side_effects: SideEffects = "external") -> Any:
+def tool(
+    fn: Callable[..., Any] | None = None, *, name: str | None = None, side_effects: SideEffects = "external"
+) -> Any:
     """Decorator: `@tool` or `@tool(side_effects="none")` turns a typed function into a FunctionTool."""
     if fn is None:
         return lambda f: FunctionTool(f, name=name, side_effects=side_effects)
@@ -157,9 +162,14 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
 
 # ---- JSON schema from a typed signature -------------------------------------------------------
 _SCALARS: dict[Any, dict[str, Any]] = {
-    str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
-    bool: {"type": "boolean"}, type(None): {"type": "null"}, Any: {},
-    dict: {"type": "object"}, list: {"type": "array"},
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    bool: {"type": "boolean"},
+    type(None): {"type": "null"},
+    Any: {},
+    dict: {"type": "object"},
+    list: {"type": "array"},
 }
 
 
@@ -173,7 +183,9 @@ def json_schema(annotation: Any) -> dict[str, Any]:
     if origin in (list, tuple, set, frozenset, Iterable):
         return {"type": "array", "items": json_schema(args[0])} if args else {"type": "array"}
     if origin is dict:
-        return {"type": "object", "additionalProperties": json_schema(args[1])} if args else {"type": "object"}
+        return (
+            {"type": "object", "additionalProperties": json_schema(args[1])} if args else {"type": "object"}
+        )
     if origin in (typing.Union, types.UnionType):
         return {"anyOf": [json_schema(a) for a in args]}
     raise TypeError(f"no JSON schema for the annotation {annotation!r}")
@@ -240,7 +252,7 @@ class ToolRegistry:
         if t.name in self._tools:
             raise ValueError(f"a tool named {t.name!r} is already registered")
         _check_side_effects(t.side_effects)
-        json.dumps(t.parameters)   # schemas must be plain JSON
+        json.dumps(t.parameters)  # schemas must be plain JSON
         self._tools[t.name] = t
         return t
 
@@ -285,8 +297,10 @@ def load_spec(spec: str) -> Any:
         )
 
         if spec not in BUILTIN_TOOLS:
-            raise ValueError(f"unknown tool {spec!r}: built-ins are {', '.join(sorted(BUILTIN_TOOLS))}; "
-                             f"other tools are given as module:object")
+            raise ValueError(
+                f"unknown tool {spec!r}: built-ins are {', '.join(sorted(BUILTIN_TOOLS))}; "
+                f"other tools are given as module:object"
+            )
         spec = BUILTIN_TOOLS[spec]
     module_name, _, attr = spec.partition(":")
     try:

@@ -7,6 +7,7 @@ the limits cover them together (shared memory and tmpfs pages included). The poo
 directory once the worker is gone (`remove`), and at start removes those of workers no longer
 alive (`sweep`: a SIGKILLed server leaves them behind).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +26,7 @@ def _own(controller: str) -> Path | None:
             if controller in names.split(",") or (controller == "" and names == ""):
                 base = ROOT / controller if controller else ROOT
                 if controller == "" and not (base / "cgroup.controllers").exists():
-                    return None              # a v1 host: its empty line names no usable hierarchy
+                    return None  # a v1 host: its empty line names no usable hierarchy
                 return base / path.lstrip("/")
     return None
 
@@ -48,9 +49,10 @@ def join(memory_mb: int, max_processes: int) -> list[str]:
             if controller in ("memory", ""):
                 name = "memory.limit_in_bytes" if controller else "memory.max"
                 (group / name).write_text(str(memory_mb << 20))
-                with contextlib.suppress(OSError):      # no swap beyond the limit either
+                with contextlib.suppress(OSError):  # no swap beyond the limit either
                     (group / ("memory.memsw.limit_in_bytes" if controller else "memory.swap.max")).write_text(
-                        str(memory_mb << 20) if controller else "0")
+                        str(memory_mb << 20) if controller else "0"
+                    )
                 applied.append(f"cgroup memory {memory_mb} MiB")
             if controller in ("pids", ""):
                 (group / "pids.max").write_text(str(max_processes))

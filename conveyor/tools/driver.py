@@ -9,6 +9,7 @@ dispatch to the workers, and the tool-result turn rendered with the chat templat
 engine appends after the text the model actually generated. It never sees an engine's
 internals: KV, streams and finish reasons stay with the engine.
 """
+
 from __future__ import annotations
 
 import threading
@@ -22,7 +23,7 @@ from conveyor.tools.base import ToolRegistry, ToolResult
 from conveyor.tools.executor import ToolExecutor, Turn
 from conveyor.tools.parsers import BODY_FORMATS, default_format
 
-Form = Callable[[list[dict], "str | dict"], Any]   # (tool specs, tool choice) -> an engine's constraint
+Form = Callable[[list[dict], "str | dict"], Any]  # (tool specs, tool choice) -> an engine's constraint
 
 _PLACEHOLDER = "\x00CONVEYOR-ASSISTANT\x00"
 
@@ -31,14 +32,14 @@ _PLACEHOLDER = "\x00CONVEYOR-ASSISTANT\x00"
 class ToolOptions:
     """Per-request tool settings; None means the engine's default (ToolConfig)."""
 
-    tools: tuple[str, ...] = ()               # server tools the model may call
-    tool_choice: str | dict = "auto"          # auto | required | none | {"type": "function", ...}
-    mode: str | None = None                   # partial | lazy
-    call_format: str | None = None            # parser: hermes | python | plan | auto
+    tools: tuple[str, ...] = ()  # server tools the model may call
+    tool_choice: str | dict = "auto"  # auto | required | none | {"type": "function", ...}
+    mode: str | None = None  # partial | lazy
+    call_format: str | None = None  # parser: hermes | python | plan | auto
     max_tool_rounds: int | None = None
     constrained: bool | None = None
-    client_tools: tuple[dict, ...] = ()      # OpenAI specs the caller runs: a call to one ends the request
-    lenient_calls: bool = True                # JSON calls in fences and bare JSON count too, not only tags
+    client_tools: tuple[dict, ...] = ()  # OpenAI specs the caller runs: a call to one ends the request
+    lenient_calls: bool = True  # JSON calls in fences and bare JSON count too, not only tags
 
     @property
     def client_names(self) -> set[str]:
@@ -63,11 +64,11 @@ class ToolSession:
     rounds: int = 0
     turn_started: float = field(default_factory=time.perf_counter)
     turn_ended: float = 0.0
-    stop_text: str | None = None             # the stop token's text, if one ended the last turn
+    stop_text: str | None = None  # the stop token's text, if one ended the last turn
     timeline: list[Span] = field(default_factory=list)
-    constraint_factory: Any = None            # turn number -> logits constraint, if the caller gave one
-    final: str | None = None                  # "tool_calls" | "length": the request ends once this turn's
-                                              # results are in (they are reported, not continued)
+    constraint_factory: Any = None  # turn number -> logits constraint, if the caller gave one
+    final: str | None = None  # "tool_calls" | "length": the request ends once this turn's
+    # results are in (they are reported, not continued)
 
 
 class ToolTurnRenderer:
@@ -80,19 +81,20 @@ class ToolTurnRenderer:
         base = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PLACEHOLDER}]
         self._base = tokenizer.apply_chat_template(base, tokenize=False)
         self._base_messages = base
-        self._turn_tail = self._base[self._base.index(_PLACEHOLDER) + len(_PLACEHOLDER):]
+        self._turn_tail = self._base[self._base.index(_PLACEHOLDER) + len(_PLACEHOLDER) :]
 
     def render(self, contents: list[str], stop_text: str | None) -> str:
         """`stop_text`: the text of the stop token that ended the model's turn, if one did."""
         tool_messages = [{"role": "tool", "content": c} for c in contents]
-        full = self.tokenizer.apply_chat_template(self._base_messages + tool_messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(
+            self._base_messages + tool_messages, tokenize=False, add_generation_prompt=True
+        )
         if not full.startswith(self._base):
             raise ValueError("the chat template renders earlier turns differently once tool results follow")
         tail = self._turn_tail
         if stop_text and tail.startswith(stop_text):
-            tail = tail[len(stop_text):]
-        return tail + full[len(self._base):]
+            tail = tail[len(stop_text) :]
+        return tail + full[len(self._base) :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,9 @@ class GrammarForm:
     """The embedded engine's constraint form: the xgrammar tool grammar, built on first use
     (the `prepare` threads and the engine's may ask for it first)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int],
-                 compile_timeout_s: float = 0.0) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], compile_timeout_s: float = 0.0
+    ) -> None:
         self._args = (tokenizer, vocab_size, sorted(stop_token_ids))
         self._compile_timeout_s = compile_timeout_s
         self._grammar: Any = None
@@ -130,8 +133,13 @@ class ToolDriver:
     """Per-request tool sessions over one executor (see the module docstring). Without an
     executor (the engine serves no tools) it still settles client tool specs and constraints."""
 
-    def __init__(self, config: ToolConfig, form: Form, executor: ToolExecutor | None = None,
-                 renderer: ToolTurnRenderer | None = None) -> None:
+    def __init__(
+        self,
+        config: ToolConfig,
+        form: Form,
+        executor: ToolExecutor | None = None,
+        renderer: ToolTurnRenderer | None = None,
+    ) -> None:
         self.config = config
         self.form = form
         self.executor = executor
@@ -139,7 +147,7 @@ class ToolDriver:
         self.default_rounds = config.max_tool_rounds
         self.sessions: dict[str, ToolSession] = {}
         self._by_turn: dict[int, str] = {}
-        self._ready: list[str] = []      # turns whose results were all in when they ended
+        self._ready: list[str] = []  # turns whose results were all in when they ended
 
     @classmethod
     def start(cls, tools: Iterable[Any], config: ToolConfig, tokenizer: Any, form: Form) -> ToolDriver:
@@ -151,7 +159,7 @@ class ToolDriver:
         from conveyor.tools.workers import WorkerPool
 
         registry = ToolRegistry(tools)
-        renderer = ToolTurnRenderer(tokenizer)    # fails early if the chat template cannot render tool turns
+        renderer = ToolTurnRenderer(tokenizer)  # fails early if the chat template cannot render tool turns
         pool = WorkerPool(registry, config)
         pool.start()
         return cls(config, form, ToolExecutor(registry, pool, config.tool_mode), renderer)
@@ -162,9 +170,15 @@ class ToolDriver:
             self.executor.pool.close()
 
     # ---- a request's settings -------------------------------------------------------------
-    def options(self, tools: list[str | dict], tool_choice: str | dict, mode: str | None,
-                call_format: str | None, max_tool_rounds: int | None,
-                lenient_calls: bool = True) -> ToolOptions | None:
+    def options(
+        self,
+        tools: list[str | dict],
+        tool_choice: str | dict,
+        mode: str | None,
+        call_format: str | None,
+        max_tool_rounds: int | None,
+        lenient_calls: bool = True,
+    ) -> ToolOptions | None:
         """The request's tool settings, or None when it offers no tools. A tool session (the
         engine runs calls) exists only when `tools` names engine tools; `client_tools` (OpenAI
         specs) are the caller's: a turn that calls one ends the request (finish "tool_calls")."""
@@ -173,10 +187,14 @@ class ToolDriver:
         if not (names or client) or tool_choice == "none":
             return None
         if names and self.executor is None:
-            raise ValueError(f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}")
+            raise ValueError(
+                f"this engine serves no tools (start it with ToolConfig(tools=...)); asked for {names}"
+            )
         # a python or plan body is free text: no JSON call to constrain
         constrained = False if call_format in BODY_FORMATS else None
-        return ToolOptions(names, tool_choice, mode, call_format, max_tool_rounds, constrained, client, lenient_calls)
+        return ToolOptions(
+            names, tool_choice, mode, call_format, max_tool_rounds, constrained, client, lenient_calls
+        )
 
     def shown_specs(self, tools: list[str | dict], call_format: str | None) -> list[dict] | None:
         """The tool specs the chat template lists: all of them, except that engine tools of a
@@ -195,7 +213,9 @@ class ToolDriver:
             raise ValueError(f"unknown tools {unknown}; this engine serves {registry.names}")
         return [registry.get(t).spec() if isinstance(t, str) else t for t in tools]
 
-    def constraint(self, options: ToolOptions | None, turn: int, factory: Callable[[int], Any] | None = None) -> Any:
+    def constraint(
+        self, options: ToolOptions | None, turn: int, factory: Callable[[int], Any] | None = None
+    ) -> Any:
         """The constraint of a turn, in the engine's form: from the request's factory, else the
         call format and schemas of the offered tools (`tool_choice` applies to the first turn;
         later ones are "auto", constrained only with ToolConfig.constrained). A body format
@@ -216,7 +236,9 @@ class ToolDriver:
         return self.constraint(session.options, session.rounds, session.constraint_factory)
 
     # ---- a request's rounds ---------------------------------------------------------------
-    def attach(self, request_id: str, options: ToolOptions | None, factory: Callable[[int], Any] | None = None) -> bool:
+    def attach(
+        self, request_id: str, options: ToolOptions | None, factory: Callable[[int], Any] | None = None
+    ) -> bool:
         """Open the request's first turn if it offers engine tools; returns whether it did
         (the engine then pauses the request at the end of each turn instead of finishing it)."""
         if options is None or not options.tools:
@@ -231,8 +253,14 @@ class ToolDriver:
 
     def _open_turn(self, request_id: str, options: ToolOptions, number: int) -> Turn:
         parser = options.call_format or default_format(options.tools)
-        turn = self.executor.open_turn(request_id, number, tools=options.tools, mode=options.mode, parser=parser,
-                                       lenient=options.lenient_calls)
+        turn = self.executor.open_turn(
+            request_id,
+            number,
+            tools=options.tools,
+            mode=options.mode,
+            parser=parser,
+            lenient=options.lenient_calls,
+        )
         self._by_turn[id(turn)] = request_id
         return turn
 
@@ -251,7 +279,11 @@ class ToolDriver:
         - no tool round is left (`max_tool_rounds`): calls already running finish, the others
           do not start (their result says so), and the request ends with "length"."""
         session = self.sessions[request_id]
-        rounds = self.default_rounds if session.options.max_tool_rounds is None else session.options.max_tool_rounds
+        rounds = (
+            self.default_rounds
+            if session.options.max_tool_rounds is None
+            else session.options.max_tool_rounds
+        )
         last = session.rounds >= rounds
         session.turn.end(clean=not last, not_run=f"not run: the request reached max_tool_rounds ({rounds})")
         self._close_turn(session, stop_text)
@@ -261,12 +293,12 @@ class ToolDriver:
         names = [getattr(c, "name", None) for c in session.turn.calls.values()]
         if any(n in client for n in names):
             if all(n in client for n in names):
-                session.turn.cancel()       # nothing ran server-side: the request ends here
+                session.turn.cancel()  # nothing ran server-side: the request ends here
                 return "tool_calls"
             session.final = "tool_calls"
         elif last:
             session.final = "length"
-        if session.turn.done:       # partial execution finished every call while the model decoded
+        if session.turn.done:  # partial execution finished every call while the model decoded
             self._ready.append(request_id)
         return "wait"
 
@@ -288,7 +320,7 @@ class ToolDriver:
         is ended here; the engine stops decoding it) and those whose results are all in."""
         if self.executor is None:
             return [], []
-        if not self.sessions:       # still let the pool reap workers of cancelled calls
+        if not self.sessions:  # still let the pool reap workers of cancelled calls
             self.executor.poll(0.0)
             return [], []
         cut, ready = self._poll(timeout_s)
@@ -312,7 +344,7 @@ class ToolDriver:
 
     def _continuation(self, request_id: str) -> Continuation:
         final = self.sessions[request_id].final
-        if final is not None:       # the results are reported and the request ends (`end_turn`)
+        if final is not None:  # the results are reported and the request ends (`end_turn`)
             return Continuation(request_id, self.final_results(request_id), final=final)
         text, results = self.next_turn(request_id)
         return Continuation(request_id, results, text)

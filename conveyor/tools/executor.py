@@ -8,6 +8,7 @@ never on an incomplete call, a turn cut by length or abort, and never twice. Cal
 tools, malformed JSON and arguments that do not fit the schema become error results without
 running anything. Pure Python: no torch, no asyncio; the pool does the process work.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,8 @@ class Pool(Protocol):
     def finish(self, call_id: str, args: dict) -> None: ...
     def cancel(self, call_id: str) -> None: ...
     def poll(self, timeout_s: float = 0.0) -> list[ToolResult]: ...
-    def hand_off(self) -> None: ...             # let workers just sent work take it (may wait ~1 ms)
-    def num_computing(self) -> int: ...         # workers busy on this machine's CPUs with a tool's code
+    def hand_off(self) -> None: ...  # let workers just sent work take it (may wait ~1 ms)
+    def num_computing(self) -> int: ...  # workers busy on this machine's CPUs with a tool's code
 
 
 class ToolExecutor:
@@ -52,7 +53,7 @@ class ToolExecutor:
         self.registry = registry
         self.pool = pool
         self.mode = mode
-        self._calls: dict[str, tuple[Turn, Any]] = {}   # call id -> (turn, Call or PlanCall)
+        self._calls: dict[str, tuple[Turn, Any]] = {}  # call id -> (turn, Call or PlanCall)
         self._validators: dict[str, Any] = {}
 
     def validator(self, tool: Tool) -> Any:
@@ -63,8 +64,16 @@ class ToolExecutor:
             self._validators[tool.name] = cls(tool.parameters)
         return self._validators[tool.name]
 
-    def open_turn(self, request_id: str, number: int, *, tools: Iterable[str] | None = None,
-                  mode: str | None = None, parser: str = "hermes", lenient: bool = True) -> Turn:
+    def open_turn(
+        self,
+        request_id: str,
+        number: int,
+        *,
+        tools: Iterable[str] | None = None,
+        mode: str | None = None,
+        parser: str = "hermes",
+        lenient: bool = True,
+    ) -> Turn:
         """A new turn of `request_id`; `tools` limits the callable tools (default: all);
         `lenient`: JSON calls in fences and bare JSON count too (`make_parser`)."""
         mode = mode or self.mode
@@ -100,8 +109,16 @@ class ToolExecutor:
 class Turn:
     """One model turn of one request: its parser, its calls and their results."""
 
-    def __init__(self, executor: ToolExecutor, turn_id: str, request_id: str, allowed: dict[str, Tool],
-                 mode: str, parser: str, lenient: bool = True) -> None:
+    def __init__(
+        self,
+        executor: ToolExecutor,
+        turn_id: str,
+        request_id: str,
+        allowed: dict[str, Tool],
+        mode: str,
+        parser: str,
+        lenient: bool = True,
+    ) -> None:
         self.executor = executor
         self.turn_id = turn_id
         self.request_id = request_id
@@ -133,10 +150,10 @@ class Turn:
             if isinstance(call, PlanCall):
                 call.on_turn_end(self.clean)
             elif call.result is not None or (call.ended and call.dispatched):
-                continue            # done, or complete and running
+                continue  # done, or complete and running
             elif not call.ended:
                 self.cancel_call(call, "the call was not complete when the turn ended")
-            elif self.clean:        # a complete call held back for its side effects
+            elif self.clean:  # a complete call held back for its side effects
                 self.run_complete(call)
             else:
                 self.cancel_call(call, not_run)
@@ -273,11 +290,13 @@ class Turn:
         if isinstance(call, Call):
             call.result = result
             if result.rejected and not self.ended:
-                self.rejected = True    # cut the turn off: the model should see the error now
+                self.rejected = True  # cut the turn off: the model should see the error now
         else:
             call.on_result(result)
 
 
 def _error(call: Call, message: str) -> ToolResult:
     now = time.perf_counter()
-    return ToolResult(call.call_id, call.name, f"Error: {message}", is_error=True, started_at=now, done_at=now)
+    return ToolResult(
+        call.call_id, call.name, f"Error: {message}", is_error=True, started_at=now, done_at=now
+    )

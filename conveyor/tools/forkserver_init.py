@@ -8,6 +8,7 @@ bytes objects behind os.environ) and removed; the kept ones are set again, which
 to the heap, and then the process's original environment block (what /proc/self/environ
 shows) is zeroed.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -15,11 +16,11 @@ import os
 import sys
 
 KEPT = ("PATH", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-_BYTES_DATA = sys.getsizeof(b"") - 1        # offset of a bytes object's buffer
+_BYTES_DATA = sys.getsizeof(b"") - 1  # offset of a bytes object's buffer
 
 
 def _zero(value: bytes) -> None:
-    if len(value) > 1:                        # 0- and 1-byte bytes objects are shared singletons
+    if len(value) > 1:  # 0- and 1-byte bytes objects are shared singletons
         ctypes.memset(id(value) + _BYTES_DATA, 0, len(value))
 
 
@@ -31,8 +32,9 @@ def scrub() -> None:
         _zero(value)
     for key, value in kept.items():
         os.environ[key] = value
-    fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-    env_start, env_end = int(fields[47]), int(fields[48])      # fields 50 and 51 of proc(5)
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    env_start, env_end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
     if 0 < env_start < env_end:
         ctypes.memset(env_start, 0, env_end - env_start)
 

@@ -11,6 +11,7 @@ by newlines, and may end after the first.
 A `ToolGrammar` belongs to one tokenizer and compiles each (tools, choice) once; a
 `Constraint` is one model turn's matcher, which the runner uses to mask logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,10 @@ from conveyor.tools.grammar_compile import BoundedCompiler
 log = logging.getLogger(__name__)
 
 ToolChoice = str | dict[str, Any]
-CALL_FORMAT = "qwen_3"      # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
-CALL_SEPARATOR = "\n"       # between calls of a "required" reply, as the Qwen chat template joins them
-MAX_SPARSE_WORDS = 1024     # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
-TOP_CANDIDATES = 16         # masked_argmax, many allowed: the highest logits tried
+CALL_FORMAT = "qwen_3"  # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
+CALL_SEPARATOR = "\n"  # between calls of a "required" reply, as the Qwen chat template joins them
+MAX_SPARSE_WORDS = 1024  # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
+TOP_CANDIDATES = 16  # masked_argmax, many allowed: the highest logits tried
 
 
 class Constraint:
@@ -52,7 +53,7 @@ class Constraint:
         self._matcher = xgr.GrammarMatcher(compiled)
         self._failed = False
         self._vocab_size = compiled.tokenizer_info.vocab_size
-        self._row: Any = None        # a one-row bitmask for `masked_argmax`, made on first use
+        self._row: Any = None  # a one-row bitmask for `masked_argmax`, made on first use
 
     @property
     def is_terminated(self) -> bool:
@@ -90,9 +91,11 @@ class Constraint:
                 return None
             return int(allowed[int(row_logits[torch.from_numpy(allowed)].argmax())])
         values, top = row_logits.topk(min(num_top, row_logits.shape[-1]))
-        allowed = [(v, -t) for v, t in zip(values.tolist(), top.tolist()) if (int(words[t >> 5]) >> (t & 31)) & 1]
+        allowed = [
+            (v, -t) for v, t in zip(values.tolist(), top.tolist()) if (int(words[t >> 5]) >> (t & 31)) & 1
+        ]
         if not allowed or max(allowed)[0] == values[-1]:
-            return None      # none allowed, or a tie that may go on past the cut
+            return None  # none allowed, or a tie that may go on past the cut
         return -max(allowed)[1]
 
     def try_accept(self, token: int) -> bool:
@@ -116,20 +119,30 @@ class ToolGrammar:
     process that is killed past it (`grammar_compile.py`); 0 compiles on the calling thread.
     """
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int] | None = None, *,
-                 max_whitespace: int | None = 16, max_cached: int = 64, compile_timeout_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Iterable[int] | None = None,
+        *,
+        max_whitespace: int | None = 16,
+        max_cached: int = 64,
+        compile_timeout_s: float = 0.0,
+    ) -> None:
         stops = sorted(stop_token_ids) if stop_token_ids is not None else None
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
         self.vocab_size = vocab_size
         self.max_whitespace = max_whitespace
         self._compiler: Any = xgr.GrammarCompiler(info, cache_enabled=False)
-        if compile_timeout_s > 0:           # compiles in a helper process, killed past the timeout
+        if compile_timeout_s > 0:  # compiles in a helper process, killed past the timeout
             self._compiler = BoundedCompiler(info, compile_timeout_s)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
         self._max_cached = max_cached
-        self._lock = threading.Lock()   # the cache is shared by the engine and its preparation threads
+        self._lock = threading.Lock()  # the cache is shared by the engine and its preparation threads
 
-    def constraint(self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto") -> Constraint | None:
+    def constraint(
+        self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto"
+    ) -> Constraint | None:
         """A fresh matcher for one turn, or None when nothing is constrained ("none", no tools).
 
         `tools` are OpenAI tool specs; `tool_choice` is "auto", "required", "none" or
@@ -149,7 +162,7 @@ class ToolGrammar:
                 return self._cache[key]
         try:
             compiled = self._compiler.compile_structural_tag(self.structural_tag(tools, tool_choice))
-        except (RuntimeError, TimeoutError) as e:    # xgrammar reports unsupported schemas as RuntimeError
+        except (RuntimeError, TimeoutError) as e:  # xgrammar reports unsupported schemas as RuntimeError
             raise ValueError(f"cannot build a tool-call grammar: {e}") from e
         with self._lock:
             self._cache[key] = compiled
@@ -162,12 +175,19 @@ class ToolGrammar:
         return structural_tag(tools, tool_choice, self.max_whitespace)
 
 
-def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice, max_whitespace: int | None = 16) -> StructuralTag:
+def structural_tag(
+    tools: list[dict[str, Any]], tool_choice: ToolChoice, max_whitespace: int | None = 16
+) -> StructuralTag:
     """The xgrammar structural tag of one (tools, choice), also sent as is to a remote engine
     that compiles structural tags with xgrammar (vLLM); see the module docstring."""
     tag = xgr.get_model_structural_tag(
-        CALL_FORMAT, tools=tools, tool_choice=tool_choice, reasoning="disabled",
-        exclude_special_tokens=False, max_whitespace_cnt=max_whitespace)
+        CALL_FORMAT,
+        tools=tools,
+        tool_choice=tool_choice,
+        reasoning="disabled",
+        exclude_special_tokens=False,
+        max_whitespace_cnt=max_whitespace,
+    )
     if tool_choice == "required":
         calls = TagsWithSeparatorFormat(tags=tag.format.tags, separator=CALL_SEPARATOR, at_least_one=True)
         tag = StructuralTag(format=calls)

@@ -11,6 +11,7 @@ timeout. `ToolGrammar` caches what comes back, so each (tools, choice) pays this
 The helper is started with "spawn" (the engine's process has torch threads: no fork) and
 trusts its parent; the parent unpickles only (bool, str) pairs from it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,7 +73,9 @@ class BoundedCompiler:
         if self._helper is None or not self._helper[0].is_alive():
             self._kill()
             conn, child = _ctx.Pipe()
-            process = _ctx.Process(target=_serve, args=(child, self._info_json), name="conveyor-grammar", daemon=True)
+            process = _ctx.Process(
+                target=_serve, args=(child, self._info_json), name="conveyor-grammar", daemon=True
+            )
             process.start()
             child.close()
             self._helper = (process, conn)

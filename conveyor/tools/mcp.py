@@ -8,6 +8,7 @@ opens that worker's connection to the MCP server if it has none yet, so starting
 overlaps the decoding of the arguments; `finish` sends `tools/call` over it. Each worker
 keeps its connection (one MCP server process per worker) for later calls.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,7 +35,9 @@ def side_effects_of(annotations: Any) -> str:
 class McpTool(Tool):
     """One tool of an MCP server (see the module docstring)."""
 
-    def __init__(self, command: str, name: str, description: str, parameters: dict, side_effects: str) -> None:
+    def __init__(
+        self, command: str, name: str, description: str, parameters: dict, side_effects: str
+    ) -> None:
         self.command = command
         self.name = name
         self.description = description
@@ -59,8 +62,10 @@ def mcp_tools(command: str) -> list[McpTool]:
         listed = connection.run(connection.session.list_tools())
     finally:
         connection.close()
-    return [McpTool(command, t.name, t.description or "", t.input_schema, side_effects_of(t.annotations))
-            for t in listed.tools]
+    return [
+        McpTool(command, t.name, t.description or "", t.input_schema, side_effects_of(t.annotations))
+        for t in listed.tools
+    ]
 
 
 class _Connection:
@@ -112,13 +117,13 @@ class _Connection:
         """Stop the session (and the server process) and the loop thread."""
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
-        with contextlib.suppress(BaseException):    # it failed to start, or stopping failed: nothing to keep
+        with contextlib.suppress(BaseException):  # it failed to start, or stopping failed: nothing to keep
             self._served.result(10.0)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5.0)
 
 
-_connections: dict[str, _Connection] = {}     # per process (each tool worker has its own)
+_connections: dict[str, _Connection] = {}  # per process (each tool worker has its own)
 _lock = threading.Lock()
 
 

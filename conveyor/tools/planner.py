@@ -8,6 +8,7 @@ replaced by step N's result (a bare `$N` by its JSON value when it is one). `joi
 mode the steps start at the plan's end, still in dependency order, independent ones in
 parallel. The plan's result lists every step's result.
 """
+
 from __future__ import annotations
 
 import ast
@@ -99,12 +100,15 @@ class PlanCall:
             if step.call is not None or step.result is not None:
                 continue
             if step.tool == "join":
-                step.result = ToolResult(f"{self.call_id}.s{step.number}", "join", "", done_at=time.perf_counter())
+                step.result = ToolResult(
+                    f"{self.call_id}.s{step.number}", "join", "", done_at=time.perf_counter()
+                )
                 continue
             failed = [d for d in step.deps if d not in self.steps or self._failed(d)]
             if failed and (self.ended or any(d in self.steps for d in failed)):
-                step.result = self._error(f"step {step.number} depends on step(s) {failed}, which failed or "
-                                          f"do not exist")
+                step.result = self._error(
+                    f"step {step.number} depends on step(s) {failed}, which failed or do not exist"
+                )
             elif all(self._done(d) for d in step.deps):
                 self._start(step, allow_external)
 
@@ -116,7 +120,7 @@ class PlanCall:
             step.result = self._error(f"step {step.number}: unknown tool {step.tool!r}")
             return
         if tool.side_effects == "external" and not allow_external:
-            return   # waits for the turn to end cleanly
+            return  # waits for the turn to end cleanly
         try:
             args = step_args(tool.parameters, step.args_text, self._contents())
         except ValueError as e:
@@ -149,12 +153,20 @@ class PlanCall:
         elif all(s.result is not None for s in self.steps.values()):
             steps = self.steps.values()
             content = "\n".join(f"${s.number} = {s.result.content}" for s in steps if s.tool != "join")
-            self.result = ToolResult(self.call_id, "plan", content, is_error=any(s.result.is_error for s in steps),
-                                     started_at=self.started_at, done_at=time.perf_counter())
+            self.result = ToolResult(
+                self.call_id,
+                "plan",
+                content,
+                is_error=any(s.result.is_error for s in steps),
+                started_at=self.started_at,
+                done_at=time.perf_counter(),
+            )
 
     def _error(self, message: str) -> ToolResult:
         now = time.perf_counter()
-        return ToolResult(self.call_id, "plan", f"Error: {message}", is_error=True, started_at=now, done_at=now)
+        return ToolResult(
+            self.call_id, "plan", f"Error: {message}", is_error=True, started_at=now, done_at=now
+        )
 
 
 def step_args(schema: dict[str, Any], args_text: str, results: dict[int, str]) -> dict[str, Any]:
@@ -176,7 +188,7 @@ def step_args(schema: dict[str, Any], args_text: str, results: dict[int, str]) -
 
 
 def _value(node: ast.AST, results: dict[int, str]) -> Any:
-    if isinstance(node, ast.Name) and _REF_NAME.fullmatch(node.id):    # a bare $N: its JSON value if it has one
+    if isinstance(node, ast.Name) and _REF_NAME.fullmatch(node.id):  # a bare $N: its JSON value if it has one
         content = _ref(int(_REF_NAME.fullmatch(node.id).group(1)), results)
         try:
             return json.loads(content)

@@ -8,6 +8,7 @@ Worker -> pool: Ready or Failed (once, at start), then Began (each message taken
 is handled) and Idle (all handled, nothing queued), Done (a call's result) and Cancelled (a
 Cancel's acknowledgement).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,12 @@ from typing import Any
 from conveyor.tools.base import ToolResult
 from conveyor.tools.sandbox import Report
 
-MAX_REPLY_BYTES = 1 << 20       # results are cut to 16 K characters before they are sent
+MAX_REPLY_BYTES = 1 << 20  # results are cut to 16 K characters before they are sent
 
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    report: Report        # what its sandbox provides
+    report: Report  # what its sandbox provides
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class Failed:
 @dataclass(frozen=True, slots=True)
 class Done:
     result: ToolResult
-    refusals: int = 0     # actions of the call's code that the sandbox's audit hook refused
+    refusals: int = 0  # actions of the call's code that the sandbox's audit hook refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +86,34 @@ def _build(name: str, fields: list[Any]) -> Reply:
             return Failed(text) if kind == "Failed" else Cancelled(text)
         case "Ready", [[list() as applied, list() as missing, int() as abi, str() as root]]:
             return Ready(Report(_strs(applied), tuple((str(a), str(b)) for a, b in missing), abi, root))
-        case "Done", [[str() as call_id, str() as tool, str() as content, bool() as is_error, bool() as rejected,
-                       float() | int() as started, float() | int() as done, list() as delays, list() as queued],
-                      int() as refusals]:
-            return Done(ToolResult(call_id, tool, content, is_error, rejected, float(started), float(done),
-                                   _floats(delays), _floats(queued)), refusals)
+        case "Done", [
+            [
+                str() as call_id,
+                str() as tool,
+                str() as content,
+                bool() as is_error,
+                bool() as rejected,
+                float() | int() as started,
+                float() | int() as done,
+                list() as delays,
+                list() as queued,
+            ],
+            int() as refusals,
+        ]:
+            return Done(
+                ToolResult(
+                    call_id,
+                    tool,
+                    content,
+                    is_error,
+                    rejected,
+                    float(started),
+                    float(done),
+                    _floats(delays),
+                    _floats(queued),
+                ),
+                refusals,
+            )
     raise ValueError(f"a malformed reply from a tool worker ({str(name)[:40]!r})")
 
 

@@ -20,6 +20,7 @@ Layers, outermost first (`enter`; each one that cannot be had is named in the `R
   changes), counted as refusals. It is a convenience, not a barrier: code in C, ctypes or a
   subprocess bypasses it and meets the kernel's refusals instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ from typing import Any
 from conveyor.tools import cgroups, confine, namespaces
 from conveyor.tools.namespaces import WRITABLE, View
 
-REQUIRED = ("namespaces", "seccomp", "no_new_privs")     # what the `python` tool needs, or --unsafe-tools
+REQUIRED = ("namespaces", "seccomp", "no_new_privs")  # what the `python` tool needs, or --unsafe-tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +56,9 @@ class Policy:
 
     limits: Limits
     view: View
-    uid: int = 60100             # the uid workers run as when the server runs as root
-    network: bool = False        # share the host's network namespace (tools that declare it)
-    outer_pid_ns: tuple[int, ...] = ()   # the server's and the host's PID namespaces (`zygote.confined`)
+    uid: int = 60100  # the uid workers run as when the server runs as root
+    network: bool = False  # share the host's network namespace (tools that declare it)
+    outer_pid_ns: tuple[int, ...] = ()  # the server's and the host's PID namespaces (`zygote.confined`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +109,9 @@ def enter(policy: Policy, conn_fd: int) -> Report:
     """Confine this fresh, single-threaded worker (it returns in the process that serves calls,
     see `namespaces.enter`); raises nothing the kernel refuses, but reports it."""
     _close_inherited(conn_fd)
-    os.setpgid(0, 0)                                       # its own group: killed with its children
-    namespaces.die_with_parent()                           # the forkserver gone -> gone too
-    signal.signal(signal.SIGINT, signal.SIG_IGN)           # the parent decides when workers stop
+    os.setpgid(0, 0)  # its own group: killed with its children
+    namespaces.die_with_parent()  # the forkserver gone -> gone too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     layers, limits, root = _Layers(), policy.limits, os.geteuid() == 0
     cgroup = False
     with layers.layer("cgroups"):
@@ -147,52 +148,92 @@ def _close_inherited(conn_fd: int) -> None:
     os.closerange(3, conn_fd)
     os.closerange(conn_fd + 1, 65536)
     from multiprocessing import resource_tracker
-    resource_tracker._resource_tracker._fd = None          # closed above; a new one would be ours
+
+    resource_tracker._resource_tracker._fd = None  # closed above; a new one would be ours
 
 
 def _set_limits(limits: Limits, *, address_space: bool, processes: bool) -> None:
     """Hard limits; `processes`: RLIMIT_NPROC too, which counts the processes of the worker's uid
     in its own user namespace (outside one it would count all of the uid's on the host)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # too large a write -> OSError (EFBIG)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too large a write -> OSError (EFBIG)
     signal.signal(signal.SIGXCPU, _on_sigxcpu)
-    hard = [(resource.RLIMIT_DATA, limits.memory_mb << 20), (resource.RLIMIT_FSIZE, limits.file_size_mb << 20),
-            (resource.RLIMIT_CORE, 0)] + ([(resource.RLIMIT_NPROC, limits.max_processes)] if processes else [])
-    if address_space:              # no memory cgroup: at least each process's mappings are bounded
+    hard = [
+        (resource.RLIMIT_DATA, limits.memory_mb << 20),
+        (resource.RLIMIT_FSIZE, limits.file_size_mb << 20),
+        (resource.RLIMIT_CORE, 0),
+    ] + ([(resource.RLIMIT_NPROC, limits.max_processes)] if processes else [])
+    if address_space:  # no memory cgroup: at least each process's mappings are bounded
         hard.append((resource.RLIMIT_AS, (limits.memory_mb + 1024) << 20))
     for limit, value in hard:
         resource.setrlimit(limit, (value, value))
-    os.nice(limits.nice)        # below the engine: on a shared CPU, decoding keeps its cycles
+    os.nice(limits.nice)  # below the engine: on a shared CPU, decoding keeps its cycles
 
 
 def _set_environment(temp_root: str) -> None:
     """An environment of our own only: temp files, caches and matplotlib inside the temp root;
     one BLAS/OpenMP thread."""
     os.environ.clear()
-    os.environ.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=temp_root, TMPDIR=temp_root, LANG="C.UTF-8",
-                      MPLBACKEND="Agg", MPLCONFIGDIR=os.path.join(temp_root, ".matplotlib"),
-                      XDG_CACHE_HOME=os.path.join(temp_root, ".cache"), PYTHONDONTWRITEBYTECODE="1",
-                      OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    os.environ.update(
+        PATH="/usr/local/bin:/usr/bin:/bin",
+        HOME=temp_root,
+        TMPDIR=temp_root,
+        LANG="C.UTF-8",
+        MPLBACKEND="Agg",
+        MPLCONFIGDIR=os.path.join(temp_root, ".matplotlib"),
+        XDG_CACHE_HOME=os.path.join(temp_root, ".cache"),
+        PYTHONDONTWRITEBYTECODE="1",
+        OMP_NUM_THREADS="1",
+        OPENBLAS_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     tempfile.tempdir = temp_root
     sys.dont_write_bytecode = True
     os.chdir(temp_root)
 
 
 _SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
-        "nsswitch.conf", "hosts", "host.conf", "resolv.conf", "gai.conf", "services", "protocols",
-        "mime.types", "ssl", "ca-certificates", "ca-certificates.conf", "alternatives", "os-release", "fonts")
+_ETC = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "timezone",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "host.conf",
+    "resolv.conf",
+    "gai.conf",
+    "services",
+    "protocols",
+    "mime.types",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "alternatives",
+    "os-release",
+    "fonts",
+)
 
 
 def default_view(extra: list[str], hidden: list[str], tmpfs_mb: int) -> View:
     """The file system of a worker: the system's libraries and programs, a few files of /etc,
     the interpreter and every sys.path entry (the current directory if '' is one), plus
     `extra` (the tools' modules and files); `hidden` paths (the model cache) stay empty."""
-    paths = [*_SYSTEM, *(f"/etc/{name}" for name in _ETC),
-             sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
-             *(os.getcwd() if p == "" else p for p in sys.path), *extra]
+    paths = [
+        *_SYSTEM,
+        *(f"/etc/{name}" for name in _ETC),
+        sys.prefix,
+        sys.exec_prefix,
+        sys.base_prefix,
+        sys.base_exec_prefix,
+        *(os.getcwd() if p == "" else p for p in sys.path),
+        *extra,
+    ]
     kept: list[str] = []
     for path in sorted({os.path.abspath(p) for p in paths if os.path.exists(p)}):
-        linked = path in _SYSTEM and os.path.islink(path)          # merged /usr: the link is made
+        linked = path in _SYSTEM and os.path.islink(path)  # merged /usr: the link is made
         if path != "/" and not linked and not any(path.startswith(k + "/") for k in kept):
             kept.append(path)
     return View(tuple(kept), tuple(os.path.abspath(h) for h in hidden), tmpfs_mb)
@@ -208,10 +249,19 @@ def take_refusals() -> int:
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # audit event -> (path argument, dir_fd argument or None) of each path it writes
 _WRITE_EVENTS: dict[str, tuple[tuple[int, int | None], ...]] = {
-    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
-    "os.link": ((1, 3),), "os.symlink": ((1, 2),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
-    "os.utime": ((0, 3),), "os.truncate": ((0, None),), "os.setxattr": ((0, None),),
-    "os.removexattr": ((0, None),), "shutil.rmtree": ((0, 1),),
+    "os.remove": ((0, 1),),
+    "os.rmdir": ((0, 1),),
+    "os.mkdir": ((0, 2),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.link": ((1, 3),),
+    "os.symlink": ((1, 2),),
+    "os.chmod": ((0, 2),),
+    "os.chown": ((0, 3),),
+    "os.utime": ((0, 3),),
+    "os.truncate": ((0, None),),
+    "os.setxattr": ((0, None),),
+    "os.removexattr": ((0, None),),
+    "shutil.rmtree": ((0, 1),),
 }
 
 
@@ -231,8 +281,12 @@ class _WriteGuard:
         elif event in _WRITE_EVENTS:
             for path_index, fd_index in _WRITE_EVENTS[event]:
                 self._check(args[path_index], None if fd_index is None else args[fd_index])
-        elif event == "socket.connect" and args[0].family == socket.AF_UNIX and args[1][:1] not in ("\0", b"\0"):
-            self._check(args[1], None)        # e.g. the forkserver's socket: it forks unconfined processes
+        elif (
+            event == "socket.connect"
+            and args[0].family == socket.AF_UNIX
+            and args[1][:1] not in ("\0", b"\0")
+        ):
+            self._check(args[1], None)  # e.g. the forkserver's socket: it forks unconfined processes
         elif event in ("resource.setrlimit", "resource.prlimit"):
             limit, new = args[-2:]
             if new is not None and limit != resource.RLIMIT_CPU:
@@ -241,7 +295,7 @@ class _WriteGuard:
 
     def _check(self, path: Any, dir_fd: int | None) -> None:
         if isinstance(path, int):
-            return                                         # an open file descriptor
+            return  # an open file descriptor
         name = os.fsdecode(path)
         if dir_fd is not None and dir_fd >= 0 and not os.path.isabs(name):
             name = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
@@ -249,8 +303,9 @@ class _WriteGuard:
         if real == "/dev/null" or any(real == r or real.startswith(r + "/") for r in self.roots):
             return
         _refuse()
-        raise PermissionError(errno.EACCES, f"tools may write only inside their working directory "
-                                            f"({os.getcwd()}), not to", name)
+        raise PermissionError(
+            errno.EACCES, f"tools may write only inside their working directory ({os.getcwd()}), not to", name
+        )
 
 
 def _refuse() -> None:

@@ -9,6 +9,7 @@ belong to a call already over: rejected, failed or cancelled).
 
 The sandbox it runs in is `sandbox.py`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from conveyor.tools.base import CallInfo, FunctionTool, Tool, ToolRejected, ToolResult
 from conveyor.tools import replies, sandbox, zygote
+from conveyor.tools.base import CallInfo, FunctionTool, Tool, ToolRejected, ToolResult
 from conveyor.tools.replies import BEGAN, IDLE, Began, Cancelled, Done, Failed, Idle, Ready, Reply  # noqa: F401 - the protocol's names
 from conveyor.tools.sandbox import Policy, run_hook, set_cpu_budget
 
@@ -82,9 +83,11 @@ def pickle_tools(tools: list[Tool]) -> bytes:
         try:
             _dumps(t)
         except Exception as e:
-            raise RuntimeError(f"tool {t.name!r} cannot be sent to a worker process ({type(e).__name__}: {e}); "
-                               "define it at module level and keep unpicklable state out of its "
-                               "attributes (create it in start())") from e
+            raise RuntimeError(
+                f"tool {t.name!r} cannot be sent to a worker process ({type(e).__name__}: {e}); "
+                "define it at module level and keep unpicklable state out of its "
+                "attributes (create it in start())"
+            ) from e
     return _dumps(tools)
 
 
@@ -124,7 +127,7 @@ class _Active:
     cwd: str
     started_at: float
     tool: Tool | None = None
-    error: str | None = None                         # a hook failed: the result, at Finish
+    error: str | None = None  # a hook failed: the result, at Finish
     delays: list[float] = field(default_factory=list)
     queued: list[float] = field(default_factory=list)
 
@@ -134,7 +137,7 @@ def serve(conn: Connection, tools_blob: bytes, policy: Policy) -> None:
     own namespaces as a zygote (`zygote.py`: a fresh process per call), else itself, one call
     (the pool discards such a worker after it)."""
     try:
-        tools = {t.name: t for t in pickle.loads(tools_blob)}   # imports their modules, before the sandbox
+        tools = {t.name: t for t in pickle.loads(tools_blob)}  # imports their modules, before the sandbox
         report = sandbox.enter(policy, conn.fileno())
         if report.isolated and (why := zygote.confined(policy.outer_pid_ns)):
             raise zygote.Unconfined(f"the sandbox reports namespaces of its own, but {why}")
@@ -158,7 +161,7 @@ class _Server:
     def __init__(self, conn: Connection, tools: dict[str, Tool], temp_root: str, cpu_time_s: int) -> None:
         self.conn, self.tools, self.temp_root, self.cpu_time_s = conn, tools, temp_root, cpu_time_s
         self.call: _Active | None = None
-        self.free_since = 0.0          # when the last message was handled: later ones queued until then
+        self.free_since = 0.0  # when the last message was handled: later ones queued until then
 
     def run(self) -> None:
         # A reader thread keeps the pipe drained, so the parent never blocks on a busy worker.
@@ -181,7 +184,7 @@ class _Server:
                     self._end(cancel=True)
                 _send(self.conn, Cancelled(call_id))
             case _ if msg.call_id != current:
-                pass                                     # for a call already over
+                pass  # for a call already over
             case Field(key=key, value=value, sent_at=sent_at):
                 self._hook(sent_at, "on_field", key, value)
             case LineMsg(line=line, sent_at=sent_at):
@@ -227,7 +230,10 @@ class _Server:
         if content is None:
             try:
                 value = run_hook(call.tool.finish, args)
-                content, is_error = (value if isinstance(value, str) else json.dumps(value, default=str)), False
+                content, is_error = (
+                    (value if isinstance(value, str) else json.dumps(value, default=str)),
+                    False,
+                )
             except BaseException as e:  # noqa: BLE001 - becomes the call's error result
                 content = _describe(e)
         self._reply(content, is_error=is_error)
@@ -237,11 +243,27 @@ class _Server:
         call = self.call
         assert call is not None
         if len(content) > MAX_CONTENT_CHARS:
-            content = (f"{content[:MAX_CONTENT_CHARS]}\n[truncated: the first {MAX_CONTENT_CHARS} "
-                       f"of {len(content)} characters]")
-        _send(self.conn, Done(ToolResult(call.info.call_id, call.info.name, content, is_error, rejected,
-                                       call.started_at, time.perf_counter(), tuple(call.delays),
-                                       tuple(call.queued)), sandbox.take_refusals()))
+            content = (
+                f"{content[:MAX_CONTENT_CHARS]}\n[truncated: the first {MAX_CONTENT_CHARS} "
+                f"of {len(content)} characters]"
+            )
+        _send(
+            self.conn,
+            Done(
+                ToolResult(
+                    call.info.call_id,
+                    call.info.name,
+                    content,
+                    is_error,
+                    rejected,
+                    call.started_at,
+                    time.perf_counter(),
+                    tuple(call.delays),
+                    tuple(call.queued),
+                ),
+                sandbox.take_refusals(),
+            ),
+        )
 
     def _end(self, *, cancel: bool) -> None:
         call, self.call = self.call, None
@@ -268,7 +290,7 @@ def _read_into(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
         while True:
             inbox.put(conn.recv())
     except (EOFError, OSError):
-        inbox.put(Stop())                                # the parent is gone
+        inbox.put(Stop())  # the parent is gone
 
 
 def _describe(e: BaseException) -> str:

@@ -3,6 +3,7 @@ stop the forkserver once no pool uses it. `workers.WorkerPool` decides what they
 
 The forkserver preloads `forkserver_init` first, which wipes the environment it inherited, so
 no worker starts with the server's secrets."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,28 +34,28 @@ from conveyor.tools.namespaces import WRITABLE
 from conveyor.tools.sandbox import Policy
 
 log = logging.getLogger(__name__)
-STOP_GRACE_S = 1.0         # workers exit within this after Stop, or are killed
+STOP_GRACE_S = 1.0  # workers exit within this after Stop, or are killed
 _ctx = multiprocessing.get_context("forkserver")
-_num_open_pools = 0        # the forkserver is stopped when the last pool closes
+_num_open_pools = 0  # the forkserver is stopped when the last pool closes
 
 
 @dataclass(slots=True, eq=False)
 class Worker:
     process: BaseProcess
-    conn: Connection | None        # to the process serving its next or current call (None: being reset)
-    network: bool                  # its profile: serves the tools that need the network
-    temp_root: str = WRITABLE      # inside its own file system, unless its sandbox has none
-    control: socket.socket | None = None   # to its zygote (`zygote.py`), once Ready said it has one
-    ready: bool = False            # a process that never ran a call waits for one
-    served: bool = False           # it was given a call: the process is discarded after that one
+    conn: Connection | None  # to the process serving its next or current call (None: being reset)
+    network: bool  # its profile: serves the tools that need the network
+    temp_root: str = WRITABLE  # inside its own file system, unless its sandbox has none
+    control: socket.socket | None = None  # to its zygote (`zygote.py`), once Ready said it has one
+    ready: bool = False  # a process that never ran a call waits for one
+    served: bool = False  # it was given a call: the process is discarded after that one
     call_id: str | None = None
-    cancelling: bool = False       # Cancel sent, acknowledgement awaited
-    deadline: float = math.inf     # the call's timeout, or the cancel acknowledgement's
-    num_unbegun: int = 0           # messages sent that its main thread has not taken yet
-    running: bool = False          # between a Began and the next Idle: running a tool's code
-    handing_off: bool = False      # sent new work while caught up: the next poll waits for Began
-    cpu_mark: tuple[float, float] | None = None   # (wall, CPU seconds) when last measured while running
-    ps: psutil.Process | None = None              # the call process's handle for CPU times, made on first use
+    cancelling: bool = False  # Cancel sent, acknowledgement awaited
+    deadline: float = math.inf  # the call's timeout, or the cancel acknowledgement's
+    num_unbegun: int = 0  # messages sent that its main thread has not taken yet
+    running: bool = False  # between a Began and the next Idle: running a tool's code
+    handing_off: bool = False  # sent new work while caught up: the next poll waits for Began
+    cpu_mark: tuple[float, float] | None = None  # (wall, CPU seconds) when last measured while running
+    ps: psutil.Process | None = None  # the call process's handle for CPU times, made on first use
 
 
 def open_pool(preload: list[str]) -> None:
@@ -72,7 +73,11 @@ def package_root(module: str) -> str:
     path = getattr(top, "__file__", None) or next(iter(getattr(top, "__path__", [])), None)
     if path is None:
         return "/nonexistent"
-    return os.path.dirname(os.path.dirname(path)) if os.path.basename(path) == "__init__.py" else os.path.dirname(path)
+    return (
+        os.path.dirname(os.path.dirname(path))
+        if os.path.basename(path) == "__init__.py"
+        else os.path.dirname(path)
+    )
 
 
 def _preparation_data(name: str) -> dict[str, Any]:
@@ -96,8 +101,12 @@ def spawn(tools_blob: bytes, policy: Policy) -> Worker:
     imports the main module only if a tool refers to it."""
     needs_main = b"__main__" in tools_blob
     conn, child_conn = _ctx.Pipe()
-    process = _ctx.Process(target=wm.serve, args=(child_conn, tools_blob, policy),
-                           name=f"{_NO_MAIN}-main" if needs_main else _NO_MAIN, daemon=True)
+    process = _ctx.Process(
+        target=wm.serve,
+        args=(child_conn, tools_blob, policy),
+        name=f"{_NO_MAIN}-main" if needs_main else _NO_MAIN,
+        daemon=True,
+    )
     try:
         process.start()
     finally:
@@ -108,7 +117,7 @@ def spawn(tools_blob: bytes, policy: Policy) -> Worker:
 def send(worker: Worker, msg: Any) -> None:
     """Send `msg`; a dead worker is noticed by the pool's poll (its exit), not here."""
     if worker.conn is None:
-        return                      # being reset: no call is bound to it
+        return  # being reset: no call is bound to it
     if worker.num_unbegun == 0 and not isinstance(msg, wm.Stop):
         worker.handing_off = True
     worker.num_unbegun += 1
@@ -129,7 +138,7 @@ def take_call_process(worker: Worker) -> None:
     """The zygote sent its next call process's pipe (EOFError, OSError or ValueError if not)."""
     assert worker.control is not None
     conn = zygote.receive(worker.control)
-    if worker.conn is not None:            # it was not asked for one
+    if worker.conn is not None:  # it was not asked for one
         conn.close()
         raise ValueError("a worker's zygote sent a call process it was not asked for")
     worker.conn, worker.ready, worker.served, worker.ps = conn, True, False, None
@@ -144,7 +153,7 @@ def next_call(worker: Worker) -> None:
     worker.conn, worker.ready = None, False
     worker.deadline = time.perf_counter() + zygote.RESET_TIMEOUT_S + STOP_GRACE_S
     with contextlib.suppress(OSError):
-        worker.control.send(zygote.NEXT)     # one byte: never blocks; a dead zygote shows as an EOF
+        worker.control.send(zygote.NEXT)  # one byte: never blocks; a dead zygote shows as an EOF
 
 
 def free(worker: Worker) -> None:
@@ -159,7 +168,7 @@ def cpu_seconds(worker: Worker) -> float:
     In its own namespaces that is the zygote's child, the great-grandchild of the process we
     started (see `namespaces.py`)."""
     try:
-        if worker.ps is None:       # made once per call process: a new handle costs twice the read it serves
+        if worker.ps is None:  # made once per call process: a new handle costs twice the read it serves
             ps = psutil.Process(worker.process.pid)
             for _ in range(3 if worker.control is not None else 2 if worker.temp_root == WRITABLE else 0):
                 ps = ps.children()[0]
@@ -180,20 +189,20 @@ def exit_text(process: BaseProcess) -> str:
 def stop(worker: Worker, grace_s: float) -> None:
     """Let the worker exit within grace_s, then kill its process group; clean up after it."""
     if worker.control is not None:
-        worker.control.close()                  # its zygote's EOF: the worker exits
+        worker.control.close()  # its zygote's EOF: the worker exits
     worker.process.join(grace_s)
     if worker.process.exitcode is None:
         try:
-            os.killpg(worker.process.pid, signal.SIGKILL)   # with any children it started
+            os.killpg(worker.process.pid, signal.SIGKILL)  # with any children it started
         except OSError:
-            worker.process.kill()                           # not yet the leader of its own group
+            worker.process.kill()  # not yet the leader of its own group
         worker.process.join(STOP_GRACE_S)
     if worker.conn is not None:
         worker.conn.close()
     cgroups.remove(worker.process.pid)
-    own = os.path.join(tempfile.gettempdir(), "conveyor-worker-")    # never what else a worker names
-    if worker.temp_root.startswith(own) and "/" not in worker.temp_root[len(own):]:
-        shutil.rmtree(worker.temp_root, ignore_errors=True)     # a sandbox without its own file system
+    own = os.path.join(tempfile.gettempdir(), "conveyor-worker-")  # never what else a worker names
+    if worker.temp_root.startswith(own) and "/" not in worker.temp_root[len(own) :]:
+        shutil.rmtree(worker.temp_root, ignore_errors=True)  # a sandbox without its own file system
 
 
 class Recycler:
@@ -239,7 +248,7 @@ class Recycler:
             stop(worker, grace_s=0.0)
             try:
                 self.fresh.put(spawn(tools_blob, policy))
-            except Exception:  # noqa: BLE001 - the pool runs short of a worker; logged
+            except Exception:
                 log.exception("could not start a tool worker")
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"w")
@@ -266,4 +275,4 @@ def _stop_forkserver() -> None:
         return
     with contextlib.suppress(OSError):
         os.kill(server._forkserver_pid, signal.SIGTERM)  # so the wait below cannot hang on a forked
-    server._stop()                                        # child holding the "alive" pipe
+    server._stop()  # child holding the "alive" pipe

@@ -26,6 +26,7 @@ sent work. Results that arrive during the wait are kept for the next `poll`. `nu
 counts workers still running a tool's code after that; `num_computing`, those of them busy
 on a CPU, for the engine to leave them a core (`ToolConfig.share_cores`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,7 @@ from multiprocessing import util as mp_util
 from multiprocessing.connection import wait
 from typing import Any, Self
 
-from conveyor.config import ToolConfig
-from conveyor.config import cache_root
+from conveyor.config import ToolConfig, cache_root
 from conveyor.tools import replies, zygote
 from conveyor.tools import worker_main as wm
 from conveyor.tools import worker_procs as procs
@@ -49,11 +49,11 @@ from conveyor.tools.worker_procs import Worker
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 60.0     # start(): all workers Ready within this
-CANCEL_ACK_S = 1.0         # a cancelled call's worker acknowledges within this, or is replaced
-COMPUTING_SHARE = 0.5      # a running worker on a CPU more than this share of the time is computing
-MAX_FAILED_STARTS = 5      # replacements in a row that fail to start: the pool gives up
-MAX_REPLIES = 64           # replies handled per worker per wait
+READY_TIMEOUT_S = 60.0  # start(): all workers Ready within this
+CANCEL_ACK_S = 1.0  # a cancelled call's worker acknowledges within this, or is replaced
+COMPUTING_SHARE = 0.5  # a running worker on a CPU more than this share of the time is computing
+MAX_FAILED_STARTS = 5  # replacements in a row that fail to start: the pool gives up
+MAX_REPLIES = 64  # replies handled per worker per wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class WorkerStats:
 @dataclass(slots=True, eq=False)
 class _Call:
     info: CallInfo
-    pending: list[Any]             # messages held while the call waits for a worker
+    pending: list[Any]  # messages held while the call waits for a worker
     worker: Worker | None = None
     finished: bool = False
 
@@ -90,18 +90,18 @@ class WorkerPool:
 
     def __init__(self, registry: ToolRegistry, config: ToolConfig) -> None:
         self.config = config
-        self.num_restarts = 0      # workers replaced after a crash, timeout or unacknowledged cancel
-        self.num_refusals = 0      # tool-code actions the workers' sandbox refused (its audit hook)
-        self.report = Report()     # what the workers' sandbox provides (the last worker's report)
-        self.handoff_s = 0.0       # time spent in hand-off waits (see the module docstring)
-        self._early: list[ToolResult] = []     # results received by `hand_off`, for the next poll
+        self.num_restarts = 0  # workers replaced after a crash, timeout or unacknowledged cancel
+        self.num_refusals = 0  # tool-code actions the workers' sandbox refused (its audit hook)
+        self.report = Report()  # what the workers' sandbox provides (the last worker's report)
+        self.handoff_s = 0.0  # time spent in hand-off waits (see the module docstring)
+        self._early: list[ToolResult] = []  # results received by `hand_off`, for the next poll
         self._tools: list[Tool] = list(registry)
         self._by_name = {t.name: t for t in self._tools}
-        self._profiles: dict[bool, tuple[bytes, Policy]] = {}     # network -> (its tools, its sandbox)
+        self._profiles: dict[bool, tuple[bytes, Policy]] = {}  # network -> (its tools, its sandbox)
         self._failed_starts = 0
         self._started = False
         self._workers: list[Worker] = []
-        self._calls: dict[str, _Call] = {}     # open calls, bound or queued
+        self._calls: dict[str, _Call] = {}  # open calls, bound or queued
         self._queue: deque[str] = deque()
         self._dropped: set[str] = set()
         self._finalizer: weakref.finalize | None = None
@@ -113,13 +113,18 @@ class WorkerPool:
             raise RuntimeError("the worker pool was already started")
         self._profiles = self._make_profiles()
         # the tools' modules load once, in the forkserver: a worker (one per call) only forks
-        modules = {type(t).__module__ for t in self._tools} | {getattr(t, "fn", len).__module__ for t in self._tools}
+        modules = {type(t).__module__ for t in self._tools} | {
+            getattr(t, "fn", len).__module__ for t in self._tools
+        }
         procs.open_pool(sorted({"conveyor.tools.worker_main"} | modules - {"__main__", "builtins"}))
         self._recycler = procs.Recycler()
-        self._finalizer = weakref.finalize(self, procs.shutdown, self._workers, self._recycler)   # also at exit
+        self._finalizer = weakref.finalize(
+            self, procs.shutdown, self._workers, self._recycler
+        )  # also at exit
         try:
-            self._workers.extend(self._spawn(network) for network in self._profiles
-                                 for _ in range(self.config.num_workers))
+            self._workers.extend(
+                self._spawn(network) for network in self._profiles for _ in range(self.config.num_workers)
+            )
             deadline = time.perf_counter() + READY_TIMEOUT_S
             while not all(w.ready for w in self._workers):
                 if time.perf_counter() >= deadline:
@@ -134,17 +139,24 @@ class WorkerPool:
     def _make_profiles(self) -> dict[bool, tuple[bytes, Policy]]:
         """The tools and sandbox of each kind of worker: without network, and with it if needed."""
         config = self.config
-        limits = Limits(config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice,
-                        config.max_processes)
+        limits = Limits(
+            config.cpu_time_s, config.memory_mb, config.file_size_mb, config.worker_nice, config.max_processes
+        )
         extra = [procs.package_root(type(t).__module__) for t in self._tools]
         extra += [path for t in self._tools for path in t.read_paths]
-        hidden = [str(cache_root()), os.path.expanduser("~/.ssh"), mp_util.get_temp_dir()]   # + the forkserver's socket
+        hidden = [
+            str(cache_root()),
+            os.path.expanduser("~/.ssh"),
+            mp_util.get_temp_dir(),
+        ]  # + the forkserver's socket
         view = default_view(extra, hidden, config.memory_mb)
         profiles = {}
         for network in sorted({bool(t.network) for t in self._tools} or {False}):
             tools = [t for t in self._tools if bool(t.network) == network]
-            profiles[network] = (wm.pickle_tools(tools), Policy(limits, view, config.sandbox_uid, network,
-                                                                zygote.outer_pid_namespaces()))
+            profiles[network] = (
+                wm.pickle_tools(tools),
+                Policy(limits, view, config.sandbox_uid, network, zygote.outer_pid_namespaces()),
+            )
         return profiles
 
     def _check_isolation(self) -> None:
@@ -152,10 +164,14 @@ class WorkerPool:
         missing = self.report.missing_required()
         needy = [t.name for t in self._tools if t.requires_isolation]
         if missing and needy and not self.config.unsafe_tools:
-            raise RuntimeError(f"tool {needy[0]!r} needs an isolated sandbox, and this machine cannot provide "
-                               f"it: missing {'; '.join(missing)}. Pass --unsafe-tools to run it anyway")
+            raise RuntimeError(
+                f"tool {needy[0]!r} needs an isolated sandbox, and this machine cannot provide "
+                f"it: missing {'; '.join(missing)}. Pass --unsafe-tools to run it anyway"
+            )
         if self.report.missing:
-            log.warning("tool workers run without: %s", "; ".join(f"{k} ({v})" for k, v in self.report.missing))
+            log.warning(
+                "tool workers run without: %s", "; ".join(f"{k} ({v})" for k, v in self.report.missing)
+            )
 
     def close(self) -> None:
         """Stop all workers (killing those that do not exit promptly). Idempotent."""
@@ -310,20 +326,20 @@ class WorkerPool:
         """Wait up to wait_s for replies, zygotes' call processes or exits (of `workers`,
         default all), and handle them."""
         self._adopt()
-        owners: dict[Any, tuple[Worker, bool] | None] = {self._recycler.wake_fd: None}   # None: a replacement
+        owners: dict[Any, tuple[Worker, bool] | None] = {self._recycler.wake_fd: None}  # None: a replacement
         for w in self._workers if workers is None else workers:
             owners[w.process.sentinel] = (w, False)
             if w.conn is not None:
                 owners[w.conn] = (w, False)
             if w.control is not None:
-                owners[w.control] = (w, True)              # True: from its zygote
+                owners[w.control] = (w, True)  # True: from its zygote
         for ready in wait(list(owners), wait_s):
             if (entry := owners[ready]) is None:
                 self._adopt()
                 continue
             worker, from_zygote = entry
             if worker not in self._workers:
-                continue                                   # replaced already (conn and sentinel both ready)
+                continue  # replaced already (conn and sentinel both ready)
             broken = ""
             try:
                 if from_zygote:
@@ -334,16 +350,20 @@ class WorkerPool:
                 broken = "died"
             except ValueError:
                 broken = "sent a malformed message"
-            if worker in self._workers and (broken or not worker.process.is_alive()):   # not retired
-                worker.process.join(0.1 if not broken else 0.0)           # its exit status, if it has one
-                self._replace(worker, results, f"RuntimeError: the tool's worker process {broken or 'died'} "
-                                               f"({procs.exit_text(worker.process)})")
+            if worker in self._workers and (broken or not worker.process.is_alive()):  # not retired
+                worker.process.join(0.1 if not broken else 0.0)  # its exit status, if it has one
+                self._replace(
+                    worker,
+                    results,
+                    f"RuntimeError: the tool's worker process {broken or 'died'} "
+                    f"({procs.exit_text(worker.process)})",
+                )
 
     def _take_replies(self, worker: Worker, results: list[ToolResult]) -> None:
         conn = worker.conn
-        for _ in range(MAX_REPLIES):           # a flooding worker cannot hold the engine here
+        for _ in range(MAX_REPLIES):  # a flooding worker cannot hold the engine here
             if worker not in self._workers or worker.conn is not conn or conn is None or not conn.poll():
-                return                         # retired, reset, or turned into a zygote
+                return  # retired, reset, or turned into a zygote
             self._on_message(worker, replies.decode(conn.recv_bytes(replies.MAX_REPLY_BYTES)), results)
 
     def _on_message(self, worker: Worker, msg: Any, results: list[ToolResult]) -> None:
@@ -353,21 +373,25 @@ class WorkerPool:
                 worker.running = True
             case wm.Idle():
                 worker.running = False
-            case wm.Ready(report=report) if not worker.ready and worker.control is None:   # before any tool code
+            case wm.Ready(report=report) if (
+                not worker.ready and worker.control is None
+            ):  # before any tool code
                 worker.temp_root, self.report = report.temp_root, report
                 self._failed_starts = 0
                 if report.isolated:
-                    procs.become_zygote(worker)    # ready once its first call process is there
+                    procs.become_zygote(worker)  # ready once its first call process is there
                 else:
                     worker.ready = True
             case wm.Failed(error=error) if not self._started:
                 raise RuntimeError(f"a tool worker failed to start: {error}")
-            case wm.Failed(error=error):       # a replacement: it exits, and is replaced (`_replace`)
+            case wm.Failed(error=error):  # a replacement: it exits, and is replaced (`_replace`)
                 log.error("a tool worker failed to start: %s", error)
-            case wm.Done(result=result, refusals=refusals) if result.call_id == worker.call_id and not worker.cancelling:
+            case wm.Done(result=result, refusals=refusals) if (
+                result.call_id == worker.call_id and not worker.cancelling
+            ):
                 call = self._calls.pop(result.call_id)
                 if not call.finished:
-                    self._dropped.add(result.call_id)      # rejected: later messages are dropped
+                    self._dropped.add(result.call_id)  # rejected: later messages are dropped
                 self.num_refusals += refusals
                 results.append(result)
                 self._retire(worker)
@@ -377,21 +401,30 @@ class WorkerPool:
     def _enforce_deadlines(self, results: list[ToolResult]) -> None:
         now = time.perf_counter()
         for worker in [w for w in self._workers if w.deadline <= now]:
-            self._replace(worker, results, f"TimeoutError: the call did not finish within "
-                                           f"{self.config.call_timeout_s:g} s; its worker was stopped")
+            self._replace(
+                worker,
+                results,
+                f"TimeoutError: the call did not finish within "
+                f"{self.config.call_timeout_s:g} s; its worker was stopped",
+            )
 
     def _replace(self, worker: Worker, results: list[ToolResult], error: str) -> None:
         """Kill the worker, start its replacement, and give its call (if any) an error result."""
         if not worker.ready:
             self._failed_starts += 1
             if not self._started or self._failed_starts >= MAX_FAILED_STARTS:
-                raise RuntimeError(f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})")
+                raise RuntimeError(
+                    f"a tool worker exited before it was ready ({procs.exit_text(worker.process)})"
+                )
         call = self._calls.pop(worker.call_id, None) if worker.call_id and not worker.cancelling else None
         if call is not None:
             if not call.finished:
                 self._dropped.add(call.info.call_id)
-            results.append(ToolResult(call.info.call_id, call.info.name, error, is_error=True,
-                                      done_at=time.perf_counter()))
+            results.append(
+                ToolResult(
+                    call.info.call_id, call.info.name, error, is_error=True, done_at=time.perf_counter()
+                )
+            )
         self._workers.remove(worker)
         self._recycler.submit(worker, *self._profiles[worker.network])
         self.num_restarts += 1

@@ -21,6 +21,7 @@ must be in a PID namespace other than the server's and the host init's (their na
 inodes come from the pool in the worker's `Policy`, read in the server's process), not its
 namespace's init, and a child of that init. Anything else ends the worker instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +34,12 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-NEXT = b"N"             # pool -> zygote: the call is over; reset and fork the next call process
-FORKED = b"F"           # zygote -> pool, with the next call process's pipe attached
-RESET_TIMEOUT_S = 2.0   # the other processes of the namespace are gone within this, or the worker ends
+NEXT = b"N"  # pool -> zygote: the call is over; reset and fork the next call process
+FORKED = b"F"  # zygote -> pool, with the next call process's pipe attached
+RESET_TIMEOUT_S = 2.0  # the other processes of the namespace are gone within this, or the worker ends
 _IPC_RMID = 0
 _libc = ctypes.CDLL(None, use_errno=True)
-_kill = os.kill         # the one way `_kill_others` signals (tests replace it with a recorder)
+_kill = os.kill  # the one way `_kill_others` signals (tests replace it with a recorder)
 
 
 class Unconfined(RuntimeError):
@@ -87,8 +88,9 @@ def _kill_others(outer: tuple[int, ...]) -> None:
         _kill(-1, signal.SIGKILL)
 
 
-def run(control: socket.socket, serve_call: Callable[[Connection], None], temp_root: str,
-        outer: tuple[int, ...]) -> None:
+def run(
+    control: socket.socket, serve_call: Callable[[Connection], None], temp_root: str, outer: tuple[int, ...]
+) -> None:
     """The zygote's loop: fork a call process and hand its pipe over; on NEXT reset and repeat.
     Returns when the pool is gone or the worker cannot be reset (the worker then ends)."""
     if confined(outer):
@@ -106,7 +108,7 @@ def run(control: socket.socket, serve_call: Callable[[Connection], None], temp_r
 def _fork_call(control: socket.socket, serve_call: Callable[[Connection], None]) -> None:
     ours, theirs = socket.socketpair()
     pid = os.fork()
-    if pid == 0:                       # the call process: it holds nothing but its own pipe
+    if pid == 0:  # the call process: it holds nothing but its own pipe
         try:
             control.close()
             ours.close()
@@ -117,7 +119,7 @@ def _fork_call(control: socket.socket, serve_call: Callable[[Connection], None])
     try:
         socket.send_fds(control, [FORKED], [ours.fileno()])
     except OSError:
-        pass                           # the pool is gone: the next recv says so
+        pass  # the pool is gone: the next recv says so
     ours.close()
 
 
@@ -138,7 +140,7 @@ def reset(temp_root: str, outer: tuple[int, ...]) -> bool:
             break
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.0002)             # SIGKILLed processes leave within the kernel's exit path
+        time.sleep(0.0002)  # SIGKILLed processes leave within the kernel's exit path
     try:
         for directory in (temp_root, "/dev/shm"):
             _empty(directory)
@@ -174,8 +176,11 @@ def _empty(directory: str) -> None:
 def _remove_sysv_ipc() -> None:
     """Remove the SysV shared memory segments, semaphore sets and message queues of this
     worker's IPC namespace (what /proc/sysvipc lists there)."""
-    removers = {"shm": lambda i: _libc.shmctl(i, _IPC_RMID, None), "sem": lambda i: _libc.semctl(i, 0, _IPC_RMID),
-                "msg": lambda i: _libc.msgctl(i, _IPC_RMID, None)}
+    removers = {
+        "shm": lambda i: _libc.shmctl(i, _IPC_RMID, None),
+        "sem": lambda i: _libc.semctl(i, 0, _IPC_RMID),
+        "msg": lambda i: _libc.msgctl(i, _IPC_RMID, None),
+    }
     for kind, remove in removers.items():
         with open(f"/proc/sysvipc/{kind}") as f:
             ids = [int(line.split()[1]) for line in f.readlines()[1:] if line.strip()]

@@ -1,6 +1,7 @@
 """A tiny OpenAI-compatible streamer on loopback, scripted per request: text chunks, slow
 tokens, a stream dropped midway, an error status. It records each request's body and
 whether the client went away before the stream was over."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,15 @@ from conveyor.bench.service import SseWriter
 class Reply:
     chunks: tuple[str, ...] = ("ok",)
     finish_reason: str = "stop"
-    delay_s: float = 0.0                 # before each chunk: slow tokens
-    drop_after: int | None = None        # close the connection after this many chunks
+    delay_s: float = 0.0  # before each chunk: slow tokens
+    drop_after: int | None = None  # close the connection after this many chunks
     status: int = 200
     error: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
 
 
 def chunks_of(text: str, size: int = 3) -> tuple[str, ...]:
-    return tuple(text[i:i + size] for i in range(0, len(text), size))
+    return tuple(text[i : i + size] for i in range(0, len(text), size))
 
 
 class FakeEngine:
@@ -35,7 +36,7 @@ class FakeEngine:
         self.script: list[Reply] = []
         self.bodies: list[dict[str, Any]] = []
         self.disconnected = threading.Event()
-        self.num_sent = 0                   # chunks of the last reply written
+        self.num_sent = 0  # chunks of the last reply written
         self.stop = threading.Event()
         self.connections: set[socket.socket] = set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -104,7 +105,9 @@ def _handler(fake: FakeEngine) -> type[BaseHTTPRequestHandler]:
                 self._event({"choices": [{"index": 0, "text": text, "finish_reason": None}]})
                 fake.num_sent += 1
             usage = reply.usage or {"prompt_tokens": 10, "completion_tokens": len(reply.chunks)}
-            self._event({"choices": [{"index": 0, "text": "", "finish_reason": reply.finish_reason}], "usage": usage})
+            self._event(
+                {"choices": [{"index": 0, "text": "", "finish_reason": reply.finish_reason}], "usage": usage}
+            )
             self._write(b"data: [DONE]\n\n")
             self._write(b"")
 

@@ -10,6 +10,7 @@ native bf16 instructions (prefill 35 tok/s in BF16 on one AVX2 core here).
 
 Metadata (tokenizer, chat template, hyper-parameters) is copied; F32/F16/BF16 tensors are kept
 as they are. The target is written beside itself under a temporary name, then renamed."""
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,11 @@ def convert(source: Path, target: Path, dtype: str = "bf16") -> None:
     try:
         for f in reader.fields.values():
             if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
-                continue                      # written by GGUFWriter itself
+                continue  # written by GGUFWriter itself
             if f.name == gguf.Keys.General.FILE_TYPE:
-                writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16)
+                writer.add_file_type(
+                    gguf.LlamaFileType.MOSTLY_BF16 if dtype == "bf16" else gguf.LlamaFileType.MOSTLY_F16
+                )
                 continue
             sub_type = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub_type)

@@ -3,6 +3,7 @@ loopback port, in a child process; ready once /health answers 200 (polled agains
 
 By hand, for `--backend` runs: `python -m tests.backends.llamacpp [MODEL.gguf] [THREADS]`
 prints the URL and serves until interrupted."""
+
 from __future__ import annotations
 
 import sys
@@ -28,14 +29,16 @@ def smollm2_gguf() -> Path:
 @contextmanager
 def llama_server(model: Path | None = None, num_threads: int = 1, deadline_s: float = 120.0) -> Iterator[str]:
     """Yields the server's base URL (2 slots of 2,048 tokens); the child process is stopped on exit."""
-    with llamacpp_peer.llama_server(model or smollm2_gguf(), num_threads, 2, ctx_per_slot=2048,
-                                    deadline_s=deadline_s) as (url, _pid):
+    with llamacpp_peer.llama_server(
+        model or smollm2_gguf(), num_threads, 2, ctx_per_slot=2048, deadline_s=deadline_s
+    ) as (url, _pid):
         yield url
 
 
 if __name__ == "__main__":
-    with llama_server(Path(sys.argv[1]) if len(sys.argv) > 1 else None,
-                      int(sys.argv[2]) if len(sys.argv) > 2 else 1) as base_url:
+    with llama_server(
+        Path(sys.argv[1]) if len(sys.argv) > 1 else None, int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    ) as base_url:
         print(base_url, flush=True)
         try:
             threading.Event().wait()

@@ -1,4 +1,5 @@
 """The remote forms of the tool-call constraint (backends/constraints.py), as plain data."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,17 @@ def test_llama_cpp_named_choice_is_a_json_schema_after_a_forced_call_start() -> 
 
 def test_llama_cpp_auto_is_a_lazy_grammar_of_the_tools_calls() -> None:
     form = remote_form("llama.cpp", SPECS, "auto")
-    assert form.fields["grammar_lazy"] is True and form.fields["grammar_triggers"] == [{"type": 1, "value": "<tool_call>"}]
+    assert form.fields["grammar_lazy"] is True and form.fields["grammar_triggers"] == [
+        {"type": 1, "value": "<tool_call>"}
+    ]
     grammar = form.fields["grammar"]
-    assert grammar.startswith('root ::= "<tool_call>\\n{"') and '( "\\"search\\"" | "\\"fetch\\"" )' in grammar
-    assert grammar.split("\n")[0].endswith('"}" "\\n</tool_call>"') and (form.opening, form.closing) == ("", "")
+    assert (
+        grammar.startswith('root ::= "<tool_call>\\n{"') and '( "\\"search\\"" | "\\"fetch\\"" )' in grammar
+    )
+    assert grammar.split("\n")[0].endswith('"}" "\\n</tool_call>"') and (form.opening, form.closing) == (
+        "",
+        "",
+    )
 
 
 def test_vllm_gets_the_embedded_structural_tag_for_every_choice() -> None:

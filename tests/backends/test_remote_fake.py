@@ -1,5 +1,6 @@
 """RemoteEngine against our own scripted streamer on loopback: tool rounds, continuation
 prompts, partial-vs-lazy equivalence, early close on rejection and abort, and fault cases."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ def config(model_dir, url: str, tools: tuple[str, ...] = TOOLS[:3], **backend) -
     engines of single tests serve none."""
     tools = ToolConfig(tools=tools, constrained=False, num_workers=2, call_timeout_s=10)
     backend = {"max_retries": 2, "retry_backoff_s": 0.01, "read_timeout_s": 5.0, **backend}
-    return EngineConfig(model=ModelConfig(model=str(model_dir)), tools=tools,
-                        backend=BackendConfig(backend=url, **backend))
+    return EngineConfig(
+        model=ModelConfig(model=str(model_dir)), tools=tools, backend=BackendConfig(backend=url, **backend)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,29 @@ def test_open_engine_picks_the_remote_backend(engine) -> None:
 
 
 def test_plain_streaming_sends_the_rendered_prompt(engine, fake) -> None:
-    fake.reset(Reply(chunks_of("Hello there."), usage={"prompt_tokens": 12, "completion_tokens": 4,
-                                                      "prompt_tokens_details": {"cached_tokens": 8}}))
+    fake.reset(
+        Reply(
+            chunks_of("Hello there."),
+            usage={
+                "prompt_tokens": 12,
+                "completion_tokens": 4,
+                "prompt_tokens_details": {"cached_tokens": 8},
+            },
+        )
+    )
     outputs = run(engine)
     assert text_of(outputs) == "Hello there."
     last = outputs[-1]
-    assert (last.finished, last.finish_reason, last.num_output_tokens, last.num_cached_tokens) == (True, "stop", 4, 8)
+    assert (last.finished, last.finish_reason, last.num_output_tokens, last.num_cached_tokens) == (
+        True,
+        "stop",
+        4,
+        8,
+    )
     body = fake.bodies[0]
-    assert body["prompt"] == engine.encode(QUESTION) and body["stream"] is True and body["model"] == "fake-model"
+    assert (
+        body["prompt"] == engine.encode(QUESTION) and body["stream"] is True and body["model"] == "fake-model"
+    )
     assert body["max_tokens"] == 100 and "json_schema" not in body
 
 
@@ -89,10 +106,10 @@ def test_partial_and_lazy_give_the_same_conversation(engine, fake) -> None:
 
 def test_a_rejected_field_closes_the_remote_stream_at_once(engine, fake) -> None:
     bad = '<tool_call>\n{"name": "form", "arguments": {"email": "nope", "age": 3'
-    chunks = chunks_of(bad) + tuple(" 1" for _ in range(300))      # 9 s of slow tokens after the bad field
+    chunks = chunks_of(bad) + tuple(" 1" for _ in range(300))  # 9 s of slow tokens after the bad field
     fake.reset(Reply(chunks, delay_s=0.03), Reply(chunks_of("Sorry.")))
     outputs = run(engine, tools=["form"])
-    assert fake.disconnected.wait(5.0)                  # the streamer saw the client go mid-stream
+    assert fake.disconnected.wait(5.0)  # the streamer saw the client go mid-stream
     assert fake.num_sent < len(chunks)
     assert "not an email address" in results_of(outputs)[0]
     assert text_of(outputs).endswith("Sorry.") and outputs[-1].finish_reason == "stop"
@@ -115,7 +132,7 @@ def test_an_error_status_is_a_clear_error_and_no_tool_runs(engine, fake) -> None
     outputs = run(engine, tools=["lookup"])
     assert outputs[-1].finish_reason == "error" and "400" in outputs[-1].error
     assert "max_tokens is too large" in outputs[-1].error
-    assert results_of(outputs) == [] and len(fake.bodies) == 1          # a 400 is not retried
+    assert results_of(outputs) == [] and len(fake.bodies) == 1  # a 400 is not retried
     assert not engine.driver.sessions
 
 
@@ -137,13 +154,15 @@ def test_a_dropped_stream_is_not_retried_and_runs_no_external_tool(engine, fake)
 
 def test_slow_tokens_past_the_read_timeout_end_in_an_error(model_dir, fake) -> None:
     fake.reset(Reply(("a", "b"), delay_s=1.0))
-    with RemoteEngine(config(model_dir, fake.url, (), read_timeout_s=0.2, max_retries=0), progress=False) as engine:
+    with RemoteEngine(
+        config(model_dir, fake.url, (), read_timeout_s=0.2, max_retries=0), progress=False
+    ) as engine:
         outputs = run(engine)
     assert outputs[-1].finish_reason == "error" and "timed out" in outputs[-1].error
 
 
 def test_an_unreachable_engine_is_a_clear_error_at_start(model_dir, fake) -> None:
-    with socket.socket() as s:          # a port that was free a moment ago and has no listener
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(BackendError, match="unreachable"):
@@ -164,7 +183,9 @@ def test_bad_requests_raise_before_anything_is_sent(engine, fake) -> None:
     with pytest.raises(ValueError, match="unknown tools"):
         engine.add_request(QUESTION, tools=["nope"])
     with pytest.raises(ValueError, match="not among"):
-        engine.add_request(QUESTION, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "x"}})
+        engine.add_request(
+            QUESTION, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "x"}}
+        )
     assert fake.bodies == [] and not engine.has_unfinished and not engine.driver.sessions
 
 
@@ -172,14 +193,20 @@ def test_a_named_tool_choice_becomes_a_json_schema_and_later_turns_a_lazy_gramma
     args = '{"name": "lookup", "arguments": {"key": "k1"}}'
     fake.reset(Reply(chunks_of(args)), Reply(chunks_of("ok")))
     tools = ToolConfig(tools=TOOLS[:3], constrained=True, num_workers=1, call_timeout_s=10)
-    with RemoteEngine(dataclasses.replace(config(model_dir, fake.url), tools=tools), progress=False) as engine:
-        outputs = run(engine, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "lookup"}})
+    with RemoteEngine(
+        dataclasses.replace(config(model_dir, fake.url), tools=tools), progress=False
+    ) as engine:
+        outputs = run(
+            engine, tools=["lookup"], tool_choice={"type": "function", "function": {"name": "lookup"}}
+        )
     first, second = fake.bodies
     assert first["prompt"].endswith("<tool_call>\n")
     assert first["json_schema"]["anyOf"][0]["properties"]["name"] == {"const": "lookup"}
     # the call is closed as the model writes it, so the continuation reads as a whole call
     assert text_of(outputs) == "<tool_call>\n" + args + "\n</tool_call>" + "ok"
-    assert args + "\n</tool_call><|im_end|>\n" in second["prompt"] and second["prompt"].count("<tool_call>") == 1
+    assert (
+        args + "\n</tool_call><|im_end|>\n" in second["prompt"] and second["prompt"].count("<tool_call>") == 1
+    )
     assert second["grammar_lazy"] is True and second["grammar_triggers"][0]["value"] == "<tool_call>"
     assert results_of(outputs) == ["value-of-k1"]
 

@@ -1,6 +1,7 @@
 """RemoteEngine against a real llama.cpp server (xllamacpp) serving SmolLM2-135M on loopback:
 streaming, a constrained tool round whose continuation hits the server's prefix cache,
 partial-vs-lazy equivalence, and abort stopping the server's decoding."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,11 @@ def server():
 @pytest.fixture(scope="module")
 def engine(server):
     tools = ToolConfig(tools=("tests.engine.test_tools:lookup",), num_workers=1, call_timeout_s=20)
-    config = EngineConfig(model=ModelConfig(model="smollm2-135m"), tools=tools,
-                          backend=BackendConfig(backend=server, read_timeout_s=60))
+    config = EngineConfig(
+        model=ModelConfig(model="smollm2-135m"),
+        tools=tools,
+        backend=BackendConfig(backend=server, read_timeout_s=60),
+    )
     with RemoteEngine(config, progress=False) as engine:
         yield engine
 
@@ -45,7 +49,7 @@ def run(engine, **options):
 def test_a_plain_request_streams_text(engine) -> None:
     outputs = run(engine)
     assert "".join(o.new_text for o in outputs).strip()
-    assert len(outputs) > 2                                  # streamed, not one blob
+    assert len(outputs) > 2  # streamed, not one blob
     last = outputs[-1]
     assert last.finished and last.finish_reason in ("stop", "length") and last.num_output_tokens > 0
 
@@ -61,14 +65,17 @@ def test_a_named_call_runs_and_the_continuation_reuses_the_prefix_cache(engine) 
     cached = second["prompt_tokens_details"]["cached_tokens"]
     # the whole first prompt and (almost) all of the model's own output came from the cache
     assert cached >= first["prompt_tokens"] + first["completion_tokens"] - 2
-    assert second["prompt_tokens"] - cached < 40             # only the tool-result turn is prefilled
+    assert second["prompt_tokens"] - cached < 40  # only the tool-result turn is prefilled
 
 
 def test_partial_and_lazy_give_the_same_conversation(engine) -> None:
     runs = {}
     for mode in ("partial", "lazy"):
         outputs = run(engine, tools=["lookup"], tool_choice=NAMED, tool_mode=mode)
-        runs[mode] = ("".join(o.new_text for o in outputs), [r.content for o in outputs for r in o.tool_results])
+        runs[mode] = (
+            "".join(o.new_text for o in outputs),
+            [r.content for o in outputs for r in o.tool_results],
+        )
     assert runs["partial"] == runs["lazy"] and runs["partial"][1]
 
 
@@ -76,17 +83,24 @@ def test_abort_stops_the_server_decoding(engine, server) -> None:
     rid = engine.add_request(QUESTION, {"max_tokens": 2000, "ignore_eos": True})
     while engine.has_unfinished and not any(out.new_text for out in engine.step()):
         pass
-    assert engine.abort(rid) is not None                     # still decoding when aborted
+    assert engine.abort(rid) is not None  # still decoding when aborted
     deadline = time.monotonic() + 10
     while _processing(server) and time.monotonic() < deadline:
-        time.sleep(0.05)        # polling the server's gauge
+        time.sleep(0.05)  # polling the server's gauge
     assert _processing(server) == 0
 
 
 def _processing(url: str) -> int:
     metrics = httpx.get(f"{url}/metrics", timeout=5).text
-    return int(float(next(line.split()[1] for line in metrics.splitlines()
-                          if line.startswith("llamacpp:requests_processing"))))
+    return int(
+        float(
+            next(
+                line.split()[1]
+                for line in metrics.splitlines()
+                if line.startswith("llamacpp:requests_processing")
+            )
+        )
+    )
 
 
 def test_an_auto_turn_is_free_text_until_a_call_starts_then_follows_the_lazy_grammar(engine) -> None:

@@ -1,5 +1,6 @@
 """`conveyor serve --backend URL` end to end: the HTTP server opens a RemoteEngine through
 open_engine and streams the remote engine's text back in OpenAI chunks."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ def test_a_chat_completion_streams_from_the_remote_engine(served) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     with httpx.stream("POST", f"{thread.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
-        chunks = [json.loads(line[5:]) for line in response.iter_lines()
-                  if line.startswith("data:") and line.strip() != "data: [DONE]"]
+        chunks = [
+            json.loads(line[5:])
+            for line in response.iter_lines()
+            if line.startswith("data:") and line.strip() != "data: [DONE]"
+        ]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
     assert text == "Hello from afar."
     assert [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1] == "stop"

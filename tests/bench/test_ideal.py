@@ -1,4 +1,5 @@
 """The ideal-reduction arithmetic on hand-made timelines."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,9 +17,9 @@ from conveyor.bench.workloads.timing import (
 def test_one_call_saves_the_shorter_of_tool_time_and_decode_after_its_first_event():
     # decode ends at 5 s; the call's first field came at 3 s; lazily its tool ran 5 -> 6 s
     short_tool = TurnTiming(5.0, (CallTiming(3.0, 5.0, 6.0),))
-    assert ideal_saving_s(short_tool) == pytest.approx(1.0)     # all of the tool hides behind decoding
+    assert ideal_saving_s(short_tool) == pytest.approx(1.0)  # all of the tool hides behind decoding
     long_tool = TurnTiming(5.0, (CallTiming(3.0, 5.0, 9.0),))
-    assert ideal_saving_s(long_tool) == pytest.approx(2.0)      # only the 2 s of decode after the field
+    assert ideal_saving_s(long_tool) == pytest.approx(2.0)  # only the 2 s of decode after the field
 
 
 def test_calls_started_lazily_before_the_turn_ended_save_only_what_is_left():

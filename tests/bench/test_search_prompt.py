@@ -1,4 +1,5 @@
 """The search case's worked exchange is a well-formed call of the tool the case offers."""
+
 from __future__ import annotations
 
 from conveyor.bench.workloads.search import SHOT

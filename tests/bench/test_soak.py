@@ -1,6 +1,7 @@
 """`conveyor bench soak`: a few seconds of it end to end on a tiny random model (in a
 subprocess: the soak makes itself a child subreaper, which must not leak into pytest), and
 its verdicts, metric parsing and fault tool in-process."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,41 @@ process_cpu_seconds_total 1.0
 
 def test_a_short_soak_on_a_tiny_model_passes_its_verdicts(tmp_path, tiny_qwen2):
     out = tmp_path / "soak.json"
-    cmd = [sys.executable, "-m", "conveyor.cli", "bench", "soak", "--model", str(tiny_qwen2), "--json", str(out),
-           "--duration-s", "8", "--sample-s", "0.5", "--concurrency", "3", "--max-tokens", "64", "256",
-           "--abort-share", "0.5", "--long-prompt-words", "400", "--call-timeout-s", "2", "--idle-timeout-s", "20",
-           "--max-rss-growth-mb", "200", "--serve-args=--dtype float32 --num-blocks 128 --block-size 4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "conveyor.cli",
+        "bench",
+        "soak",
+        "--model",
+        str(tiny_qwen2),
+        "--json",
+        str(out),
+        "--duration-s",
+        "8",
+        "--sample-s",
+        "0.5",
+        "--concurrency",
+        "3",
+        "--max-tokens",
+        "64",
+        "256",
+        "--abort-share",
+        "0.5",
+        "--long-prompt-words",
+        "400",
+        "--call-timeout-s",
+        "2",
+        "--idle-timeout-s",
+        "20",
+        "--max-rss-growth-mb",
+        "200",
+        "--serve-args=--dtype float32 --num-blocks 128 --block-size 4",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.exists(), done.stderr[-3000:]
     result = json.loads(out.read_text())
     failed = [c for c in result["verdicts"] if c["pass"] is False]
@@ -47,7 +77,9 @@ def test_a_short_soak_on_a_tiny_model_passes_its_verdicts(tmp_path, tiny_qwen2):
     assert {"KV blocks used at idle", "orphan processes after stop", "HTTP 5xx"} <= names
     assert result["end"]["sample"]["kv_blocks_used"] == 0 and result["orphans"] == []
     assert result["requests"]["outcomes"]["ok"] > 0 and result["requests"]["outcomes"].get("rejected", 0) >= 0
-    assert len(result["samples"]) >= 5 and {"rss_mb", "num_fds", "num_descendants"} <= set(result["samples"][0])
+    assert len(result["samples"]) >= 5 and {"rss_mb", "num_fds", "num_descendants"} <= set(
+        result["samples"][0]
+    )
     assert result["machine"]["cpu_model"] and result["command"].startswith("conveyor bench soak")
     assert "| verdict |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
 
@@ -58,31 +90,57 @@ def test_metrics_keep_every_conveyor_sample_but_buckets_and_timestamps():
     assert m["conveyor_tool_workers_busy"] == 2
     assert not any(k.endswith(("_created", "_bucket")) or k.startswith("process_") for k in m)
     assert not soak_report.is_idle(m)
-    assert soak_report.is_idle({**m, "conveyor_kv_blocks_used": 0, "conveyor_requests_running": 0,
-                                "conveyor_tool_workers_busy": 0})
+    assert soak_report.is_idle(
+        {**m, "conveyor_kv_blocks_used": 0, "conveyor_requests_running": 0, "conveyor_tool_workers_busy": 0}
+    )
 
 
 def _args(**over) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_soak_flags(parser)
-    return parser.parse_args([]) if not over else argparse.Namespace(**{**vars(parser.parse_args([])), **over})
+    return (
+        parser.parse_args([]) if not over else argparse.Namespace(**{**vars(parser.parse_args([])), **over})
+    )
 
 
 def _sample(t: float, rss: float, fds: int = 20, blocks: float = 0.0, busy: float | None = None) -> dict:
-    return {"t_s": t, "rss_mb": rss, "num_fds": fds, "num_threads": 9, "num_descendants": 4,
-            "descendants_rss_mb": 90.0, "kv_blocks_used": blocks, "requests_running": 0.0,
-            "requests_awaiting_tools": 0.0, "busy_workers": busy, "worker_restarts": None}
+    return {
+        "t_s": t,
+        "rss_mb": rss,
+        "num_fds": fds,
+        "num_threads": 9,
+        "num_descendants": 4,
+        "descendants_rss_mb": 90.0,
+        "kv_blocks_used": blocks,
+        "requests_running": 0.0,
+        "requests_awaiting_tools": 0.0,
+        "busy_workers": busy,
+        "worker_restarts": None,
+    }
 
 
 def _run(samples: list[dict], end: dict, **over) -> dict:
     outcomes = Outcomes()
     outcomes.add(Outcome("server_tool:fault", "ok", "stop", [("fault", "fault:raise injected")]))
-    return {"samples": samples, "end": {"idle": True, "idle_after_s": 0.1, "sample": end, "metrics": {},
-                                        "healthy": True},
-            "load_s": 10.0, "num_sent": 1, "clients_stopped": True, "outcomes": outcomes.report(),
-            "server_alive": True, "exit_code": 0, "stop_s": 1.0, "stop_limit_s": 60.0, "orphans": [],
-            "log_tail": "", "server_log_tracebacks": 0, "subreaper": True, "started_at": "now",
-            "server_command": ["serve"], **over}
+    return {
+        "samples": samples,
+        "end": {"idle": True, "idle_after_s": 0.1, "sample": end, "metrics": {}, "healthy": True},
+        "load_s": 10.0,
+        "num_sent": 1,
+        "clients_stopped": True,
+        "outcomes": outcomes.report(),
+        "server_alive": True,
+        "exit_code": 0,
+        "stop_s": 1.0,
+        "stop_limit_s": 60.0,
+        "orphans": [],
+        "log_tail": "",
+        "server_log_tracebacks": 0,
+        "subreaper": True,
+        "started_at": "now",
+        "server_command": ["serve"],
+        **over,
+    }
 
 
 def _failed(result: dict) -> set[str]:
@@ -93,15 +151,26 @@ def test_verdicts_catch_leaked_blocks_growth_orphans_and_5xx():
     flat = [_sample(t, 1000 + (t % 2)) for t in range(40)]
     assert _failed(soak_report.build(_args(), _run(flat, _sample(40, 1000)))) == set()
     growing = [_sample(t, 1000 + 5 * t, fds=20 + t) for t in range(40)]
-    result = soak_report.build(_args(), _run(growing, _sample(40, 1200, blocks=2, busy=1),
-                                             orphans=[{"pid": 1, "cmdline": "x"}], exit_code=None))
-    assert _failed(result) == {"KV blocks used at idle", "busy workers at idle", "orphan processes after stop",
-                               "server exit after SIGTERM", "server RSS growth, last quarter - first (MB)",
-                               "server open FD growth, last quarter - first"}
+    result = soak_report.build(
+        _args(),
+        _run(
+            growing, _sample(40, 1200, blocks=2, busy=1), orphans=[{"pid": 1, "cmdline": "x"}], exit_code=None
+        ),
+    )
+    assert _failed(result) == {
+        "KV blocks used at idle",
+        "busy workers at idle",
+        "orphan processes after stop",
+        "server exit after SIGTERM",
+        "server RSS growth, last quarter - first (MB)",
+        "server open FD growth, last quarter - first",
+    }
     assert not result["pass"] and result["growth"]["rss_mb"]["slope_per_h"] == pytest.approx(5 * 3600)
     errors = Outcomes()
     errors.add(Outcome("chat", "5xx", detail="HTTP 500"))
-    assert "HTTP 5xx" in _failed(soak_report.build(_args(), _run(flat, _sample(40, 1000), outcomes=errors.report())))
+    assert "HTTP 5xx" in _failed(
+        soak_report.build(_args(), _run(flat, _sample(40, 1000), outcomes=errors.report()))
+    )
 
 
 def test_busy_workers_are_not_judged_on_a_server_without_the_metric():
@@ -113,8 +182,10 @@ def test_busy_workers_are_not_judged_on_a_server_without_the_metric():
 
 def test_tool_results_are_classified_by_injected_fault():
     assert classify_result("fault", "fault:large xxxx") == "fault:large"
-    assert classify_result("fault", "TimeoutError: the call did not finish within 2 s; its worker was stopped") \
+    assert (
+        classify_result("fault", "TimeoutError: the call did not finish within 2 s; its worker was stopped")
         == "fault:timeout"
+    )
     died = "RuntimeError: the tool's worker process died (exit code 17)"
     assert classify_result("fault", died) == "fault:worker-died"
     assert classify_result("python", "NameError: name 'x' is not defined") == "python:error"
@@ -157,5 +228,9 @@ def test_a_server_that_died_under_load_fails_the_soak():
     run = _run(samples, samples[-1], server_alive=False, exit_code=-9)
     run["end"] = end_of_dead_server(samples[-1])
     failed = _failed(soak_report.build(_args(), run))
-    assert {"server alive through the load", "/health after the load", "server idle after the load (s)",
-            "server exit after SIGTERM"} <= failed
+    assert {
+        "server alive through the load",
+        "/health after the load",
+        "server idle after the load (s)",
+        "server exit after SIGTERM",
+    } <= failed

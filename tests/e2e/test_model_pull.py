@@ -1,4 +1,5 @@
 """Convert the real SmolLM2 GGUF into a fresh cache and load it with transformers."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,10 +44,11 @@ def test_loads_with_transformers(converted: tuple[Path, Path]) -> None:
     assert type(model).__name__ == "LlamaForCausalLM"
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
 
 
 def test_second_call_is_fast(converted: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

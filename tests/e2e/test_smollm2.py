@@ -1,4 +1,5 @@
 """The small real model (SmolLM2-135M) end to end: exact against transformers, and chat."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conveyor.engine.model.loader import resolve_model
 from conveyor.core.request import SamplingParams
+from conveyor.engine.model.loader import resolve_model
 from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
 
@@ -26,8 +27,11 @@ def test_first_32_greedy_tokens_match_transformers_fp32(smollm2: Path) -> None:
 
 def test_chat_streams_an_answer(smollm2: Path) -> None:
     engine = make_engine(smollm2, num_blocks=128, block_size=16, budget=256)
-    outs = list(engine.stream([{"role": "user", "content": "What is the capital of France?"}],
-                              SamplingParams(max_tokens=40)))
+    outs = list(
+        engine.stream(
+            [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=40)
+        )
+    )
     text = "".join(o.new_text for o in outs)
     assert "Paris" in text and "<|im_end|>" not in text
     assert outs[-1].finished and outs[-1].finish_reason == "stop"

@@ -1,4 +1,5 @@
 """Building engines and Hugging Face references over the same weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,28 +14,52 @@ from conveyor.config import (
     SchedulerConfig,
     ToolConfig,
 )
-from conveyor.engine.engine import LLMEngine
-from conveyor.core.step_plan import Chunk, SchedulerOutput
 from conveyor.core.request import Request, SamplingParams
+from conveyor.core.step_plan import Chunk, SchedulerOutput
+from conveyor.engine.engine import LLMEngine
 
 
-def make_engine(model_dir: Path, *, dtype: str = "float32", num_blocks: int = 64, block_size: int = 4,
-                budget: int = 16, max_seqs: int = 8, prefix_caching: bool = True,
-                tools: ToolConfig = ToolConfig(), linear_kernel: str = "auto", device: str = "cpu",
-                weights: str = "auto", quant_kernel: str = "auto") -> LLMEngine:
+def make_engine(
+    model_dir: Path,
+    *,
+    dtype: str = "float32",
+    num_blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 16,
+    max_seqs: int = 8,
+    prefix_caching: bool = True,
+    tools: ToolConfig = ToolConfig(),
+    linear_kernel: str = "auto",
+    device: str = "cpu",
+    weights: str = "auto",
+    quant_kernel: str = "auto",
+) -> LLMEngine:
     config = EngineConfig(
-        model=ModelConfig(model=str(model_dir), dtype=dtype, linear_kernel=linear_kernel, device=device,
-                          weights=weights, quant_kernel=quant_kernel),
+        model=ModelConfig(
+            model=str(model_dir),
+            dtype=dtype,
+            linear_kernel=linear_kernel,
+            device=device,
+            weights=weights,
+            quant_kernel=quant_kernel,
+        ),
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget), tools=tools)
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),
+        tools=tools,
+    )
     return LLMEngine(config, progress=False)
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], max_new_tokens: int, dtype=torch.float32) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def assert_all_blocks_free(engine: LLMEngine) -> None:

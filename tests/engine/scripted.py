@@ -1,4 +1,5 @@
 """Scripted turns: tiny random models "write" tool calls by a constraint that forces tokens."""
+
 from __future__ import annotations
 
 from conveyor.bench.workloads.paced import Replay

@@ -1,5 +1,6 @@
 """Constrained tool calls through the engine on a tiny random model: whatever the weights,
 the reply parses as calls of known tools with schema-valid arguments."""
+
 from __future__ import annotations
 
 import jsonschema
@@ -13,17 +14,33 @@ from tests.engine.helpers import assert_all_blocks_free, make_engine
 # bounded by `pattern`, not `maxLength`: xgrammar 0.2.8 lets raw control characters into
 # maxLength strings (invalid JSON); patterns and plain strings exclude them
 SCHEMAS = {
-    "search": {"type": "object", "properties": {
-        "query": {"type": "string", "pattern": "^[a-z ]{1,10}$"}, "k": {"type": "integer", "minimum": 1, "maximum": 5}},
-        "required": ["query"], "additionalProperties": False},
-    "calculator": {"type": "object", "properties": {"expression": {"type": "string", "pattern": "^[0-9+*/() -]{1,12}$"}},
-                   "required": ["expression"], "additionalProperties": False},
+    "search": {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "pattern": "^[a-z ]{1,10}$"},
+            "k": {"type": "integer", "minimum": 1, "maximum": 5},
+        },
+        "required": ["query"],
+        "additionalProperties": False,
+    },
+    "calculator": {
+        "type": "object",
+        "properties": {"expression": {"type": "string", "pattern": "^[0-9+*/() -]{1,12}$"}},
+        "required": ["expression"],
+        "additionalProperties": False,
+    },
 }
-TOOLS = [{"type": "function", "function": {"name": name, "description": name, "parameters": schema}}
-         for name, schema in SCHEMAS.items()]
-PROMPTS = [[{"role": "user", "content": "What is 17 * 23?"}], [{"role": "user", "content": "Find cat facts."}]]
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": name, "parameters": schema}}
+    for name, schema in SCHEMAS.items()
+]
+PROMPTS = [
+    [{"role": "user", "content": "What is 17 * 23?"}],
+    [{"role": "user", "content": "Find cat facts."}],
+]
 SAMPLINGS = [SamplingParams(max_tokens=400)] + [
-    SamplingParams(max_tokens=400, temperature=0.8, top_p=0.95, seed=seed) for seed in (1, 2, 3)]
+    SamplingParams(max_tokens=400, temperature=0.8, top_p=0.95, seed=seed) for seed in (1, 2, 3)
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +50,9 @@ def engine(tiny_qwen2):
 
 @pytest.fixture(scope="module")
 def grammar(engine) -> ToolGrammar:
-    return ToolGrammar(engine.tokenizer, engine.runner.args.vocab_size, engine.eos_token_ids, max_whitespace=2)
+    return ToolGrammar(
+        engine.tokenizer, engine.runner.args.vocab_size, engine.eos_token_ids, max_whitespace=2
+    )
 
 
 def calls(text: str) -> list[tuple[str, dict | str]]:

@@ -1,12 +1,13 @@
 """Greedy output equals transformers on the same weights; batching and paging change nothing."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conveyor.config import LINEAR_KERNELS
-from conveyor.engine.model.paths import why_not
 from conveyor.core.request import SamplingParams
+from conveyor.engine.model.paths import why_not
 from tests.engine.helpers import assert_all_blocks_free, hf_greedy, make_engine, prompt_logits
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], list(range(10, 47)), [5], list(range(100, 117))]
@@ -28,7 +29,7 @@ def test_batched_paged_equals_one_at_a_time(tiny_qwen2) -> None:
     for p in PROMPTS:
         engine = make_engine(tiny_qwen2, budget=512, block_size=16)
         alone.append(engine.generate([p], GREEDY)[0].output_token_ids)
-    engine = make_engine(tiny_qwen2, budget=8, block_size=4)   # chunked prefill mixed with decodes
+    engine = make_engine(tiny_qwen2, budget=8, block_size=4)  # chunked prefill mixed with decodes
     together = [r.output_token_ids for r in engine.generate(PROMPTS, GREEDY)]
     assert together == alone
 
@@ -44,7 +45,7 @@ def test_preemption_recomputes_to_the_same_tokens(tiny_llama) -> None:
 
 def assert_continues_like_fresh(model_dir, request, num_before_pause: int, appended: list[int]) -> None:
     """The tokens sampled after a pause equal greedy decoding of the whole history from scratch."""
-    history = request.token_ids[:len(request.prompt_token_ids) + num_before_pause] + appended
+    history = request.token_ids[: len(request.prompt_token_ids) + num_before_pause] + appended
     params = SamplingParams(max_tokens=request.params.max_tokens - num_before_pause, ignore_eos=True)
     expected = make_engine(model_dir, budget=64).generate([history], params)[0].output_token_ids
     assert request.output_token_ids[num_before_pause:] == expected
@@ -62,7 +63,7 @@ def test_pause_resume_continues_like_a_fresh_prefill(tiny_qwen2) -> None:
     before = request.num_computed_total
     engine.resume(rid, appended)
     engine.step()
-    assert request.num_computed_total - before == len(appended) + 1   # last sampled token + appended
+    assert request.num_computed_total - before == len(appended) + 1  # last sampled token + appended
     while not request.finished:
         engine.step()
     assert_continues_like_fresh(tiny_qwen2, request, 5, appended)
@@ -74,7 +75,7 @@ def test_prefix_cache_skips_shared_prompt(tiny_llama) -> None:
     first = engine.generate([list(range(40))], SamplingParams(max_tokens=2, ignore_eos=True))[0]
     second = engine.generate([list(range(40)) + [7, 8]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
     assert first.num_computed_total == 41
-    assert second.num_computed_total == 3       # 40 tokens adopted from cache: 2 prompt tokens + 1 decode
+    assert second.num_computed_total == 3  # 40 tokens adopted from cache: 2 prompt tokens + 1 decode
     assert_all_blocks_free(engine)
 
 
@@ -90,7 +91,7 @@ def test_bf16_logits_close_to_transformers(tiny_llama, kernel: str) -> None:
         pytest.skip(reason)
     prompt = list(range(20, 60))
     engine = make_engine(tiny_llama, dtype="bfloat16", budget=64, linear_kernel=kernel)
-    if kernel != "auto":     # forced: every shape and bucket runs it
+    if kernel != "auto":  # forced: every shape and bucket runs it
         assert {c["path"] for b in engine.runner.linear_choices.values() for c in b.values()} == {kernel}
     ours = prompt_logits(engine, prompt)
     refs = {}
@@ -113,8 +114,9 @@ def test_resume_after_kv_was_reclaimed_continues_exactly(tiny_llama) -> None:
     while len(request.output_token_ids) < 3:
         engine.step()
     engine.pause_for_tool(rid)
-    other = engine.get_request(engine.add_request(list(range(100, 136)), SamplingParams(max_tokens=2,
-                                                                                        ignore_eos=True)))
+    other = engine.get_request(
+        engine.add_request(list(range(100, 136)), SamplingParams(max_tokens=2, ignore_eos=True))
+    )
     while not other.finished:
         engine.step()
     assert request.block_table == [] and request.num_preemptions == 1

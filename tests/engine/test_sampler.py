@@ -1,5 +1,6 @@
 """The sampler's constrained path: a grammar is asked first and the mask is built only when it
 refuses, which must give exactly what masking first gives (greedy) or the same distribution."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -11,7 +12,7 @@ from conveyor.core.request import SamplingParams
 from conveyor.engine.sampler import Sampler
 
 VOCAB = 40
-LOGITS = torch.linspace(-2.0, 2.0, VOCAB)          # token 39 is the unmasked favourite
+LOGITS = torch.linspace(-2.0, 2.0, VOCAB)  # token 39 is the unmasked favourite
 
 
 class AllowSet:
@@ -21,8 +22,10 @@ class AllowSet:
         self.allowed, self.taken = allowed, []
         if fast:
             self.try_accept = self._try_accept
-        if top:       # a masked argmax that finds the best allowed of the 16 highest logits, or gives up
-            self.masked_argmax = lambda row: next((t for t in row.topk(16).indices.tolist() if t in self.allowed), None)
+        if top:  # a masked argmax that finds the best allowed of the 16 highest logits, or gives up
+            self.masked_argmax = lambda row: next(
+                (t for t in row.topk(16).indices.tolist() if t in self.allowed), None
+            )
 
     active = True
 
@@ -61,7 +64,7 @@ def test_a_refused_greedy_row_takes_the_constraints_masked_argmax_without_a_mask
     constraint = AllowSet(allowed, top=True)
     assert sample(sampler, SamplingParams(), constraint) == max(allowed) == constraint.taken[0]
     stats = sampler.constraint_stats
-    assert (stats.num_refused, stats.num_masked) == (1, num_masked)   # 16 candidates: tokens 39..24
+    assert (stats.num_refused, stats.num_masked) == (1, num_masked)  # 16 candidates: tokens 39..24
 
 
 def test_a_refused_sampling_row_is_masked_even_when_top_logits_are_offered() -> None:
@@ -73,21 +76,23 @@ def test_a_refused_sampling_row_is_masked_even_when_top_logits_are_offered() -> 
         constraint.masked_argmax = lambda row: pytest.fail("a sampling row took the greedy shortcut")
         assert sample(sampler, SamplingParams(temperature=1.0, seed=1), constraint, position) in allowed
     stats = sampler.constraint_stats
-    assert 0 < stats.num_refused == stats.num_masked      # every refused draw was masked and drawn again
+    assert 0 < stats.num_refused == stats.num_masked  # every refused draw was masked and drawn again
 
 
 def test_temperature_draws_follow_the_masked_distribution() -> None:
     sampler = Sampler(torch.device("cpu"))
     allowed = {20, 30, 36, 39}
-    draws = Counter(sample(sampler, SamplingParams(temperature=1.0, seed=7), AllowSet(allowed), position)
-                    for position in range(3000))
+    draws = Counter(
+        sample(sampler, SamplingParams(temperature=1.0, seed=7), AllowSet(allowed), position)
+        for position in range(3000)
+    )
     probs = torch.softmax(LOGITS, -1)
     masked = {t: float(probs[t] / probs[list(allowed)].sum()) for t in allowed}
     assert set(draws) <= allowed
-    for token, p in masked.items():                  # 3000 draws: 4 sigma is at most 0.037
+    for token, p in masked.items():  # 3000 draws: 4 sigma is at most 0.037
         assert abs(draws[token] / 3000 - p) < 0.04, (token, draws[token] / 3000, p)
     stats = sampler.constraint_stats
-    assert 0 < stats.num_masked < stats.num_tokens == 3000   # both paths were taken
+    assert 0 < stats.num_masked < stats.num_tokens == 3000  # both paths were taken
 
 
 def test_seeded_draws_repeat() -> None:
@@ -97,9 +102,14 @@ def test_seeded_draws_repeat() -> None:
     assert first == again
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=5)])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0, top_k=5)]
+)
 def test_cuts_and_constraints_without_try_accept_always_mask(params) -> None:
-    for constraint, sampling in ((AllowSet({39, 38}), params), (AllowSet({39, 38}, fast=False), SamplingParams())):
+    for constraint, sampling in (
+        (AllowSet({39, 38}), params),
+        (AllowSet({39, 38}, fast=False), SamplingParams()),
+    ):
         sampler = Sampler(torch.device("cpu"))
         token = sample(sampler, sampling, constraint)
         assert token in {38, 39} and constraint.taken == [token]

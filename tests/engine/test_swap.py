@@ -1,13 +1,14 @@
 """Intercept policies on a real (tiny) model: swapped KV is bit-identical, and a request whose KV
 was swapped, discarded or turned into a new request continues exactly like an undisturbed one."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conveyor.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from conveyor.engine.engine import LLMEngine
 from conveyor.core.request import Request, SamplingParams
+from conveyor.engine.engine import LLMEngine
 from tests.engine.helpers import assert_all_blocks_free
 
 PROMPT = list(range(1, 23))
@@ -18,8 +19,11 @@ APPENDED = [50, 51, 52, 53, 54]
 def make(model_dir, policy: str, num_blocks: int = 64, prefix_caching: bool = False) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(model=str(model_dir), dtype="float32"),
-        cache=CacheConfig(num_blocks=num_blocks, block_size=4, num_host_blocks=32, prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, intercept=policy))
+        cache=CacheConfig(
+            num_blocks=num_blocks, block_size=4, num_host_blocks=32, prefix_caching=prefix_caching
+        ),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=8, intercept=policy),
+    )
     return LLMEngine(config, progress=False)
 
 
@@ -47,7 +51,9 @@ def undisturbed(tiny_llama) -> list[int]:
 
 
 @pytest.mark.parametrize("policy, kv_left", [("swap", "host"), ("discard", "none"), ("new-request", "none")])
-def test_policy_continues_exactly_like_an_undisturbed_request(tiny_llama, undisturbed, policy, kv_left) -> None:
+def test_policy_continues_exactly_like_an_undisturbed_request(
+    tiny_llama, undisturbed, policy, kv_left
+) -> None:
     def check(request) -> None:
         assert request.block_table == []
         assert bool(request.host_block_table) == (kv_left == "host")
@@ -62,7 +68,7 @@ def test_new_request_continuation_prefills_what_the_prefix_cache_lost(tiny_llama
     before_pause, after = len(PROMPT) + 3, PARAMS.max_tokens - 4 - 1
     for policy in ("new-request", "discard"):
         cached = run_with_pause(make(tiny_llama, policy, prefix_caching=True))
-        assert cached.num_computed_total == before_pause + 7 + after, policy    # 24 tokens from the cache
+        assert cached.num_computed_total == before_pause + 7 + after, policy  # 24 tokens from the cache
     uncached = run_with_pause(make(tiny_llama, "new-request"))
     assert uncached.num_computed_total == before_pause + len(PROMPT) + 4 + len(APPENDED) + after
 
@@ -77,12 +83,12 @@ def test_swap_out_then_in_gives_bit_identical_kv(tiny_llama) -> None:
     kv, host = engine.runner.kv, engine.runner.host_kv
     n = request.num_computed_tokens
     before = kv[:, :, request.block_table].flatten(2, 3)[:, :, :n].clone()
-    engine.step()                                              # swapped out
+    engine.step()  # swapped out
     assert request.block_table == []
     assert torch.equal(host[:, :, request.host_block_table].flatten(2, 3)[:, :, :n], before)
-    kv.fill_(float("nan"))                                     # whatever the device pool holds now
+    kv.fill_(float("nan"))  # whatever the device pool holds now
     engine.resume(rid, APPENDED)
-    engine.step()                                              # swapped in, then the appended tokens run
+    engine.step()  # swapped in, then the appended tokens run
     assert request.host_block_table == []
     assert torch.equal(kv[:, :, request.block_table].flatten(2, 3)[:, :, :n], before)
     engine.abort(rid)
@@ -105,5 +111,5 @@ def test_preempting_running_requests_by_swap_keeps_their_greedy_output(tiny_llam
         return [r.output_token_ids for r in requests], sum(r.num_preemptions for r in requests)
 
     roomy, tight = outputs(64), outputs(16)
-    assert roomy[1] == 0 and tight[1] > 0                  # the tight pool did preempt
+    assert roomy[1] == 0 and tight[1] > 0  # the tight pool did preempt
     assert tight[0] == roomy[0]

@@ -3,10 +3,10 @@
 The model "writes" a call (forced tokens); the engine runs it in a worker, keeps the
 request's KV while it waits, appends the tool-result turn and continues.
 """
+
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import pytest
@@ -48,12 +48,16 @@ class Form(Tool):
 @tool
 def send_mail(to: str) -> str:
     """Send an e-mail (an external side effect)."""
-    Path("sent.txt").write_text(to)     # inside the worker's private temp dir
+    Path("sent.txt").write_text(to)  # inside the worker's private temp dir
     return f"sent to {to}"
 
 
-TOOLS = ("tests.engine.test_tools:lookup", "tests.engine.test_tools:Form", "tests.engine.test_tools:send_mail",
-         "python")
+TOOLS = (
+    "tests.engine.test_tools:lookup",
+    "tests.engine.test_tools:Form",
+    "tests.engine.test_tools:send_mail",
+    "python",
+)
 CALL = '<tool_call>\n{"name": "lookup", "arguments": {"key": "k1", "times": 2}}\n</tool_call>'
 QUESTION = [{"role": "user", "content": "What is k1?"}]
 
@@ -68,8 +72,12 @@ def engine(tmp_path_factory):
 
 def run(engine, turns: list[str], **kwargs):
     """Run one request whose turns are scripted (free greedy decoding after the last); returns its outputs."""
-    rid = engine.add_request(QUESTION, {"max_tokens": 500}, **kwargs,
-                             constraint=lambda n: script(engine, turns[n]) if n < len(turns) else None)
+    rid = engine.add_request(
+        QUESTION,
+        {"max_tokens": 500},
+        **kwargs,
+        constraint=lambda n: script(engine, turns[n]) if n < len(turns) else None,
+    )
     return drain(engine, rid)
 
 
@@ -100,14 +108,18 @@ def test_the_kv_is_kept_while_the_tool_runs(engine) -> None:
     while engine.has_unfinished:
         for out in engine.step():
             if request.state is RequestState.AWAITING_TOOL and not resumed:
-                computed, num_tokens, blocks = request.num_computed_total, request.num_tokens, list(request.block_table)
+                computed, num_tokens, blocks = (
+                    request.num_computed_total,
+                    request.num_tokens,
+                    list(request.block_table),
+                )
                 assert blocks
             resumed = resumed or bool(out.tool_results)
-            if resumed and out.new_token_ids:   # the first token after the tool-result turn
+            if resumed and out.new_token_ids:  # the first token after the tool-result turn
                 appended = request.num_tokens - 1 - num_tokens
                 # only the appended turn and the stop token that ended the model's turn were prefilled
                 assert request.num_computed_total == computed + appended + 1
-                assert request.block_table[:len(blocks)] == blocks
+                assert request.block_table[: len(blocks)] == blocks
                 engine.abort(rid)
     assert resumed
     assert_all_blocks_free(engine)
@@ -122,8 +134,8 @@ def test_python_fence_lines_run_and_results_come_back(engine) -> None:
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs two torch threads to give one up")
 def test_a_running_tool_gets_a_core_while_decoding_goes_on(engine, monkeypatch) -> None:
     pool, deadline = engine.driver.executor.pool, time.perf_counter() + 30
-    while pool.num_idle < engine.config.tools.num_workers:   # each worker serves one call: the
-        assert time.perf_counter() < deadline                 # replacements of the last test's start
+    while pool.num_idle < engine.config.tools.num_workers:  # each worker serves one call: the
+        assert time.perf_counter() < deadline  # replacements of the last test's start
         pool.poll(0.05)
     threads, execute = [], engine.runner.execute
 
@@ -134,23 +146,31 @@ def test_a_running_tool_gets_a_core_while_decoding_goes_on(engine, monkeypatch) 
     monkeypatch.setattr(engine.runner, "execute", execute_and_record)
     outputs: list = []
     code = "```python\nimport time\ntime.sleep(1.0)\nx = 1\n```"
-    rid = engine.add_request(QUESTION, {"max_tokens": 50}, tools=["python"],
-                             constraint=lambda n: script(engine, [code, "Done."][n]) if n < 2 else None)
+    rid = engine.add_request(
+        QUESTION,
+        {"max_tokens": 50},
+        tools=["python"],
+        constraint=lambda n: script(engine, [code, "Done."][n]) if n < 2 else None,
+    )
     while engine.has_unfinished:
         outputs += [o for o in engine.step() if o.request_id == rid]
     full = engine.runner.num_threads
-    assert (full - 1, False) in threads                  # decoded on with the sleep running
-    assert (full, True) in threads                       # and all threads back after it
+    assert (full - 1, False) in threads  # decoded on with the sleep running
+    assert (full, True) in threads  # and all threads back after it
     assert torch.get_num_threads() == full
 
 
 def test_a_rejected_field_cuts_the_turn_off(engine) -> None:
-    tail = "1" * 300     # a worker answers in far fewer steps than this
-    bad = '<tool_call>\n{"name": "form", "arguments": {"email": "nope", "age": 3, "x": ' + tail + "}}\n</tool_call>"
+    tail = "1" * 300  # a worker answers in far fewer steps than this
+    bad = (
+        '<tool_call>\n{"name": "form", "arguments": {"email": "nope", "age": 3, "x": '
+        + tail
+        + "}}\n</tool_call>"
+    )
     outputs = run(engine, [bad, "Sorry."], tools=["form"])
     results = [r for o in outputs for r in o.tool_results]
     assert len(results) == 1 and results[0].rejected and "not an email" in results[0].content
-    assert tail not in text_of(outputs)      # decoding stopped before the rest of the call
+    assert tail not in text_of(outputs)  # decoding stopped before the rest of the call
     assert outputs[-1].finish_reason == "stop"
     assert_all_blocks_free(engine)
 
@@ -158,14 +178,19 @@ def test_a_rejected_field_cuts_the_turn_off(engine) -> None:
 def test_external_tool_never_runs_on_length_or_abort(engine) -> None:
     call = '<tool_call>\n{"name": "send_mail", "arguments": {"to": "a@b.c"}}\n</tool_call>'
     num_call_tokens = len(engine.tokenizer.encode(call))
-    rid = engine.add_request(QUESTION, {"max_tokens": num_call_tokens + 3}, tools=["send_mail"],
-                             constraint=script(engine, call + "x" * 20))   # complete call, then out of tokens
+    rid = engine.add_request(
+        QUESTION,
+        {"max_tokens": num_call_tokens + 3},
+        tools=["send_mail"],
+        constraint=script(engine, call + "x" * 20),
+    )  # complete call, then out of tokens
     outputs = []
     while engine.has_unfinished:
         outputs += engine.step()
     assert outputs[-1].finish_reason == "length"
-    rid = engine.add_request(QUESTION, {"max_tokens": 100}, tools=["send_mail"],
-                             constraint=script(engine, call + "x" * 20))
+    rid = engine.add_request(
+        QUESTION, {"max_tokens": 100}, tools=["send_mail"], constraint=script(engine, call + "x" * 20)
+    )
     while len(engine.get_request(rid).output_token_ids) < num_call_tokens + 3:
         outputs += engine.step()
     outputs.append(engine.abort(rid))

@@ -1,5 +1,6 @@
 """What the hostile python call of `test_hostile_code_http.py` runs inside its tool worker
 (imported there, so that the scripted call fits the tiny model's context)."""
+
 from __future__ import annotations
 
 import glob
@@ -12,7 +13,7 @@ from collections.abc import Callable
 def _attempt(action: Callable[[], object]) -> str:
     try:
         return repr(action())[:80]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the probe reports any refusal
         return "refused " + type(e).__name__
 
 

@@ -1,4 +1,5 @@
 """A tiny MCP server over stdio for the tests: `python tests/server/mcp_server.py`."""
+
 from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer

@@ -1,4 +1,5 @@
 """CallStream's policy, without a server: whose call is it, and what is no call at all."""
+
 from __future__ import annotations
 
 from conveyor.server.calls import CallStream, merge

@@ -1,4 +1,5 @@
 """Chat and completions through the official openai client against a live server."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +10,18 @@ import pytest
 
 from tests.server.conftest import API_KEY
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-                   "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +45,16 @@ def test_streaming_matches_non_streaming(client):
     full = client.chat.completions.create(model="tiny", messages=ask("hello"), max_tokens=12, temperature=0)
     reason = full.choices[0].finish_reason
     assert reason == "length" or (reason == "stop" and full.usage.completion_tokens <= 12)
-    chunks = list(client.chat.completions.create(model="tiny", messages=ask("hello"), max_tokens=12,
-                                                 temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=ask("hello"),
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
@@ -56,27 +72,40 @@ def test_completions(client):
 def test_tiny_top_p_is_the_most_likely_token(client):
     greedy = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0)
     tiny = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=1, top_p=1e-300)
-    assert tiny.choices[0].text == greedy.choices[0].text      # 1e-300 is 0 in float32: once a 500
+    assert tiny.choices[0].text == greedy.choices[0].text  # 1e-300 is 0 in float32: once a 500
 
 
 def test_client_tool_streamed_then_follow_up_hits_prefix_cache(client):
     messages = ask("script:weather")
-    chunks = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], stream=True))
-    entries = [e for c in chunks if c.choices and c.choices[0].delta.tool_calls for e in c.choices[0].delta.tool_calls]
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], stream=True)
+    )
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls
+        for e in c.choices[0].delta.tool_calls
+    ]
     assert entries[0].index == 0 and entries[0].id and entries[0].function.name == "get_weather"
     assert all(e.id is None and e.function.name is None for e in entries[1:])
-    assert len(entries) > 2                                  # arguments came in fragments
+    assert len(entries) > 2  # arguments came in fragments
     arguments = "".join(e.function.arguments or "" for e in entries)
     assert json.loads(arguments) == {"city": "Paris", "unit": "c"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    call = {"id": entries[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
-    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call]},
-                         {"role": "tool", "tool_call_id": entries[0].id, "content": "22C"}]
+    call = {
+        "id": entries[0].id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments},
+    }
+    follow = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": entries[0].id, "content": "22C"},
+    ]
     out = client.chat.completions.create(model="tiny", messages=follow, tools=[WEATHER])
     assert out.choices[0].message.content == "It is 22C in Paris."
     assert out.choices[0].finish_reason == "stop"
-    assert out.usage.prompt_tokens_details.cached_tokens >= 24   # the first request's prompt blocks
+    assert out.usage.prompt_tokens_details.cached_tokens >= 24  # the first request's prompt blocks
 
 
 def test_client_tools_non_streaming_and_parallel_flag(client):
@@ -84,8 +113,9 @@ def test_client_tools_non_streaming_and_parallel_flag(client):
     calls = out.choices[0].message.tool_calls
     assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Rome", "Oslo"]
     assert out.choices[0].finish_reason == "tool_calls" and len({c.id for c in calls}) == 2
-    one = client.chat.completions.create(model="tiny", messages=ask("script:two-calls"), tools=[WEATHER],
-                                         parallel_tool_calls=False)
+    one = client.chat.completions.create(
+        model="tiny", messages=ask("script:two-calls"), tools=[WEATHER], parallel_tool_calls=False
+    )
     assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
     assert one.choices[0].finish_reason == "tool_calls"
 
@@ -115,8 +145,9 @@ def test_mcp_tool_round_trip(client):
 
 def test_64_concurrent_streams(live):
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str]:
-        stream = await client.chat.completions.create(model="tiny", messages=ask(f"hi {i}"), max_tokens=6,
-                                                      temperature=0, stream=True)
+        stream = await client.chat.completions.create(
+            model="tiny", messages=ask(f"hi {i}"), max_tokens=6, temperature=0, stream=True
+        )
         text, reason = "", None
         async for c in stream:
             if c.choices:

@@ -4,6 +4,7 @@ Exceptions of any type raised while admitting a request fail that request alone;
 that raises fails the requests it ran; an engine thread that dies answers every waiting
 request at once, turns /health to 503, refuses new requests and makes `serve` exit non-zero.
 """
+
 from __future__ import annotations
 
 import threading
@@ -41,9 +42,11 @@ class FaultyEngine:
 
     def add_request(self, prompt, params=None, *, request_id: str, **options) -> str:
         text = prompt[-1]["content"]
-        faults = {"type-error": TypeError("unhashable type: 'dict'"),
-                  "recursion": RecursionError("maximum recursion depth exceeded"),
-                  "zero": ZeroDivisionError("division by zero")}
+        faults = {
+            "type-error": TypeError("unhashable type: 'dict'"),
+            "recursion": RecursionError("maximum recursion depth exceeded"),
+            "zero": ZeroDivisionError("division by zero"),
+        }
         if text in faults:
             raise faults[text]
         self.doomed = text == "die"
@@ -76,8 +79,12 @@ def _config():
 def faulty():
     fatal = threading.Event()
     engine = FaultyEngine()
-    app = build_app(_config(), ServerConfig(served_model_name="m"), lambda: (EngineClient(engine), {}, "hermes"),
-                    on_fatal=fatal.set)
+    app = build_app(
+        _config(),
+        ServerConfig(served_model_name="m"),
+        lambda: (EngineClient(engine), {}, "hermes"),
+        on_fatal=fatal.set,
+    )
     server = ServerThread(app).start()
     try:
         yield server, fatal
@@ -91,8 +98,9 @@ def send(server, text: str) -> httpx.Response:
     return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=TIMEOUT_S)
 
 
-@pytest.mark.parametrize(("fault", "status"), [("type-error", 400), ("recursion", 400), ("zero", 500),
-                                               ("bad-step", 500)])
+@pytest.mark.parametrize(
+    ("fault", "status"), [("type-error", 400), ("recursion", 400), ("zero", 500), ("bad-step", 500)]
+)
 def test_a_fault_fails_its_request_alone(faulty, fault, status):
     server, fatal = faulty
     r = send(server, fault)
@@ -104,7 +112,7 @@ def test_a_fault_fails_its_request_alone(faulty, fault, status):
 
 def test_engine_thread_death_fails_health_and_refuses_requests(faulty):
     server, fatal = faulty
-    r = send(server, "die")                     # in flight when the thread dies: answered, not hung
+    r = send(server, "die")  # in flight when the thread dies: answered, not hung
     assert r.status_code == 500 and "killed" in r.json()["error"]["message"]
     assert fatal.wait(TIMEOUT_S)
     health = httpx.get(server.url + "/health")
@@ -117,9 +125,10 @@ def test_serve_exits_non_zero_when_the_engine_thread_dies(monkeypatch):
     from conveyor.server import serve as serve_module
 
     engine = FaultyEngine()
-    engine.doomed = True                        # dies on its first look at the queue
-    monkeypatch.setattr(serve_module, "engine_loader",
-                        lambda config, server: lambda: (EngineClient(engine), {}, "hermes"))
+    engine.doomed = True  # dies on its first look at the queue
+    monkeypatch.setattr(
+        serve_module, "engine_loader", lambda config, server: lambda: (EngineClient(engine), {}, "hermes")
+    )
     outcome: list[BaseException] = []
 
     def run() -> None:
@@ -152,13 +161,16 @@ class SlowPreparing(FaultyEngine):
 
 def test_preparation_is_time_bounded_and_off_the_engine_thread():
     engine = SlowPreparing()
-    app = build_app(_config(), ServerConfig(served_model_name="m"),
-                    lambda: (EngineClient(engine, prepare_timeout_s=0.5), {}, "hermes"))
+    app = build_app(
+        _config(),
+        ServerConfig(served_model_name="m"),
+        lambda: (EngineClient(engine, prepare_timeout_s=0.5), {}, "hermes"),
+    )
     with ServerThread(app) as server:
         try:
             r = send(server, "hang")
             assert r.status_code == 400 and "longer than 0.5 s" in r.json()["error"]["message"]
-            assert send(server, "hello").status_code == 200     # neither the engine nor the pool is stuck
+            assert send(server, "hello").status_code == 200  # neither the engine nor the pool is stuck
         finally:
             engine.release.set()
 

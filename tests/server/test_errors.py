@@ -1,4 +1,5 @@
 """Auth, OpenAI-shaped errors, the pending bound, loading, and disconnects mid-stream."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,14 +32,17 @@ def test_auth(live):
     assert httpx.post(live[0].url + "/v1/chat/completions", json={}).status_code == 401
 
 
-@pytest.mark.parametrize(("kwargs", "status"), [
-    ({"temperature": 5}, 400),
-    ({"n": 2}, 400),
-    ({"messages": []}, 400),
-    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400),
-    ({"messages": ask("x" * 5000)}, 400),            # longer than the model's 512 positions
-    ({"model": "gpt-4"}, 404),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"temperature": 5}, 400),
+        ({"n": 2}, 400),
+        ({"messages": []}, 400),
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400),
+        ({"messages": ask("x" * 5000)}, 400),  # longer than the model's 512 positions
+        ({"model": "gpt-4"}, 404),
+    ],
+)
 def test_errors_have_openai_shape(live, client, kwargs, status):
     args = {"model": "tiny", "messages": ask("hi"), "max_tokens": 4, **kwargs}
     with pytest.raises(openai.APIStatusError) as e:
@@ -56,10 +60,14 @@ def test_queue_full_is_429(live, client):
     state.config = dataclasses.replace(config, max_pending=1)
     body = {"model": "tiny", "messages": ask("script:slow"), "stream": True}
     try:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-            lines = r.iter_lines()          # kept open: dropping the iterator closes the connection
-            next(lines)                     # accepted: one request in flight
+        with httpx.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as r:
+            lines = r.iter_lines()  # kept open: dropping the iterator closes the connection
+            next(lines)  # accepted: one request in flight
             with pytest.raises(openai.RateLimitError) as e:
                 client.chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=2)
             assert e.value.body["code"] == "queue_full"
@@ -97,7 +105,6 @@ def _config():
     return EngineConfig(model=ModelConfig(model="unused"))
 
 
-
 def test_disconnect_mid_stream_aborts_and_frees(live):
     server, engine = live
     body = {"model": "tiny", "messages": ask("script:slow"), "stream": True}
@@ -105,7 +112,7 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r:
         for line in r.iter_lines():
             if '"name": "slow"' in line:
-                break                                   # the call is out; its tool is running
+                break  # the call is out; its tool is running
     pool = engine.driver.executor.pool
     assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
     assert wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)

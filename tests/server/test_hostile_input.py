@@ -5,6 +5,7 @@ get a 4xx in OpenAI's error shape that names the parameter at fault, or be handl
 afterwards the server must still answer a normal request and hold no KV blocks. No case may
 give a 5xx, wedge the engine thread or leave a request in flight.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,11 @@ def tool(parameters: dict, name: str = "deep") -> dict:
 
 def with_call(arguments: str) -> list[dict]:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
-    return [*ask("x"), {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
-
+    return [
+        *ask("x"),
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
 
 
 def assert_still_serves(hostile) -> None:
@@ -71,33 +74,79 @@ def assert_still_serves(hostile) -> None:
 CASES = {
     # (body, status, param the error must name, words the message must contain)
     "surrogate in content": (chat(messages=ask("a\ud800b")), 400, "messages.0.content", "surrogate"),
-    "surrogate in a key": (chat(messages=[{"role": "user", "content": "x", "\udfff": 1}]), 400, "messages.0",
-                           "surrogate"),
-    "surrogate in a schema": (chat(tools=[tool({"type": "object", "description": "\ud800"})]), 400,
-                              "tools.0.function.parameters.description", "surrogate"),
-    "escaped surrogate in arguments": (chat(messages=with_call('{"a": "\\ud800"}')), 400,
-                                       "messages.1.tool_calls.0.function.arguments", "surrogate"),
+    "surrogate in a key": (
+        chat(messages=[{"role": "user", "content": "x", "\udfff": 1}]),
+        400,
+        "messages.0",
+        "surrogate",
+    ),
+    "surrogate in a schema": (
+        chat(tools=[tool({"type": "object", "description": "\ud800"})]),
+        400,
+        "tools.0.function.parameters.description",
+        "surrogate",
+    ),
+    "escaped surrogate in arguments": (
+        chat(messages=with_call('{"a": "\\ud800"}')),
+        400,
+        "messages.1.tool_calls.0.function.arguments",
+        "surrogate",
+    ),
     "schema nested 300 deep": (chat(tools=[tool(nested(300))]), 400, "tools.0.function.parameters", "deeper"),
-    "schema nested 40 deep": (chat(tools=[tool(nested(20))]), 400, "tools.0.function.parameters", "deeper than 32"),
-    "schema too large": (chat(tools=[tool({"type": "object", "description": "x" * 70_000})]), 400,
-                         "tools.0.function.parameters", "characters"),
-    "too many tools": (chat(tools=[tool({"type": "object"}, f"t{i}") for i in range(129)]), 400, "tools", "128"),
-    "arguments of 100,000 [": (chat(messages=with_call("[" * 100_000)), 400,
-                               "messages.1.tool_calls.0.function.arguments", "deeper"),
-    "arguments too long": (chat(messages=with_call(json.dumps({"a": "x" * 270_000}))), 400,
-                           "messages.1.tool_calls.0.function.arguments", "limit"),
+    "schema nested 40 deep": (
+        chat(tools=[tool(nested(20))]),
+        400,
+        "tools.0.function.parameters",
+        "deeper than 32",
+    ),
+    "schema too large": (
+        chat(tools=[tool({"type": "object", "description": "x" * 70_000})]),
+        400,
+        "tools.0.function.parameters",
+        "characters",
+    ),
+    "too many tools": (
+        chat(tools=[tool({"type": "object"}, f"t{i}") for i in range(129)]),
+        400,
+        "tools",
+        "128",
+    ),
+    "arguments of 100,000 [": (
+        chat(messages=with_call("[" * 100_000)),
+        400,
+        "messages.1.tool_calls.0.function.arguments",
+        "deeper",
+    ),
+    "arguments too long": (
+        chat(messages=with_call(json.dumps({"a": "x" * 270_000}))),
+        400,
+        "messages.1.tool_calls.0.function.arguments",
+        "limit",
+    ),
     "max_tokens as a string": (chat(max_tokens="10"), 400, "max_tokens", "integer"),
     "stream as a string": (chat(stream="yes"), 400, "stream", "boolean"),
     "temperature as a string": (chat(temperature="1"), 400, "temperature", "number"),
     "max_tokens 10**30": (chat(max_tokens=10**30), 400, "max_tokens", "context"),
-    "max_completion_tokens past the context": (chat(max_completion_tokens=513), 400, "max_completion_tokens",
-                                               "context"),
+    "max_completion_tokens past the context": (
+        chat(max_completion_tokens=513),
+        400,
+        "max_completion_tokens",
+        "context",
+    ),
     "too many stop strings": (chat(stop=[f"s{i}" for i in range(17)]), 400, "stop", "at most 16"),
     "a long stop string": (chat(stop="x" * 257), 400, "stop", "limit is 256"),
-    "image content part": (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-                           400, "messages.0.content", "text content parts"),
-    "text part without text": (chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400,
-                               "messages.0.content", "text"),
+    "image content part": (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        400,
+        "messages.0.content",
+        "text content parts",
+    ),
+    "text part without text": (
+        chat(messages=[{"role": "user", "content": [{"type": "text"}]}]),
+        400,
+        "messages.0.content",
+        "text",
+    ),
 }
 
 
@@ -114,9 +163,11 @@ def test_bad_input_is_a_400_naming_the_parameter(hostile, case):
 
 def test_completions_are_checked_too(hostile):
     server = hostile[0]
-    for body, param in [({"model": "tiny", "prompt": "a\ud800", "max_tokens": 2}, "prompt"),
-                        ({"model": "tiny", "prompt": "a", "max_tokens": 10**30}, "max_tokens"),
-                        ({"model": "tiny", "prompt": "a", "max_tokens": "2"}, "max_tokens")]:
+    for body, param in [
+        ({"model": "tiny", "prompt": "a\ud800", "max_tokens": 2}, "prompt"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": 10**30}, "max_tokens"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": "2"}, "max_tokens"),
+    ]:
         r = post(server, body, "/v1/completions")
         assert r.status_code == 400 and r.json()["error"]["param"].startswith(param), r.text
     assert_still_serves(hostile)
@@ -128,10 +179,10 @@ def test_body_past_the_limit_is_413(hostile):
     r = post(server, big)
     assert r.status_code == 413 and r.json()["error"]["message"], r.text
 
-    def chunks():       # no Content-Length: the limit is counted as the body arrives
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
         data = json.dumps(big).encode()
         for i in range(0, len(data), 64 * 1024):
-            yield data[i:i + 64 * 1024]
+            yield data[i : i + 64 * 1024]
 
     r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers=HEADERS, timeout=60)
     assert r.status_code == 413, r.text
@@ -140,8 +191,13 @@ def test_body_past_the_limit_is_413(hostile):
 
 def test_malformed_and_deep_json_bodies(hostile):
     server = hostile[0]
-    for body in [b'{"model": "tiny", "messages": [' + b"[" * 100_000, b'{"model": "tiny", "messages": ',
-                 b'\xff\xfe not json', b'"just a string"', b"[]"]:
+    for body in [
+        b'{"model": "tiny", "messages": [' + b"[" * 100_000,
+        b'{"model": "tiny", "messages": ',
+        b"\xff\xfe not json",
+        b'"just a string"',
+        b"[]",
+    ]:
         r = post(server, body)
         assert 400 <= r.status_code < 500, (body[:40], r.status_code, r.text[:200])
         assert r.json()["error"]["message"]
@@ -154,10 +210,12 @@ def test_non_streamed_disconnect_aborts_the_request(hostile):
     pool = engine.driver.executor.pool
     body = json.dumps({"model": "tiny", "messages": ask("script:slow")}).encode()
     host, port = server.url.removeprefix("http://").split(":")
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     abandoned = []
-    for _ in range(2):      # abandoned requests must not keep holding their places (2 workers)
+    for _ in range(2):  # abandoned requests must not keep holding their places (2 workers)
         sock = socket.create_connection((host, int(port)))
         sock.sendall(head + body)
         abandoned.append(sock)

@@ -5,6 +5,7 @@ derandomized examples per operation) and sent to the live tiny-model server on l
 `max_tokens`-like fields are capped so that a valid request decodes a few tokens, not 500:
 the point is the server's handling of the input, not long decodes.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """Side effects accounted for: every call that ran is in the response, the tool-round limit
 ends a request with a clear finish reason, client and server calls in one turn, calls of
 tools nobody offered, and calls quoted in prose (text unless the client opts in)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,14 @@ import pytest
 
 from tests.server.conftest import API_KEY, live_server
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,10 @@ def ask(text: str) -> list[dict]:
 
 
 def server_calls(message) -> list[tuple[str, dict, str]]:
-    return [(c["function"]["name"], json.loads(c["function"]["arguments"]), c["result"])
-            for c in message.model_extra.get("server_tool_calls") or []]
+    return [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]), c["result"])
+        for c in message.model_extra.get("server_tool_calls") or []
+    ]
 
 
 def assert_clean(live) -> None:
@@ -42,14 +50,17 @@ def assert_clean(live) -> None:
 def test_the_call_past_max_tool_rounds_is_reported_and_ends_with_length(live, client):
     out = client.chat.completions.create(model="tiny", messages=ask("script:three-lookups"))
     calls = server_calls(out.choices[0].message)
-    assert [(name, args["key"], result) for name, args, result in calls] == \
-        [("lookup", f"k{i}", f"value-of-k{i}") for i in range(3)]          # the 3rd ran: it is there
+    assert [(name, args["key"], result) for name, args, result in calls] == [
+        ("lookup", f"k{i}", f"value-of-k{i}") for i in range(3)
+    ]  # the 3rd ran: it is there
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.tool_calls is None
     assert_clean(live)
 
 
 def test_an_external_call_past_max_tool_rounds_does_not_run(live, client):
-    chunks = list(client.chat.completions.create(model="tiny", messages=ask("script:two-then-record"), stream=True))
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=ask("script:two-then-record"), stream=True)
+    )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     results = [d.content for d in deltas if d.role == "tool"]
     assert results[:2] == ["value-of-k0", "value-of-k1"]
@@ -62,8 +73,10 @@ def test_an_external_call_past_max_tool_rounds_does_not_run(live, client):
 
 def test_a_call_cut_by_max_tokens_is_still_listed(live, client):
     out = client.chat.completions.create(model="tiny", messages=ask("script:long-call"), max_tokens=60)
-    (name, _, result), = [(c["function"]["name"], c["function"]["arguments"], c["result"])
-                          for c in out.choices[0].message.model_extra["server_tool_calls"]]
+    ((name, _, result),) = [
+        (c["function"]["name"], c["function"]["arguments"], c["result"])
+        for c in out.choices[0].message.model_extra["server_tool_calls"]
+    ]
     assert name == "lookup" and result is None and out.choices[0].finish_reason == "length"
     assert_clean(live)
 
@@ -71,9 +84,10 @@ def test_a_call_cut_by_max_tokens_is_still_listed(live, client):
 def test_client_and_server_calls_in_one_turn(live, client):
     out = client.chat.completions.create(model="tiny", messages=ask("script:mixed"), tools=[WEATHER])
     message = out.choices[0].message
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == \
-        [("get_weather", {"city": "Paris"})]
-    assert server_calls(message) == [("lookup", {"key": "k1"}, "value-of-k1")]   # it ran: it is reported
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert server_calls(message) == [("lookup", {"key": "k1"}, "value-of-k1")]  # it ran: it is reported
     assert out.choices[0].finish_reason == "tool_calls"
     assert_clean(live)
 
@@ -82,7 +96,7 @@ def test_a_tool_nobody_offered_is_never_a_call(live, client):
     out = client.chat.completions.create(model="tiny", messages=ask("script:unoffered"), tools=[WEATHER])
     message = out.choices[0].message
     assert message.tool_calls is None
-    (name, _, result), = server_calls(message)
+    ((name, _, result),) = server_calls(message)
     assert name == "rm_rf" and result.startswith("Error: unknown tool 'rm_rf'")
     assert message.content == "Sorry." and out.choices[0].finish_reason == "stop"
     assert_clean(live)
@@ -94,8 +108,11 @@ def test_calls_quoted_in_prose_are_text_unless_the_client_opts_in(live, client):
     assert not server_calls(message) and message.tool_calls is None
     assert '```json\n{"name": "record"' in message.content and message.content.endswith("That is all.")
     assert out.choices[0].finish_reason == "stop"
-    opted = client.chat.completions.create(model="tiny", messages=ask("script:fence"), max_tokens=300,
-                                           extra_body={"lenient_tool_calls": True})
-    assert [(n, a, r) for n, a, r in server_calls(opted.choices[0].message)] == \
-        [("record", {"key": "fence"}, "recorded-fence"), ("record", {"key": "bare"}, "recorded-bare")]
+    opted = client.chat.completions.create(
+        model="tiny", messages=ask("script:fence"), max_tokens=300, extra_body={"lenient_tool_calls": True}
+    )
+    assert [(n, a, r) for n, a, r in server_calls(opted.choices[0].message)] == [
+        ("record", {"key": "fence"}, "recorded-fence"),
+        ("record", {"key": "bare"}, "recorded-bare"),
+    ]
     assert_clean(live)

@@ -2,6 +2,7 @@
 from the tool-call grammar (a random model never writes one by itself), stream as OpenAI
 deltas and fit the tool's schema. The server here has no server tools, so every call
 offered is the client's."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,31 @@ from conveyor.server.serve import ServerThread, build_app
 from tests.server.conftest import _engine_with
 from tests.tiny import build_tiny_model
 
-FORECAST = {"type": "function", "function": {
-    "name": "forecast", "description": "Forecast of a city",
-    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"enum": [1, 2, 3]}},
-                   "required": ["city", "days"], "additionalProperties": False}}}
-ALERT = {"type": "function", "function": {
-    "name": "alert", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
-                                    "additionalProperties": False}}}
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "forecast",
+        "description": "Forecast of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"enum": [1, 2, 3]}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALERT = {
+    "type": "function",
+    "function": {
+        "name": "alert",
+        "parameters": {
+            "type": "object",
+            "properties": {"on": {"type": "boolean"}},
+            "required": ["on"],
+            "additionalProperties": False,
+        },
+    },
+}
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (FORECAST, ALERT)}
 NAMED = {"type": "function", "function": {"name": "forecast"}}
 
@@ -31,7 +50,9 @@ NAMED = {"type": "function", "function": {"name": "forecast"}}
 def client(tmp_path_factory):
     model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", "qwen2")
     engine = _engine_with(model_dir, ToolConfig(), [])
-    app = build_app(engine.config, ServerConfig(served_model_name="tiny"), lambda: (EngineClient(engine), {}, "hermes"))
+    app = build_app(
+        engine.config, ServerConfig(served_model_name="tiny"), lambda: (EngineClient(engine), {}, "hermes")
+    )
     with ServerThread(app) as server:
         yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
@@ -57,9 +78,18 @@ def streamed_calls(chunks: list) -> dict[int, dict]:
 
 @pytest.mark.parametrize(("temperature", "seed"), [(0, None), (1, 1), (1, 2)])
 def test_named_function_streams_one_call_that_fits_the_schema(client, temperature, seed):
-    chunks = list(client.chat.completions.create(model="tiny", messages=ask("forecast, please"),
-                                                 tools=[FORECAST, ALERT], tool_choice=NAMED, temperature=temperature,
-                                                 seed=seed, max_tokens=200, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=ask("forecast, please"),
+            tools=[FORECAST, ALERT],
+            tool_choice=NAMED,
+            temperature=temperature,
+            seed=seed,
+            max_tokens=200,
+            stream=True,
+        )
+    )
     calls = streamed_calls(chunks)
     assert list(calls) == [0] and calls[0]["name"] == "forecast"
     jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["forecast"])
@@ -69,20 +99,36 @@ def test_named_function_streams_one_call_that_fits_the_schema(client, temperatur
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_required_calls_offered_tools(client, seed):
-    out = client.chat.completions.create(model="tiny", messages=ask("anything"), tools=[FORECAST, ALERT],
-                                         tool_choice="required", temperature=1, seed=seed, max_tokens=300)
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=ask("anything"),
+        tools=[FORECAST, ALERT],
+        tool_choice="required",
+        temperature=1,
+        seed=seed,
+        max_tokens=300,
+    )
     choice = out.choices[0]
     calls = choice.message.tool_calls
     assert calls and choice.finish_reason in ("tool_calls", "length")
-    for call in calls if choice.finish_reason == "tool_calls" else calls[:-1]:   # "length" may cut the last
+    for call in calls if choice.finish_reason == "tool_calls" else calls[:-1]:  # "length" may cut the last
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert len({c.id for c in calls}) == len(calls)
 
 
 def test_required_without_parallel_calls_stops_after_one(client):
-    chunks = list(client.chat.completions.create(model="tiny", messages=ask("anything"), tools=[FORECAST, ALERT],
-                                                 tool_choice="required", parallel_tool_calls=False, temperature=0,
-                                                 max_tokens=300, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=ask("anything"),
+            tools=[FORECAST, ALERT],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            temperature=0,
+            max_tokens=300,
+            stream=True,
+        )
+    )
     calls = streamed_calls(chunks)
     assert list(calls) == [0] and calls[0]["name"] in SCHEMAS
     jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS[calls[0]["name"]])

@@ -1,4 +1,5 @@
 """Server tools for the server tests (loaded by module:object spec in the tool workers)."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """An in-process stand-in for WorkerPool: runs hooks synchronously and logs what ran."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ class InlinePool:
         self.registry = registry
         self.tools: dict[str, tuple[CallInfo, Tool]] = {}
         self.results: list[ToolResult] = []
-        self.log: list[tuple[str, str, Any]] = []   # (call_id, hook, detail)
+        self.log: list[tuple[str, str, Any]] = []  # (call_id, hook, detail)
         self.dead: set[str] = set()
 
     def hand_off(self) -> None:

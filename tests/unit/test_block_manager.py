@@ -1,4 +1,5 @@
 """Block manager: allocation, reference counts, prefix caching, no leaks or double frees."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,9 @@ def test_allocate_covers_tokens_and_free_returns_all() -> None:
     assert bm.try_allocate(r, 10)
     assert len(r.block_table) == 3 and bm.num_used_blocks == 3
     r.num_computed_tokens = 10
-    assert bm.try_allocate(r, 2)          # 12 tokens still fit in 3 blocks
+    assert bm.try_allocate(r, 2)  # 12 tokens still fit in 3 blocks
     assert len(r.block_table) == 3
-    assert bm.try_allocate(r, 3)          # 13 need a fourth
+    assert bm.try_allocate(r, 3)  # 13 need a fourth
     assert len(r.block_table) == 4
     bm.free(r)
     assert bm.num_free_blocks == 8 and r.block_table == []
@@ -73,7 +74,7 @@ def test_freed_blocks_stay_adoptable_until_reused() -> None:
     assert bm.num_free_blocks == 3 and bm.num_cached_blocks == 2
     assert len(bm.lookup_prefix([1, 2, 3, 4, 9])) == 2
     other = make_request([7] * 6, "o")
-    bm.try_allocate(other, 6)            # takes every block: cached ones are evicted
+    bm.try_allocate(other, 6)  # takes every block: cached ones are evicted
     assert bm.lookup_prefix([1, 2, 3, 4, 9]) == [] and bm.num_cached_blocks == 0
 
 
@@ -97,14 +98,14 @@ def test_swap_out_and_in_move_blocks_between_pools() -> None:
     assert [d for d, _ in out] == device and a.block_table == [] and len(a.host_block_table) == 3
     assert bm.num_free_blocks == 4 and bm.num_free_host_blocks == 0
     b = make_request([9] * 8, "b")
-    assert bm.swap_out(b) == [] and bm.try_allocate(b, 8)     # b takes every device block
-    assert bm.swap_in(a) is None                              # no room: nothing changes
+    assert bm.swap_out(b) == [] and bm.try_allocate(b, 8)  # b takes every device block
+    assert bm.swap_in(a) is None  # no room: nothing changes
     assert len(a.host_block_table) == 3 and bm.num_free_host_blocks == 0
-    assert bm.swap_out(b) is None                             # the host pool is full
+    assert bm.swap_out(b) is None  # the host pool is full
     bm.free(b)
     back = bm.swap_in(a)
     assert [h for h, _ in back] == [h for _, h in out] and a.block_table == [d for _, d in back]
-    assert bm.num_free_host_blocks == 3 and len(a.block_hashes) == 2   # full blocks registered again
+    assert bm.num_free_host_blocks == 3 and len(a.block_hashes) == 2  # full blocks registered again
     bm.free(a)
     assert bm.num_free_blocks == 4
 
@@ -116,10 +117,10 @@ def test_free_releases_host_blocks_and_shared_blocks_survive_a_swap() -> None:
     a.num_computed_tokens = 5
     bm.register_full_blocks(a)
     b = make_request([1, 2, 3, 4, 7], "b")
-    bm.try_allocate(b, 1, bm.lookup_prefix(b.token_ids))      # shares a's two full blocks
+    bm.try_allocate(b, 1, bm.lookup_prefix(b.token_ids))  # shares a's two full blocks
     shared = b.block_table[:2]
     bm.swap_out(a)
-    assert all(bm.blocks[i].ref_count == 1 for i in shared)   # still b's
+    assert all(bm.blocks[i].ref_count == 1 for i in shared)  # still b's
     bm.free(a)
     assert bm.num_free_host_blocks == 4 and a.host_block_table == []
     bm.free(b)

@@ -1,4 +1,5 @@
 """Built-in tools driven in-process through their hooks (start, on_field, finish, cancel)."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,6 @@ from typing import Any
 
 import pytest
 
-from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolRejected
-from conveyor.tools.builtin.calculator import CalculatorError, CalculatorTool, evaluate
-from conveyor.tools.builtin.http import SEARCH_URL_ENV, HttpGetTool, SearchTool
 from conveyor.bench.search_service import (
     Corpus,
     Document,
@@ -21,6 +19,9 @@ from conveyor.bench.search_service import (
     SearchServer,
     serving,
 )
+from conveyor.tools.base import CallInfo, Tool, ToolRegistry, ToolRejected
+from conveyor.tools.builtin.calculator import CalculatorError, CalculatorTool, evaluate
+from conveyor.tools.builtin.http import SEARCH_URL_ENV, HttpGetTool, SearchTool
 from conveyor.tools.builtin.sqlite import SQLiteTool
 from conveyor.tools.builtin.validate import ValidateTool
 
@@ -49,7 +50,12 @@ def test_builtins_register_by_name_and_pickle() -> None:
         assert pickle.loads(pickle.dumps(tool)).spec() == tool.spec()
         json.dumps(tool.spec())
     assert {t.name: t.side_effects for t in registry} == {
-        "sqlite": "none", "calculator": "none", "http_get": "idempotent", "search": "idempotent", "validate": "none"}
+        "sqlite": "none",
+        "calculator": "none",
+        "http_get": "idempotent",
+        "search": "idempotent",
+        "validate": "none",
+    }
 
 
 # ---- sqlite -----------------------------------------------------------------------------------
@@ -59,27 +65,35 @@ def test_sqlite_runs_the_query_when_the_field_completes() -> None:
     call = begin(tool)
     query = "SELECT category, count(*) AS n FROM products GROUP BY category ORDER BY category"
     call.on_field("query", query)
-    call._conn.close()          # the rows were kept at on_field: finish needs the database no more
+    call._conn.close()  # the rows were kept at on_field: finish needs the database no more
     call._conn = None
     assert call.finish({"query": query}) == {
-        "columns": ["category", "n"], "truncated": False,
-        "rows": [["electronics", 2], ["furniture", 2], ["grocery", 2], ["stationery", 2]]}
+        "columns": ["category", "n"],
+        "truncated": False,
+        "rows": [["electronics", 2], ["furniture", 2], ["grocery", 2], ["stationery", 2]],
+    }
 
 
 def test_sqlite_caps_rows_and_runs_a_query_it_did_not_see_at_finish() -> None:
     call = begin(SQLiteTool(max_rows=2))
     assert call.finish({"query": "SELECT id FROM orders ORDER BY id"}) == {
-        "columns": ["id"], "rows": [[1], [2]], "truncated": True}
+        "columns": ["id"],
+        "rows": [[1], [2]],
+        "truncated": True,
+    }
 
 
-@pytest.mark.parametrize("query,error", [
-    ("SELEC * FROM orders", "syntax error"),
-    ("DELETE FROM orders", "readonly"),
-    ("CREATE TABLE t (x)", "readonly"),
-    ("PRAGMA query_only = OFF", "not authorized"),
-    ("ATTACH DATABASE 'other.db' AS other", "not authorized"),
-    ("SELECT 1; SELECT 2", "one statement"),
-])
+@pytest.mark.parametrize(
+    "query,error",
+    [
+        ("SELEC * FROM orders", "syntax error"),
+        ("DELETE FROM orders", "readonly"),
+        ("CREATE TABLE t (x)", "readonly"),
+        ("PRAGMA query_only = OFF", "not authorized"),
+        ("ATTACH DATABASE 'other.db' AS other", "not authorized"),
+        ("SELECT 1; SELECT 2", "one statement"),
+    ],
+)
 def test_sqlite_bad_or_writing_queries_fail(query: str, error: str) -> None:
     with pytest.raises(sqlite3.Error, match=error):
         begin(SQLiteTool()).on_field("query", query)
@@ -106,34 +120,46 @@ def test_sqlite_stops_a_runaway_query() -> None:
 
 
 # ---- calculator -------------------------------------------------------------------------------
-@pytest.mark.parametrize("expression,value", [
-    ("(2 + 3) * sqrt(16)", 20.0), ("7 // 2 + 7 % 2 - -1", 5), ("2 ** 10", 1024), ("round(pi, 2)", 3.14),
-    ("max(1, 2.5, abs(-3))", 3), ("log(e) + cos(0)", 2.0), ("2 ** -1", 0.5), ("10 ** 300 // 10 ** 299", 10),
-])
+@pytest.mark.parametrize(
+    "expression,value",
+    [
+        ("(2 + 3) * sqrt(16)", 20.0),
+        ("7 // 2 + 7 % 2 - -1", 5),
+        ("2 ** 10", 1024),
+        ("round(pi, 2)", 3.14),
+        ("max(1, 2.5, abs(-3))", 3),
+        ("log(e) + cos(0)", 2.0),
+        ("2 ** -1", 0.5),
+        ("10 ** 300 // 10 ** 299", 10),
+    ],
+)
 def test_calculator_values(expression: str, value: float) -> None:
     assert run(CalculatorTool(), {"expression": expression}) == value
 
 
-@pytest.mark.parametrize("expression,error", [
-    ("__import__('os').system('true')", "unknown function"),
-    ("open('x')", "unknown function"),
-    ("math.sqrt(4)", "unknown function"),
-    ("(1).real", "not allowed"),
-    ("x + 1", "not allowed"),
-    ("'a' * 3", "not allowed"),
-    ("[1, 2]", "not allowed"),
-    ("(lambda: 1)()", "unknown function"),
-    ("sqrt(x=4)", "unknown function"),
-    ("9 ** 9 ** 9", "too large"),
-    ("2 ** 100000", "too large"),
-    ("(10 ** 1000) ** 10", "too large"),
-    ("round(1, -10 ** 100)", "digits"),
-    ("1 / 0", "ZeroDivisionError"),
-    ("exp(1000)", "OverflowError"),
-    ("(-8) ** 0.5", "not a real number"),
-    ("1 +", "not an arithmetic expression"),
-    ("1 + " * 1000 + "1", "longer than"),
-])
+@pytest.mark.parametrize(
+    "expression,error",
+    [
+        ("__import__('os').system('true')", "unknown function"),
+        ("open('x')", "unknown function"),
+        ("math.sqrt(4)", "unknown function"),
+        ("(1).real", "not allowed"),
+        ("x + 1", "not allowed"),
+        ("'a' * 3", "not allowed"),
+        ("[1, 2]", "not allowed"),
+        ("(lambda: 1)()", "unknown function"),
+        ("sqrt(x=4)", "unknown function"),
+        ("9 ** 9 ** 9", "too large"),
+        ("2 ** 100000", "too large"),
+        ("(10 ** 1000) ** 10", "too large"),
+        ("round(1, -10 ** 100)", "digits"),
+        ("1 / 0", "ZeroDivisionError"),
+        ("exp(1000)", "OverflowError"),
+        ("(-8) ** 0.5", "not a real number"),
+        ("1 +", "not an arithmetic expression"),
+        ("1 + " * 1000 + "1", "longer than"),
+    ],
+)
 def test_calculator_refuses_at_on_field(expression: str, error: str) -> None:
     with pytest.raises(CalculatorError, match=error):
         begin(CalculatorTool()).on_field("expression", expression)
@@ -155,13 +181,16 @@ def test_validate_accepts_a_good_form_field_by_field() -> None:
     assert run(ValidateTool(), GOOD_FORM) == "ok"
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("email", "ada-at-example", "field 'email': 'ada-at-example' does not match"),
-    ("age", 151, "field 'age': 151 is greater than the maximum of 150"),
-    ("age", "36", "field 'age': '36' is not of type 'integer'"),
-    ("country", "Mars", "field 'country': 'Mars' is not one of"),
-    ("nickname", "ada", "field 'nickname': not a field of this form"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("email", "ada-at-example", "field 'email': 'ada-at-example' does not match"),
+        ("age", 151, "field 'age': 151 is greater than the maximum of 150"),
+        ("age", "36", "field 'age': '36' is not of type 'integer'"),
+        ("country", "Mars", "field 'country': 'Mars' is not one of"),
+        ("nickname", "ada", "field 'nickname': not a field of this form"),
+    ],
+)
 def test_validate_rejects_a_bad_field_at_once(key: str, value: Any, message: str) -> None:
     call = begin(ValidateTool())
     call.on_field("name", "Ada")
@@ -177,8 +206,12 @@ def test_validate_finish_checks_the_whole_form() -> None:
 
 
 def test_validate_custom_schema_with_references() -> None:
-    schema = {"$defs": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "type": "object",
-              "properties": {"currency": {"$ref": "#/$defs/code"}}, "additionalProperties": {"type": "number"}}
+    schema = {
+        "$defs": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+        "type": "object",
+        "properties": {"currency": {"$ref": "#/$defs/code"}},
+        "additionalProperties": {"type": "number"},
+    }
     tool = ValidateTool(schema, name="order_form")
     call = begin(tool)
     call.on_field("currency", "EUR")
@@ -212,8 +245,12 @@ class RecordingHandler(SearchHandler):
         super().do_GET()
 
 
-DOCS = [Document("a", "Apples", "Apples are red or green fruit."), Document("b", "Bananas", "Bananas are yellow."),
-        Document("c", "Fruit salad", "Mix apples, bananas and more fruit."), Document("d", "Tea", "Green tea.")]
+DOCS = [
+    Document("a", "Apples", "Apples are red or green fruit."),
+    Document("b", "Bananas", "Bananas are yellow."),
+    Document("c", "Fruit salad", "Mix apples, bananas and more fruit."),
+    Document("d", "Tea", "Green tea."),
+]
 
 
 @pytest.fixture
@@ -227,10 +264,10 @@ def test_search_connects_at_start_and_queries_when_the_field_completes(server: W
     assert server.connected.wait(5), "the connection was not opened at start"
     assert server.paths == []
     call.on_field("query", "green fruit")
-    assert server.paths == ["/search?q=green+fruit&k=3"]      # sent before finish
+    assert server.paths == ["/search?q=green+fruit&k=3"]  # sent before finish
     hits = call.finish({"query": "green fruit"})
     assert [h["id"] for h in hits] == ["a", "c", "d"]
-    assert server.paths == ["/search?q=green+fruit&k=3"]      # finish sent nothing more
+    assert server.paths == ["/search?q=green+fruit&k=3"]  # finish sent nothing more
 
 
 def test_search_uses_k_when_it_comes_first_and_refetches_only_for_more(server: WatchedServer) -> None:
@@ -244,12 +281,17 @@ def test_search_uses_k_when_it_comes_first_and_refetches_only_for_more(server: W
     call = begin(SearchTool(server.url))
     call.on_field("query", "fruit")
     assert [h["id"] for h in call.finish({"query": "fruit", "k": 4})] == ["c", "a"]
-    assert server.paths == ["/search?q=fruit&k=1", "/search?q=fruit&k=3", "/search?q=fruit&k=3",
-                            "/search?q=fruit&k=4"]
+    assert server.paths == [
+        "/search?q=fruit&k=1",
+        "/search?q=fruit&k=3",
+        "/search?q=fruit&k=3",
+        "/search?q=fruit&k=4",
+    ]
 
 
-def test_search_url_from_the_environment_or_a_clear_error(server: WatchedServer,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_url_from_the_environment_or_a_clear_error(
+    server: WatchedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(SEARCH_URL_ENV, server.url)
     assert run(SearchTool(), {"query": "tea"})[0]["id"] == "d"
     monkeypatch.delenv(SEARCH_URL_ENV)
@@ -267,8 +309,12 @@ def test_http_get_connects_at_start_and_fetches_when_the_url_completes(server: W
     call.on_field("url", "/docs/b")
     assert server.paths == ["/docs/b"]
     assert call.finish({"url": "/docs/b"}) == {
-        "url": f"{server.url}/docs/b", "status": 200, "content_type": "text/plain; charset=utf-8",
-        "body": "Bananas are yellow.", "truncated": False}
+        "url": f"{server.url}/docs/b",
+        "status": 200,
+        "content_type": "text/plain; charset=utf-8",
+        "body": "Bananas are yellow.",
+        "truncated": False,
+    }
     assert server.paths == ["/docs/b"]
 
 
@@ -280,10 +326,12 @@ def test_http_get_absolute_urls_caps_and_errors(server: WatchedServer) -> None:
     with pytest.raises(ValueError, match="not an http"):
         run(HttpGetTool(), {"url": "ftp://example.org/x"})
     with pytest.raises(ValueError, match="not an http"):
-        run(HttpGetTool(), {"url": "/docs/a"})     # relative, and no base URL
+        run(HttpGetTool(), {"url": "/docs/a"})  # relative, and no base URL
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]", "0.0.0.0"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]", "0.0.0.0"]
+)
 def test_http_get_refuses_hosts_that_are_not_public_unless_allowed(server: WatchedServer, host: str) -> None:
     port = server.url.rsplit(":", 1)[1]
     with pytest.raises(PermissionError, match="not a public address"):

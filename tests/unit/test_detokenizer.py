@@ -1,4 +1,5 @@
 """Detokenizer: stop strings cut the text, and only what could still begin one is held back."""
+
 from __future__ import annotations
 
 from hypothesis import given
@@ -23,7 +24,7 @@ def push_all(text: str, stop: tuple[str, ...] = STOP) -> tuple[Detokenizer, list
 
 def test_text_that_cannot_begin_a_stop_string_is_released_at_once() -> None:
     _, deltas = push_all('{"q": 1}}\n</tool_call>')
-    assert "".join(deltas) == '{"q": 1}}\n</tool_call>'      # "</" diverges from "<tool_response>"
+    assert "".join(deltas) == '{"q": 1}}\n</tool_call>'  # "</" diverges from "<tool_response>"
 
 
 def test_a_possible_start_of_a_stop_string_waits_until_it_diverges_or_matches() -> None:
@@ -41,6 +42,6 @@ def test_released_text_is_the_text_cut_at_the_first_stop_string(text) -> None:
     cut = min((i for s in STOP if (i := text.find(s)) >= 0), default=len(text))
     assert "".join(deltas) + detok.flush() == text[:cut]
     released = "".join(deltas)
-    held = text[len(released):cut]
+    held = text[len(released) : cut]
     # whatever waits is a possible start of a stop string, unless the text already stopped
     assert detok.stopped or not held or any(s.startswith(held) for s in STOP)

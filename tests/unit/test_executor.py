@@ -1,4 +1,5 @@
 """The executor on scripted streams: partial vs lazy, side-effect rules, bad calls, plans."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,12 @@ from tests.unit.inline_pool import InlinePool
 class Echo(Tool):
     name = "echo"
     side_effects = "none"
-    parameters = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
-                  "required": ["a"], "additionalProperties": False}
+    parameters = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
 
     def finish(self, args: dict[str, Any]) -> Any:
         return f"{args['a']}:{args.get('b')}"
@@ -65,7 +70,7 @@ def run(text: str, mode: str, cuts: list[int] = (), parser: str = "hermes", tool
         last = cut
         executor.poll()
     turn.end(clean=True)
-    for _ in range(10):     # each poll delivers one layer of dependent plan steps
+    for _ in range(10):  # each poll delivers one layer of dependent plan steps
         executor.poll()
     return turn, pool
 
@@ -73,10 +78,10 @@ def run(text: str, mode: str, cuts: list[int] = (), parser: str = "hermes", tool
 def test_partial_sends_fields_before_the_call_ends() -> None:
     executor, pool = make("partial")
     turn = executor.open_turn("r", 0)
-    turn.feed(CALL[:CALL.index(', "b"')])
+    turn.feed(CALL[: CALL.index(', "b"')])
     assert [h[2] for h in pool.hooks("field")] == [("a", "hi")]
     assert pool.hooks("start") and not pool.hooks("finish")
-    turn.feed(CALL[CALL.index(', "b"'):])
+    turn.feed(CALL[CALL.index(', "b"') :])
     executor.poll()
     turn.end(clean=True)
     assert turn.done and [r.content for r in turn.results()] == ["hi:2"]
@@ -85,7 +90,7 @@ def test_partial_sends_fields_before_the_call_ends() -> None:
 def test_lazy_sends_nothing_before_the_call_ends() -> None:
     executor, pool = make("lazy")
     turn = executor.open_turn("r", 0)
-    end = CALL.index("}}") + 1     # the arguments are closed, the call object not yet
+    end = CALL.index("}}") + 1  # the arguments are closed, the call object not yet
     turn.feed(CALL[:end])
     assert pool.log == []
     turn.feed(CALL[end:])
@@ -124,18 +129,21 @@ def test_external_tool_never_runs_when_cut_or_aborted() -> None:
 def test_incomplete_call_is_cancelled_at_the_end() -> None:
     executor, pool = make("partial")
     turn = executor.open_turn("r", 0)
-    turn.feed(CALL[:CALL.index(', "b"')])
+    turn.feed(CALL[: CALL.index(', "b"')])
     turn.end(clean=True)
     assert pool.hooks("cancel") and not pool.hooks("finish")
     assert turn.done and turn.results()[0].is_error
 
 
-@pytest.mark.parametrize("text, message", [
-    ('<tool_call>\n{"name": "nope", "arguments": {"a": "x"}}\n</tool_call>', "unknown tool 'nope'"),
-    ('<tool_call>\n{"name": "echo", "arguments": {"a": 1}}\n</tool_call>', "invalid arguments for echo"),
-    ('<tool_call>\n{"name": "echo", "arguments": {"a": "x", "c": 1}}\n</tool_call>', "invalid arguments"),
-    ('<tool_call>\n{"name": "echo", "arguments": {"a": "x"\n</tool_call>', "not a valid JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('<tool_call>\n{"name": "nope", "arguments": {"a": "x"}}\n</tool_call>', "unknown tool 'nope'"),
+        ('<tool_call>\n{"name": "echo", "arguments": {"a": 1}}\n</tool_call>', "invalid arguments for echo"),
+        ('<tool_call>\n{"name": "echo", "arguments": {"a": "x", "c": 1}}\n</tool_call>', "invalid arguments"),
+        ('<tool_call>\n{"name": "echo", "arguments": {"a": "x"\n</tool_call>', "not a valid JSON object"),
+    ],
+)
 def test_bad_calls_become_error_results_without_running(text: str, message: str) -> None:
     for mode in ("partial", "lazy"):
         turn, pool = run(text, mode)
@@ -149,7 +157,7 @@ def test_rejected_field_cuts_the_turn() -> None:
     turn.feed('<tool_call>\n{"name": "strict", "arguments": {"a": "bad", "b": 1')
     changed = executor.poll()
     assert turn in changed and turn.rejected and not turn.ended
-    turn.feed('}}\n</tool_call>')   # ignored: the turn is cut off
+    turn.feed("}}\n</tool_call>")  # ignored: the turn is cut off
     turn.end(clean=False)
     assert turn.done and turn.results()[0].rejected
     assert "may not be 'bad'" in turn.results()[0].content
@@ -162,7 +170,7 @@ def test_tools_are_limited_to_the_offered_ones() -> None:
         make()[0].open_turn("r", 0, tools=["missing"])
 
 
-PLAN = ('1. add(2, 3)\n2. upper("x")\n3. add($1, 10)\n4. upper("$2 and $3")\n5. join()\n<END_OF_PLAN>')
+PLAN = '1. add(2, 3)\n2. upper("x")\n3. add($1, 10)\n4. upper("$2 and $3")\n5. join()\n<END_OF_PLAN>'
 
 
 @pytest.mark.parametrize("mode", ["partial", "lazy"])
@@ -175,10 +183,10 @@ def test_plan_steps_run_in_dependency_order(mode: str) -> None:
 def test_plan_steps_start_before_the_plan_ends_in_partial_mode() -> None:
     executor, pool = make("partial")
     turn = executor.open_turn("r", 0, parser="plan")
-    turn.feed(PLAN[:PLAN.index("3.")])
+    turn.feed(PLAN[: PLAN.index("3.")])
     executor.poll()
-    assert len(pool.hooks("finish")) == 2      # steps 1 and 2 ran while step 3 was being decoded
-    turn.feed(PLAN[PLAN.index("3."):])
+    assert len(pool.hooks("finish")) == 2  # steps 1 and 2 ran while step 3 was being decoded
+    turn.feed(PLAN[PLAN.index("3.") :])
     for _ in range(3):
         executor.poll()
     turn.end(clean=True)
@@ -186,7 +194,7 @@ def test_plan_steps_start_before_the_plan_ends_in_partial_mode() -> None:
 
 
 def test_plan_step_errors_propagate() -> None:
-    turn, _ = run('1. add(1)\n2. add($1, 2)\n3. nope(1)\n<END_OF_PLAN>', "partial", parser="plan")
+    turn, _ = run("1. add(1)\n2. add($1, 2)\n3. nope(1)\n<END_OF_PLAN>", "partial", parser="plan")
     content = turn.results()[0].content
     assert turn.results()[0].is_error
     assert "$2 = Error: step 2 depends on step(s) [1]" in content and "unknown tool 'nope'" in content

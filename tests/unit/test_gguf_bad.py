@@ -1,5 +1,6 @@
 """Bad GGUF files (crafted from a tiny good one) are refused at load with one message naming the
 tensor, and leave nothing in the model cache."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,12 +33,14 @@ def patched(good: Path, tmp: Path, name: str, edit: Callable[[ReaderTensor], Non
 def set_dims(*dims: int) -> Callable[[ReaderTensor], None]:
     def edit(t: ReaderTensor) -> None:
         t.field.parts[3][:] = dims
+
     return edit
 
 
 def set_type(type_id: int) -> Callable[[ReaderTensor], None]:
     def edit(t: ReaderTensor) -> None:
         t.field.parts[4][:] = type_id
+
     return edit
 
 
@@ -72,9 +75,11 @@ def test_truncated_file_names_the_tensor_cut_off(good: Path, tmp_path: Path, cac
 
 
 @pytest.mark.parametrize("weights", ["native", "bf16"])
-def test_truncated_file_refused_for_either_weights(good: Path, tmp_path: Path, cache: Path, weights: str) -> None:
+def test_truncated_file_refused_for_either_weights(
+    good: Path, tmp_path: Path, cache: Path, weights: str
+) -> None:
     path = tmp_path / "cut.gguf"
-    path.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    path.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(ModelLoadError, match="tensor .* run past the end of the file"):
         resolve_model(str(path), weights=weights, progress=False)
     assert list((cache / "models").iterdir()) == []
@@ -91,7 +96,7 @@ def test_more_blocks_than_its_data_names_the_tensor(good: Path, tmp_path: Path, 
 
 
 def test_type_unlike_its_data_names_the_tensor(good: Path, tmp_path: Path, cache: Path) -> None:
-    path = patched(good, tmp_path, "blk.0.ffn_down.weight", set_type(8))      # Q6_K said to be Q8_0: more bytes
+    path = patched(good, tmp_path, "blk.0.ffn_down.weight", set_type(8))  # Q6_K said to be Q8_0: more bytes
     refused(path, cache, "tensor blk.0.ffn_down.weight", "overlap")
 
 
@@ -102,7 +107,9 @@ def test_unknown_type_names_the_tensor(good: Path, tmp_path: Path, cache: Path) 
 
 def test_rows_not_whole_blocks_names_the_tensor(good: Path, tmp_path: Path, cache: Path) -> None:
     path = patched(good, tmp_path, "blk.0.attn_k.weight", set_dims(250, 128))
-    refused(path, cache, "tensor blk.0.attn_k.weight: its rows of 250 elements are not whole Q5_0 blocks of 32")
+    refused(
+        path, cache, "tensor blk.0.attn_k.weight: its rows of 250 elements are not whole Q5_0 blocks of 32"
+    )
 
 
 def test_missing_tensor_is_named(good: Path, tmp_path: Path, cache: Path) -> None:

@@ -1,4 +1,5 @@
 """Tool-call grammars on the tiny byte-level tokenizer: names, end of turn, cache, bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,11 +10,31 @@ from conveyor.tools.grammar import ToolGrammar
 from tests.tiny import byte_tokenizer
 
 PREFIX = '<tool_call>\n{"name": "'
-SEARCH = {"type": "function", "function": {"name": "search", "description": "web search", "parameters": {
-    "type": "object", "properties": {"query": {"type": "string"}, "k": {"type": "integer"}},
-    "required": ["query"], "additionalProperties": False}}}
-CALC = {"type": "function", "function": {"name": "calculator", "description": "arithmetic", "parameters": {
-    "type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+SEARCH = {
+    "type": "function",
+    "function": {
+        "name": "search",
+        "description": "web search",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "k": {"type": "integer"}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+}
+CALC = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "arithmetic",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
 TOOLS = [SEARCH, CALC]
 NAMED_SEARCH = {"type": "function", "function": {"name": "search"}}
 CALL = PREFIX + 'search", "arguments": {"query": "cats"}}\n</tool_call>'
@@ -59,8 +80,10 @@ def masked_argmax_by_mask(constraint, logits: torch.Tensor, vocab_size: int) -> 
     return int(masked[0].argmax())
 
 
-@pytest.mark.parametrize("max_sparse_words", [1024, 0])     # 0: every position takes the top-logit path
-def test_masked_argmax_equals_the_argmax_of_the_masked_row(grammar, tokenizer, monkeypatch, max_sparse_words) -> None:
+@pytest.mark.parametrize("max_sparse_words", [1024, 0])  # 0: every position takes the top-logit path
+def test_masked_argmax_equals_the_argmax_of_the_masked_row(
+    grammar, tokenizer, monkeypatch, max_sparse_words
+) -> None:
     """At every position of a call (names, keys, string content), for random logits; ties too."""
     monkeypatch.setattr("conveyor.tools.grammar.MAX_SPARSE_WORDS", max_sparse_words)
     generator = torch.Generator().manual_seed(0)
@@ -86,11 +109,11 @@ def test_masked_argmax_gives_up_where_no_top_logit_is_allowed(grammar, tokenizer
     logits = torch.zeros(grammar.vocab_size)
     x = one(tokenizer, "x")
     logits[x] = 1.0
-    assert constraint.masked_argmax(logits, num_top=1) is None         # "x" starts no tool name
+    assert constraint.masked_argmax(logits, num_top=1) is None  # "x" starts no tool name
     logits[one(tokenizer, "c")] = 0.5
-    assert constraint.masked_argmax(logits, num_top=2) is None               # 0.5 is the cut: a tie may go on past it
+    assert constraint.masked_argmax(logits, num_top=2) is None  # 0.5 is the cut: a tie may go on past it
     assert constraint.masked_argmax(logits, num_top=3) == one(tokenizer, "c")
-    assert constraint.try_accept(one(tokenizer, "s"))                   # reading the bits did not move the matcher
+    assert constraint.try_accept(one(tokenizer, "s"))  # reading the bits did not move the matcher
 
 
 def test_mask_allows_only_known_tool_names(grammar, tokenizer) -> None:
@@ -114,7 +137,7 @@ def test_required_ends_only_after_a_whole_call(grammar, tokenizer) -> None:
     assert one(tokenizer, "<") in allowed_after(grammar, tokenizer, "")
     assert eos not in allowed_after(grammar, tokenizer, CALL[:-3])
     after = allowed_after(grammar, tokenizer, CALL)
-    assert after == {eos, one(tokenizer, "\n")}          # end, or a second call
+    assert after == {eos, one(tokenizer, "\n")}  # end, or a second call
     assert eos in allowed_after(grammar, tokenizer, CALL + "\n" + CALL)
 
 
@@ -127,7 +150,9 @@ def test_auto_is_free_text_until_the_trigger(grammar, tokenizer) -> None:
     free = allowed_after(grammar, tokenizer, "Sure, here", "auto")
     assert eos in free and one(tokenizer, "x") in free
     assert allowed_after(grammar, tokenizer, "Let me look. " + PREFIX, "auto") == {
-        one(tokenizer, "s"), one(tokenizer, "c")}
+        one(tokenizer, "s"),
+        one(tokenizer, "c"),
+    }
     assert eos in allowed_after(grammar, tokenizer, "Let me look. " + CALL + " Done", "auto")
 
 
@@ -147,7 +172,7 @@ def test_rejected_token_stops_constraining_without_raising(grammar, tokenizer) -
     for token in ids(tokenizer, PREFIX + "x"):
         constraint.accept(token)
     assert not constraint.active and not constraint.is_terminated
-    constraint.accept(one(tokenizer, "y"))        # still harmless
+    constraint.accept(one(tokenizer, "y"))  # still harmless
 
 
 def test_compiled_once_per_tools_and_choice(grammar) -> None:
@@ -160,11 +185,18 @@ def test_none_or_no_tools_is_unconstrained(grammar) -> None:
     assert grammar.constraint([], "required") is None
 
 
-@pytest.mark.parametrize("tools, choice, message", [
-    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "nope"),
-    (TOOLS, "sometimes", "sometimes"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "vector"}}}], "auto", "grammar"),
-])
+@pytest.mark.parametrize(
+    "tools, choice, message",
+    [
+        (TOOLS, {"type": "function", "function": {"name": "nope"}}, "nope"),
+        (TOOLS, "sometimes", "sometimes"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "vector"}}}],
+            "auto",
+            "grammar",
+        ),
+    ],
+)
 def test_bad_choice_or_schema_is_a_value_error(grammar, tools, choice, message) -> None:
     with pytest.raises(ValueError, match=message):
         grammar.constraint(tools, choice)
@@ -174,9 +206,11 @@ def test_a_bounded_compile_matches_and_a_runaway_one_is_stopped(tokenizer, gramm
     bounded = ToolGrammar(tokenizer, len(tokenizer) + 5, [tokenizer.eos_token_id], compile_timeout_s=120.0)
     try:
         for text in (CALL, PREFIX + 'calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'):
-            assert allowed_after(bounded, tokenizer, text[:-3]) == allowed_after(grammar, tokenizer, text[:-3])
+            assert allowed_after(bounded, tokenizer, text[:-3]) == allowed_after(
+                grammar, tokenizer, text[:-3]
+            )
         helper = bounded._compiler._helper[0]
-        bounded._compiler.timeout_s = 1e-4               # as if it ran away: killed, not left running
+        bounded._compiler.timeout_s = 1e-4  # as if it ran away: killed, not left running
         with pytest.raises(ValueError, match="grammar compile stopped after"):
             bounded.compiled([SEARCH], "required")
         assert bounded._compiler.num_killed == 1 and not helper.is_alive()

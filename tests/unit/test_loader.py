@@ -1,4 +1,5 @@
 """Fast checks of model resolution: errors, hash verification, local HF directories."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -89,16 +90,23 @@ def test_builtin_table_is_plain_data() -> None:
 def test_tiny_hf_directory_is_returned_as_is(tmp_path: Path, cache: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+    )
     path = tmp_path / "tiny"
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     assert resolve_model(str(path)) == path
     assert _cache_entries(cache) == []
 
 
-def test_interrupted_conversion_leaves_no_cache(tmp_path: Path, cache: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_conversion_leaves_no_cache(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     part = tmp_path / "part.bin"
     part.write_bytes(b"GGUF" + bytes(1000))
     sha = hashlib.sha256(part.read_bytes()).hexdigest()

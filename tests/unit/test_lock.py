@@ -1,5 +1,6 @@
 """requirements.lock agrees with pyproject.toml, covers every transitive dependency, and is what
 is installed (the README's commands install with ``-c requirements.lock``)."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -11,7 +12,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from lock import LOCK, ROOT, normalize, read_lock  # noqa: E402
+from lock import LOCK, ROOT, normalize, read_lock
 
 
 def _direct() -> list[Requirement]:
@@ -47,7 +48,8 @@ def test_lock_satisfies_pyproject() -> None:
         name = normalize(req.name)
         assert name in pins, f"{req.name} is in pyproject.toml but not in {LOCK.name}: run scripts/lock.py"
         assert req.specifier.contains(pins[name], prereleases=True), (
-            f"{LOCK.name} pins {name}=={pins[name]}, outside pyproject's {req}: run scripts/lock.py")
+            f"{LOCK.name} pins {name}=={pins[name]}, outside pyproject's {req}: run scripts/lock.py"
+        )
 
 
 def test_lock_is_installed_and_complete() -> None:

@@ -1,4 +1,5 @@
 """Streaming call parsers: split invariance and FieldDone values, with hypothesis."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,13 @@ from tests.unit.test_parsers import PROGRAM, merge
 from tests.unit.test_parsers_formats import MIXED, PLAN
 
 JSON_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
-SCALARS = st.none() | st.booleans() | st.integers(-10**6, 10**6) | \
-    st.floats(allow_nan=False, allow_infinity=False, width=32) | JSON_TEXT
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False, width=32)
+    | JSON_TEXT
+)
 JSON_VALUES = st.recursive(
     SCALARS,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(JSON_TEXT, inner, max_size=3),
@@ -48,8 +54,10 @@ def split(text: str, cuts: list[int]) -> list[str]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from([(kind, text) for kind, texts in SAMPLES.items() for text in texts]),
-       st.lists(st.integers(0, 400), max_size=30))
+@given(
+    st.sampled_from([(kind, text) for kind, texts in SAMPLES.items() for text in texts]),
+    st.lists(st.integers(0, 400), max_size=30),
+)
 def test_any_split_gives_the_same_events(sample: tuple[str, str], cuts: list[int]) -> None:
     kind, text = sample
     assert run(kind, split(text, cuts)) == run(kind, [text])
@@ -61,13 +69,22 @@ def call_text(args: dict, indent: int | None, ensure_ascii: bool, wrap: str) -> 
 
 
 @settings(max_examples=150, deadline=None)
-@given(ARGS, st.sampled_from([None, 2]), st.booleans(), st.sampled_from(["tag", "bare", "fence"]),
-       st.lists(st.integers(0, 2000), max_size=20))
+@given(
+    ARGS,
+    st.sampled_from([None, 2]),
+    st.booleans(),
+    st.sampled_from(["tag", "bare", "fence"]),
+    st.lists(st.integers(0, 2000), max_size=20),
+)
 def test_field_values_match_json_loads(
-    args: dict, indent: int | None, ensure_ascii: bool, wrap: str, cuts: list[int],
+    args: dict,
+    indent: int | None,
+    ensure_ascii: bool,
+    wrap: str,
+    cuts: list[int],
 ) -> None:
     text = call_text(args, indent, ensure_ascii, wrap)
-    whole = json.loads(text[text.index("{"):text.rindex("}") + 1])["arguments"]
+    whole = json.loads(text[text.index("{") : text.rindex("}") + 1])["arguments"]
     events = run("hermes", split(text, cuts))
     fields = {e.key: e.value for e in events if isinstance(e, FieldDone)}
     assert fields == whole
@@ -76,10 +93,12 @@ def test_field_values_match_json_loads(
 
 
 # ---- lists of calls, fence tags, multi-line plan steps, the "auto" kind ----------------------
-LISTS = ('Plan:\n[{"name": "a", "arguments": {"x": [1, "é"]}},\n {"arguments": {"y": 2}, "name": "b"}]\n'
-         '```JSON\n[{"name": "c", "arguments": {}}, {"x": 1}, 5, {"name": "d"}]\n```\n'
-         '<tool_call>[{"name": "e", "arguments": {"q": 1, z}}]</tool_call>[1] cite\n[]\n'
-         '```Json\n{"name": "f", "arguments": {"s": "😀"}}\n```\n```tool_call\n[{"name": "g", "arguments": {"k": 1')
+LISTS = (
+    'Plan:\n[{"name": "a", "arguments": {"x": [1, "é"]}},\n {"arguments": {"y": 2}, "name": "b"}]\n'
+    '```JSON\n[{"name": "c", "arguments": {}}, {"x": 1}, 5, {"name": "d"}]\n```\n'
+    '<tool_call>[{"name": "e", "arguments": {"q": 1, z}}]</tool_call>[1] cite\n[]\n'
+    '```Json\n{"name": "f", "arguments": {"s": "😀"}}\n```\n```tool_call\n[{"name": "g", "arguments": {"k": 1'
+)
 NEW_SAMPLES = [
     ("hermes", LISTS),
     ("plan", PLAN.replace("Find", "Find é 中") + '\n1. w(\n  "中"'),
@@ -95,10 +114,17 @@ def test_any_split_gives_the_same_events_for_new_formats(sample: tuple[str, str]
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(ARGS, min_size=1, max_size=3), st.sampled_from([None, 2]), st.sampled_from(["tag", "bare", "fence"]),
-       st.lists(st.integers(0, 2000), max_size=20))
+@given(
+    st.lists(ARGS, min_size=1, max_size=3),
+    st.sampled_from([None, 2]),
+    st.sampled_from(["tag", "bare", "fence"]),
+    st.lists(st.integers(0, 2000), max_size=20),
+)
 def test_list_of_calls_gives_each_call_its_fields(
-    calls: list[dict], indent: int | None, wrap: str, cuts: list[int],
+    calls: list[dict],
+    indent: int | None,
+    wrap: str,
+    cuts: list[int],
 ) -> None:
     body = json.dumps([{"name": f"f{i}", "arguments": a} for i, a in enumerate(calls)], indent=indent)
     text = {"tag": f"<tool_call>\n{body}\n</tool_call>", "bare": body, "fence": f"```json\n{body}\n```"}[wrap]
@@ -111,7 +137,9 @@ def test_list_of_calls_gives_each_call_its_fields(
 
 
 SAFE_TEXT = st.text(st.sampled_from("ab é中 .,:;!?-\n"), max_size=12)
-PYTHON_BODIES = st.sampled_from(["x = 1\n", PROGRAM, "for i in y:\n    f(i)\nprint(2)\n", "if a:\n    b = (\n"])
+PYTHON_BODIES = st.sampled_from(
+    ["x = 1\n", PROGRAM, "for i in y:\n    f(i)\nprint(2)\n", "if a:\n    b = (\n"]
+)
 
 
 @st.composite

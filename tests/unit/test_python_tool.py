@@ -1,4 +1,5 @@
 """PythonTool in-process (no worker): REPL semantics, output capture, errors, call forms."""
+
 from __future__ import annotations
 
 import pickle
@@ -25,18 +26,23 @@ def error_of(*lines: str) -> str:
 def test_output_and_last_expression() -> None:
     assert run_lines("x = 20", "print('x is', x)", "x + 22") == "x is 20\n42"
     assert run_lines("[1, 'a']") == "[1, 'a']"
-    assert run_lines("'text'") == "'text'"                    # repr, as a REPL shows it
+    assert run_lines("'text'") == "'text'"  # repr, as a REPL shows it
 
 
 def test_only_a_final_non_none_expression_is_shown() -> None:
     assert run_lines("1 + 1", "y = 3") == "(no output)"
-    assert run_lines("print('printed')") == "printed\n"       # print() returns None
+    assert run_lines("print('printed')") == "printed\n"  # print() returns None
     assert run_lines("None") == "(no output)"
 
 
 def test_multi_line_statements() -> None:
-    lines = ("def double(v):\n    return v * 2", "for i in range(3):\n    print(double(i))",
-             "if False:\n    pass\nelse:\n    print('else')", "class A:\n    n = 5", "A.n")
+    lines = (
+        "def double(v):\n    return v * 2",
+        "for i in range(3):\n    print(double(i))",
+        "if False:\n    pass\nelse:\n    print('else')",
+        "class A:\n    n = 5",
+        "A.n",
+    )
     assert run_lines(*lines) == "0\n2\n4\nelse\n5"
 
 
@@ -53,8 +59,8 @@ def test_an_exception_stops_later_statements() -> None:
     assert text.startswith("execution stopped at an exception")
     assert "before" in text and "after" not in text
     assert "ZeroDivisionError: division by zero" in text
-    assert 'File "<python>", line 3, in f' in text and "return v / 0" in text   # lines of the whole cell
-    assert "python.py" not in text                                               # no frames of the tool
+    assert 'File "<python>", line 3, in f' in text and "return v / 0" in text  # lines of the whole cell
+    assert "python.py" not in text  # no frames of the tool
 
 
 def test_syntax_error() -> None:
@@ -79,7 +85,7 @@ def test_finish_runs_the_code_only_if_nothing_ran() -> None:
     assert tool.finish({"code": "print('once')"}) == "once\n"
     tool = PythonTool().for_call()
     tool.on_line("print('once')")
-    assert tool.finish({"code": "print('once')"}) == "once\n"   # not run a second time
+    assert tool.finish({"code": "print('once')"}) == "once\n"  # not run a second time
 
 
 def test_each_call_has_a_fresh_namespace() -> None:

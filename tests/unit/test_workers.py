@@ -1,6 +1,7 @@
 """WorkerPool: results and timings, parallel calls and queueing, rejection, cancel, crashes,
 limits (CPU, memory, file writes) and clean shutdown. One pool serves most tests; each test
 leaves it idle."""
+
 from __future__ import annotations
 
 import ctypes
@@ -38,8 +39,13 @@ class EchoTool(Tool):
         self.seen.append(line)
 
     def finish(self, args: dict[str, Any]) -> Any:
-        return {"seen": self.seen, "args": args, "pid": os.getpid(), "cwd": os.getcwd(),
-                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+        return {
+            "seen": self.seen,
+            "args": args,
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        }
 
 
 class WaitTool(Tool):
@@ -98,8 +104,13 @@ class UnloadableTool(Tool):
 _ids = itertools.count()
 
 
-def run_call(pool: WorkerPool, name: str, fields: dict[str, Any] | None = None,
-             lines: tuple[str, ...] = (), args: dict[str, Any] | None = None) -> ToolResult:
+def run_call(
+    pool: WorkerPool,
+    name: str,
+    fields: dict[str, Any] | None = None,
+    lines: tuple[str, ...] = (),
+    args: dict[str, Any] | None = None,
+) -> ToolResult:
     """Open a call, send its fields and lines, finish it and wait for its result."""
     call_id = open_call(pool, name)
     for key, value in (fields or {}).items():
@@ -144,8 +155,11 @@ def assert_healthy(pool: WorkerPool) -> None:
 
 def children() -> set[int]:
     """Live child processes, less multiprocessing's resource tracker (shared; exits with us)."""
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())}
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+    }
 
 
 # ---- own pools (first, while no other pool holds the forkserver) ---------------------------
@@ -163,13 +177,13 @@ def test_close_leaves_no_worker_process() -> None:
     pool.start()
     workers = {w.process.pid for w in pool._workers}
     assert workers <= children()
-    call_id = open_call(pool, "echo")                  # a busy worker stops too
+    call_id = open_call(pool, "echo")  # a busy worker stops too
     server_pid = forkserver._forkserver._forkserver_pid
     pool.close()
-    pool.close()                                       # idempotent
+    pool.close()  # idempotent
     alive = children()
     assert not workers & alive
-    if worker_procs._num_open_pools == 0:            # the last pool stops the forkserver too
+    if worker_procs._num_open_pools == 0:  # the last pool stops the forkserver too
         assert server_pid not in alive and forkserver._forkserver._forkserver_pid is None
     with pytest.raises(KeyError):
         pool.finish(call_id, {})
@@ -194,7 +208,7 @@ def test_result_and_hook_delays(pool: WorkerPool) -> None:
     before = time.perf_counter()
     result = run_call(pool, "echo", fields={"a": 1, "b": [2, 3]}, lines=("x = 1",))
     assert not result.is_error
-    content = eval(result.content.replace("null", "None"))   # JSON of plain values
+    content = eval(result.content.replace("null", "None"))  # JSON of plain values
     assert content["seen"] == ["a=1", "b=[2, 3]", "x = 1"]
     assert content["args"] == {"a": 1, "b": [2, 3]}
     assert len(result.hook_delays_s) == 3 and all(0 <= d < 1 for d in result.hook_delays_s)
@@ -205,22 +219,22 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     call_id = open_call(pool, "python")
     pool.send_line(call_id, "import time", time.perf_counter())
     pool.poll(0.0)
-    assert [w.num_unbegun for w in pool._workers] == [0, 0]      # the worker has taken both
-    assert pool.num_running == 0                                 # ... and run them: short hooks
+    assert [w.num_unbegun for w in pool._workers] == [0, 0]  # the worker has taken both
+    assert pool.num_running == 0  # ... and run them: short hooks
     pool.send_line(call_id, "time.sleep(2)", time.perf_counter())
     pool.poll(0.0)
-    assert pool.num_running == 1                                 # a long one is still running
-    pool.send_line(call_id, "x = 1", time.perf_counter())       # queued behind the sleep
+    assert pool.num_running == 1  # a long one is still running
+    pool.send_line(call_id, "x = 1", time.perf_counter())  # queued behind the sleep
     start = time.perf_counter()
     pool.poll(0.0)
-    assert time.perf_counter() - start < 1.0                     # the hand-off wait is capped
+    assert time.perf_counter() - start < 1.0  # the hand-off wait is capped
     assert sorted(w.num_unbegun for w in pool._workers) == [0, 1]
     pool.finish(call_id, {"code": "import time\ntime.sleep(2)\nx = 1"})
     result = wait_results(pool, {call_id})[call_id]
     assert not result.is_error and len(result.hook_queued_s) == 3
-    assert result.hook_queued_s[2] > 1.0                         # "x = 1" waited for the sleep
+    assert result.hook_queued_s[2] > 1.0  # "x = 1" waited for the sleep
     assert result.hook_delays_s[2] - result.hook_queued_s[2] < 1.0
-    deadline = time.perf_counter() + 10                          # its Idle follows the result
+    deadline = time.perf_counter() + 10  # its Idle follows the result
     while pool.num_running and time.perf_counter() < deadline:
         pool.poll(0.05)
     assert pool.num_running == 0
@@ -230,20 +244,20 @@ def test_hand_off_keeps_a_result_that_arrives_for_the_next_poll(pool: WorkerPool
     call_id = open_call(pool, "echo")
     pool.send_field(call_id, "a", 1, time.perf_counter())
     pool.finish(call_id, {"a": 1})
-    pool.hand_off()                           # the short call runs and ends within the wait
-    assert all(w.num_unbegun == 0 for w in pool._workers)     # (its worker is discarded already)
+    pool.hand_off()  # the short call runs and ends within the wait
+    assert all(w.num_unbegun == 0 for w in pool._workers)  # (its worker is discarded already)
     results = pool.poll(0.0)
     assert [r.call_id for r in results] == [call_id] and not results[0].is_error
-    assert pool.poll(0.0) == []               # handed out once
+    assert pool.poll(0.0) == []  # handed out once
 
 
 def test_a_finished_call_gives_its_core_back_before_its_idle_arrives(pool: WorkerPool) -> None:
     call_id = open_call(pool, "python")
-    code = "for i in range(3000): open(f'f{i}', 'w').close()"     # removing them delays the Idle
+    code = "for i in range(3000): open(f'f{i}', 'w').close()"  # removing them delays the Idle
     pool.send_line(call_id, code, time.perf_counter())
     pool.finish(call_id, {"code": code})
     assert not wait_results(pool, {call_id})[call_id].is_error
-    assert pool.num_running == 0              # the engine would otherwise decode on a thread fewer
+    assert pool.num_running == 0  # the engine would otherwise decode on a thread fewer
 
 
 def test_num_computing_counts_a_hook_on_the_cpu_but_not_one_that_waits(pool: WorkerPool) -> None:
@@ -252,13 +266,13 @@ def test_num_computing_counts_a_hook_on_the_cpu_but_not_one_that_waits(pool: Wor
     for line in ("import time", "time.sleep(0.6)", busy):
         pool.send_line(call_id, line, time.perf_counter())
     pool.poll(0.05)
-    assert pool.num_running == 1 and pool.num_computing() == 1      # not measured yet: counted
+    assert pool.num_running == 1 and pool.num_computing() == 1  # not measured yet: counted
     pool.poll(0.2)
-    assert pool.num_computing() == 0                                # asleep for the whole window
-    pool.poll(0.5)                                                  # the sleep ends, the loop starts
+    assert pool.num_computing() == 0  # asleep for the whole window
+    pool.poll(0.5)  # the sleep ends, the loop starts
     pool.num_computing()
     pool.poll(0.2)
-    assert pool.num_computing() == 1                                # on the CPU for the whole window
+    assert pool.num_computing() == 1  # on the CPU for the whole window
     pool.finish(call_id, {"code": f"import time\ntime.sleep(0.6)\n{busy}"})
     assert not wait_results(pool, {call_id})[call_id].is_error
     assert pool.num_computing() == 0
@@ -268,7 +282,7 @@ def test_a_hook_of_a_tool_that_waits_leaves_the_cores_to_the_forward_pass(pool: 
     call_id = open_call(pool, "wait")
     pool.send_field(call_id, "s", 0.5, time.perf_counter())
     pool.poll(0.05)
-    assert pool.num_running == 1 and pool.num_computing() == 0     # not cpu_bound: not counted
+    assert pool.num_running == 1 and pool.num_computing() == 0  # not cpu_bound: not counted
     pool.finish(call_id, {"s": 0.5})
     assert wait_results(pool, {call_id})[call_id].content == "waited"
 
@@ -287,7 +301,7 @@ def test_parallel_calls_and_queueing(pool: WorkerPool) -> None:
         pool.finish(call_id, {})
     results = wait_results(pool, {first, second})
     assert len(workers) == 2 and all(not results[c].is_error for c in (first, second))  # side by side
-    wait_until(pool, lambda: pool.num_queued == 0)     # a fresh worker (each serves one call) takes it
+    wait_until(pool, lambda: pool.num_queued == 0)  # a fresh worker (each serves one call) takes it
     assert (pool.num_busy, pool.num_queued) == (1, 0)  # the queued call got a worker
     pool.finish(third, {"k": "queued"})
     result = wait_results(pool, {third})[third]
@@ -300,14 +314,14 @@ def test_rejection_is_reported_at_once(pool: WorkerPool) -> None:
     pool.send_field(call_id, "n", -1, time.perf_counter())
     result = wait_results(pool, {call_id})[call_id]
     assert result.rejected and result.is_error and result.content == "n must be >= 0, got -1"
-    pool.send_field(call_id, "m", 2, time.perf_counter())   # later messages are dropped
+    pool.send_field(call_id, "m", 2, time.perf_counter())  # later messages are dropped
     pool.finish(call_id, {"n": -1, "m": 2})
     assert pool.poll(0.1) == [] and pool.num_busy == 0
     assert run_call(pool, "reject", fields={"n": 1}).content == "accepted"
 
 
 def test_hook_error_is_the_result(pool: WorkerPool) -> None:
-    result = run_call(pool, "reject", fields={"n": "text"})   # "text" < 0 raises TypeError
+    result = run_call(pool, "reject", fields={"n": "text"})  # "text" < 0 raises TypeError
     assert result.is_error and not result.rejected and result.content.startswith("TypeError: ")
 
 
@@ -318,7 +332,7 @@ def test_cancel_frees_the_worker(pool: WorkerPool) -> None:
     restarts = pool.num_restarts
     while pool.num_busy:
         assert pool.poll(0.5) == []
-    assert pool.num_restarts == restarts               # acknowledged, not killed
+    assert pool.num_restarts == restarts  # acknowledged, not killed
     assert_healthy(pool)
 
 
@@ -328,7 +342,7 @@ def test_cancel_of_a_stuck_call_replaces_its_worker(pool: WorkerPool) -> None:
     pool.cancel(call_id)
     restarts = pool.num_restarts
     while pool.num_restarts == restarts:
-        assert pool.poll(0.5) == []                     # no result for a cancelled call
+        assert pool.poll(0.5) == []  # no result for a cancelled call
     assert_healthy(pool)
 
 
@@ -346,7 +360,9 @@ def test_crash_gives_an_error_and_a_new_worker(pool: WorkerPool, crash: str) -> 
 
 def test_endless_loop_hits_the_cpu_limit(pool: WorkerPool) -> None:
     result = python(pool, "print('before')", "while True: pass", "print('after')")
-    assert result.is_error and ("CPU time limit exceeded" in result.content or "TimeoutError" in result.content)
+    assert result.is_error and (
+        "CPU time limit exceeded" in result.content or "TimeoutError" in result.content
+    )
     assert "after" not in result.content
     assert_healthy(pool)
 
@@ -365,7 +381,7 @@ def test_huge_allocation_is_a_memory_error(pool: WorkerPool) -> None:
     restarts = pool.num_restarts
     result = python(pool, "x = bytearray(10 * 2**30)")
     assert result.is_error and "MemoryError" in result.content
-    assert pool.num_restarts == restarts                # the worker survived
+    assert pool.num_restarts == restarts  # the worker survived
     assert_healthy(pool)
 
 
@@ -380,7 +396,7 @@ def test_writes_outside_the_temp_dir_are_refused(pool: WorkerPool, target: str) 
 
 
 def test_the_forkserver_socket_is_out_of_reach(pool: WorkerPool) -> None:
-    address = forkserver._forkserver._forkserver_address     # it would fork unconfined processes
+    address = forkserver._forkserver._forkserver_address  # it would fork unconfined processes
     result = python(pool, "import socket", f"socket.socket(socket.AF_UNIX).connect({address!r})")
     assert result.is_error and "PermissionError" in result.content
 
@@ -392,36 +408,51 @@ def _landlock_abi() -> int:
 @pytest.mark.skipif(_landlock_abi() <= 0, reason="the kernel has no Landlock")
 def test_landlock_refuses_writes_that_bypass_python(pool: WorkerPool) -> None:
     target = "/tmp/conveyor-escape-test.txt"
-    code = f"import ctypes; ctypes.CDLL(None).open({target.encode()!r}, 0o101, 0o644)"   # O_WRONLY|O_CREAT
+    code = f"import ctypes; ctypes.CDLL(None).open({target.encode()!r}, 0o101, 0o644)"  # O_WRONLY|O_CREAT
     assert python(pool, code).content == "-1"
     assert not os.path.exists(target)
 
 
 def test_writes_inside_the_call_directory_work(pool: WorkerPool) -> None:
-    result = python(pool, "open('out.txt', 'w').write('hello')", "print(open('out.txt').read())",
-                    "import sqlite3; db = sqlite3.connect('db.sqlite')",
-                    "db.execute('create table t (x)'); db.execute('insert into t values (42)')",
-                    "db.execute('select x from t').fetchone()[0]",
-                    "import tempfile; tempfile.NamedTemporaryFile().name.startswith(tempfile.gettempdir())")
+    result = python(
+        pool,
+        "open('out.txt', 'w').write('hello')",
+        "print(open('out.txt').read())",
+        "import sqlite3; db = sqlite3.connect('db.sqlite')",
+        "db.execute('create table t (x)'); db.execute('insert into t values (42)')",
+        "db.execute('select x from t').fetchone()[0]",
+        "import tempfile; tempfile.NamedTemporaryFile().name.startswith(tempfile.gettempdir())",
+    )
     assert result.content == "hello\nTrue", result.content
-    for _ in range(3):   # a fresh directory per call; a worker removes its last one before the next
-        result = python(pool, "import os", "calls = [d for d in os.listdir('..') if d.startswith('call-')]",
-                        "os.listdir('.'), calls == [os.path.basename(os.getcwd())]")
+    for _ in range(3):  # a fresh directory per call; a worker removes its last one before the next
+        result = python(
+            pool,
+            "import os",
+            "calls = [d for d in os.listdir('..') if d.startswith('call-')]",
+            "os.listdir('.'), calls == [os.path.basename(os.getcwd())]",
+        )
         assert result.content == "([], True)"
 
 
 def test_the_python_tool_refuses_a_sandbox_with_a_missing_layer_unless_unsafe_tools() -> None:
     from conveyor.tools.sandbox import Report
 
-    lacking = Report(("seccomp filter",), (("namespaces", "unshare: Operation not permitted"), ("landlock", "no")))
-    for config, registry, refused in ((CONFIG, [PythonTool()], True),
-                                      (ToolConfig(num_workers=1, unsafe_tools=True), [PythonTool()], False),
-                                      (CONFIG, [EchoTool()], False)):       # tools without requires_isolation
+    lacking = Report(
+        ("seccomp filter",), (("namespaces", "unshare: Operation not permitted"), ("landlock", "no"))
+    )
+    for config, registry, refused in (
+        (CONFIG, [PythonTool()], True),
+        (ToolConfig(num_workers=1, unsafe_tools=True), [PythonTool()], False),
+        (CONFIG, [EchoTool()], False),
+    ):  # tools without requires_isolation
         pool = WorkerPool(ToolRegistry(registry), config)
         pool.report = lacking
         if refused:
-            with pytest.raises(RuntimeError, match=r"'python' needs an isolated sandbox.*missing namespaces "
-                                                   r"\(unshare: Operation not permitted\).*--unsafe-tools"):
+            with pytest.raises(
+                RuntimeError,
+                match=r"'python' needs an isolated sandbox.*missing namespaces "
+                r"\(unshare: Operation not permitted\).*--unsafe-tools",
+            ):
                 pool._check_isolation()
         else:
             pool._check_isolation()
@@ -434,19 +465,25 @@ def test_no_state_survives_into_the_next_call_of_the_same_zygote() -> None:
         if pool._workers[0].control is None:
             pytest.skip("no namespaces here: each call gets a fresh worker")
         zygote_pid = pool._workers[0].process.pid
-        leave = python(pool, "import ctypes, math, os, subprocess, sys, threading, time",
-                       "open('/sandbox/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x')",
-                       "threading.Thread(target=time.sleep, args=(60,), name='left', daemon=True).start()",
-                       "math.sqrt = lambda x: 'patched'",
-                       "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
-                       "shm = ctypes.CDLL(None).shmget(0, 4096, 0o1600)",     # IPC_PRIVATE | IPC_CREAT
-                       "print(shm >= 0, math.sqrt(1), len(os.listdir('/proc')) > 3)")
+        leave = python(
+            pool,
+            "import ctypes, math, os, subprocess, sys, threading, time",
+            "open('/sandbox/left', 'w').write('x'); open('/dev/shm/left', 'w').write('x')",
+            "threading.Thread(target=time.sleep, args=(60,), name='left', daemon=True).start()",
+            "math.sqrt = lambda x: 'patched'",
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])",
+            "shm = ctypes.CDLL(None).shmget(0, 4096, 0o1600)",  # IPC_PRIVATE | IPC_CREAT
+            "print(shm >= 0, math.sqrt(1), len(os.listdir('/proc')) > 3)",
+        )
         assert leave.content.strip() == "True patched True", leave.content
         wait_until(pool, lambda: pool.num_idle == 1)
-        found = python(pool, "import math, os, threading",
-                       "others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, 2, os.getpid())]",
-                       "sorted(set(os.listdir('/sandbox')) - {os.path.basename(os.getcwd())}), os.listdir('/dev/shm'), "
-                       "[t.name for t in threading.enumerate() if t.name == 'left'], math.sqrt(1), others, "
-                       "len(open('/proc/sysvipc/shm').readlines())")
-        assert found.content == "([], [], [], 1.0, [], 1)", found.content    # the header line only
-        assert pool._workers[0].process.pid == zygote_pid and pool.num_restarts == 0   # the same zygote
+        found = python(
+            pool,
+            "import math, os, threading",
+            "others = [p for p in os.listdir('/proc') if p.isdigit() and int(p) not in (1, 2, os.getpid())]",
+            "sorted(set(os.listdir('/sandbox')) - {os.path.basename(os.getcwd())}), os.listdir('/dev/shm'), "
+            "[t.name for t in threading.enumerate() if t.name == 'left'], math.sqrt(1), others, "
+            "len(open('/proc/sysvipc/shm').readlines())",
+        )
+        assert found.content == "([], [], [], 1.0, [], 1)", found.content  # the header line only
+        assert pool._workers[0].process.pid == zygote_pid and pool.num_restarts == 0  # the same zygote

@@ -2,6 +2,7 @@
 own. These tests run in the test process (the host's or the server's PID namespace), so the
 signal is always replaced by a recorder: a real kill(-1) here would kill every process of the
 machine. reset() itself runs only inside real sandboxed workers (tests/unit/test_workers.py)."""
+
 from __future__ import annotations
 
 import os
@@ -34,15 +35,18 @@ def test_the_server_is_not_confined() -> None:
 
 @pytest.mark.parametrize("outer", [(), "ours"])
 def test_reset_outside_a_pid_namespace_of_its_own_signals_and_wipes_nothing(
-        sent: list[tuple[int, int]], tmp_path: Path, outer: Any) -> None:
+    sent: list[tuple[int, int]], tmp_path: Path, outer: Any
+) -> None:
     (tmp_path / "kept").write_text("x")
     assert not zygote.reset(str(tmp_path), zygote.outer_pid_namespaces() if outer == "ours" else outer)
     assert sent == []
     assert (tmp_path / "kept").read_text() == "x"
 
 
-def test_a_namespace_of_its_own_is_not_enough(sent: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    other = (zygote.own_pid_namespace() + 1,)      # as if the server were elsewhere
+def test_a_namespace_of_its_own_is_not_enough(
+    sent: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = (zygote.own_pid_namespace() + 1,)  # as if the server were elsewhere
     if os.getppid() != 1:
         assert zygote.confined(other) == "its parent is not its PID namespace's init"
     monkeypatch.setattr(os, "getppid", lambda: 1)
@@ -53,8 +57,9 @@ def test_a_namespace_of_its_own_is_not_enough(sent: list[tuple[int, int]], monke
     assert sent == []
 
 
-def test_a_confined_process_signals_every_other_one(sent: list[tuple[int, int]],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_confined_process_signals_every_other_one(
+    sent: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     other = (zygote.own_pid_namespace() + 1,)
     monkeypatch.setattr(os, "getppid", lambda: 1)
     monkeypatch.setattr(os, "getpid", lambda: 2)

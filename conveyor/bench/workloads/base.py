@@ -1,5 +1,6 @@
 """What a workload is: cases (prompt, tools offered, call format, a correctness check) and the
 tool objects the engine must serve for them. Plain data; the runner drives them."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,15 +25,15 @@ class Case:
     max_tokens: int = 400
     check: Check = field(default=lambda results, text: bool(results) and not results[0].is_error)
     rejects: bool = False
-    max_tool_rounds: int | None = None        # None: the engine's default
+    max_tool_rounds: int | None = None  # None: the engine's default
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadOptions:
     """Knobs shared by the workloads."""
 
-    search_latency_ms: float = 100.0     # injected round trip of each search-service request
-    corpus_limit: int = 0                # 0: every stdlib docstring; tests use a few hundred
+    search_latency_ms: float = 100.0  # injected round trip of each search-service request
+    corpus_limit: int = 0  # 0: every stdlib docstring; tests use a few hundred
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
 """Calculator: arithmetic expressions. The tool takes microseconds, so partial execution has
 nothing to overlap: the expected gain is near zero, and the benchmark checks for no regression."""
+
 from __future__ import annotations
 
 from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system, user

@@ -12,6 +12,7 @@ Two measures, because the two engines compute at different speeds:
 
 Pairs are read from `round_details`, which lists each pair's two rounds one after the other.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,12 @@ def compare(data: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[st
             continue
         saved, base_saved = median(pair_savings(row)), median(pair_savings(base))
         rows[name] = {
-            "reduction": row["reduction"], "baseline_reduction": base["reduction"],
-            "saved_s": round(saved, 4), "baseline_saved_s": round(base_saved, 4),
-            "ideal_saving_s": round(_ideal_s(row), 4), "baseline_ideal_saving_s": round(_ideal_s(base), 4),
+            "reduction": row["reduction"],
+            "baseline_reduction": base["reduction"],
+            "saved_s": round(saved, 4),
+            "baseline_saved_s": round(base_saved, 4),
+            "ideal_saving_s": round(_ideal_s(row), 4),
+            "baseline_ideal_saving_s": round(_ideal_s(base), 4),
             "kept_share": _ratio(row["reduction"], base["reduction"]),
             "kept_seconds": _ratio(saved, base_saved),
         }
@@ -56,7 +60,9 @@ def compare(data: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[st
 
 def _ideal_s(row: dict[str, Any]) -> float:
     """Median ideal saving of the lazy rounds (rows written before it was kept per round: from the medians)."""
-    ideal = [d["ideal_saving_s"] for d in row["round_details"] if d["mode"] == "lazy" and "ideal_saving_s" in d]
+    ideal = [
+        d["ideal_saving_s"] for d in row["round_details"] if d["mode"] == "lazy" and "ideal_saving_s" in d
+    ]
     return median(ideal) if ideal else row["ideal_reduction"] * row["lazy_s"]
 
 
@@ -66,13 +72,30 @@ def _ratio(value: float, base: float) -> float | None:
 
 def print_comparison(console: Console, rows: dict[str, dict[str, Any]], title: str) -> None:
     table = Table(title=title)
-    for column in ("workload", "reduction", "baseline", "kept (share)", "saved s / pair", "baseline s",
-                   "kept (seconds)", "ideal s", "baseline ideal s"):
+    for column in (
+        "workload",
+        "reduction",
+        "baseline",
+        "kept (share)",
+        "saved s / pair",
+        "baseline s",
+        "kept (seconds)",
+        "ideal s",
+        "baseline ideal s",
+    ):
         table.add_column(column)
     for name, r in rows.items():
-        table.add_row(name, f"{r['reduction']:.1%}", f"{r['baseline_reduction']:.1%}", _pct(r["kept_share"]),
-                      f"{r['saved_s']:.2f}", f"{r['baseline_saved_s']:.2f}", _pct(r["kept_seconds"]),
-                      f"{r['ideal_saving_s']:.2f}", f"{r['baseline_ideal_saving_s']:.2f}")
+        table.add_row(
+            name,
+            f"{r['reduction']:.1%}",
+            f"{r['baseline_reduction']:.1%}",
+            _pct(r["kept_share"]),
+            f"{r['saved_s']:.2f}",
+            f"{r['baseline_saved_s']:.2f}",
+            _pct(r["kept_seconds"]),
+            f"{r['ideal_saving_s']:.2f}",
+            f"{r['baseline_ideal_saving_s']:.2f}",
+        )
     console.print(table)
 
 
@@ -82,8 +105,12 @@ def _pct(value: float | None) -> str:
 
 def add_comparison(data: dict[str, Any], baseline: dict[str, Any], source: str) -> dict[str, Any]:
     """Put the comparison with the run `baseline` (read from `source`) into `data["baseline"]`."""
-    data["baseline"] = {"source": source, "date": baseline.get("date"), "backend": baseline.get("backend"),
-                        "workloads": compare(data, baseline)}
+    data["baseline"] = {
+        "source": source,
+        "date": baseline.get("date"),
+        "backend": baseline.get("backend"),
+        "workloads": compare(data, baseline),
+    }
     return data
 
 
@@ -92,8 +119,9 @@ def main() -> None:
     parser.add_argument("run", help="a `conveyor bench workloads` JSON (updated in place)")
     parser.add_argument("baseline", help="the JSON of the run to compare with")
     args = parser.parse_args()
-    data = add_comparison(json.loads(Path(args.run).read_text()), json.loads(Path(args.baseline).read_text()),
-                          args.baseline)
+    data = add_comparison(
+        json.loads(Path(args.run).read_text()), json.loads(Path(args.baseline).read_text()), args.baseline
+    )
     write_json(Path(args.run), data)
     print_comparison(Console(), data["baseline"]["workloads"], f"{args.run} against {args.baseline}")
 

@@ -1,6 +1,7 @@
 """The search workload's corpus: docstrings of the Python standard library installed on this
 machine (read with `ast`, nothing imported), ranked with BM25 (`bm25s`). Duck-types
 `search_service.Corpus` (`documents`, `search`), so `SearchServer` serves it as is."""
+
 from __future__ import annotations
 
 import ast
@@ -10,8 +11,23 @@ from typing import Any
 
 from conveyor.bench.search_service import Document
 
-STDLIB_PACKAGES = ("json", "sqlite3", "http", "email", "asyncio", "collections", "concurrent", "logging",
-                   "urllib", "xml", "zipfile", "importlib", "unittest", "multiprocessing", "pathlib")
+STDLIB_PACKAGES = (
+    "json",
+    "sqlite3",
+    "http",
+    "email",
+    "asyncio",
+    "collections",
+    "concurrent",
+    "logging",
+    "urllib",
+    "xml",
+    "zipfile",
+    "importlib",
+    "unittest",
+    "multiprocessing",
+    "pathlib",
+)
 MIN_CHARS = 40
 
 
@@ -19,7 +35,8 @@ def stdlib_documents(limit: int = 0) -> list[Document]:
     """Module, class and function docstrings of the standard library (first `limit` if > 0)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py")) + sorted(
-        p for name in STDLIB_PACKAGES for p in (root / name).rglob("*.py") if "test" not in p.parts)
+        p for name in STDLIB_PACKAGES for p in (root / name).rglob("*.py") if "test" not in p.parts
+    )
     documents: list[Document] = []
     for path in files:
         module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
@@ -36,11 +53,16 @@ def _docstrings(path: Path, module: str) -> list[Document]:
         return []
     found = [(module, ast.get_docstring(tree))]
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+        if isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        ) and not node.name.startswith("_"):
             found.append((f"{module}.{node.name}", ast.get_docstring(node)))
             if isinstance(node, ast.ClassDef):
-                found += [(f"{module}.{node.name}.{m.name}", ast.get_docstring(m)) for m in node.body
-                          if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_")]
+                found += [
+                    (f"{module}.{node.name}.{m.name}", ast.get_docstring(m))
+                    for m in node.body
+                    if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_")
+                ]
     return [Document(name, name, doc) for name, doc in found if doc and len(doc) >= MIN_CHARS]
 
 
@@ -70,6 +92,13 @@ class Bm25Corpus:
         for index, score in zip(indices[0], scores[0]):
             if score > 0:
                 doc = self.documents[self._ids[int(index)]]
-                hits.append({"id": doc.id, "title": doc.title, "snippet": doc.text[:160],
-                             "score": round(float(score), 4), "url": f"/docs/{doc.id}"})
+                hits.append(
+                    {
+                        "id": doc.id,
+                        "title": doc.title,
+                        "snippet": doc.text[:160],
+                        "score": round(float(score), 4),
+                        "url": f"/docs/{doc.id}",
+                    }
+                )
         return hits

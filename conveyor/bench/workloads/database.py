@@ -1,6 +1,7 @@
 """Database: a real SQLite database built from scikit-learn's bundled tables (iris, wine,
 diabetes, breast cancer), opened at CallStart, the query run the moment its field completes.
 Queries take milliseconds: the expected gain is near zero (no regression is the goal)."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,12 @@ from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_re
 from conveyor.config import cache_root
 from conveyor.tools.builtin.sqlite import SQLiteTool
 
-DATASETS = {"iris": ("load_iris", "species"), "wine": ("load_wine", "cultivar"),
-            "diabetes": ("load_diabetes", "progression"), "breast_cancer": ("load_breast_cancer", "diagnosis")}
+DATASETS = {
+    "iris": ("load_iris", "species"),
+    "wine": ("load_wine", "cultivar"),
+    "diabetes": ("load_diabetes", "progression"),
+    "breast_cancer": ("load_breast_cancer", "diagnosis"),
+}
 SYSTEM = "Answer questions about the database with one SQL query through the sqlite tool, then answer in one sentence."
 TASK = "What is the average petal length (cm) of each iris species? Give the species names."
 
@@ -34,7 +39,7 @@ def database_path() -> Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    if not path.stat().st_mode & 0o004:     # mkstemp made it 0600: the tool's sandbox uid must read it
+    if not path.stat().st_mode & 0o004:  # mkstemp made it 0600: the tool's sandbox uid must read it
         path.chmod(0o644)
     return path
 
@@ -47,8 +52,10 @@ def _add_table(conn: sqlite3.Connection, table: str, loader: str, target: str) -
     names = getattr(data, "target_names", None)
     kind = "TEXT" if names is not None else "REAL"
     conn.execute(f"CREATE TABLE {table} ({', '.join(f'{c} REAL' for c in columns)}, {target} {kind})")
-    rows = [[*map(float, x), str(names[int(y)]) if names is not None else float(y)]
-            for x, y in zip(data.data, data.target)]
+    rows = [
+        [*map(float, x), str(names[int(y)]) if names is not None else float(y)]
+        for x, y in zip(data.data, data.target)
+    ]
     conn.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * (len(columns) + 1))})", rows)
 
 

@@ -8,6 +8,7 @@ top of the engine's own time between steps. Everything else (scheduler, detokeni
 model's tokenizer and chat template) is the real engine: the tools see the stream timing of
 a GPU server. This is an emulation of the decode clock, and is labelled as such.
 """
+
 from __future__ import annotations
 
 import time
@@ -62,8 +63,8 @@ def replay_factory(turns: list[list[int]]) -> Any:
 class Pace:
     """The emulated decode clock."""
 
-    token_latency_ms: float = 20.0       # one decode step (batch 1)
-    prefill_ms_per_token: float = 0.1    # each prompt token a step prefills
+    token_latency_ms: float = 20.0  # one decode step (batch 1)
+    prefill_ms_per_token: float = 0.1  # each prompt token a step prefills
 
 
 class PacedRunner:
@@ -77,14 +78,15 @@ class PacedRunner:
         self.eos_token_id = eos_token_id
         self.args = ModelArgs.from_dir(model_dir)
         self.num_blocks = num_blocks
-        self._deadline: float | None = None     # when the last step's emulated time was up
-        self._returned = 0.0                    # when the last step actually returned
+        self._deadline: float | None = None  # when the last step's emulated time was up
+        self._returned = 0.0  # when the last step actually returned
 
     @classmethod
     def factory(cls, pace: Pace, eos_token_id: int, num_blocks: int = 4096) -> Any:
         """A `runner_factory` for LLMEngine."""
-        return lambda model_config, cache_config, model_dir: cls(pace, eos_token_id, model_dir,
-                                                                 cache_config.num_blocks or num_blocks)
+        return lambda model_config, cache_config, model_dir: cls(
+            pace, eos_token_id, model_dir, cache_config.num_blocks or num_blocks
+        )
 
     def execute(self, out: Any) -> list[int | None]:
         """The step's tokens, returned when the step's emulated time is up: the previous step's

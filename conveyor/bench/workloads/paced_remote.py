@@ -10,6 +10,7 @@ stream in its `replay` field (the bench's per-turn constraint); the first comes 
 longest shared prefix with an earlier prompt) does not hold, the others every `token_latency_ms`.
 A stop token ends the turn ("stop"), `max_tokens` ("length"); a client that goes away stops it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,9 @@ START_S = 120.0
 MAX_CACHED_PROMPTS = 32
 
 
-def start_paced_engine(model_dir: Path, pace: Pace, stop_token_ids: list[int]) -> tuple[str, Callable[[], None]]:
+def start_paced_engine(
+    model_dir: Path, pace: Pace, stop_token_ids: list[int]
+) -> tuple[str, Callable[[], None]]:
     """Start the stand-in in a child process; returns its URL and a function that stops it."""
     return start_service(_serve, (str(model_dir), pace, stop_token_ids), "the paced stand-in engine", START_S)
 
@@ -58,16 +61,20 @@ class _PacedEngine:
         """Prompt tokens and how many of them the emulated prefix cache holds."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         with self._lock:
-            cached = max((len(os.path.commonprefix([ids, p])) for p in self._prompts), default=0)   # any sequences
+            cached = max(
+                (len(os.path.commonprefix([ids, p])) for p in self._prompts), default=0
+            )  # any sequences
             self._prompts = [ids, *self._prompts][:MAX_CACHED_PROMPTS]
-        return len(ids), min(cached, len(ids) - 1)      # the last prompt token is always computed
+        return len(ids), min(cached, len(ids) - 1)  # the last prompt token is always computed
 
     def turn(self, body: dict[str, Any]) -> tuple[list[tuple[float, str]], str, dict[str, Any]]:
         """The deltas of one turn, each with its due time, its finish reason and its usage."""
         num_prompt, cached = self.admit(body["prompt"])
         replay, max_tokens = list(body.get("replay") or []), int(body.get("max_tokens") or 16)
-        due = time.perf_counter() + (self.pace.token_latency_ms + self.pace.prefill_ms_per_token
-                                     * (num_prompt - cached)) / 1000
+        due = (
+            time.perf_counter()
+            + (self.pace.token_latency_ms + self.pace.prefill_ms_per_token * (num_prompt - cached)) / 1000
+        )
         detokenizer, deltas = Detokenizer(self.tokenizer, []), []
         for token in replay[:max_tokens]:
             if token in self.stop_token_ids:
@@ -77,10 +84,13 @@ class _PacedEngine:
             due += self.pace.token_latency_ms / 1000
         else:
             finish = "length" if len(replay) >= max_tokens else "stop"
-        if deltas and (tail := detokenizer.flush()):                # an incomplete character
+        if deltas and (tail := detokenizer.flush()):  # an incomplete character
             deltas.append((deltas[-1][0], tail))
-        usage = {"prompt_tokens": num_prompt, "completion_tokens": len(detokenizer.ids),
-                 "prompt_tokens_details": {"cached_tokens": cached}}
+        usage = {
+            "prompt_tokens": num_prompt,
+            "completion_tokens": len(detokenizer.ids),
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
         return deltas, finish, usage
 
 

@@ -1,5 +1,6 @@
 """Planning: LLMCompiler-style plans (`1. search("...")` ... `join()` `<END_OF_PLAN>`) over the
 search service; each step runs as soon as its line and the steps it refers to (`$N`) are done."""
+
 from __future__ import annotations
 
 from conveyor.bench.workloads.base import Case, Workload, WorkloadOptions, ok_results, system
@@ -21,8 +22,10 @@ Plan:
 <END_OF_PLAN>
 
 After the results come back, answer in two sentences."""
-TASK = ("Question: How do I parse command-line options, how do I read a CSV file, and how do I copy a file "
-        "with its metadata?\nPlan:")
+TASK = (
+    "Question: How do I parse command-line options, how do I read a CSV file, and how do I copy a file "
+    "with its metadata?\nPlan:"
+)
 
 
 def _check(results, text: str) -> bool:
@@ -33,7 +36,15 @@ def _check(results, text: str) -> bool:
 
 def build(options: WorkloadOptions) -> Workload:
     url, stop = start_service(options)
-    case = Case("planning", (system(SYSTEM), {"role": "user", "content": TASK}), ("search", "calculator"),
-                call_format="plan", tool_choice="auto", max_tokens=300, check=_check, max_tool_rounds=1)
+    case = Case(
+        "planning",
+        (system(SYSTEM), {"role": "user", "content": TASK}),
+        ("search", "calculator"),
+        call_format="plan",
+        tool_choice="auto",
+        max_tokens=300,
+        check=_check,
+        max_tool_rounds=1,
+    )
     tools = [SearchTool(url, fetch_chars=PAGE_CHARS), CalculatorTool()]
     return Workload("planning", [case], tools, [stop])

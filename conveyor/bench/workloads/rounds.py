@@ -5,6 +5,7 @@ The ideal's events are stamped with the engine step that sampled the token compl
 field or line (the text of the turn's tokens so far, decoded whole, is fed to a fresh parser),
 not with when the engine's text reached the benchmark: a delay inside the engine (a
 detokenizer holding text back) would otherwise shrink the ideal together with the gain."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ from typing import Any
 
 from conveyor.bench.workloads.base import Case
 from conveyor.bench.workloads.timing import CallTiming, TurnTiming, ideal_saving_s
-from conveyor.tools.driver import Span
 from conveyor.tools.base import ToolRejected, ToolResult
+from conveyor.tools.driver import Span
 from conveyor.tools.parsers import CallStart, FieldDone, Line, make_parser, parse_step
 
 
@@ -29,14 +30,14 @@ class Round:
     text: str
     results: list[ToolResult]
     timeline: list[Span]
-    turns: list[list[int]]                                  # output token ids, per model turn
-    token_times: list[list[float]] = field(default_factory=lambda: [[]])   # when each token's step returned
-    deltas: list[tuple[float, int, str]] = field(default_factory=list)   # (time, turn, text)
+    turns: list[list[int]]  # output token ids, per model turn
+    token_times: list[list[float]] = field(default_factory=lambda: [[]])  # when each token's step returned
+    deltas: list[tuple[float, int, str]] = field(default_factory=list)  # (time, turn, text)
     results_by_turn: dict[int, list[ToolResult]] = field(default_factory=dict)
     correct: bool = False
     ideal_saving_s: float = 0.0
-    ideal_by_text_s: float = 0.0       # the same, events timed by when the engine's text arrived (the old way)
-    loadavg_1m: float = 0.0            # the machine's load when the round ended (other work disturbs timings)
+    ideal_by_text_s: float = 0.0  # the same, events timed by when the engine's text arrived (the old way)
+    loadavg_1m: float = 0.0  # the machine's load when the round ended (other work disturbs timings)
 
     @property
     def valid_call(self) -> bool:
@@ -47,9 +48,16 @@ class Round:
 def run_case(engine: Any, case: Case, tool_mode: str, params: dict, constraint: Any = None) -> Round:
     """Run `case` once to completion on `engine` (no other requests in flight)."""
     start = time.perf_counter()
-    rid = engine.add_request(list(case.messages), params, tools=list(case.tools), tool_choice=case.tool_choice,
-                             tool_mode=tool_mode, call_format=case.call_format, constraint=constraint,
-                             max_tool_rounds=case.max_tool_rounds)
+    rid = engine.add_request(
+        list(case.messages),
+        params,
+        tools=list(case.tools),
+        tool_choice=case.tool_choice,
+        tool_mode=tool_mode,
+        call_format=case.call_format,
+        constraint=constraint,
+        max_tool_rounds=case.max_tool_rounds,
+    )
     run = Round(case.name, tool_mode, 0.0, "", [], [], [[]])
     while engine.has_unfinished:
         for out in engine.step():
@@ -82,8 +90,9 @@ def _relative(result: ToolResult, start: float) -> ToolResult:
     return replace(result, started_at=result.started_at - start, done_at=result.done_at - start)
 
 
-def lazy_turns(run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None,
-               stop: tuple[str, ...] = ()) -> list[TurnTiming]:
+def lazy_turns(
+    run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None, stop: tuple[str, ...] = ()
+) -> list[TurnTiming]:
     """The turns of a lazy round that ended with calls, as TurnTimings. With `tokenizer` (and
     token ids in the round) events are timed by the step that sampled their last token; else
     (remote rounds carry no token ids) by when their text arrived."""
@@ -102,13 +111,15 @@ def lazy_turns(run: Round, call_format: str, tools: dict[str, Any], tokenizer: A
     return turns
 
 
-def ideal_of(run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None,
-             stop: tuple[str, ...] = ()) -> float:
+def ideal_of(
+    run: Round, call_format: str, tools: dict[str, Any], tokenizer: Any = None, stop: tuple[str, ...] = ()
+) -> float:
     return sum(ideal_saving_s(t) for t in lazy_turns(run, call_format, tools, tokenizer, stop))
 
 
-def token_events(call_format: str, tokens: list[int], times: list[float], tokenizer: Any,
-                 stop: tuple[str, ...] = ()) -> list[tuple[float, Any]]:
+def token_events(
+    call_format: str, tokens: list[int], times: list[float], tokenizer: Any, stop: tuple[str, ...] = ()
+) -> list[tuple[float, Any]]:
     """The parser's events for a turn's tokens, each stamped with the time of the step that
     sampled the token whose text completed it: the text of tokens[:k], whole characters only and
     cut at a stop string (as the engine's detokenizer cuts it), is fed as soon as token k exists."""
@@ -120,10 +131,10 @@ def token_events(call_format: str, tokens: list[int], times: list[float], tokeni
         cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
         if cut == len(text) and (text.endswith("\ufffd") or len(text) <= len(fed)):
             continue
-        events += [(at, e) for e in parser.feed(text[len(fed):cut])]
+        events += [(at, e) for e in parser.feed(text[len(fed) : cut])]
         fed = text[:cut]
         if cut < len(text):
-            break          # a stop string: the engine's text ends here
+            break  # a stop string: the engine's text ends here
     return events + [(times[-1] if times else 0.0, e) for e in parser.close()]
 
 
@@ -135,15 +146,18 @@ def _timed_events(call_format: str, deltas: list[tuple[float, str]]) -> list[tup
     return events + [(last, e) for e in parser.close()]
 
 
-def _call_timings(events: list[tuple[float, Any]], results: list[ToolResult], decode_end: float,
-                  tools: dict[str, Any]) -> tuple[list[CallTiming], float | None]:
+def _call_timings(
+    events: list[tuple[float, Any]], results: list[ToolResult], decode_end: float, tools: dict[str, Any]
+) -> tuple[list[CallTiming], float | None]:
     """Per call (per plan step for plans): its first field or line, and its lazy run."""
     calls: list[CallTiming] = []
     reject_s = None
     for index, result in enumerate(results):
-        mine = [(t, e) for t, e in events if getattr(e, "index", None) == index and not isinstance(e, CallStart)]
+        mine = [
+            (t, e) for t, e in events if getattr(e, "index", None) == index and not isinstance(e, CallStart)
+        ]
         pieces = [(t, e) for t, e in mine if isinstance(e, (FieldDone, Line))]
-        if result.name == "plan":      # steps start at the plan's end in lazy mode
+        if result.name == "plan":  # steps start at the plan's end in lazy mode
             steps = [t for t, e in pieces if (s := parse_step(e.text)) is not None and s.tool != "join"]
             calls += [CallTiming(t, decode_end, result.done_at) for t in steps]
             continue

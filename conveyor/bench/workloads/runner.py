@@ -1,5 +1,6 @@
 """`conveyor bench workloads`: each case in lazy and partial mode, alternating, in paced or live
 mode; per case the latencies, the reduction, the ideal reduction and the success rate."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ from conveyor.config import EngineConfig
 
 RECORDED = Path(__file__).parent / "recorded"
 MODES = ("paced", "live")
-STOP = "<tool_response>"     # the small model tends to write a tool result itself after the real one
+STOP = "<tool_response>"  # the small model tends to write a tool result itself after the real one
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +33,18 @@ class BenchOptions:
     workloads: tuple[str, ...] = tuple(BUILDERS)
     pace: Pace = Pace()
     workload: WorkloadOptions = WorkloadOptions()
-    temperature: float = 0.0              # live mode; each lazy/partial pair shares a seed
-    recorded_dir: Path = RECORDED         # paced mode reads fixtures here; live mode writes them (record=True)
+    temperature: float = 0.0  # live mode; each lazy/partial pair shares a seed
+    recorded_dir: Path = RECORDED  # paced mode reads fixtures here; live mode writes them (record=True)
     record: bool = False
-    paced_remote: bool = False            # paced mode through RemoteEngine and a stand-in remote engine
+    paced_remote: bool = False  # paced mode through RemoteEngine and a stand-in remote engine
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be paced or live, got {self.mode!r}")
         if self.rounds < 1 or self.rounds % 2 == 0:
-            raise ValueError(f"rounds must be odd and >= 1 (the median is then a measured pair), got {self.rounds}")
+            raise ValueError(
+                f"rounds must be odd and >= 1 (the median is then a measured pair), got {self.rounds}"
+            )
         unknown = set(self.workloads) - set(BUILDERS)
         if unknown:
             raise ValueError(f"unknown workloads {sorted(unknown)}; choose from {', '.join(BUILDERS)}")
@@ -63,7 +66,7 @@ def run_workloads(config: EngineConfig, options: BenchOptions) -> dict[str, list
                         rounds[case.name] = _run_pairs(engine, case, tools, options, progress, task)
             finally:
                 workload.close()
-                gc.collect()        # free this engine's model and KV before the next one loads
+                gc.collect()  # free this engine's model and KV before the next one loads
     return rounds
 
 
@@ -95,10 +98,14 @@ def _paced_remote_engine(config: EngineConfig, workload: Workload, options: Benc
     from conveyor.bench.workloads.paced_remote import start_paced_engine
     from conveyor.engine.model.loader import resolve_model
 
-    url, stop = start_paced_engine(resolve_model(config.model.model, progress=False), options.pace, [_eos_of(config)])
+    url, stop = start_paced_engine(
+        resolve_model(config.model.model, progress=False), options.pace, [_eos_of(config)]
+    )
     try:
         backend = dataclasses.replace(config.backend, backend=url, backend_dialect="none")
-        with RemoteEngine(dataclasses.replace(config, backend=backend), progress=False, tools=workload.tools) as engine:
+        with RemoteEngine(
+            dataclasses.replace(config, backend=backend), progress=False, tools=workload.tools
+        ) as engine:
             yield engine
     finally:
         stop()
@@ -107,12 +114,15 @@ def _paced_remote_engine(config: EngineConfig, workload: Workload, options: Benc
 def _eos_of(config: EngineConfig) -> int:
     from conveyor.engine.model.loader import resolve_model
 
-    eos = json.loads((resolve_model(config.model.model, progress=False) / "config.json").read_text())["eos_token_id"]
+    eos = json.loads((resolve_model(config.model.model, progress=False) / "config.json").read_text())[
+        "eos_token_id"
+    ]
     return eos[0] if isinstance(eos, list) else eos
 
 
-def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOptions, progress: Progress,
-               task: Any) -> list[Round]:
+def _run_pairs(
+    engine: Any, case: Case, tools: dict[str, Any], options: BenchOptions, progress: Progress, task: Any
+) -> list[Round]:
     """A discarded warm-up pair, then `rounds` measured pairs; the mode that goes first alternates."""
     turns = _fixture(options.recorded_dir, case.name)["turns"] if options.mode == "paced" else None
     max_tokens = sum(map(len, turns)) + 8 if turns else case.max_tokens
@@ -121,11 +131,15 @@ def _run_pairs(engine: Any, case: Case, tools: dict[str, Any], options: BenchOpt
     for number in range(-1, options.rounds):
         order = ("lazy", "partial") if number % 2 == 0 else ("partial", "lazy")
         for tool_mode in order:
-            params = {"max_tokens": max_tokens, "temperature": options.temperature, "seed": max(number, 0),
-                      "stop": [STOP]}
+            params = {
+                "max_tokens": max_tokens,
+                "temperature": options.temperature,
+                "seed": max(number, 0),
+                "stop": [STOP],
+            }
             run = run_case(engine, case, tool_mode, params, _replay(turns, options.paced_remote))
             if number < 0:
-                continue        # the warm-up: first imports, page cache, prompt KV, for both modes alike
+                continue  # the warm-up: first imports, page cache, prompt KV, for both modes alike
             if tool_mode == "lazy":
                 run.ideal_saving_s = ideal_of(run, case.call_format, tools, tokenizer, (STOP,))
                 run.ideal_by_text_s = ideal_of(run, case.call_format, tools)
@@ -157,6 +171,11 @@ def _record(directory: Path, case: Case, runs: list[Round]) -> None:
     """Keep a lazy round's tokens (a full turn even where partial mode cuts it), a correct one if any."""
     lazy = [r for r in runs if r.tool_mode == "lazy"]
     best = next((r for r in lazy if r.correct), lazy[0])
-    data = {"case": case.name, "correct": best.correct, "turns": best.turns, "text": "".join(d[2] for d in best.deltas),
-            "results": [r.content[:400] for r in best.results]}
+    data = {
+        "case": case.name,
+        "correct": best.correct,
+        "turns": best.turns,
+        "text": "".join(d[2] for d in best.deltas),
+        "results": [r.content[:400] for r in best.results],
+    }
     write_json(directory / f"{case.name}.json", data)

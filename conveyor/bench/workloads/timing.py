@@ -12,6 +12,7 @@ turn whose call a tool rejects (`reject_s`: when the rejected field was decoded)
 end there: everything between that event and the tools' end in lazy mode is saved.
 The ideal reduction is the sum over turns divided by the lazy completion time.
 """
+
 from __future__ import annotations
 
 import statistics

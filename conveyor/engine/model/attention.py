@@ -8,6 +8,7 @@ Query heads that share a KV head are folded into the query-length axis, which
 lets SDPA's CPU kernel run GQA without copying keys (10x faster than
 ``enable_gqa`` here for decodes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,33 +20,43 @@ import torch.nn.functional as F
 @dataclass(slots=True)
 class PrefillSegment:
     """One request's prefill chunk: ``num_tokens`` query rows at ``start`` in the step's tokens."""
+
     start: int
     num_tokens: int
-    num_cached: int                      # tokens of this request already in the cache before the chunk
-    block_table: torch.Tensor            # [num_blocks_of_request]
-    mask: torch.Tensor | None            # [group * num_tokens, num_cached + num_tokens]; None: plain causal
+    num_cached: int  # tokens of this request already in the cache before the chunk
+    block_table: torch.Tensor  # [num_blocks_of_request]
+    mask: torch.Tensor | None  # [group * num_tokens, num_cached + num_tokens]; None: plain causal
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     """Everything attention needs for one step, built once and shared by all layers."""
-    slot_mapping: torch.Tensor           # [num_tokens] flat cache slot of each token's KV
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each token's KV
     num_decodes: int = 0
-    decode_block_tables: torch.Tensor | None = None   # [num_decodes, max_blocks]
-    decode_mask: torch.Tensor | None = None           # [num_decodes, 1, 1, max_blocks * block_size]
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size]
     prefills: list[PrefillSegment] = field(default_factory=list)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the step's keys and values ``[num_tokens, num_kv_heads, head_dim]`` in their slots."""
     num_kv_heads, head_dim = k.shape[1:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """Attention for a mixed step. ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are
     the step's own keys and values, which this stores in their cache slots first. Runs in the
     cache's dtype; returns ``[num_tokens, num_heads * head_dim]`` in ``q``'s dtype."""
@@ -55,47 +66,65 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     if meta.num_decodes:
-        out[:meta.num_decodes] = _decode(q[:meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.num_tokens)
         out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, seg, scale)
     return out.to(act_dtype)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    keys = _gather(k_cache, meta.decode_block_tables)       # [batch, kv_heads, ctx, dim]
+    keys = _gather(k_cache, meta.decode_block_tables)  # [batch, kv_heads, ctx, dim]
     values = _gather(v_cache, meta.decode_block_tables)
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=meta.decode_mask, scale=scale)
     return o.reshape(batch, num_heads * head_dim)
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, seg: PrefillSegment, scale: float) -> torch.Tensor:
+def _prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seg: PrefillSegment,
+    scale: float,
+) -> torch.Tensor:
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     if seg.mask is None:
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-        o = F.scaled_dot_product_attention(qt.unsqueeze(0), kt.unsqueeze(0), vt.unsqueeze(0),
-                                           is_causal=True, scale=scale, enable_gqa=group > 1)
+        o = F.scaled_dot_product_attention(
+            qt.unsqueeze(0),
+            kt.unsqueeze(0),
+            vt.unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=group > 1,
+        )
         return o[0].transpose(0, 1).reshape(n, num_heads * head_dim)
     ctx = seg.num_cached + n
     keys = _gather(k_cache, seg.block_table[None])[:, :, :ctx]
     values = _gather(v_cache, seg.block_table[None])[:, :, :ctx]
     # fold heads of a group into rows: row g * n + i is query i of head g of the group
-    qg = q.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * n, head_dim)
+    qg = (
+        q.view(n, num_kv_heads, group, head_dim)
+        .permute(1, 2, 0, 3)
+        .reshape(1, num_kv_heads, group * n, head_dim)
+    )
     o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=seg.mask, scale=scale)
     return o.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads * head_dim)
 
 
 def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     batch = block_tables.shape[0]
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    blocks = cache[block_tables]                             # [batch, max_blocks, block_size, kv_heads, dim]
+    _, _, num_kv_heads, head_dim = cache.shape
+    blocks = cache[block_tables]  # [batch, max_blocks, block_size, kv_heads, dim]
     return blocks.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
 
 

@@ -1,6 +1,7 @@
 """De-quantize a GGUF checkpoint with transformers into bf16 safetensors and tokenizer files
 beside it, or (native weights) only check it and write its config and tokenizer files beside it;
 the loader decides where, and makes the directory appear atomically."""
+
 from __future__ import annotations
 
 import functools
@@ -39,7 +40,7 @@ def convert_gguf(gguf: Path, progress: bool, console: Console) -> None:
     from conveyor.engine.model.gguf_check import open_gguf
 
     build_dir = gguf.parent
-    open_gguf(gguf)             # a tensor outside the file or overlapping another: refused, named
+    open_gguf(gguf)  # a tensor outside the file or overlapping another: refused, named
     architecture = gguf_architecture(gguf)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +102,11 @@ def _quiet_transformers() -> Iterator[None]:
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging
 
-    verbosity, bars_were_on, tqdm = logging.get_verbosity(), logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    verbosity, bars_were_on, tqdm = (
+        logging.get_verbosity(),
+        logging.is_progress_bar_enabled(),
+        gguf_utils.tqdm,
+    )
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     # The GGUF loader calls tqdm directly, past transformers' own progress-bar switch.

@@ -2,6 +2,7 @@
 bytes inside the file and not overlapping the next, a known type, rows of whole blocks, and
 every tensor the model needs present with the shape its header's config implies. A bad file is
 refused with ``BadGGUF`` naming the tensor."""
+
 from __future__ import annotations
 
 import functools
@@ -27,9 +28,19 @@ if TYPE_CHECKING:
     from conveyor.engine.model.llama import ModelArgs
 
 PLAIN = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-_ITEM_BYTES = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1, GGUFValueType.UINT16: 2,
-               GGUFValueType.INT16: 2, GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-               GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+_ITEM_BYTES = {
+    GGUFValueType.UINT8: 1,
+    GGUFValueType.INT8: 1,
+    GGUFValueType.BOOL: 1,
+    GGUFValueType.UINT16: 2,
+    GGUFValueType.INT16: 2,
+    GGUFValueType.UINT32: 4,
+    GGUFValueType.INT32: 4,
+    GGUFValueType.FLOAT32: 4,
+    GGUFValueType.UINT64: 8,
+    GGUFValueType.INT64: 8,
+    GGUFValueType.FLOAT64: 8,
+}
 
 
 class BadGGUF(UnsupportedGGUF):
@@ -44,13 +55,17 @@ class _Reader(GGUFReader):
     the tokenizer files come from transformers)."""
 
     def _build_fields(self, offs: int, count: int) -> int:
-        if self.byte_order == "S":          # a file of the other byte order: gguf reads it all
+        if self.byte_order == "S":  # a file of the other byte order: gguf reads it all
             return super()._build_fields(offs, count)
         for _ in range(count):
             (key_len,) = struct.unpack_from("<Q", self.data, offs)
             value = offs + 8 + key_len
             value_type, item_type, num_items = struct.unpack_from("<IIQ", self.data, value)
-            if value_type != GGUFValueType.ARRAY or item_type not in _ITEM_BYTES and item_type != GGUFValueType.STRING:
+            if (
+                value_type != GGUFValueType.ARRAY
+                or item_type not in _ITEM_BYTES
+                and item_type != GGUFValueType.STRING
+            ):
                 offs = super()._build_fields(offs, 1)
                 continue
             offs = value + 16
@@ -85,13 +100,17 @@ def _check_extent(name: str, field, start_offs: int, file_size: int) -> None:
         raise BadGGUF(f"tensor {name}: unknown GGML type id {int(raw_type)}") from None
     block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
     if int(dims[0]) % block_elems:
-        raise BadGGUF(f"tensor {name}: its rows of {int(dims[0])} elements are not whole {ggml_type.name} "
-                      f"blocks of {block_elems}")
+        raise BadGGUF(
+            f"tensor {name}: its rows of {int(dims[0])} elements are not whole {ggml_type.name} "
+            f"blocks of {block_elems}"
+        )
     n_bytes = int(np.prod(dims.astype(np.int64))) // block_elems * block_bytes
     begin = start_offs + int(offset)
     if begin + n_bytes > file_size:
-        raise BadGGUF(f"tensor {name} ({ggml_type.name}, {dims.tolist()}): its {n_bytes} bytes at offset {begin} "
-                      f"run past the end of the file ({file_size} bytes): the file is truncated or its header wrong")
+        raise BadGGUF(
+            f"tensor {name} ({ggml_type.name}, {dims.tolist()}): its {n_bytes} bytes at offset {begin} "
+            f"run past the end of the file ({file_size} bytes): the file is truncated or its header wrong"
+        )
 
 
 def open_gguf(path: Path) -> GGUFReader:
@@ -106,23 +125,40 @@ def open_gguf(path: Path) -> GGUFReader:
     ordered = sorted(reader.tensors, key=lambda t: t.data_offset)
     for a, b in itertools.pairwise(ordered):
         if a.data_offset + a.n_bytes > b.data_offset:
-            raise BadGGUF(f"{path}: tensor {a.name}: its {a.n_bytes} bytes overlap tensor {b.name}: the header's "
-                          "block count does not match the data")
+            raise BadGGUF(
+                f"{path}: tensor {a.name}: its {a.n_bytes} bytes overlap tensor {b.name}: the header's "
+                "block count does not match the data"
+            )
     return reader
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> (rows, columns) (or (size,)) the model needs; ``output.weight`` is
     optional (absent: tied to the embedding)."""
-    h, q, kv, inter = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim, \
-        args.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (args.vocab_size, h), "output_norm.weight": (h,),
-                                          "output.weight": (args.vocab_size, h)}
+    h, q, kv, inter = (
+        args.hidden_size,
+        args.num_heads * args.head_dim,
+        args.num_kv_heads * args.head_dim,
+        args.intermediate_size,
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (args.vocab_size, h),
+        "output_norm.weight": (h,),
+        "output.weight": (args.vocab_size, h),
+    }
     for i in range(args.num_layers):
         p = f"blk.{i}."
-        shapes |= {p + "attn_norm.weight": (h,), p + "ffn_norm.weight": (h,), p + "attn_q.weight": (q, h),
-                   p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h), p + "attn_output.weight": (h, q),
-                   p + "ffn_gate.weight": (inter, h), p + "ffn_up.weight": (inter, h), p + "ffn_down.weight": (h, inter)}
+        shapes |= {
+            p + "attn_norm.weight": (h,),
+            p + "ffn_norm.weight": (h,),
+            p + "attn_q.weight": (q, h),
+            p + "attn_k.weight": (kv, h),
+            p + "attn_v.weight": (kv, h),
+            p + "attn_output.weight": (h, q),
+            p + "ffn_gate.weight": (inter, h),
+            p + "ffn_up.weight": (inter, h),
+            p + "ffn_down.weight": (h, inter),
+        }
         if args.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
     return shapes
@@ -140,7 +176,9 @@ def check_tensors(reader: GGUFReader, args: ModelArgs, path: Path) -> dict[str, 
             continue
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
         if got != shape:
-            raise BadGGUF(f"{path}: tensor {name} has shape {list(got)}, the model's header needs {list(shape)}")
+            raise BadGGUF(
+                f"{path}: tensor {name} has shape {list(got)}, the model's header needs {list(shape)}"
+            )
         if t.tensor_type not in PLAIN and not _dequantizable(t.tensor_type):
             raise BadGGUF(f"{path}: tensor {name} has type {t.tensor_type.name}, which we cannot read")
     return tensors
@@ -153,5 +191,3 @@ def _dequantizable(ggml_type: GGMLQuantizationType) -> bool:
     except NotImplementedError:
         return False
     return True
-
-

@@ -12,6 +12,7 @@ other mixed types each keep their own product (``Concat``). The token embedding 
 file's blocks and is de-quantized per looked-up row (``qlinear.QuantEmbedding``); a tied output
 layer multiplies the same blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,11 +51,11 @@ def as_q8_0(blocks: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
     """Q4_0 / Q5_0 rows of blocks rewritten as Q8_0 rows: the same scale, the integers as int8."""
     size = GGML_QUANT_SIZES[ggml_type][1]
     b = blocks.reshape(-1, size)
-    d, qs = b[:, :2], b[:, size - 16:]
+    d, qs = b[:, :2], b[:, size - 16 :]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
     if ggml_type == GGMLQuantizationType.Q5_0:
         qh = np.ascontiguousarray(b[:, 2:6]).view("<u4")
-        q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+        q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
     out = np.empty((b.shape[0], 34), np.uint8)
     out[:, :2] = d
     out[:, 2:] = (q.astype(np.int16) - REPACKED_AS_Q8_0[ggml_type]).astype(np.int8).view(np.uint8)
@@ -66,12 +67,12 @@ class _Source:
     """The checked tensors of one file, with what became of each type (for the notice)."""
 
     tensors: dict[str, ReaderTensor]
-    row_order: dict[str, np.ndarray]          # GGUF name -> row permutation (llama's Q and K)
+    row_order: dict[str, np.ndarray]  # GGUF name -> row permutation (llama's Q and K)
     native: bool
     kept: Counter
     repacked: Counter
     dequantized: Counter
-    mapping: mmap.mmap                        # the file, mapped copy-on-write (never written)
+    mapping: mmap.mmap  # the file, mapped copy-on-write (never written)
 
     def blocks(self, name: str, to_q8_0: bool = False) -> tuple[str, np.ndarray] | None:
         """(kernel type, rows of blocks) of a tensor the kernels take as it is, or rewritten as
@@ -94,25 +95,35 @@ class _Source:
         values = values.reshape(tuple(int(d) for d in reversed(t.shape.tolist())))
         return torch.from_numpy(values[self.row_order[name]] if name in self.row_order else values.copy())
 
-    def linear(self, names: list[str], bias_names: list[str] | None,
-               scratch: Scratch) -> torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None]:
+    def linear(
+        self, names: list[str], bias_names: list[str] | None, scratch: Scratch
+    ) -> torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None]:
         """The parts fused by rows: one QuantLinear over their blocks where native and the parts
         share a kernel type (Q4_0/Q5_0 parts beside Q8_0 ones are rewritten as Q8_0); quantized
         parts of different types each keep their own (``Concat``); else the fused fp32 weight."""
         biases = [self.dense(n) for n in bias_names] if bias_names else None
         bias = torch.cat(biases) if biases else None
         parts = [self.blocks(n) for n in names] if self.native else [None]
-        if all(parts) and len({qtype for qtype, _ in parts}) > 1 and \
-                all(qtype == "Q8_0" or self.tensors[n].tensor_type in REPACKED_AS_Q8_0 for n, (qtype, _) in zip(names, parts)):
+        if (
+            all(parts)
+            and len({qtype for qtype, _ in parts}) > 1
+            and all(
+                qtype == "Q8_0" or self.tensors[n].tensor_type in REPACKED_AS_Q8_0
+                for n, (qtype, _) in zip(names, parts)
+            )
+        ):
             parts = [self.blocks(n, to_q8_0=True) for n in names]
         if not all(parts):
-            self.dequantized.update(self.tensors[n].tensor_type.name for n in names
-                                    if self.tensors[n].tensor_type not in PLAIN)
+            self.dequantized.update(
+                self.tensors[n].tensor_type.name for n in names if self.tensors[n].tensor_type not in PLAIN
+            )
             weight = torch.cat([self.dense(n) for n in names])
             self.release(names)
             return weight, bias
         for n, (qtype, _) in zip(names, parts):
-            (self.kept if qtype == self.tensors[n].tensor_type.name else self.repacked)[self.tensors[n].tensor_type.name] += 1
+            (self.kept if qtype == self.tensors[n].tensor_type.name else self.repacked)[
+                self.tensors[n].tensor_type.name
+            ] += 1
         k = int(self.tensors[names[0]].shape[0])
         if len({qtype for qtype, _ in parts}) == 1:
             blocks = parts[0][1] if len(parts) == 1 else np.concatenate([b for _, b in parts])
@@ -120,8 +131,16 @@ class _Source:
                 self.release(names)
             return QuantLinear(QuantWeight(parts[0][0], torch.from_numpy(blocks), k), bias, scratch)
         self.release([n for n, (_, b) in zip(names, parts) if b is not self.tensors[n].data])
-        return Concat([QuantLinear(QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(b)), k),
-                                   biases[i] if biases else None, scratch) for i, (qtype, b) in enumerate(parts)])
+        return Concat(
+            [
+                QuantLinear(
+                    QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(b)), k),
+                    biases[i] if biases else None,
+                    scratch,
+                )
+                for i, (qtype, b) in enumerate(parts)
+            ]
+        )
 
     def release(self, names: list[str]) -> None:
         """Drop the mapped pages of tensors the model now holds a copy of (fused, reordered,
@@ -136,11 +155,17 @@ class _Source:
 
     def notice(self, path: Path) -> None:
         if self.native and self.dequantized:
-            log.warning("%s: no native kernels for %s: de-quantized at load", path.name,
-                        ", ".join(f"{t} ({n} tensors)" for t, n in sorted(self.dequantized.items())))
+            log.warning(
+                "%s: no native kernels for %s: de-quantized at load",
+                path.name,
+                ", ".join(f"{t} ({n} tensors)" for t, n in sorted(self.dequantized.items())),
+            )
         if self.repacked:
-            log.info("%s: %s rewritten as Q8_0 without loss", path.name,
-                     ", ".join(f"{t} ({n} tensors)" for t, n in sorted(self.repacked.items())))
+            log.info(
+                "%s: %s rewritten as Q8_0 without loss",
+                path.name,
+                ", ".join(f"{t} ({n} tensors)" for t, n in sorted(self.repacked.items())),
+            )
 
 
 def _llama_row_order(args: ModelArgs) -> dict[str, np.ndarray]:
@@ -152,10 +177,16 @@ def _llama_row_order(args: ModelArgs) -> dict[str, np.ndarray]:
     def order(rows: int, heads: int) -> np.ndarray:
         return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(2, 1).reshape(rows)
 
-    q, k = order(args.num_heads * args.head_dim, args.num_heads), order(args.num_kv_heads * args.head_dim,
-                                                                           args.num_kv_heads)
-    return {f"blk.{i}.attn_{n}.{kind}": o for i in range(args.num_layers) for n, o in (("q", q), ("k", k))
-            for kind in ("weight", "bias")}
+    q, k = (
+        order(args.num_heads * args.head_dim, args.num_heads),
+        order(args.num_kv_heads * args.head_dim, args.num_kv_heads),
+    )
+    return {
+        f"blk.{i}.attn_{n}.{kind}": o
+        for i in range(args.num_layers)
+        for n, o in (("q", q), ("k", k))
+        for kind in ("weight", "bias")
+    }
 
 
 def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
@@ -164,10 +195,16 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     args = model.args
     reader = open_gguf(path)
     tensors = check_tensors(reader, args, path)
-    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), reader.data._mmap)
+    source = _Source(
+        tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), reader.data._mmap
+    )
     scratch = Scratch()
     model.norm.copy_(source.dense("output_norm.weight"))
-    head = "output.weight" if "output.weight" in tensors and not args.tie_word_embeddings else "token_embd.weight"
+    head = (
+        "output.weight"
+        if "output.weight" in tensors and not args.tie_word_embeddings
+        else "token_embd.weight"
+    )
     _set(model, "lm_head", source.linear([head], None, scratch))
     embed = tensors["token_embd.weight"]
     if native:
@@ -198,7 +235,9 @@ class Concat(torch.nn.Module):
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
-def _set(owner: torch.nn.Module, name: str, made: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None]) -> None:
+def _set(
+    owner: torch.nn.Module, name: str, made: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None]
+) -> None:
     if isinstance(made, torch.nn.Module):
         setattr(owner, name, made)
     else:

@@ -7,6 +7,7 @@ so the weights come from memory as in a decode step, not from cache. The choices
 ``$CONVEYOR_CACHE/kernels/choices-*.json``, keyed by CPU model, instruction sets, thread count,
 torch version and kernel sources; a corrupt or stale file is ignored and rewritten atomically.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,10 +29,10 @@ from conveyor.engine.model.qlinear import QuantLinear, quant_paths
 
 log = logging.getLogger("conveyor.kernels")
 TRIAL_BYTES = 64 * 2**20
-MIN_TRIAL_S = 0.02    # per path and bucket (shared machines are noisy: more trials, best one counts)
+MIN_TRIAL_S = 0.02  # per path and bucket (shared machines are noisy: more trials, best one counts)
 MAX_TRIALS = 20
 FORMAT = 3
-Choices = dict[str, dict[str, dict]]   # shape -> bucket label -> {"path": name, "ms": {path: ms}}
+Choices = dict[str, dict[str, dict]]  # shape -> bucket label -> {"path": name, "ms": {path: ms}}
 Layer = Linear | QuantLinear
 
 
@@ -41,12 +42,23 @@ def shape_key(layer: Layer) -> str:
 
 def cache_key() -> dict:
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))
-    return {"format": FORMAT, "cpu": cpu_model(), "flags": flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "kernels": source_digest(), "quant_kernels": quant.source_digest()}
+    return {
+        "format": FORMAT,
+        "cpu": cpu_model(),
+        "flags": flags,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "kernels": source_digest(),
+        "quant_kernels": quant.source_digest(),
+    }
 
 
-def choose_kernels(layers: Iterable[Layer], act_dtype: torch.dtype = torch.float32, forced: str = "auto",
-                   forced_quant: str = "auto") -> Choices:
+def choose_kernels(
+    layers: Iterable[Layer],
+    act_dtype: torch.dtype = torch.float32,
+    forced: str = "auto",
+    forced_quant: str = "auto",
+) -> Choices:
     """Give every CPU layer its path per bucket (``forced``: one path for all bf16/fp32 layers,
     ``forced_quant``: one for all quantized ones); returns shape -> bucket -> choice.
     ``act_dtype``: the activations the layers will see."""
@@ -56,8 +68,12 @@ def choose_kernels(layers: Iterable[Layer], act_dtype: torch.dtype = torch.float
             groups.setdefault(layer.shape_key, []).append(layer)
     if not groups:
         return {}
-    force = {key: forced_quant if isinstance(group[0], QuantLinear) else forced for key, group in groups.items()}
-    choices = {key: _forced(force[key], group[0], act_dtype) for key, group in groups.items() if force[key] != "auto"}
+    force = {
+        key: forced_quant if isinstance(group[0], QuantLinear) else forced for key, group in groups.items()
+    }
+    choices = {
+        key: _forced(force[key], group[0], act_dtype) for key, group in groups.items() if force[key] != "auto"
+    }
     auto = {key: group for key, group in groups.items() if force[key] == "auto"}
     if auto:
         choices.update(_cached_or_measured(auto, act_dtype))
@@ -73,7 +89,9 @@ def _forced(path: str, layer: Layer, act_dtype: torch.dtype) -> dict[str, dict]:
     reasons = layer.path_reasons(act_dtype)
     flag = "--quant-kernel" if isinstance(layer, QuantLinear) else "--linear-kernel"
     if path not in reasons:
-        raise ValueError(f"{flag} {path} is not a path for {layer.shape_key}; choose auto or one of {', '.join(reasons)}")
+        raise ValueError(
+            f"{flag} {path} is not a path for {layer.shape_key}; choose auto or one of {', '.join(reasons)}"
+        )
     if reasons[path]:
         raise ValueError(f"{flag} {path} cannot run: {reasons[path]}")
     return {label: {"path": path, "ms": {}} for label, _ in BUCKETS}
@@ -81,7 +99,9 @@ def _forced(path: str, layer: Layer, act_dtype: torch.dtype) -> dict[str, dict]:
 
 def _cached_or_measured(groups: dict[str, list[Layer]], act_dtype: torch.dtype) -> Choices:
     key = {**cache_key(), "activations": str(act_dtype).removeprefix("torch.")}
-    path = cache_root() / "kernels" / f"choices-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    path = (
+        cache_root() / "kernels" / f"choices-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    )
     cached = _read(path, key)
     usable = {k: v for k, v in cached.items() if k in groups and _still_runs(v, groups[k][0], act_dtype)}
     missing = [k for k in groups if k not in usable]
@@ -89,7 +109,9 @@ def _cached_or_measured(groups: dict[str, list[Layer]], act_dtype: torch.dtype) 
         return usable
     from rich.console import Console
 
-    status = Console(stderr=True).status(f"timing the matmul paths for {len(missing)} weight shapes (once per machine)")
+    status = Console(stderr=True).status(
+        f"timing the matmul paths for {len(missing)} weight shapes (once per machine)"
+    )
     with status, torch.inference_mode():
         measured = {k: _measure(groups[k], act_dtype) for k in missing}
     _write(path, key, {**cached, **measured})
@@ -134,20 +156,27 @@ def _measure(group: list[Layer], act_dtype: torch.dtype) -> dict[str, dict]:
     reasons = first.path_reasons(act_dtype)
     candidates = [p for p, reason in reasons.items() if reason is None]
     if len(candidates) > 1 and isinstance(first, Linear) and first.weight.dtype != act_dtype:
-        candidates.remove("torch")   # it widens the whole weight per call: the last resort, not a contender
+        candidates.remove("torch")  # it widens the whole weight per call: the last resort, not a contender
     # Kernels that round activations to 8 bits changed the tiny models' greedy tokens against fp32
     # (tests/engine/test_gguf_native.py): they run only when --quant-kernel names them.
     candidates = [p for p in candidates if quant.ACTIVATIONS.get(p, "fp32") == "fp32"]
-    layers = group[:max(1, -(-TRIAL_BYTES // first.nbytes))]
+    layers = group[: max(1, -(-TRIAL_BYTES // first.nbytes))]
     products = {p: [layer.product(p) for layer in layers] for p in candidates}
     result = {}
     for label, rows in BUCKETS:
-        ms = {p: t * 1e3 for p, t in _race(products, torch.randn(rows, first.in_features).to(act_dtype)).items()}
+        ms = {
+            p: t * 1e3 for p, t in _race(products, torch.randn(rows, first.in_features).to(act_dtype)).items()
+        }
         result[label] = {"path": min(ms, key=ms.__getitem__), "ms": {p: round(t, 4) for p, t in ms.items()}}
-    for p, reason in reasons.items():      # a kernel that should have run here: say what runs instead
+    for p, reason in reasons.items():  # a kernel that should have run here: say what runs instead
         if reason and ("self-check" in reason or "build" in reason):
-            log.warning("linear kernel %s is not used: %s; %s runs %s instead", p, reason, first.shape_key,
-                        ", ".join(sorted({c["path"] for c in result.values()})))
+            log.warning(
+                "linear kernel %s is not used: %s; %s runs %s instead",
+                p,
+                reason,
+                first.shape_key,
+                ", ".join(sorted({c["path"] for c in result.values()})),
+            )
     return result
 
 
@@ -155,13 +184,14 @@ def _race(products: dict[str, list], x: torch.Tensor) -> dict[str, float]:
     """Seconds per layer of each path's fastest trial (one call per layer). Trials take turns
     across the paths, so a burst of load from elsewhere slows all of them alike; a path more than
     three times slower than the best after two rounds drops out."""
+
     def trial(fns: list) -> float:
         start = time.perf_counter()
         for fn in fns:
             fn(x)
         return (time.perf_counter() - start) / len(fns)
 
-    for fns in products.values():      # warm-up: first-call allocations, oneDNN primitive caches
+    for fns in products.values():  # warm-up: first-call allocations, oneDNN primitive caches
         trial(fns)
     best = {p: float("inf") for p in products}
     running, spent = list(products), 0.0

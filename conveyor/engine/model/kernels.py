@@ -7,6 +7,7 @@ and AVX512_BF16 (``vdpbf16ps``). Built with torch's C++ extension loader into
 once and uses PyTorch's kernels. Which kernel runs where is measured, not assumed
 (``kernel_choice.py``); a kernel whose instruction set this CPU lacks is never called.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,9 @@ def sources_digest(names: tuple[str, ...]) -> str:
     return hashlib.sha256(data + torch.__version__.encode()).hexdigest()[:12]
 
 
-def build_extension(name: str, sources: tuple[str, ...], digest: str, what: str,
-                    extra_cflags: tuple[str, ...] = ()) -> ModuleType:
+def build_extension(
+    name: str, sources: tuple[str, ...], digest: str, what: str, extra_cflags: tuple[str, ...] = ()
+) -> ModuleType:
     """Compile csrc/ ``sources`` into ``$CONVEYOR_CACHE/kernels/<name>-<digest>`` (once; a status
     line names ``what`` while a fresh build runs) and load it. Raises whatever the build raises."""
     from rich.console import Console
@@ -80,9 +82,14 @@ def build_extension(name: str, sources: tuple[str, ...], digest: str, what: str,
     fresh = not any(build_dir.glob("*.so"))
     status = Console(stderr=True).status(f"compiling the {what} (once, about a minute)")
     with status if fresh else contextlib.nullcontext():
-        return load(f"conveyor_{name}_{digest}", [str(CSRC / s) for s in sources], build_directory=str(build_dir),
-                    extra_include_paths=[str(CSRC)], extra_cflags=["-O3", "-fopenmp", *extra_cflags],
-                    extra_ldflags=["-fopenmp"])
+        return load(
+            f"conveyor_{name}_{digest}",
+            [str(CSRC / s) for s in sources],
+            build_directory=str(build_dir),
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-fopenmp", *extra_cflags],
+            extra_ldflags=["-fopenmp"],
+        )
 
 
 @functools.cache
@@ -92,6 +99,6 @@ def gemv_module() -> ModuleType | None:
         return None
     try:
         return build_extension("gemv", SOURCES, source_digest(), "bf16 decode kernels")
-    except Exception as e:  # any build failure: keep serving with PyTorch's kernels
+    except Exception as e:  # noqa: BLE001 - any build failure: keep serving with PyTorch's kernels
         warnings.warn(f"bf16 decode kernels unavailable, using PyTorch's matmuls: {e}", stacklevel=2)
         return None

@@ -6,6 +6,7 @@ real weights per shape and bucket and gives each layer its plan with ``use``. Un
 GPUs) a layer runs ``F.linear``. The stored weight keeps its dtype; paths accumulate in fp32 and
 the result takes the activations' dtype (fp32 on CPU, see ``llama.activation_dtype``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ from conveyor.engine.model.paths import PATHS, Product, make, why_not
 
 # (label, the row count it is measured at); rows above 32 (prefill chunks) are the last bucket
 BUCKETS = (("1", 1), ("2-4", 4), ("5-8", 8), ("9-16", 16), ("17-32", 32), ("33+", 64))
-_BUCKET_OF = [len(BUCKETS) - 1] + [next(i for i, (_, top) in enumerate(BUCKETS) if r <= top) for r in range(1, 33)]
+_BUCKET_OF = [len(BUCKETS) - 1] + [
+    next(i for i, (_, top) in enumerate(BUCKETS) if r <= top) for r in range(1, 33)
+]
 
 
 def bucket_of(rows: int) -> int:
@@ -26,13 +29,24 @@ def bucket_of(rows: int) -> int:
 class Linear(torch.nn.Module):
     """``y = x W^T + b`` with ``W`` of shape ``[out_features, in_features]``."""
 
-    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False,
-                 bias_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        dtype: torch.dtype,
+        bias: bool = False,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.bias = (torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype), requires_grad=False)
-                     if bias else None)
-        self.plan: list[str] | None = None       # path per bucket, once chosen
+        self.weight = torch.nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.empty(out_features, dtype=bias_dtype or dtype), requires_grad=False)
+            if bias
+            else None
+        )
+        self.plan: list[str] | None = None  # path per bucket, once chosen
         self._products: list[Product] = []
 
     def set(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -45,7 +59,9 @@ class Linear(torch.nn.Module):
 
     @property
     def shape_key(self) -> str:
-        return f"{str(self.weight.dtype).removeprefix('torch.')} {self.weight.shape[0]}x{self.weight.shape[1]}"
+        return (
+            f"{str(self.weight.dtype).removeprefix('torch.')} {self.weight.shape[0]}x{self.weight.shape[1]}"
+        )
 
     @property
     def in_features(self) -> int:
@@ -72,6 +88,6 @@ class Linear(torch.nn.Module):
         rows = x.shape[0]
         if not self._products:
             return F.linear(x, self.weight, self.bias)
-        if rows == 0:                 # a step whose chunks all stop mid-prompt samples no row
+        if rows == 0:  # a step whose chunks all stop mid-prompt samples no row
             return x.new_empty((0, self.weight.shape[0]))
         return self._products[bucket_of(rows)](x).to(x.dtype)

@@ -4,6 +4,7 @@ Differences between the two are data, not code: Qwen2 has biases on Q, K and V,
 and either may tie the output layer to the token embeddings. Q, K and V are one
 fused matrix, as are the gate and up projections, so a layer runs four matmuls.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from conveyor.engine.model.attention import AttentionMetadata, paged_attention
 from conveyor.engine.model.gguf_weights import load_gguf
 from conveyor.engine.model.linear import Linear
 
-GGUF_NAME = "model.gguf"     # a native model directory holds its GGUF under this name (loader.py)
+GGUF_NAME = "model.gguf"  # a native model directory holds its GGUF under this name (loader.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +47,23 @@ class ModelArgs:
         if arch not in ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
         rope = config.get("rope_parameters") or {}
-        scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = config.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         heads = config["num_attention_heads"]
         return cls(
-            architecture=arch, vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+            architecture=arch,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0),
-            rope_scaling=scaling, max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rope_scaling=scaling,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(config.get("attention_bias", False)),
         )
@@ -110,20 +118,28 @@ class Layer(torch.nn.Module):
         self.sizes = (q_size, kv_size, kv_size)
         self.input_norm = _vector(args.hidden_size, act_dtype)
         self.post_attention_norm = _vector(args.hidden_size, act_dtype)
-        self.qkv = Linear(q_size + 2 * kv_size, args.hidden_size, dtype, bias=args.qkv_bias, bias_dtype=act_dtype)
+        self.qkv = Linear(
+            q_size + 2 * kv_size, args.hidden_size, dtype, bias=args.qkv_bias, bias_dtype=act_dtype
+        )
         self.o_proj = Linear(args.hidden_size, q_size, dtype)
         self.gate_up = Linear(2 * args.intermediate_size, args.hidden_size, dtype)
         self.down = Linear(args.hidden_size, args.intermediate_size, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         a = self.args
         h = F.rms_norm(x, (a.hidden_size,), self.input_norm, a.rms_norm_eps)
         q, k, v = self.qkv(h).split(self.sizes, dim=-1)
         q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
         k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim ** -0.5))
+        x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim**-0.5))
         h = F.rms_norm(x, (a.hidden_size,), self.post_attention_norm, a.rms_norm_eps)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -142,8 +158,14 @@ class CausalLM(torch.nn.Module):
         self.lm_head = Linear(args.vocab_size, args.hidden_size, dtype)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
         x = self.embed(input_ids).to(self.act_dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
@@ -196,6 +218,6 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is no dict)
                 tensors[name] = f.get_tensor(name)
     return tensors

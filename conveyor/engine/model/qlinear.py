@@ -8,6 +8,7 @@ A ``QuantLinear`` holds its weight as rows of blocks (``uint8 [out_features, row
   fp32 (oneDNN / MKL) on it; for prefill chunks and large batches.
 Activations are fp32, products accumulate in fp32.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from conveyor.engine.model.linear import bucket_of
 from conveyor.engine.model.paths import Product
 
 DEQUANT = "dequant"
-TILE_BYTES = 8 * 2**20      # fp32 bytes of one de-quantized tile: stays in the last-level cache
+TILE_BYTES = 8 * 2**20  # fp32 bytes of one de-quantized tile: stays in the last-level cache
 
 
 def quant_paths() -> tuple[str, ...]:
@@ -94,12 +95,13 @@ def _dequant_product(weight: QuantWeight, scratch: Scratch) -> Product:
     def product(x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         tile = scratch.tile(rows, weight.in_features)
-        out = x.new_empty((weight.out_features, x.shape[0]))      # transposed: each tile's rows are contiguous
+        out = x.new_empty((weight.out_features, x.shape[0]))  # transposed: each tile's rows are contiguous
         for start in starts:
             stop = min(start + rows, weight.out_features)
-            w = quant.dequantize(blocks[start:stop], qtype, tile[:stop - start])
+            w = quant.dequantize(blocks[start:stop], qtype, tile[: stop - start])
             torch.mm(w, x.t(), out=out[start:stop])
         return out.t().contiguous()
+
     return product
 
 
@@ -150,7 +152,9 @@ class QuantEmbedding(torch.nn.Module):
     """Token embeddings kept as the file's blocks (any GGUF type); the rows a step looks up are
     de-quantized on lookup (gguf's numpy de-quantizer: a few rows per decode step)."""
 
-    def __init__(self, ggml_type: GGMLQuantizationType, blocks: np.ndarray, dim: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, ggml_type: GGMLQuantizationType, blocks: np.ndarray, dim: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         self.ggml_type, self.blocks, self.dim, self.dtype = ggml_type, blocks, dim, dtype
 
@@ -161,4 +165,3 @@ class QuantEmbedding(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = gguf_quants.dequantize(self.blocks[input_ids.cpu().numpy()], self.ggml_type)
         return torch.from_numpy(rows.reshape(-1, self.dim)).to(device=input_ids.device, dtype=self.dtype)
-

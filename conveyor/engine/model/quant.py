@@ -9,6 +9,7 @@ A weight of ``N`` rows and ``K`` columns is a uint8 tensor ``[N, row_bytes(qtype
 ``reference_matmul`` is the definition both are tested against: ``gguf.quants`` to fp32, then
 ``torch.matmul``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,7 @@ from conveyor.engine.model.kernels import build_extension, cpu_flags, sources_di
 @dataclass(frozen=True, slots=True)
 class QuantType:
     """One GGUF block format: ``block_elems`` weights stored in ``block_bytes`` bytes."""
+
     name: str
     ggml_type: int
     block_elems: int
@@ -43,10 +45,13 @@ def _quant_type(name: str) -> QuantType:
 # The K-quants of Q4_K_M / Q5_K_M files, and the 32-element types: the default model keeps most of
 # its matrices in Q5_0 (ffn_down in Q4_K / Q6_K, V and the output layer in Q8_0); SmolLM2 is Q4_1.
 QUANT_TYPES: dict[str, QuantType] = {
-    name: _quant_type(name) for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")}
+    name: _quant_type(name) for name in ("Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+}
 
 # The order of enum QType in csrc/quant.h.
-QTYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
+QTYPE_IDS = {
+    name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
+}
 SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp", "quant_avx512vnni.cpp")
 HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h")
 
@@ -67,7 +72,9 @@ def row_bytes(qtype: str, k: int) -> int:
     """Bytes of one weight row of ``k`` columns (``k`` must be a multiple of the block size)."""
     t = _type(qtype)
     if k <= 0 or k % t.block_elems:
-        raise ValueError(f"{qtype} needs a column count that is a positive multiple of {t.block_elems}, got {k}")
+        raise ValueError(
+            f"{qtype} needs a column count that is a positive multiple of {t.block_elems}, got {k}"
+        )
     return k // t.block_elems * t.block_bytes
 
 
@@ -89,8 +96,10 @@ def _type(qtype: str) -> QuantType:
 def _check_blocks(blocks: torch.Tensor, qtype: str, k: int) -> int:
     """The row count of ``blocks`` after checking it holds ``[N, row_bytes(qtype, k)]`` uint8."""
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
-        raise ValueError(f"blocks must be a contiguous uint8 [N, row_bytes] tensor, got {blocks.dtype} "
-                         f"{tuple(blocks.shape)}")
+        raise ValueError(
+            f"blocks must be a contiguous uint8 [N, row_bytes] tensor, got {blocks.dtype} "
+            f"{tuple(blocks.shape)}"
+        )
     check_shape(qtype, blocks.shape[0], k, blocks.numel())
     return blocks.shape[0]
 
@@ -98,7 +107,9 @@ def _check_blocks(blocks: torch.Tensor, qtype: str, k: int) -> int:
 def _columns(blocks: torch.Tensor, qtype: str) -> int:
     t = _type(qtype)
     if blocks.dim() != 2 or blocks.shape[1] % t.block_bytes:
-        raise ValueError(f"a {qtype} row is a multiple of {t.block_bytes} bytes, got shape {tuple(blocks.shape)}")
+        raise ValueError(
+            f"a {qtype} row is a multiple of {t.block_bytes} bytes, got shape {tuple(blocks.shape)}"
+        )
     return blocks.shape[1] // t.block_bytes * t.block_elems
 
 
@@ -118,7 +129,9 @@ def reference_matmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch
 def dequantize(blocks: torch.Tensor, qtype: str, out: torch.Tensor) -> torch.Tensor:
     """Write the weight's values into ``out`` (fp32 or bf16 ``[N, K]``, contiguous) and return it."""
     if out.dtype not in (torch.float32, torch.bfloat16) or out.dim() != 2 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous fp32 or bf16 [N, K] tensor, got {out.dtype} {tuple(out.shape)}")
+        raise ValueError(
+            f"out must be a contiguous fp32 or bf16 [N, K] tensor, got {out.dtype} {tuple(out.shape)}"
+        )
     n = _check_blocks(blocks, qtype, out.shape[1])
     if out.shape[0] != n:
         raise ValueError(f"out has {out.shape[0]} rows, the weight {n}")
@@ -158,7 +171,9 @@ def _missing_isa(kernel: str) -> list[str]:
 def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> torch.Tensor:
     """fp32 ``x`` [M, K] (contiguous) times the quantized weight [N, K], transposed: fp32 [M, N]."""
     if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.shape[0] < 1:
-        raise ValueError(f"x must be a contiguous fp32 [M, K] tensor with M >= 1, got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be a contiguous fp32 [M, K] tensor with M >= 1, got {x.dtype} {tuple(x.shape)}"
+        )
     _check_blocks(blocks, qtype, x.shape[1])
     if reason := qkernel_why_not(kernel, qtype):
         raise ValueError(f"kernel {kernel} cannot run: {reason}")
@@ -176,8 +191,9 @@ def quant_module() -> ModuleType | None:
         return None
     try:
         # -ffp-contract=off: de-quantized values round as gguf.quants' separate multiply and add
-        return build_extension("quant", SOURCES, source_digest(), "quantized-weight kernels",
-                               ("-ffp-contract=off",))
+        return build_extension(
+            "quant", SOURCES, source_digest(), "quantized-weight kernels", ("-ffp-contract=off",)
+        )
     except Exception as e:  # noqa: BLE001 -- any build failure: the engine keeps its de-quantize-at-load path
         warnings.warn(f"quantized-weight kernels unavailable: {e}", stacklevel=2)
         return None

@@ -1,4 +1,5 @@
 """Built-in tools, by the name they are served under (`--tools python sqlite ...`)."""
+
 from __future__ import annotations
 
 BUILTIN_TOOLS: dict[str, str] = {

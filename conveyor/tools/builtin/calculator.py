@@ -7,6 +7,7 @@ The expression is parsed with `ast` and walked by hand: numbers, `+ - * / // % *
 errors. Integers are capped at `MAX_INT_BITS` (a power is checked before it is computed,
 so `9**9**9` is an error at once rather than a CPU bomb), expressions at `MAX_CHARS`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,15 +24,30 @@ MAX_INT_BITS = 4096
 MAX_ROUND_DIGITS = 100
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
 }
 _UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf}
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "sqrt": math.sqrt, "log": math.log, "log10": math.log10, "exp": math.exp, "sin": math.sin,
-    "cos": math.cos, "tan": math.tan, "floor": math.floor, "ceil": math.ceil, "abs": abs,
-    "round": round, "min": min, "max": max,
+    "sqrt": math.sqrt,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "abs": abs,
+    "round": round,
+    "min": min,
+    "max": max,
 }
 
 
@@ -78,16 +94,24 @@ def _call(node: ast.Call) -> Number:
     if not (isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS) or node.keywords:
         raise CalculatorError(f"unknown function in {ast.unparse(node)!r}; known: {', '.join(_FUNCTIONS)}")
     args = [_eval(arg) for arg in node.args]
-    if node.func.id == "round" and len(args) == 2 and not (
-            isinstance(args[1], int) and abs(args[1]) <= MAX_ROUND_DIGITS):
+    if (
+        node.func.id == "round"
+        and len(args) == 2
+        and not (isinstance(args[1], int) and abs(args[1]) <= MAX_ROUND_DIGITS)
+    ):
         raise CalculatorError(f"round() digits must be an integer within ±{MAX_ROUND_DIGITS}")
     return _checked(_FUNCTIONS[node.func.id](*args))
 
 
 def _check_power(base: Number, exponent: Number) -> None:
     """Refuse an integer power whose result would exceed MAX_INT_BITS, before computing it."""
-    if (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1
-            and exponent * math.log2(abs(base)) > MAX_INT_BITS):
+    if (
+        isinstance(base, int)
+        and isinstance(exponent, int)
+        and exponent > 0
+        and abs(base) > 1
+        and exponent * math.log2(abs(base)) > MAX_INT_BITS
+    ):
         raise CalculatorError(f"result too large: more than {MAX_INT_BITS} bits")
 
 
@@ -106,8 +130,10 @@ class CalculatorTool(Tool):
     """Evaluates an arithmetic expression as soon as its argument is complete."""
 
     name = "calculator"
-    description = ("Evaluate an arithmetic expression: numbers, + - * / // % **, parentheses, "
-                   "pi, e, and sqrt, log, log10, exp, sin, cos, tan, floor, ceil, abs, round, min, max.")
+    description = (
+        "Evaluate an arithmetic expression: numbers, + - * / // % **, parentheses, "
+        "pi, e, and sqrt, log, log10, exp, sin, cos, tan, floor, ceil, abs, round, min, max."
+    )
     side_effects = "none"
 
     def __init__(self) -> None:

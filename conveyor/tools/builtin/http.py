@@ -11,6 +11,7 @@ that was checked, so a second DNS answer cannot redirect it. Redirects are not f
 These tools declare `network`: their workers share the host's network namespace, which the
 sandbox of other tools does not (see docs/security.md).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -43,14 +44,15 @@ class _HttpTool(Tool):
     when a base URL is known, replaced if a request goes to another origin."""
 
     side_effects = "idempotent"
-    cpu_bound = False          # its hooks wait on the network
+    cpu_bound = False  # its hooks wait on the network
     network = True
 
     def __init__(self, base_url: str | None, timeout_s: float, allowed_hosts: tuple[str, ...] = ()) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
         self.allowed_hosts = {h.lower() for h in allowed_hosts} | (
-            {urlsplit(base_url).hostname or ""} if base_url else set())
+            {urlsplit(base_url).hostname or ""} if base_url else set()
+        )
         self._conn: HTTPConnection | None = None
         self._origin: _Origin | None = None
 
@@ -75,9 +77,10 @@ class _HttpTool(Tool):
                 raise ValueError(f"not an http(s) URL: {url!r}")
             conn = kind(parts.hostname, parts.port, timeout=self.timeout_s)
             address = self._address(parts.hostname, parts.port or conn.default_port)
-            if address is not None:        # connect to the address that was checked
+            if address is not None:  # connect to the address that was checked
                 conn._create_connection = lambda addr, timeout, source: socket.create_connection(  # type: ignore[attr-defined]
-                    (address, addr[1]), timeout, source)
+                    (address, addr[1]), timeout, source
+                )
             conn.connect()
             self._conn, self._origin = conn, origin
         return self._conn
@@ -92,8 +95,10 @@ class _HttpTool(Tool):
         for address in addresses:
             ip = ipaddress.ip_address(address.split("%")[0])
             if not ip.is_global or ip.is_multicast:
-                raise PermissionError(f"{host} resolves to {address}, which is not a public address "
-                                      "(loopback, private and link-local hosts need allowed_hosts)")
+                raise PermissionError(
+                    f"{host} resolves to {address}, which is not a public address "
+                    "(loopback, private and link-local hosts need allowed_hosts)"
+                )
         return addresses[0]
 
     def _get(self, url: str, max_bytes: int) -> Response:
@@ -105,10 +110,14 @@ class _HttpTool(Tool):
         response = conn.getresponse()
         body = response.read(max_bytes + 1)
         if len(body) > max_bytes:
-            self.cancel()   # the rest stays unread: this connection cannot serve another request
+            self.cancel()  # the rest stays unread: this connection cannot serve another request
         charset = response.headers.get_content_charset() or "utf-8"
-        return Response(response.status, response.getheader("Content-Type", ""),
-                        body[:max_bytes].decode(charset, errors="replace"), len(body) > max_bytes)
+        return Response(
+            response.status,
+            response.getheader("Content-Type", ""),
+            body[:max_bytes].decode(charset, errors="replace"),
+            len(body) > max_bytes,
+        )
 
 
 class HttpGetTool(_HttpTool):
@@ -118,8 +127,14 @@ class HttpGetTool(_HttpTool):
 
     name = "http_get"
 
-    def __init__(self, base_url: str | None = None, *, timeout_s: float = 10.0, max_bytes: int = 20_000,
-                 allowed_hosts: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        max_bytes: int = 20_000,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(base_url, timeout_s, allowed_hosts)
         self.max_bytes = max_bytes
         self.description = "Fetch a web page with HTTP GET; returns the status and the body text."
@@ -150,8 +165,13 @@ class HttpGetTool(_HttpTool):
             raise ValueError(f"url must be a non-empty string, got {url!r}")
         absolute = urljoin(self.base_url or "", url)
         response = self._get(absolute, self.max_bytes)
-        return {"url": absolute, "status": response.status, "content_type": response.content_type,
-                "body": response.text, "truncated": response.truncated}
+        return {
+            "url": absolute,
+            "status": response.status,
+            "content_type": response.content_type,
+            "body": response.text,
+            "truncated": response.truncated,
+        }
 
 
 class SearchTool(_HttpTool):
@@ -162,8 +182,15 @@ class SearchTool(_HttpTool):
     name = "search"
     description = "Search the document collection; returns the best matching pages (id, title, snippet, url)."
 
-    def __init__(self, base_url: str | None = None, *, default_k: int = 3, max_k: int = 20,
-                 timeout_s: float = 10.0, fetch_chars: int = 0) -> None:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        default_k: int = 3,
+        max_k: int = 20,
+        timeout_s: float = 10.0,
+        fetch_chars: int = 0,
+    ) -> None:
         """`fetch_chars` > 0: also fetch each hit's page right after the search (on the same
         connection) and add its first `fetch_chars` characters to the hit as "text"."""
         super().__init__(base_url or os.environ.get(SEARCH_URL_ENV), timeout_s)
@@ -174,8 +201,13 @@ class SearchTool(_HttpTool):
             "type": "object",
             "properties": {
                 "query": {"type": "string", "description": "what to look for"},
-                "k": {"type": "integer", "minimum": 1, "maximum": max_k, "default": default_k,
-                      "description": "how many results"},
+                "k": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": max_k,
+                    "default": default_k,
+                    "description": "how many results",
+                },
             },
             "required": ["query"],
             "additionalProperties": False,
@@ -206,7 +238,9 @@ class SearchTool(_HttpTool):
 
     def _search(self, query: Any, k: int) -> list[Any]:
         if not self.base_url:
-            raise RuntimeError(f"no search service configured: give SearchTool a base_url or set {SEARCH_URL_ENV}")
+            raise RuntimeError(
+                f"no search service configured: give SearchTool a base_url or set {SEARCH_URL_ENV}"
+            )
         if not isinstance(query, str):
             raise TypeError(f"query must be a string, got {query!r}")
         url = self.base_url.rstrip("/") + "/search?" + urlencode({"q": query, "k": k})

@@ -9,6 +9,7 @@ cell: later statements are not run, and `finish` raises `PythonError` carrying t
 far and the traceback's last lines, so the call's result is an error (`is_error=True`) that
 the model can read. `finish` runs `args["code"]` only when no line or field ran before.
 """
+
 from __future__ import annotations
 
 import ast
@@ -25,7 +26,7 @@ from conveyor.tools.base import Tool
 
 FILENAME = "<python>"
 TRACEBACK_LINES = 20
-_MACHINERY = str(Path(__file__).resolve().parents[1])     # conveyor/tools
+_MACHINERY = str(Path(__file__).resolve().parents[1])  # conveyor/tools
 
 
 class PythonError(Exception):
@@ -38,11 +39,11 @@ class _Cell:
     def __init__(self) -> None:
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.output = io.StringIO()
-        self.last_value: str | None = None     # repr of the last statement, if a non-None expression
-        self.error: str | None = None          # traceback of the exception that stopped the cell
-        self.stopped = False                   # an exception or sys.exit(): run nothing more
+        self.last_value: str | None = None  # repr of the last statement, if a non-None expression
+        self.error: str | None = None  # traceback of the exception that stopped the cell
+        self.stopped = False  # an exception or sys.exit(): run nothing more
         self.ran = False
-        self.lines: list[str] = []             # the source run so far, for tracebacks
+        self.lines: list[str] = []  # the source run so far, for tracebacks
 
     def run(self, source: str) -> None:
         """Run the statements of `source` in order, unless an earlier one stopped the cell."""
@@ -86,7 +87,8 @@ class _Cell:
         worker's sandbox hooks)."""
         report = traceback.TracebackException(type(e), e, e.__traceback__)
         report.stack = traceback.StackSummary.from_list(
-            [f for f in report.stack if not f.filename.startswith(_MACHINERY)])
+            [f for f in report.stack if not f.filename.startswith(_MACHINERY)]
+        )
         lines = "".join(report.format()).splitlines()
         self.error = "\n".join(lines[-TRACEBACK_LINES:])
         self.stopped = True
@@ -95,8 +97,10 @@ class _Cell:
         """The cell's output and last value; raises PythonError if an exception stopped it."""
         text = self.output.getvalue()
         if self.error is not None:
-            raise PythonError("execution stopped at an exception (later statements were not run)\n"
-                              + _join(text, self.error))
+            raise PythonError(
+                "execution stopped at an exception (later statements were not run)\n"
+                + _join(text, self.error)
+            )
         return _join(text, self.last_value or "") or "(no output)"
 
 
@@ -110,20 +114,22 @@ class PythonTool(Tool):
     """Runs Python code statement by statement, as the model writes it."""
 
     name = "python"
-    description = ("Run Python code and return what it prints, plus the value of the last line if it is an "
-                   "expression (as in a notebook cell). Each top-level statement runs as soon as it is "
-                   "written, in a fresh namespace per call; an exception stops the code and returns its "
-                   "traceback. The working directory is a private temporary folder (files elsewhere cannot "
-                   "be written); CPU time, memory and file sizes are limited.")
-    parameters = {  # noqa: RUF012 - class-level schema, as in Tool
+    description = (
+        "Run Python code and return what it prints, plus the value of the last line if it is an "
+        "expression (as in a notebook cell). Each top-level statement runs as soon as it is "
+        "written, in a fresh namespace per call; an exception stops the code and returns its "
+        "traceback. The working directory is a private temporary folder (files elsewhere cannot "
+        "be written); CPU time, memory and file sizes are limited."
+    )
+    parameters = {
         "type": "object",
         "properties": {"code": {"type": "string", "description": "the Python code to run"}},
         "required": ["code"],
         "additionalProperties": False,
     }
-    side_effects = "none"     # its effects stay inside its worker and temp dir: it may run early
+    side_effects = "none"  # its effects stay inside its worker and temp dir: it may run early
     body_field = "code"
-    requires_isolation = True     # the model's code: never without the whole sandbox (docs/security.md)
+    requires_isolation = True  # the model's code: never without the whole sandbox (docs/security.md)
 
     def __init__(self) -> None:
         self._cell_state: _Cell | None = None

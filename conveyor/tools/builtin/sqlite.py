@@ -7,6 +7,7 @@ values). With no path it serves a small in-memory demo database, a fictional sho
 ships a dataset to build it from. The tool's description lists the database's tables, so
 that the model can write queries against them.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -33,8 +34,9 @@ INSERT INTO orders VALUES (1, 1, 1, 3, '2024-01-05'), (2, 1, 7, 2, '2024-01-20')
     (11, 1, 3, 1, '2024-05-03'), (12, 5, 7, 3, '2024-05-15'), (13, 6, 5, 2, '2024-06-01'),
     (14, 3, 7, 1, '2024-06-09'), (15, 4, 4, 1, '2024-06-30'), (16, 2, 8, 5, '2024-07-12');
 """
-_READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "table_list", "index_list", "index_info",
-                           "index_xinfo", "foreign_key_list"})
+_READ_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+)
 _DENIED_ACTIONS = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
 
 
@@ -47,12 +49,14 @@ class SQLiteTool(Tool):
 
     def __init__(self, path: str | None = None, *, max_rows: int = 50, timeout_s: float = 5.0) -> None:
         self.path = path
-        self.read_paths = (str(Path(path).resolve()),) if path else ()     # bound into the worker's sandbox
+        self.read_paths = (str(Path(path).resolve()),) if path else ()  # bound into the worker's sandbox
         self.max_rows = max_rows
         self.timeout_s = timeout_s
         what = "the demo shop database" if path is None else f"the SQLite database {Path(path).name}"
-        self.description = (f"Run one read-only SQL query (SQLite dialect) on {what} and get the rows back. "
-                            f"Tables:\n{_schema(self._open())}")
+        self.description = (
+            f"Run one read-only SQL query (SQLite dialect) on {what} and get the rows back. "
+            f"Tables:\n{_schema(self._open())}"
+        )
         self.parameters = {
             "type": "object",
             "properties": {"query": {"type": "string", "description": "one SELECT statement"}},
@@ -115,8 +119,11 @@ class SQLiteTool(Tool):
                 raise TimeoutError(f"the query ran longer than {self.timeout_s} s") from None
             raise
         columns = [d[0] for d in cursor.description or ()]
-        return {"columns": columns, "rows": [list(r) for r in rows[: self.max_rows]],
-                "truncated": len(rows) > self.max_rows}
+        return {
+            "columns": columns,
+            "rows": [list(r) for r in rows[: self.max_rows]],
+            "truncated": len(rows) > self.max_rows,
+        }
 
     def _over_time(self) -> int:
         """SQLite's progress handler: non-zero interrupts the running statement."""
@@ -135,8 +142,10 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, 
 def _schema(conn: sqlite3.Connection, max_chars: int = 4000) -> str:
     """The CREATE statements of the database's tables and views (closes `conn`)."""
     try:
-        rows = conn.execute("SELECT sql FROM sqlite_master WHERE type IN ('table', 'view') "
-                            "AND sql IS NOT NULL AND name NOT LIKE 'sqlite_%'").fetchall()
+        rows = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type IN ('table', 'view') "
+            "AND sql IS NOT NULL AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
     finally:
         conn.close()
     text = "\n".join(" ".join(sql.split()) + ";" for (sql,) in rows)

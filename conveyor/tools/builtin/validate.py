@@ -7,6 +7,7 @@ can correct itself before writing the rest. `finish` validates the whole object 
 fields, cross-field rules) and returns "ok", or raises with every error. The default
 instance checks `DEMO_FORM`, a sign-up form.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,14 +39,17 @@ class ValidateTool(Tool):
 
     side_effects = "none"
 
-    def __init__(self, schema: dict[str, Any] | None = None, *, name: str = "validate",
-                 description: str | None = None) -> None:
+    def __init__(
+        self, schema: dict[str, Any] | None = None, *, name: str = "validate", description: str | None = None
+    ) -> None:
         self.schema = DEMO_FORM if schema is None else schema
         validator_for(self.schema).check_schema(self.schema)
         self.name = name
         self.parameters = self.schema
         fields = ", ".join(self.schema.get("properties", {}))
-        self.description = description or f"Submit the form (fields: {fields}); each field is checked as it arrives."
+        self.description = (
+            description or f"Submit the form (fields: {fields}); each field is checked as it arrives."
+        )
         self._validator: Validator | None = None
 
     def start(self, call: CallInfo) -> None:

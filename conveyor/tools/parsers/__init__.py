@@ -20,6 +20,7 @@ that Text deltas may be cut differently (merge adjacent ones to compare).
 `lenient=False` makes "hermes" and "auto" strict: JSON calls only inside `<tool_call>` tags,
 fences and bare JSON lines are text (what an API serves unless the client opts in).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,19 +46,23 @@ class CallFormat:
     engine forces one (`markers`: its opening and closing text), and whether its calls are a
     body of lines (python, plan: not JSON, so never constrained by a grammar and not listed as
     JSON functions in the chat template)."""
+
     name: str
     parser: type[StreamParser]
     body: bool = False
     markers: tuple[str, str] = ("", "")
 
 
-HERMES_CALL = ("<tool_call>\n", "\n</tool_call>")     # the Hermes/Qwen call's start and end
-FORMATS: dict[str, CallFormat] = {f.name: f for f in (
-    CallFormat("hermes", HermesParser, markers=HERMES_CALL),
-    CallFormat("python", PythonParser, body=True),
-    CallFormat("plan", PlanParser, body=True),
-    CallFormat("auto", AutoParser, markers=HERMES_CALL),
-)}
+HERMES_CALL = ("<tool_call>\n", "\n</tool_call>")  # the Hermes/Qwen call's start and end
+FORMATS: dict[str, CallFormat] = {
+    f.name: f
+    for f in (
+        CallFormat("hermes", HermesParser, markers=HERMES_CALL),
+        CallFormat("python", PythonParser, body=True),
+        CallFormat("plan", PlanParser, body=True),
+        CallFormat("auto", AutoParser, markers=HERMES_CALL),
+    )
+}
 BODY_FORMATS = tuple(name for name, f in FORMATS.items() if f.body)
 
 
@@ -78,6 +83,19 @@ def make_parser(kind: str, lenient: bool = True) -> StreamParser:
 
 
 __all__ = [
-    "BODY_FORMATS", "FORMATS", "HERMES_CALL", "CallEnd", "CallFormat", "CallStart", "Event", "FieldDone", "Line", "PlanStep", "StreamParser", "Text",
-    "default_format", "make_parser", "parse_step",
+    "BODY_FORMATS",
+    "FORMATS",
+    "HERMES_CALL",
+    "CallEnd",
+    "CallFormat",
+    "CallStart",
+    "Event",
+    "FieldDone",
+    "Line",
+    "PlanStep",
+    "StreamParser",
+    "Text",
+    "default_format",
+    "make_parser",
+    "parse_step",
 ]

@@ -4,6 +4,7 @@ JSON calls come out exactly as `HermesParser` emits them, a python fence exactly
 `PythonParser` emits it (a call named "python", a Line per statement); call indices count
 across both formats. Inside a python fence nothing else is recognised.
 """
+
 from __future__ import annotations
 
 from conveyor.tools.parsers.base import fold
@@ -15,7 +16,7 @@ class AutoParser(HermesParser):
     """A HermesParser that also hosts python fences (see the module docstring)."""
 
     MARKERS = HERMES_MARKERS + PYTHON_MARKERS
-    STRICT_MARKERS = TAG_MARKERS + PYTHON_MARKERS     # a python fence is the python tool's own format
+    STRICT_MARKERS = TAG_MARKERS + PYTHON_MARKERS  # a python fence is the python tool's own format
 
     __slots__ = ("_body",)
 

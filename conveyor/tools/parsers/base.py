@@ -1,4 +1,5 @@
 """Character-driven parser core shared by the formats: event buffering and opening markers."""
+
 from __future__ import annotations
 
 from conveyor.tools.parsers.events import Event, Text

@@ -1,4 +1,5 @@
 """Events that the streaming call parsers emit."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

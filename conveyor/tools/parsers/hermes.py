@@ -21,6 +21,7 @@ Malformed JSON never raises: a call whose `CallStart` went out ends with
 `close()` for bare JSON); a block that never got a name is emitted as `Text`; in a list,
 malformed text outside any named element is dropped up to the block's end.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ from conveyor.tools.parsers.events import CallEnd, CallStart, FieldDone
 from conveyor.tools.parsers.jsonscan import JsonScanner, Value
 
 HERMES_MARKERS = ("<tool_call>", "```json\n", "```tool_call\n")
-TAG_MARKERS = ("<tool_call>",)          # a strict parser's only opener
+TAG_MARKERS = ("<tool_call>",)  # a strict parser's only opener
 _CLOSERS = {"<tool_call>": "</tool_call>", "```json\n": "```", "```tool_call\n": "```", "": ""}
 _ARG_KEYS = ("arguments", "parameters")
 
@@ -68,7 +69,7 @@ class HermesParser(MarkerParser):
         self._opener = opener
         self._raw: list[str] = []
         self._json_at = 0
-        self._depth = 0          # 1 when the block is a list of call objects
+        self._depth = 0  # 1 when the block is a list of call objects
         self._scanner = JsonScanner()
         self._num_block_calls = 0
         self._new_element()
@@ -127,7 +128,7 @@ class HermesParser(MarkerParser):
 
     def _json_step(self, c: str) -> None:
         for done in self._scanner.push(c):
-            if self._mode == "json":   # not when a first element gave the block back
+            if self._mode == "json":  # not when a first element gave the block back
                 self._on_done(done)
         if self._mode != "json":
             return
@@ -139,10 +140,10 @@ class HermesParser(MarkerParser):
     def _on_done(self, done: Value) -> None:
         """A value inside the block completed."""
         if len(done.path) <= self._depth:
-            if len(done.path) == self._depth:     # the call object (or list element) closed
+            if len(done.path) == self._depth:  # the call object (or list element) closed
                 self._end_element(done.text)
             return
-        path = done.path[self._depth:]
+        path = done.path[self._depth :]
         if path == ("name",):
             name = _loads(done.text)
             self._name = name if isinstance(name, str) else None
@@ -196,7 +197,7 @@ class HermesParser(MarkerParser):
 
     def _end_block(self) -> None:
         """The block's JSON value closed."""
-        if not self._num_block_calls:      # an empty list
+        if not self._num_block_calls:  # an empty list
             self._give_back()
             return
         self._mode = "tail" if self._closer else "text"
@@ -237,7 +238,7 @@ class HermesParser(MarkerParser):
         """The raw text of the open call object, from its `{`."""
         stack = self._scanner.stack
         start = stack[self._depth].start if len(stack) > self._depth else 0
-        return "".join(self._raw[self._json_at + start:]).strip()
+        return "".join(self._raw[self._json_at + start :]).strip()
 
     def _tail_step(self, c: str) -> None:
         """After a call: swallow optional whitespace and the closing tag or fence."""

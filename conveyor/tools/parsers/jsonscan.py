@@ -5,6 +5,7 @@ values (callers run `json.loads` on the reported text), so a `\\uXXXX` escape or
 pair split across feeds needs no special care. Numbers and literals complete only when a
 delimiter follows them (`,` `}` `]` or whitespace), since "12" may continue as "123".
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,7 @@ class JsonScanner:
     def _set_key(self) -> None:
         frame = self.stack[-1]
         try:
-            frame.key = json.loads("".join(self._chars[self._start:]))
+            frame.key = json.loads("".join(self._chars[self._start :]))
         except ValueError:
             self.malformed = True
         frame.phase = "colon"

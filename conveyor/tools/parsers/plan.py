@@ -7,6 +7,7 @@ open), at `<END_OF_PLAN>`, at `close()`, or when a new step line (`N. name(` at 
 of a line) begins while it is still open. `CallEnd.args` is the plan's steps joined by
 newlines. `parse_step` splits a step into (step, tool, args, deps).
 """
+
 from __future__ import annotations
 
 import io
@@ -53,7 +54,7 @@ class PlanParser(StreamParser):
     def __init__(self) -> None:
         super().__init__()
         self._line: list[str] = []
-        self._open_step: list[str] = []   # lines of a step whose brackets are still open
+        self._open_step: list[str] = []  # lines of a step whose brackets are still open
         self._index: int | None = None
         self._steps: list[str] = []
 
@@ -111,6 +112,6 @@ def _is_open(step: str) -> bool:
             pass
     except tokenize.TokenError:
         return True
-    except SyntaxError:     # e.g. bad indentation: nothing can be open
+    except SyntaxError:  # e.g. bad indentation: nothing can be open
         return False
     return False

@@ -10,6 +10,7 @@ A statement that never parses is held until the fence closes and then emitted as
 `PythonBody` handles the inside of one fence, so that other parsers (`auto.py`) can host
 python fences next to their own formats.
 """
+
 from __future__ import annotations
 
 import ast
