@@ -1,12 +1,14 @@
-"""The HTTP side of a remote engine: one pooled client and the model it serves."""
+"""The HTTP side of a remote engine: one pooled client, the model it serves, and the local
+tokenizer of the same model (prompts are rendered here)."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import httpx
 
-from conveyor.config import BackendConfig
+from conveyor.config import BackendConfig, EngineConfig
 
 
 class BackendError(RuntimeError):
@@ -43,3 +45,25 @@ def discover_model(client: httpx.Client, url: str) -> str:
     if not models:
         raise BackendError(f"remote engine {url} lists no models; pass --backend-model")
     return models[0]["id"]
+
+
+def open_backend(
+    config: EngineConfig, progress: bool, client: httpx.Client | None
+) -> tuple[httpx.Client, str, Any]:
+    """The client, the remote model's name (`--backend-model`, else the first it lists) and the
+    local tokenizer of `config.model.model`; nothing is left open when any of them fails."""
+    from transformers import AutoTokenizer
+
+    from conveyor.engine.model.loader import resolve_model
+
+    if not config.backend.backend:
+        raise ValueError("RemoteEngine needs config.backend.backend (the remote engine's URL)")
+    client = client or connect(config.backend)
+    try:
+        url = config.backend.backend.rstrip("/")
+        model_name = config.backend.backend_model or discover_model(client, url)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model.model, progress=progress))
+    except BaseException:
+        client.close()
+        raise
+    return client, model_name, tokenizer

@@ -13,10 +13,22 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.backends.constraints import TurnForm
 from conveyor.core.request import SamplingParams
-from conveyor.engine.api import RequestOutput
+from conveyor.engine.api import PreparedPrompt, Prompt, RequestOutput, non_empty, render_prompt
 
 if TYPE_CHECKING:
     from conveyor.backends.stream import RemoteStream
+
+
+def prompt_text(tokenizer: Any, prompt: Prompt, tools: list[dict] | None = None) -> str:
+    """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
+    if isinstance(prompt, PreparedPrompt):
+        return non_empty(prompt.text)
+    rendered = render_prompt(tokenizer, prompt, tools)
+    if isinstance(rendered, list):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in rendered):
+            raise ValueError("a prompt is text, chat messages or token ids, not list")
+        rendered = tokenizer.decode(rendered)
+    return non_empty(rendered)
 
 
 @dataclass(slots=True)
