@@ -54,8 +54,8 @@ class Worker:
     num_unbegun: int = 0  # messages sent that its main thread has not taken yet
     running: bool = False  # between a Began and the next Idle: running a tool's code
     handing_off: bool = False  # sent new work while caught up: the next poll waits for Began
-    cpu_mark: tuple[float, float] | None = None  # (wall, CPU seconds) when last measured while running
-    ps: psutil.Process | None = None  # the call process's handle for CPU times, made on first use
+    cpu_mark: tuple[float, float] | None = None  # (wall, CPU demand seconds) when last measured while running
+    ps: psutil.Process | None = None  # the call process's handle for its CPU demand, made on first use
 
 
 def open_pool(preload: list[str]) -> None:
@@ -163,9 +163,13 @@ def free(worker: Worker) -> None:
     worker.cpu_mark = None
 
 
-def cpu_seconds(worker: Worker) -> float:
-    """CPU time the process serving the worker's call has used (user + system); 0.0 once gone.
-    In its own namespaces that is the zygote's child, the great-grandchild of the process we
+def cpu_demand_seconds(worker: Worker) -> float:
+    """Seconds the process serving the worker's call has run on a CPU or waited in a run queue
+    for one (its main thread, which runs the hooks: `/proc/<pid>/schedstat`); 0.0 once gone.
+    The wait counts because a hook starved of a core wants one just as much: CPU time alone
+    fell below half the wall clock under load, and the engine then kept the core it should
+    leave. Where the kernel keeps no schedstat, CPU time (user + system) alone. In its own
+    namespaces the process is the zygote's child, the great-grandchild of the process we
     started (see `namespaces.py`)."""
     try:
         if worker.ps is None:  # made once per call process: a new handle costs twice the read it serves
@@ -173,10 +177,17 @@ def cpu_seconds(worker: Worker) -> float:
             for _ in range(3 if worker.control is not None else 2 if worker.temp_root == WRITABLE else 0):
                 ps = ps.children()[0]
             worker.ps = ps
-        times = worker.ps.cpu_times()
-    except (psutil.Error, ValueError, IndexError):
+        if not _SCHEDSTAT:
+            times = worker.ps.cpu_times()
+            return times.user + times.system
+        with open(f"/proc/{worker.ps.pid}/schedstat", "rb") as f:
+            run_ns, wait_ns = f.read().split()[:2]
+    except (psutil.Error, OSError, ValueError, IndexError):
         return 0.0
-    return times.user + times.system
+    return (int(run_ns) + int(wait_ns)) / 1e9
+
+
+_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
 
 
 def exit_text(process: BaseProcess) -> str:

@@ -23,8 +23,9 @@ up to `config.handoff_ms`, for each worker sent new work while it was caught up 
 and go idle again (its `Began`, then `Idle`): the engine's thread sleeps, its core runs the
 hook at once, a short hook ends within the wait, and the wait is paid only by steps that
 sent work. Results that arrive during the wait are kept for the next `poll`. `num_running`
-counts workers still running a tool's code after that; `num_computing`, those of them busy
-on a CPU, for the engine to leave them a core (`ToolConfig.share_cores`).
+counts workers still running a tool's code after that; `num_computing`, those of them that
+want a CPU (running on one or waiting for one), for the engine to leave them a core
+(`ToolConfig.share_cores`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0  # start(): all workers Ready within this
 CANCEL_ACK_S = 1.0  # a cancelled call's worker acknowledges within this, or is replaced
-COMPUTING_SHARE = 0.5  # a running worker on a CPU more than this share of the time is computing
+COMPUTING_SHARE = 0.5  # a running worker wanting a CPU more than this share of the time is computing
 MAX_FAILED_STARTS = 5  # replacements in a row that fail to start: the pool gives up
 MAX_REPLIES = 64  # replies handled per worker per wait
 
@@ -261,21 +262,22 @@ class WorkerPool:
         return sum(w.running for w in self._workers)
 
     def num_computing(self) -> int:
-        """Workers running a tool's code that kept a core busy (more than half of the time on
-        CPU) since the last call; one that began since counts if its tool is `cpu_bound`, until
-        it has been measured."""
+        """Workers running a tool's code that wanted a core (on a CPU or in a run queue for one,
+        `worker_procs.cpu_demand_seconds`) more than half of the time since the last call, at
+        any load; one that began since counts if its tool is `cpu_bound`, until it has been
+        measured."""
         now, count = time.perf_counter(), 0
         for worker in self._workers:
             if not worker.running:
                 worker.cpu_mark = None
                 continue
-            cpu_s, mark = procs.cpu_seconds(worker), worker.cpu_mark
+            demand_s, mark = procs.cpu_demand_seconds(worker), worker.cpu_mark
             if mark is None:
                 call = self._calls.get(worker.call_id or "")
                 count += call is None or getattr(self._by_name.get(call.info.name), "cpu_bound", True)
             else:
-                count += cpu_s - mark[1] > COMPUTING_SHARE * (now - mark[0])
-            worker.cpu_mark = (now, cpu_s)
+                count += demand_s - mark[1] > COMPUTING_SHARE * (now - mark[0])
+            worker.cpu_mark = (now, demand_s)
         return count
 
     @property

@@ -1,13 +1,17 @@
 """WorkerPool: results and timings, parallel calls and queueing, rejection, cancel, crashes,
 limits (CPU, memory, file writes) and clean shutdown. One pool serves most tests; each test
-leaves it idle."""
+leaves it idle (a failed one's open calls are cancelled). Tests wait on the pool's replies
+and counters, never for a fixed time, so they hold at any load; the windows that remain are
+the pool's own bounds (the hand-off cap, the call timeout)."""
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import os
 import time
+from collections.abc import Iterator
 from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
@@ -198,10 +202,21 @@ def shared_pool():
 
 
 @pytest.fixture
-def pool(shared_pool: WorkerPool) -> WorkerPool:
-    """The shared pool once the replacements of the workers earlier tests used are ready."""
+def pool(shared_pool: WorkerPool) -> Iterator[WorkerPool]:
+    """The shared pool once the replacements of the workers earlier tests used are ready; a
+    call a failed test left open is cancelled after it, so the next test gets idle workers."""
     wait_until(shared_pool, lambda: shared_pool.num_idle == CONFIG.num_workers)
-    return shared_pool
+    yield shared_pool
+    shared_pool.config = CONFIG
+    for call_id in list(shared_pool._calls):
+        shared_pool.cancel(call_id)
+
+
+def patient(pool: WorkerPool) -> None:
+    """The longest hand-off wait the config allows (1 s): it ends as soon as the worker has
+    taken its work and gone idle (or ended its call), so only a loaded machine makes it
+    longer than CONFIG's (`pool` restores CONFIG)."""
+    pool.config = dataclasses.replace(CONFIG, handoff_ms=1000)
 
 
 def test_result_and_hook_delays(pool: WorkerPool) -> None:
@@ -216,14 +231,18 @@ def test_result_and_hook_delays(pool: WorkerPool) -> None:
 
 
 def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> None:
+    patient(pool)
     call_id = open_call(pool, "python")
     pool.send_line(call_id, "import time", time.perf_counter())
     pool.poll(0.0)
     assert [w.num_unbegun for w in pool._workers] == [0, 0]  # the worker has taken both
     assert pool.num_running == 0  # ... and run them: short hooks
+    pool.config = CONFIG  # capped at CONFIG.handoff_ms from here
     pool.send_line(call_id, "time.sleep(2)", time.perf_counter())
+    start = time.perf_counter()
     pool.poll(0.0)
-    assert pool.num_running == 1  # a long one is still running
+    assert time.perf_counter() - start < 1.0  # the hand-off wait is capped
+    wait_until(pool, lambda: pool.num_running == 1)  # a long one runs on after the wait
     pool.send_line(call_id, "x = 1", time.perf_counter())  # queued behind the sleep
     start = time.perf_counter()
     pool.poll(0.0)
@@ -234,13 +253,11 @@ def test_poll_hands_new_work_off_but_not_to_a_busy_worker(pool: WorkerPool) -> N
     assert not result.is_error and len(result.hook_queued_s) == 3
     assert result.hook_queued_s[2] > 1.0  # "x = 1" waited for the sleep
     assert result.hook_delays_s[2] - result.hook_queued_s[2] < 1.0
-    deadline = time.perf_counter() + 10  # its Idle follows the result
-    while pool.num_running and time.perf_counter() < deadline:
-        pool.poll(0.05)
-    assert pool.num_running == 0
+    assert pool.num_running == 0  # its Idle may follow the result; the call is over already
 
 
 def test_hand_off_keeps_a_result_that_arrives_for_the_next_poll(pool: WorkerPool) -> None:
+    patient(pool)
     call_id = open_call(pool, "echo")
     pool.send_field(call_id, "a", 1, time.perf_counter())
     pool.finish(call_id, {"a": 1})
@@ -262,28 +279,32 @@ def test_a_finished_call_gives_its_core_back_before_its_idle_arrives(pool: Worke
 
 def test_num_computing_counts_a_hook_on_the_cpu_but_not_one_that_waits(pool: WorkerPool) -> None:
     call_id = open_call(pool, "python")
-    busy = "t = time.perf_counter()\nwhile time.perf_counter() - t < 1.0: pass"
-    for line in ("import time", "time.sleep(0.6)", busy):
+    worker = pool._calls[call_id].worker
+    assert worker is not None
+    began = lambda: worker.num_unbegun == 0 and pool.num_running == 1
+    for line in ("import time", "time.sleep(2)"):
         pool.send_line(call_id, line, time.perf_counter())
-    pool.poll(0.05)
-    assert pool.num_running == 1 and pool.num_computing() == 1  # not measured yet: counted
-    pool.poll(0.2)
+    wait_until(pool, began)  # the sleep has begun
+    assert pool.num_computing() == 1  # not measured yet: counted
+    pool.poll(0.5)
     assert pool.num_computing() == 0  # asleep for the whole window
-    pool.poll(0.5)  # the sleep ends, the loop starts
+    busy = "t = time.perf_counter()\nwhile time.perf_counter() - t < 1.5: pass"
+    pool.send_line(call_id, busy, time.perf_counter())
+    wait_until(pool, began)  # the sleep is over and the loop has begun
     pool.num_computing()
     pool.poll(0.2)
-    assert pool.num_computing() == 1  # on the CPU for the whole window
-    pool.finish(call_id, {"code": f"import time\ntime.sleep(0.6)\n{busy}"})
+    assert pool.num_computing() == 1  # on a CPU, or waiting for one, for the whole window
+    pool.finish(call_id, {"code": f"import time\ntime.sleep(2)\n{busy}"})
     assert not wait_results(pool, {call_id})[call_id].is_error
     assert pool.num_computing() == 0
 
 
 def test_a_hook_of_a_tool_that_waits_leaves_the_cores_to_the_forward_pass(pool: WorkerPool) -> None:
     call_id = open_call(pool, "wait")
-    pool.send_field(call_id, "s", 0.5, time.perf_counter())
-    pool.poll(0.05)
-    assert pool.num_running == 1 and pool.num_computing() == 0  # not cpu_bound: not counted
-    pool.finish(call_id, {"s": 0.5})
+    pool.send_field(call_id, "s", 1.0, time.perf_counter())
+    wait_until(pool, lambda: pool.num_running == 1)
+    assert pool.num_computing() == 0  # not cpu_bound: not counted
+    pool.finish(call_id, {"s": 1.0})
     assert wait_results(pool, {call_id})[call_id].content == "waited"
 
 
