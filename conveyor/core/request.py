@@ -42,6 +42,19 @@ FINISH_REASON: dict[FinishCause, str] = {
 }
 
 
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's bound for top_logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The model's log-probability of one sampled token and the ``top`` most likely tokens
+    as (token id, log-probability), most likely first (see engine/sampler.py `token_logprobs`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature == 0`` is greedy."""
@@ -54,6 +67,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
@@ -81,6 +95,10 @@ class SamplingParams:
             (
                 all(_integer(t) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
+            ),
+            (
+                self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
             ),
         ]
         for ok, message in checks:
@@ -139,6 +157,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)  # sampled tokens only
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per sampled token, if asked
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the full blocks
     state: RequestState = RequestState.WAITING
