@@ -48,7 +48,10 @@ class LegacyLogprobs:
         for e in entries:
             piece["tokens"].append(token_text(e.chosen.token))
             piece["token_logprobs"].append(e.chosen.logprob)
-            piece["top_logprobs"].append({token_text(t.token): t.logprob for t in e.top})
+            top: dict[str, float] = {}
+            for t in e.top:  # tokens of one text (parts of characters): the most likely one's
+                top.setdefault(token_text(t.token), t.logprob)
+            piece["top_logprobs"].append(top)
             piece["text_offset"].append(self.offset)
             self.offset += len(self._decoder.decode(e.chosen.token))
         return piece
