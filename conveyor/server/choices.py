@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from conveyor.server import chat
@@ -133,8 +134,9 @@ async def chat_stream(
     taps = [LogprobTap(s) for s in streams]
     choices = [_chat_chunks(run, tap, metrics, logprobs) for run, tap in zip(runs, taps)]
     try:
-        async for i, chunk in interleave(choices):
-            yield {**with_index(chunk, i), **({"usage": None} if include_usage else {})}
+        async with aclosing(interleave(choices)) as merged:  # closed early: its tasks end too
+            async for i, chunk in merged:
+                yield {**with_index(chunk, i), **({"usage": None} if include_usage else {})}
     finally:
         await _close(streams)
     if include_usage:

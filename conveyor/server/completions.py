@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from conveyor.server.choices import all_of, interleave, total_usage
@@ -104,8 +105,9 @@ async def stream_text(
     usages: list[dict[str, Any]] = [{} for _ in streams]
     pieces = [_chunks_one(body, i, s, metrics, usages[i]) for i, s in enumerate(streams)]
     try:
-        async for _, choice in interleave(pieces):
-            yield {**_body(request_id, model, [choice]), **({"usage": None} if include_usage else {})}
+        async with aclosing(interleave(pieces)) as merged:  # closed early: its tasks end too
+            async for _, choice in merged:
+                yield {**_body(request_id, model, [choice]), **({"usage": None} if include_usage else {})}
     finally:
         for stream in streams:
             await stream.aclose()

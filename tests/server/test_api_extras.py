@@ -4,7 +4,9 @@ openai client (sync and async, streamed and not) against a live server over a ti
 from __future__ import annotations
 
 import asyncio
+import json
 
+import httpx
 import openai
 import pytest
 import torch
@@ -194,6 +196,31 @@ def test_n_past_the_bound_is_400_naming_n(client, live):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, n=9)
     assert settled(live[1])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_gone_mid_way_aborts_every_choice(live, stream):
+    """Two choices each run the slow tool; the client goes away: both calls are cancelled and
+    both requests' blocks freed."""
+    server, engine = live
+    pool = engine.driver.executor.pool
+    body = {"model": "tiny", "messages": ask("script:slow"), "n": 2, "stream": stream}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=httpx.Timeout(60, read=None if stream else 2.0)) as http:
+        if stream:
+            with http.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as r:
+                seen = set()
+                for line in r.iter_lines():
+                    if '"name": "slow"' in line:
+                        seen.add(json.loads(line.removeprefix("data: "))["choices"][0]["index"])
+                    if len(seen) == 2:
+                        break  # both calls are out; their tools are running
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # gives up waiting: the connection closes
+                http.post(server.url + "/v1/chat/completions", json=body, headers=headers)
+    assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
+    assert wait_until(lambda: settled(engine))
+    assert wait_until(lambda: pool.num_busy == 0)
 
 
 # ---- batched prompts ------------------------------------------------------------------------
