@@ -168,6 +168,10 @@ class LLMEngine(EngineBase):
                 f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                 f"(max_model_len {self.max_model_len} leaves room for one output token)"
             )
+        if any(t >= self.runner.args.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(
+                f"logit_bias names a token id outside the vocabulary [0, {self.runner.args.vocab_size})"
+            )
         request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))

@@ -102,6 +102,7 @@ class ModelRunner:
             [r.params for r in requests],
             [len(r.output_token_ids) for r in requests],
             [r.constraint for r in requests],
+            [r.output_token_ids for r in requests],
         )
         for row, entry in logprobs.of(tokens):
             requests[row].output_logprobs.append(entry)  # the scheduler appends the token itself

@@ -21,6 +21,7 @@ from conveyor.server.limits import (
     decode_arguments,
 )
 
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
 
 
@@ -28,9 +29,6 @@ MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million
 # but their no-op value (None, or the value given here), they get a 400 naming them.
 _OFF = object()  # no value but None is a no-op
 UNSERVED: dict[str, tuple[Any, str]] = {
-    "frequency_penalty": (0, "penalties are not implemented"),
-    "presence_penalty": (0, "penalties are not implemented"),
-    "logit_bias": ({}, "logit_bias is not implemented"),
     "best_of": (1, "best_of (ranking choices on the server) is not served; use n"),
     "suffix": ("", "suffix (inserting text) is not served"),
     "audio": (_OFF, "audio output is not served"),
@@ -160,6 +158,9 @@ class _Sampling(_Model):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)  # at most ServerConfig.max_n (checked by the route)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -189,6 +190,17 @@ class _Sampling(_Model):
                 raise ValueError(f"a stop string has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids written as decimal strings, biases in [-100, 100] (as OpenAI's)."""
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise ValueError(
+                    f"logit_bias maps token ids to biases in [-100, 100]; not {key!r}: {value!r}"
+                )
+        return bias
+
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -214,6 +226,9 @@ class _Sampling(_Model):
             "top_p": max(self.top_p, MIN_TOP_P),
             "seed": self.seed,
             "stop": self.stops,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "logit_bias": tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
         }
 
 
