@@ -132,6 +132,17 @@ class Message(_Model):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _served_fields(cls, message: Any) -> Any:
+        """History fields of OpenAI's messages that are not served are named, not dropped."""
+        for key in ("function_call", "audio", "refusal"):
+            if isinstance(message, dict) and message.get(key) is not None:
+                raise ValueError(
+                    f"{key} in a message is not served (send tool_calls, or the text as content)"
+                )
+        return message
+
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
@@ -148,6 +159,14 @@ class Message(_Model):
 
 class StreamOptions(_Model):
     include_usage: bool = False
+    include_obfuscation: bool = False
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("stream obfuscation is not served")
+        return value
 
 
 class _Sampling(_Model):

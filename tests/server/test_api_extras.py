@@ -281,11 +281,17 @@ def test_models_retrieve(client, async_client):
         ({"reasoning_effort": "low"}, "reasoning_effort"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"extra_body": {"top_k": 3}}, "top_k"),  # OpenAI does not know it either
+        ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+        ({"messages": [{"role": "assistant", "content": None, "refusal": "no"}, *ask("x")]}, "messages.0"),
+        (
+            {"messages": [{"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}]},
+            "messages.0",
+        ),
     ],
 )
 def test_unserved_chat_fields_are_400_naming_them(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=ask("x"), max_tokens=2, **kwargs)
+        client.chat.completions.create(**{"model": "tiny", "messages": ask("x"), "max_tokens": 2, **kwargs})
     assert e.value.body["param"] == param
 
 
