@@ -338,12 +338,25 @@ class ServerConfig:
             "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"
         ),
     )
+    max_n: int = field(
+        default=8,
+        metadata=_help(
+            "largest n (choices per prompt) a request may ask for; each choice is an engine request "
+            "sharing the prompt's KV; more gets HTTP 400"
+        ),
+    )
+    max_prompts: int = field(
+        default=32,
+        metadata=_help("most prompts in one /v1/completions batch; more gets HTTP 400"),
+    )
 
     def __post_init__(self) -> None:
         _require(
             [
                 (0 <= self.port < 65536, "port must be in [0, 65535]"),
                 (self.max_pending > 0, "max_pending must be positive"),
+                (self.max_n > 0, "max_n must be positive"),
+                (self.max_prompts > 0, "max_prompts must be positive"),
                 (self.default_max_tokens > 0, "default_max_tokens must be positive"),
                 (self.max_body_kb > 0, "max_body_kb must be positive"),
                 (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive"),

@@ -31,6 +31,7 @@ SLOW = (
     "tests/unit/test_sandbox_hostile.py",
     # against transformers, every kernel built and timed, engines with tool workers, grammars compiled
     "tests/engine/test_exactness.py",
+    "tests/engine/test_penalties.py",
     "tests/engine/test_linear.py",
     "tests/engine/test_tools.py",
     "tests/engine/test_constrained.py",

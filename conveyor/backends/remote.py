@@ -107,6 +107,10 @@ class RemoteEngine(EngineBase):
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
         that returns one per turn number; default: the remote form of `tool_choice` (constraints.py)."""
         params = sampling_params(params)
+        if params.logprobs is not None:
+            raise ValueError(
+                "logprobs: the embedded engine computes them; a remote backend does not serve them"
+            )
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )

@@ -128,7 +128,7 @@ class RemoteRequest:
             timeline,
             self.num_cached_tokens,
             self.error,
-            self.num_prefill_tokens,
+            num_prefill_tokens=self.num_prefill_tokens,
         )
 
     def _sampling_fields(self) -> dict[str, Any]:
@@ -146,6 +146,10 @@ class RemoteRequest:
             "stop": list(p.stop) or None,
             "ignore_eos": p.ignore_eos or None,
             "stop_token_ids": list(p.stop_token_ids) or None,
+            # the remote engine counts penalties over its turn's output only (a turn is a new completion)
+            "frequency_penalty": p.frequency_penalty or None,
+            "presence_penalty": p.presence_penalty or None,
+            "logit_bias": {str(t): b for t, b in p.logit_bias} or None,
         }
         body.update({k: v for k, v in extras.items() if v is not None})
         return body

@@ -111,6 +111,19 @@ class BlockManager:
                 block.hash, block.token_ids = h, chunk
                 self._by_hash[h] = block.block_id
 
+    def filled_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
+        """Hashes of the blocks that the request's first ``num_tokens`` tokens fill beyond those
+        it has registered: what computing them would add to the prefix cache (none without it)."""
+        if not self.prefix_caching:
+            return []
+        bs = self.block_size
+        hashes = list(request.block_hashes)
+        for i in range(len(hashes), num_tokens // bs):
+            hashes.append(
+                chain_hash(hashes[-1] if hashes else None, tuple(request.token_ids[i * bs : (i + 1) * bs]))
+            )
+        return hashes[len(request.block_hashes) :]
+
     # ---- allocation -----------------------------------------------------------------------
     def try_allocate(self, request: Request, num_new_tokens: int, prefix: list[int] = ()) -> bool:
         """Cover ``num_new_tokens`` more tokens of ``request`` with blocks; all or nothing.

@@ -42,6 +42,19 @@ FINISH_REASON: dict[FinishCause, str] = {
 }
 
 
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's bound for top_logprobs)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The model's log-probability of one sampled token and the ``top`` most likely tokens
+    as (token id, log-probability), most likely first (see engine/sampler.py `token_logprobs`)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop. ``temperature == 0`` is greedy."""
@@ -54,10 +67,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
+    frequency_penalty: float = 0.0  # OpenAI's: a logit minus count * this, count in the output so far
+    presence_penalty: float = 0.0  # minus this once the token is in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         self.validate()
 
     def validate(self) -> None:
@@ -82,10 +101,33 @@ class SamplingParams:
                 all(_integer(t) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids must be non-negative integers",
             ),
+            (
+                self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+            ),
+            *(
+                (_finite(v) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
+                for name, v in (
+                    ("frequency_penalty", self.frequency_penalty),
+                    ("presence_penalty", self.presence_penalty),
+                )
+            ),
+            (
+                isinstance(self.logit_bias, tuple)
+                and all(
+                    _integer(t) and t >= 0 and _finite(b) and -100 <= b <= 100 for t, b in self.logit_bias
+                ),
+                "logit_bias maps token ids (integers >= 0) to biases in [-100, 100]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the sampler changes this request's logits before drawing (bias, penalties)."""
+        return bool(self.logit_bias or self.frequency_penalty or self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -139,6 +181,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)  # sampled tokens only
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per sampled token, if asked
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the full blocks
     state: RequestState = RequestState.WAITING

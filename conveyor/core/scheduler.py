@@ -140,25 +140,40 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        in_flight = self._blocks_in_flight(out.chunks) if self.waiting else set()
         while self.waiting and budget > 0 and len(out.chunks) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = self._allocate_waiting(request, budget, out)
+            n = self._allocate_waiting(request, budget, out, in_flight)
             if n is None:
                 return
             self.waiting.pop(0)
             request.state = RequestState.RUNNING
             bisect.insort(self.running, request, key=by_arrival)
-            out.chunks.append(
-                Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens)
-            )
+            chunk = Chunk(request, request.num_computed_tokens, n, n == request.num_uncomputed_tokens)
+            out.chunks.append(chunk)
+            in_flight |= self._blocks_in_flight([chunk])
             budget -= n
 
-    def _allocate_waiting(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
+    def _blocks_in_flight(self, chunks: list[Chunk]) -> set[bytes]:
+        """Prefix-cache hashes of the blocks these chunks fill."""
+        fill = self.block_manager.filled_hashes
+        return {h for c in chunks for h in fill(c.request, c.start + c.num_tokens)}
+
+    def _allocate_waiting(
+        self, request: Request, budget: int, out: SchedulerOutput, in_flight: set[bytes]
+    ) -> int | None:
         """Adopt the request's cached prefix and allocate its first chunk; the chunk's size, or
-        None if it does not fit even after reclaiming from requests waiting on tools."""
+        None if it does not fit even after reclaiming from requests waiting on tools, or if its
+        next block is one that this step computes for another request (the same prompt sent n
+        times, or twice at once): it waits one step and adopts that block instead of computing
+        it again."""
+        bs = self.block_manager.block_size
         while True:  # reclaiming may evict cached blocks: look the prefix up each time
             prefix = self.block_manager.lookup_prefix(request.token_ids)
-            n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
+            next_block = self.block_manager.filled_hashes(request, (len(prefix) + 1) * bs)[len(prefix) :]
+            if next_block and next_block[0] in in_flight and (len(prefix) + 1) * bs < request.num_tokens:
+                return None
+            n = min(request.num_tokens - len(prefix) * bs, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
             if not self.kv.strategy.reclaims_on_demand or not self.kv.reclaim_from_awaiting(out):

@@ -31,6 +31,23 @@ Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt
 Params = SamplingParams | dict | None
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """A token, as its id and its bytes (part of a UTF-8 character, for some), and its log-probability."""
+
+    token_id: int
+    token: bytes
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLogprobs:
+    """An output token's log-probability and the most likely tokens at its position, most likely first."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...] = ()
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
@@ -46,6 +63,7 @@ class RequestOutput:
     timeline: list[Span] | None = None  # decode / tool / wait spans, on the last output
     num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: list[OutputLogprobs] | None = None  # of new_token_ids that are text, when the params ask
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from conveyor.engine.api import (
     sampling_params,
 )
 from conveyor.engine.detokenizer import Detokenizer
+from conveyor.engine.logprobs import TokenBytes
 from conveyor.tools.base import ToolResult
 from conveyor.tools.driver import Continuation, GrammarForm, Span, ToolDriver
 from conveyor.tools.workers import WorkerStats
@@ -73,6 +74,7 @@ class LLMEngine(EngineBase):
         self.scheduler = Scheduler(config.scheduler, self.block_manager, max_len, self._measure_costs())
         self.max_model_len = self.scheduler.max_model_len
         self.eos_token_ids = _eos_token_ids(self.tokenizer, self.model_dir)
+        self.token_bytes = TokenBytes(self.tokenizer, self.runner.args.vocab_size)
         super().__init__()
         form = GrammarForm(
             self.tokenizer,
@@ -165,6 +167,10 @@ class LLMEngine(EngineBase):
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
                 f"(max_model_len {self.max_model_len} leaves room for one output token)"
+            )
+        if any(t >= self.runner.args.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(
+                f"logit_bias names a token id outside the vocabulary [0, {self.runner.args.vocab_size})"
             )
         request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -303,6 +309,7 @@ class LLMEngine(EngineBase):
             results or [],
             timeline,
             cached,
+            logprobs=self.token_bytes.output(request, tokens),
         )
 
     def _request(self, request_id: str) -> tuple[Request, Detokenizer]:

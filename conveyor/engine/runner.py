@@ -24,7 +24,7 @@ from conveyor.engine.model.kernel_choice import choose_kernels
 from conveyor.engine.model.linear import Linear
 from conveyor.engine.model.llama import GGUF_NAME, CausalLM, ModelArgs, activation_dtype
 from conveyor.engine.model.qlinear import QuantLinear
-from conveyor.engine.sampler import Sampler
+from conveyor.engine.sampler import ModelLogprobs, Sampler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -96,12 +96,16 @@ class ModelRunner:
         logits, order = self.forward(out)
         sampled_chunks = [i for i in order if out.chunks[i].sample]
         requests = [out.chunks[i].request for i in sampled_chunks]
+        logprobs = ModelLogprobs(logits, [r.params.logprobs for r in requests])  # before masking
         tokens = self.sampler(
             logits,
             [r.params for r in requests],
             [len(r.output_token_ids) for r in requests],
             [r.constraint for r in requests],
+            [r.output_token_ids for r in requests],
         )
+        for row, entry in logprobs.of(tokens):
+            requests[row].output_logprobs.append(entry)  # the scheduler appends the token itself
         result: list[int | None] = [None] * len(out.chunks)
         for i, token in zip(sampled_chunks, tokens):
             result[i] = token

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from conveyor.core.request import SamplingParams
+from conveyor.core.request import SamplingParams, TokenLogprobs
 
 REDRAW_SALT = 0x5EED_0F_6EA6  # a redraw after masking uses its own seed stream
 
@@ -52,9 +52,12 @@ class Sampler:
         params: list[SamplingParams],
         positions: list[int],
         constraints: list[Any] | None = None,
+        outputs: list[list[int]] | None = None,
     ) -> list[int]:
         """One token per row of ``logits`` [rows, vocab]; ``positions`` are the rows' output
-        indices; ``constraints`` (None entries for free rows) restrict rows and advance."""
+        indices; ``constraints`` (None entries for free rows) restrict rows and advance;
+        ``outputs`` are the rows' output tokens so far (the penalties count them)."""
+        adjust_logits(logits, params, outputs)
         rows = [(row, c) for row, c in enumerate(constraints or ()) if c is not None and c.active]
         mask_first = {row for row, _ in rows if not _unmasked_is_exact(params[row])}  # no draw to waste
         tokens = self._draw(logits, params, positions, skip=mask_first)
@@ -138,6 +141,55 @@ class Sampler:
             generator = self._generator
             generator.manual_seed(((p.seed * 1_000_003 + position) ^ salt) % (2**63))
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()  # the logits are an inference tensor: updated in place only in that mode
+def adjust_logits(
+    logits: torch.Tensor, params: list[SamplingParams], outputs: list[list[int]] | None
+) -> None:
+    """OpenAI's logit_bias and penalties, in place, on the rows whose params set them: a token's
+    logit plus its bias, minus count * frequency_penalty and, if count > 0, presence_penalty,
+    where count is how often it is in the row's output so far. A few tensor operations per such
+    row, none per vocabulary entry; rows that set nothing are not touched."""
+    for row, p in enumerate(params):
+        if not p.adjusts_logits:
+            continue
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            logits[row, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+        output = outputs[row] if outputs else []
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[1])
+            counts = counts[: logits.shape[1]].to(logits.dtype)
+            logits[row] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+
+
+class ModelLogprobs:
+    """Log-probabilities for the rows whose requests ask for them (`SamplingParams.logprobs`).
+
+    They are the model's own distribution: a log-softmax of the raw logits, before temperature,
+    top-k / top-p and grammar masks, as OpenAI and vLLM (by default) report them, so a value does
+    not depend on how the token was drawn. Taken before sampling, because a constrained row's
+    logits are masked in place; one log-softmax and one top-k over the asking rows, no Python
+    loop over the vocabulary."""
+
+    def __init__(self, logits: torch.Tensor, num_top: list[int | None]) -> None:
+        self.rows = [row for row, k in enumerate(num_top) if k is not None]
+        self.num_top = [num_top[row] or 0 for row in self.rows]
+        self.values = torch.log_softmax(logits[self.rows].float(), dim=-1) if self.rows else None
+
+    def of(self, tokens: list[int]) -> list[tuple[int, TokenLogprobs]]:
+        """(row, the sampled token's logprobs) for each asking row; `tokens` has one per row."""
+        if self.values is None:
+            return []
+        chosen_ids = torch.tensor([tokens[row] for row in self.rows], device=self.values.device)
+        chosen = self.values.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = self.values.topk(max(self.num_top), dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        return [
+            (row, TokenLogprobs(tokens[row], chosen[i], tuple(zip(top_ids[i][:k], top_values[i][:k]))))
+            for i, (row, k) in enumerate(zip(self.rows, self.num_top))
+        ]
 
 
 def _unmasked_is_exact(p: SamplingParams) -> bool:

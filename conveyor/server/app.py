@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conveyor.config import ServerConfig
 from conveyor.engine.api import EngineStats
-from conveyor.server import chat
+from conveyor.server import chat, choices
 from conveyor.server.client import (
     EngineClient,
     EngineFailed,
@@ -153,44 +153,86 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": state.model, "object": "model", "created": 0, "owned_by": "conveyor"}],
-        }
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != state.model:
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist; this server serves {state.model!r}",
+                code="model_not_found",
+                param="model",
+            )
+        return _model_card(state)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         client, request_id = _admit(state, body.model, "chatcmpl")
+        _check_choices(state.config, body.n)
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
-        try:
-            request, run = chat.build_chat(
-                body, request_id, state.model, state.server_tools, max_tokens, state.parser
-            )
+        try:  # one run per choice: each parses its own calls
+            built = [
+                chat.build_chat(body, request_id, state.model, state.server_tools, max_tokens, state.parser)
+                for _ in range(body.n)
+            ]
         except chat.BadRequest as e:
             raise ApiError(400, str(e), param=e.param) from None
-        stream = await _submit(state, client, request)
+        requests = [
+            choices.choice_request(built[0][0], i, body.num_logprobs, choices.engine_id(request_id, i))
+            for i in range(body.n)
+        ]
+        runs = [run for _, run in built]
+        streams = await _submit_all(state, client, requests)
         if not body.stream:
             try:
-                return await _unless_disconnected(http, chat.complete(run, stream, state.metrics))
+                answer = choices.chat_response(runs, streams, state.metrics, body.logprobs)
+                return await _unless_disconnected(http, answer)
             finally:
                 state.num_pending -= 1
-        return _sse(state, chat.stream_chunks(run, stream, state.metrics))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _sse(state, choices.chat_stream(runs, streams, state.metrics, body.logprobs, include_usage))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request) -> Any:
         from conveyor.server.completions import complete_text, stream_text
 
         client, request_id = _admit(state, body.model, "cmpl")
-        request = GenerateRequest(request_id, body.prompt, body.engine_params(_token_limit(client, body, 16)))
-        stream = await _submit(state, client, request)
+        _check_choices(state.config, body.n, len(body.prompts))
+        params = body.engine_params(_token_limit(client, body, 16))
+        requests = [  # prompt j's choice i is choice j * n + i
+            choices.choice_request(
+                prompt, i, body.num_logprobs, choices.engine_id(request_id, j * body.n + i)
+            )
+            for j, prompt in enumerate(GenerateRequest(request_id, p, params) for p in body.prompts)
+            for i in range(body.n)
+        ]
+        streams = await _submit_all(state, client, requests)
         if not body.stream:
             try:
-                return await _unless_disconnected(
-                    http, complete_text(request_id, state.model, body, stream, state.metrics)
-                )
+                answer = complete_text(request_id, state.model, body, streams, state.metrics)
+                return await _unless_disconnected(http, answer)
             finally:
                 state.num_pending -= 1
-        return _sse(state, stream_text(request_id, state.model, body, stream, state.metrics))
+        return _sse(state, stream_text(request_id, state.model, body, streams, state.metrics))
+
+
+def _model_card(state: State) -> dict[str, Any]:
+    return {"id": state.model, "object": "model", "created": 0, "owned_by": "conveyor"}
+
+
+def _check_choices(config: ServerConfig, n: int, num_prompts: int = 1) -> None:
+    """A response's choices are engine requests: their number is bounded (400 naming the field)."""
+    if n > config.max_n:
+        raise ApiError(
+            400, f"n is {n}; this server gives at most {config.max_n} choices per prompt (--max-n)", param="n"
+        )
+    if num_prompts > config.max_prompts:
+        raise ApiError(
+            400,
+            f"prompt holds {num_prompts} prompts; this server takes at most {config.max_prompts} (--max-prompts)",
+            param="prompt",
+        )
 
 
 def _token_limit(client: EngineClient, body: ChatCompletionRequest | CompletionRequest, default: int) -> int:
@@ -253,9 +295,14 @@ def _admit(state: State, model: str, prefix: str) -> tuple[EngineClient, str]:
 
 
 async def _submit(state: State, client: EngineClient, request: GenerateRequest) -> Any:
+    return (await _submit_all(state, client, [request]))[0]
+
+
+async def _submit_all(state: State, client: EngineClient, requests: list[GenerateRequest]) -> list[Any]:
+    """Submit one HTTP request's engine requests (its choices); one pending request for them all."""
     state.num_pending += 1
     try:
-        return await client.generate(request)
+        return await client.generate_all(requests)
     except RequestRejected as e:
         state.num_pending -= 1
         kind = "invalid_request_error" if e.status < 500 else "server_error"

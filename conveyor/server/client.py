@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -154,19 +155,35 @@ class EngineClient:
         """Submit a request; returns its output stream once the engine accepted it. Raises
         RequestRejected when it is refused (nothing was allocated). Close the stream
         (`aclose`) to abort the request if it has not finished."""
+        return (await self.generate_all([request]))[0]
+
+    async def generate_all(self, requests: list[GenerateRequest]) -> list[OutputStream]:
+        """Submit several requests together (a response's choices), the ones that share a prompt
+        object prepared once; their output streams once the engine accepted them all. If any is
+        refused, the others are aborted and RequestRejected is raised: nothing is left behind."""
+        prepared: dict[int, GenerateRequest] = {}
+        for r in requests:
+            if id(r.prompt) not in prepared:
+                prepared[id(r.prompt)] = await self._prepared(r)
+        ready = [dataclasses.replace(r, prompt=prepared[id(r.prompt)].prompt) for r in requests]
         loop = asyncio.get_running_loop()
-        request = await self._prepared(request)
-        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        queues: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in ready]
         with self._lock:
             if self.failed:
                 raise RequestRejected(f"the engine failed: {self.failed}", 503)
-            self._commands.put(
-                _Add(request, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item))
-            )
-        first = await outputs.get()
-        if isinstance(first, EngineError):
-            raise RequestRejected(first.message, first.status)
-        return OutputStream(self, request.request_id, outputs)
+            for r, outputs in zip(ready, queues):
+                sink = functools.partial(loop.call_soon_threadsafe, outputs.put_nowait)
+                self._commands.put(_Add(r, sink))
+        firsts = [await outputs.get() for outputs in queues]
+        streams = [
+            OutputStream(self, r.request_id, q) for r, q, f in zip(ready, queues, firsts) if f is _ACCEPTED
+        ]
+        refused = next((f for f in firsts if isinstance(f, EngineError)), None)
+        if refused is not None:
+            for stream in streams:
+                await stream.aclose()
+            raise RequestRejected(refused.message, refused.status)
+        return streams
 
     async def _prepared(self, request: GenerateRequest) -> GenerateRequest:
         """The request with its prompt prepared off the engine thread, within the time limit."""

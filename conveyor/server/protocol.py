@@ -10,16 +10,67 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from conveyor.core.request import MAX_LOGPROBS
 from conveyor.server.limits import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     MAX_TOOLS,
+    InputRejected,
     check_schema,
     check_value,
     decode_arguments,
 )
 
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
+
+
+# Fields of OpenAI's chat and completions requests that Conveyor does not serve: set to anything
+# but their no-op value (None, or the value given here), they get a 400 naming them.
+_OFF = object()  # no value but None is a no-op
+UNSERVED: dict[str, tuple[Any, str]] = {
+    "best_of": (1, "best_of (ranking choices on the server) is not served; use n"),
+    "suffix": ("", "suffix (inserting text) is not served"),
+    "audio": (_OFF, "audio output is not served"),
+    "modalities": (["text"], "only text output is served"),
+    "prediction": (_OFF, "predicted outputs are not served"),
+    "web_search_options": (_OFF, "web search is not served; server tools come from --tools and --mcp"),
+    "functions": (_OFF, "the deprecated functions API is not served; send tools"),
+    "function_call": (_OFF, "the deprecated functions API is not served; send tool_choice"),
+    "reasoning_effort": (_OFF, "not served: the model's chat template decides how it reasons"),
+    "verbosity": (_OFF, "not served"),
+    "store": (False, "stored chat completions are not served"),
+    "service_tier": ("auto", "only the default service tier is served"),
+    "response_format": ({"type": "text"}, "structured outputs are not served"),
+    "moderation": (_OFF, "moderation is not served"),
+}
+# Identifiers and cache hints that cannot change the output: accepted as sent.
+NO_EFFECT = frozenset(
+    {
+        "user",
+        "safety_identifier",
+        "metadata",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+    }
+)
+
+
+def check_served(body: Any, declared: Any) -> None:
+    """Refuse (400 naming it) a top-level field that is not `declared` and would change the
+    answer: one of UNSERVED set to a value that does something, or a field OpenAI does not know
+    either (as OpenAI's server refuses it). Nothing a client sends is silently ignored."""
+    if not isinstance(body, dict):
+        return
+    for key, value in body.items():
+        if key in declared or key in NO_EFFECT or value is None:
+            continue
+        if key not in UNSERVED:
+            raise InputRejected(key, "unrecognized request argument")
+        off, why = UNSERVED[key]
+        if off is _OFF or (value != off and not (key == "best_of" and value == body.get("n", 1))):
+            raise InputRejected(key, why)
 
 
 class _Model(BaseModel):
@@ -81,6 +132,17 @@ class Message(_Model):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _served_fields(cls, message: Any) -> Any:
+        """History fields of OpenAI's messages that are not served are named, not dropped."""
+        for key in ("function_call", "audio", "refusal"):
+            if isinstance(message, dict) and message.get(key) is not None:
+                raise ValueError(
+                    f"{key} in a message is not served (send tool_calls, or the text as content)"
+                )
+        return message
+
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
@@ -97,6 +159,14 @@ class Message(_Model):
 
 class StreamOptions(_Model):
     include_usage: bool = False
+    include_obfuscation: bool = False
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("stream obfuscation is not served")
+        return value
 
 
 class _Sampling(_Model):
@@ -106,7 +176,10 @@ class _Sampling(_Model):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)  # at most ServerConfig.max_n (checked by the route)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -116,6 +189,12 @@ class _Sampling(_Model):
         """Lone surrogates anywhere and excessive nesting are refused before field validation
         (InputRejected names the path; see limits.py)."""
         check_value(body)
+        return body
+
+    @model_validator(mode="before")
+    @classmethod
+    def _served(cls, body: Any) -> Any:
+        check_served(body, cls.model_fields)
         return body
 
     @field_validator("stop")
@@ -129,6 +208,17 @@ class _Sampling(_Model):
             if len(s) > MAX_STOP_CHARS:
                 raise ValueError(f"a stop string has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids written as decimal strings, biases in [-100, 100] (as OpenAI's)."""
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise ValueError(
+                    f"logit_bias maps token ids to biases in [-100, 100]; not {key!r}: {value!r}"
+                )
+        return bias
 
     @property
     def token_limit(self) -> int | None:
@@ -155,6 +245,9 @@ class _Sampling(_Model):
             "top_p": max(self.top_p, MIN_TOP_P),
             "seed": self.seed,
             "stop": self.stops,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "logit_bias": tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
         }
 
 
@@ -165,6 +258,8 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     lenient_tool_calls: bool = False  # Conveyor's extension: also read calls in ```json fences and bare JSON
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -172,6 +267,17 @@ class ChatCompletionRequest(_Sampling):
         if self.tool_choice in ("required",) and not self.tools:
             raise ValueError("tool_choice 'required' needs tools")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InputRejected("top_logprobs", "needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """The engine's `logprobs`: None, or how many alternatives to report per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -183,8 +289,32 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _check_prompts(self) -> CompletionRequest:
+        """A batch has at least one prompt, none empty; `echo` repeats text, so it needs text
+        prompts; the prompts' logprobs are not computed, so `echo` with `logprobs` is refused."""
+        if any(len(p) == 0 for p in self.prompts):
+            raise InputRejected("prompt", "every prompt needs at least one character or token")
+        if self.echo and not all(isinstance(p, str) for p in self.prompts):
+            raise InputRejected("echo", "needs text prompts, not token ids")
+        if self.echo and self.logprobs is not None:
+            raise InputRejected("echo", "with logprobs: the prompt's logprobs are not computed")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt per entry (a single text or token-id list is a batch of one)."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:

@@ -83,6 +83,21 @@ def test_plain_streaming_sends_the_rendered_prompt(engine, fake) -> None:
     assert body["max_tokens"] == 100 and "json_schema" not in body
 
 
+def test_penalties_and_bias_are_sent_and_logprobs_refused(engine, fake) -> None:
+    fake.reset(Reply(chunks_of("Hi.")))
+    params = {"max_tokens": 5, "frequency_penalty": 0.5, "presence_penalty": -1.0, "logit_bias": {7: 3.0}}
+    drain(engine, engine.add_request(QUESTION, params))
+    body = fake.bodies[0]
+    assert (body["frequency_penalty"], body["presence_penalty"], body["logit_bias"]) == (
+        0.5,
+        -1.0,
+        {"7": 3.0},
+    )
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.add_request(QUESTION, {"max_tokens": 5, "logprobs": 2})
+    assert not engine.has_unfinished
+
+
 @pytest.mark.parametrize("mode", ["partial", "lazy"])
 def test_a_call_runs_and_the_next_turn_extends_the_prompt_verbatim(engine, fake, mode) -> None:
     raw = "Let me look.\n" + CALL

@@ -36,7 +36,7 @@ def test_auth(live):
     ("kwargs", "status"),
     [
         ({"temperature": 5}, 400),
-        ({"n": 2}, 400),
+        ({"n": 9}, 400),  # past --max-n
         ({"messages": []}, 400),
         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400),
         ({"messages": ask("x" * 5000)}, 400),  # longer than the model's 512 positions
