@@ -338,6 +338,13 @@ class ServerConfig:
             "MCP tool servers to start over stdio, each a quoted command line; their tools join the registry"
         ),
     )
+    allow_missing_tools: bool = field(
+        default=False,
+        metadata=_help(
+            "start without an --mcp server or --tools spec that fails at start (logged, listed in /health); "
+            "default: such a failure stops the server with its error"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(

@@ -61,6 +61,7 @@ class ChatRun:
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
     finish_detail: str | None = None  # why a limit ended the request, where a tool round did
+    on_results: Any = None  # called with each tool round's results (the server's tool-source health)
 
 
 def build_chat(
@@ -131,6 +132,8 @@ def _turn_results(run: ChatRun, results: list[Any]) -> list[dict[str, Any]]:
     """A server tool round is over: the turn's last deltas, then one delta per result."""
     deltas, calls = run.calls.end_turn()
     out = merge(deltas)
+    if run.on_results is not None:
+        run.on_results(results)
     for call, result in zip(calls, results):
         run.server_results.append((call, result.content))
         entry = {"index": call.index, "tool_call_id": call.id, "content": result.content}
