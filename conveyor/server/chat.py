@@ -76,7 +76,15 @@ def build_chat(
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
-    offered_server = [] if choice == "none" else [n for n in server_tools if n not in names]
+    schema = body.reply_schema
+    if schema is not None and client and choice != "none":
+        raise BadRequest(
+            "response_format with tools is not supported; send one or the other", "response_format"
+        )
+    # a structured reply is one JSON value: server tools are not offered with it
+    offered_server = (
+        [] if choice == "none" or schema is not None else [n for n in server_tools if n not in names]
+    )
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
@@ -85,9 +93,11 @@ def build_chat(
     messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
     tools = [] if choice == "none" else [*offered_server, *client]
-    options = (
+    options: dict[str, Any] = (
         {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
     )
+    if schema is not None:
+        options["json_schema"] = schema
     calls = CallStream(
         request_id,
         set(offered_server),
