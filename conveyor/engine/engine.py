@@ -131,6 +131,7 @@ class LLMEngine(EngineBase):
             self.driver.constraint(options, turn)
         if json_schema is not None:
             self.driver.json_constraint(json_schema)
+        self.driver.no_call_constraint(tools or [], tool_choice)  # compiled once, then cached
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
 
     def add_request(
@@ -170,6 +171,8 @@ class LLMEngine(EngineBase):
             raise ValueError("a JSON schema for the reply (response_format) cannot be combined with tools")
         if json_schema is not None and constraint is None:
             constraint = self.driver.json_constraint(json_schema)
+        if constraint is None:  # tool_choice "none": the tools are listed, no call is written
+            constraint = self.driver.no_call_constraint(tools or [], tool_choice)
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(

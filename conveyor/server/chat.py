@@ -92,7 +92,7 @@ def build_chat(
         choice = choice.model_dump()
     messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
-    tools = [] if choice == "none" else [*offered_server, *client]
+    tools = [*offered_server, *client]  # under "none" too: listed in the prompt, never called
     options: dict[str, Any] = (
         {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
     )
@@ -101,7 +101,7 @@ def build_chat(
     calls = CallStream(
         request_id,
         set(offered_server),
-        parse=bool(tools),
+        parse=bool(tools) and choice != "none",
         parser=parser,
         client_tools=names,
         lenient=body.lenient_tool_calls,

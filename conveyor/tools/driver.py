@@ -127,6 +127,10 @@ class GrammarForm:
         """A constraint for a reply that is one JSON value fitting `schema`."""
         return self._tool_grammar().json_constraint(schema)
 
+    def no_calls(self) -> Any:
+        """A constraint for free text that opens no call."""
+        return self._tool_grammar().no_call_constraint()
+
     def _tool_grammar(self) -> Any:
         with self._lock:
             if self._grammar is None:
@@ -244,6 +248,13 @@ class ToolDriver:
         if make is None:
             raise ValueError("this engine cannot constrain a reply to a JSON schema (response_format)")
         return make(schema)
+
+    def no_call_constraint(self, tools: list[str | dict], tool_choice: str | dict) -> Any:
+        """Under tool_choice "none" the tools stay in the prompt (the model sees its tool history
+        in context) and calls are forbidden: in the embedded form, a constraint that never opens
+        a `<tool_call>`; elsewhere None (nothing is parsed as a call either way)."""
+        make = getattr(self.form, "no_calls", None)
+        return make() if tool_choice == "none" and tools and make is not None else None
 
     def next_constraint(self, request_id: str) -> Any:
         """The constraint of the turn a request's session has just opened."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import xgrammar as xgr
-from xgrammar.structural_tag import JSONSchemaFormat, StructuralTag, TagsWithSeparatorFormat
+from xgrammar.structural_tag import AnyTextFormat, JSONSchemaFormat, StructuralTag, TagsWithSeparatorFormat
 
 from conveyor.tools.grammar_compile import BoundedCompiler
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ToolChoice = str | dict[str, Any]
 CALL_FORMAT = "qwen_3"  # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
+CALL_START = "<tool_call>"  # what a Hermes call starts with: never written under tool_choice "none"
 CALL_SEPARATOR = "\n"  # between calls of a "required" reply, as the Qwen chat template joins them
 MAX_SPARSE_WORDS = 1024  # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
 TOP_CANDIDATES = 16  # masked_argmax, many allowed: the highest logits tried
@@ -154,6 +155,12 @@ class ToolGrammar:
         if tool_choice == "none" or not tools:
             return None
         return Constraint(self.compiled(tools, tool_choice))
+
+    def no_call_constraint(self) -> Constraint:
+        """A fresh matcher for free text that never opens a call (tool_choice "none" while the
+        tools stay listed in the prompt)."""
+        tag = StructuralTag(format=AnyTextFormat(excludes=[CALL_START]))
+        return Constraint(self._compiled("no-calls", tag, "a no-call"))
 
     def json_constraint(self, schema: dict[str, Any]) -> Constraint:
         """A fresh matcher for a reply that is one JSON value fitting `schema` (where a schema

@@ -119,3 +119,49 @@ def test_langchain_with_a_client_tool_gets_only_that_call(live, chat_model):
         total += c
     assert [(c["name"], c["args"]) for c in total.tool_calls] == [("get_weather", {"city": "Paris"})]
     assert_clean(live)
+
+
+def test_tool_choice_none_keeps_the_tools_in_the_prompt_and_forbids_calls(live, client, monkeypatch):
+    _, engine = live
+    rendered: list = []  # the tool specs each prompt was rendered with (the tiny template shows none)
+    encode = engine.encode
+    monkeypatch.setattr(
+        engine, "encode", lambda prompt, tools=None: rendered.append(tools) or encode(prompt, tools)
+    )
+    history = [
+        *ask("Weather in Paris?"),
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "22C"},
+    ]
+    out = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], tool_choice="none")
+    assert (
+        out.choices[0].message.content == "It is 22C in Paris." and out.choices[0].message.tool_calls is None
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert rendered and all(tools == [WEATHER] for tools in rendered)  # listed, and no server tool
+    free = client.chat.completions.create(
+        model="tiny",
+        messages=ask("free"),
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=30,
+        temperature=1.5,
+    )  # decoded under the no-call grammar
+    assert free.choices[0].finish_reason in ("stop", "length") and free.choices[0].message.tool_calls is None
+    assert "<tool_call>" not in (free.choices[0].message.content or "")
+    # the grammar under "none": free text, but never the text that opens a call
+    constraint = engine.driver.no_call_constraint([WEATHER], "none")
+    *head, last = engine.tokenizer.encode("Sunny <tool_call>", add_special_tokens=False)
+    assert all(constraint.try_accept(t) for t in head) and not constraint.try_accept(last)
+    assert engine.driver.no_call_constraint([WEATHER], "auto") is None
+    assert_clean(live)
