@@ -349,6 +349,13 @@ class ServerConfig:
         default=32,
         metadata=_help("most prompts in one /v1/completions batch; more gets HTTP 400"),
     )
+    allow_missing_tools: bool = field(
+        default=False,
+        metadata=_help(
+            "start without an --mcp server or --tools spec that fails at start (logged, listed in /health); "
+            "default: such a failure stops the server with its error"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(

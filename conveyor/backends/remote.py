@@ -102,6 +102,7 @@ class RemoteEngine(EngineBase):
         max_tool_rounds: int | None = None,
         constraint: Any = None,
         lenient_calls: bool = True,
+        json_schema: dict | None = None,
     ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
@@ -114,6 +115,10 @@ class RemoteEngine(EngineBase):
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )
+        if json_schema is not None:  # not sent on: the remote engine would not be held to it
+            raise ValueError(
+                "response_format (a JSON schema for the reply) is not served with a remote backend yet"
+            )
         if not isinstance(prompt, PreparedPrompt):
             prompt = self.prepare(prompt, tools=tools, call_format=call_format)
         if len(prompt.token_ids) >= self.max_model_len:

@@ -379,12 +379,12 @@ def _read_events(kind: str, lines: Any, abort_after: int | None) -> Outcome:
 def _note_event(out: Outcome, event: dict[str, Any], names: dict[str, str]) -> None:
     for choice in event.get("choices") or []:
         delta = choice.get("delta") or {}
-        for call in delta.get("tool_calls") or []:
+        for call in [*(delta.get("tool_calls") or []), *(delta.get("server_tool_calls") or [])]:
             if call.get("id"):
                 names[call["id"]] = call["function"]["name"]
-        if delta.get("role") == "tool":
+        for result in delta.get("server_tool_results") or []:
             out.tool_results.append(
-                (names.get(delta.get("tool_call_id"), "?"), str(delta.get("content", "")))
+                (names.get(result.get("tool_call_id"), "?"), str(result.get("content", "")))
             )
         if choice.get("finish_reason"):
             out.finish_reason = choice["finish_reason"]

@@ -119,6 +119,7 @@ class LLMEngine(EngineBase):
         tools: list[str | dict] | None = None,
         tool_choice: str | dict = "auto",
         call_format: str | None = None,
+        json_schema: dict | None = None,
         **_: Any,
     ) -> PreparedPrompt:
         """The slow, input-dependent part of `add_request`, safe to run on another thread (the
@@ -130,6 +131,9 @@ class LLMEngine(EngineBase):
         options = self.driver.options(tools or [], tool_choice, None, call_format, None)
         for turn in (0, 1) if options is not None else ():  # turn 1 stands for every later one
             self.driver.constraint(options, turn)
+        if json_schema is not None:
+            self.driver.json_constraint(json_schema)
+        self.driver.no_call_constraint(tools or [], tool_choice)  # compiled once, then cached
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
 
     def add_request(
@@ -145,6 +149,7 @@ class LLMEngine(EngineBase):
         max_tool_rounds: int | None = None,
         constraint: Any = None,
         lenient_calls: bool = True,
+        json_schema: dict | None = None,
     ) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
@@ -157,11 +162,19 @@ class LLMEngine(EngineBase):
         bare JSON lines in the text stay text).
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
-        grammar from `tool_choice` and ToolConfig.constrained)."""
+        grammar from `tool_choice` and ToolConfig.constrained, or `json_schema`'s).
+        `json_schema`: the reply is one JSON value that fits this schema (structured output;
+        not with tools)."""
         params = sampling_params(params)
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )
+        if json_schema is not None and options is not None:
+            raise ValueError("a JSON schema for the reply (response_format) cannot be combined with tools")
+        if json_schema is not None and constraint is None:
+            constraint = self.driver.json_constraint(json_schema)
+        if constraint is None:  # tool_choice "none": the tools are listed, no call is written
+            constraint = self.driver.no_call_constraint(tools or [], tool_choice)
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(

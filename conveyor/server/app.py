@@ -41,6 +41,7 @@ from conveyor.server.protocol import (
     CompletionRequest,
     error_body,
 )
+from conveyor.server.tool_sources import ToolSources
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class State:
     num_pending: int = 0
     ids: Any = field(default_factory=lambda: itertools.count())
     loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
-    on_fatal: Callable[[], None] | None = None  # the engine thread died: stop serving
+    on_fatal: Callable[[], None] | None = None  # start-up failed or the engine thread died: stop serving
+    tool_sources: ToolSources = field(default_factory=ToolSources)  # /health's view of MCP and --tools
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
@@ -74,13 +76,14 @@ class State:
 
 
 def create_app(
-    load: Callable[[], tuple[EngineClient, dict[str, dict], str]],
+    load: Callable[[], tuple[Any, ...]],
     config: ServerConfig,
     model: str,
     on_fatal: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """`load()` returns (client, server tool specs by name, call parser kind); `on_fatal()` runs
-    on the event loop if the engine thread dies."""
+    """`load()` returns (client, server tool specs by name, call parser kind) and optionally
+    the `ToolSources` as a fourth item; `on_fatal()` runs on the event loop if loading fails or
+    the engine thread dies."""
     state = State(config, model, on_fatal=on_fatal)
 
     @asynccontextmanager
@@ -99,13 +102,18 @@ def create_app(
     return app
 
 
-async def _load(state: State, load: Callable[[], tuple[EngineClient, dict[str, dict], str]]) -> None:
+async def _load(state: State, load: Callable[[], tuple[Any, ...]]) -> None:
     try:
-        client, tools, parser = await asyncio.to_thread(load)
-    except Exception as e:  # noqa: BLE001 - any load failure: the server keeps answering 503 with the cause
+        client, tools, parser, *sources = await asyncio.to_thread(load)
+    except Exception as e:  # noqa: BLE001 - any load failure: 503 with the cause, and `on_fatal`
         state.load_error = f"{type(e).__name__}: {e}"
+        log.critical("start-up failed: %s", state.load_error)
+        if state.on_fatal is not None:  # `serve` stops and exits non-zero with the error
+            state.on_fatal()
     else:
         state.server_tools, state.parser, state.client = tools, parser, client
+        state.tool_sources = sources[0] if sources else ToolSources()
+        logging.getLogger("uvicorn.error").info("the engine is loaded: serving %s", state.model)
         loop = asyncio.get_running_loop()
         client.on_failure(lambda reason: loop.call_soon_threadsafe(_engine_died, state, reason))
     state.loaded.set()
@@ -143,7 +151,8 @@ def _routes(app: FastAPI, state: State) -> None:
             return JSONResponse({"status": "loading", "error": state.load_error}, status_code=503)
         if state.client.failed:
             return JSONResponse({"status": "failed", "error": state.client.failed}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        tools = state.tool_sources.report()
+        return JSONResponse({"status": "ok", **({"tools": tools} if tools else {})})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -183,6 +192,8 @@ def _routes(app: FastAPI, state: State) -> None:
             for i in range(body.n)
         ]
         runs = [run for _, run in built]
+        for run in runs:
+            run.on_results = state.tool_sources.observe
         streams = await _submit_all(state, client, requests)
         if not body.stream:
             try:

@@ -1,6 +1,11 @@
 """From the model's text to OpenAI chat deltas: content, and tool calls streamed the way
 OpenAI streams them (index; id, type and name first; then argument fragments).
 
+A client's calls go out as `tool_calls`; the server's own calls as `server_tool_calls`, an
+extension field standard clients ignore (the `openai` SDK keeps it as an extra field). Each
+list is indexed from 0 on its own, so that clients which merge entries by index (the SDK's
+stream helpers, LangChain) see contiguous indices.
+
 The engine's outputs carry text; a call parser (`conveyor.tools.parsers`) turns it into
 events. Text goes out as `content`; a call's CallStart opens a `tool_calls` entry, each
 FieldDone adds a fragment of its JSON arguments (`{"key": value`, `, "key": value`), and
@@ -18,7 +23,8 @@ from conveyor.tools.parsers import CallEnd, CallStart, FieldDone, Text, make_par
 
 @dataclass(slots=True)
 class StreamedCall:
-    """One call as the client sees it; `server` calls are run by Conveyor itself."""
+    """One call as the client sees it; `server` calls are run by Conveyor itself. `index`
+    counts the calls of its kind (client or server) in the request."""
 
     index: int
     id: str
@@ -53,7 +59,7 @@ class Delta:
         if self.first:
             entry.update(id=self.call.id, type="function")
             entry["function"]["name"] = self.call.name
-        return {"tool_calls": [entry]}
+        return {"server_tool_calls" if self.call.server else "tool_calls": [entry]}
 
 
 class CallStream:
@@ -119,9 +125,8 @@ class CallStream:
                 if server is None:
                     self._unoffered[event.index] = event.name
                     continue
-                call = StreamedCall(
-                    len(self.calls), f"call_{self.request_id}_{len(self.calls)}", event.name, server
-                )
+                index = sum(1 for c in self.calls if c.server == server)
+                call = StreamedCall(index, f"call_{self.request_id}_{len(self.calls)}", event.name, server)
                 self.calls.append(call)
                 self._turn[event.index] = call
                 out.append(self._piece(call, "", first=True))

@@ -3,21 +3,24 @@
 Client tools (the request's `tools`) come back as `tool_calls` with finish_reason
 "tool_calls". Server tools (registered at start, MCP included) are offered to every request
 unless tool_choice is "none"; the engine runs them while the model decodes and continues the
-same request with their results. In a stream, a server call shows as an ordinary
-`tool_calls` delta, and its result follows as a chunk whose delta has the shape of the
-tool message a client would send: `{"role": "tool", "tool_call_id": ..., "content": ...}`.
-A non-streamed response lists them in `message.server_tool_calls` (each call with its
-`result`); `message.tool_calls` holds only the calls the client must run.
+same request with their results. A client sees server tool work only in shapes it already
+understands or ignores: in a stream, a server call is a `server_tool_calls` entry of a chunk's
+delta (streamed as `tool_calls` entries are: index, id and name first, then argument
+fragments) and its result a `server_tool_results` entry (`index`, `tool_call_id`, `content`);
+standard clients ignore both fields, and no delta has role "tool". A non-streamed response
+lists them in `message.server_tool_calls` (each call with its `result`); `message.tool_calls`
+holds only the calls the client must run.
 
 Every call that ran is reported. A turn that calls client and server tools together: the
 server calls run and are reported with their results, the client calls come back, and the
 request ends with "tool_calls". Past `max_tool_rounds`, the last turn's calls already
 running finish and are reported, the others do not run (their result says so), and the
-request ends with "length" (a limit cut the answer short, as max_tokens does). A server call
-whose request ended first (length, abort) is still listed, with `result` None. A call of a
-tool nobody offered never runs and is never returned as a client call. JSON calls count
-only inside `<tool_call>` tags unless the request sets `lenient_tool_calls` (then ```json
-fences and bare JSON lines too): prose that quotes a call is text.
+request ends with "length" (a limit cut the answer short, as max_tokens does) and the
+choice's `finish_detail` says which limit. A server call whose request ended first (length,
+abort) is still listed, with `result` None. A call of a tool nobody offered never runs and is
+never returned as a client call. JSON calls count only inside `<tool_call>` tags unless the
+request sets `lenient_tool_calls` (then ```json fences and bare JSON lines too): prose that
+quotes a call is text.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class ChatRun:
     server_results: list[tuple[StreamedCall, str]] = field(default_factory=list)
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
+    finish_detail: str | None = None  # why a limit ended the request, where a tool round did
+    on_results: Any = None  # called with each tool round's results (the server's tool-source health)
 
 
 def build_chat(
@@ -71,7 +76,15 @@ def build_chat(
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
-    offered_server = [] if choice == "none" else [n for n in server_tools if n not in names]
+    schema = body.reply_schema
+    if schema is not None and client and choice != "none":
+        raise BadRequest(
+            "response_format with tools is not supported; send one or the other", "response_format"
+        )
+    # a structured reply is one JSON value: server tools are not offered with it
+    offered_server = (
+        [] if choice == "none" or schema is not None else [n for n in server_tools if n not in names]
+    )
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
@@ -79,14 +92,16 @@ def build_chat(
         choice = choice.model_dump()
     messages = chat_messages(body.messages)
     params = body.engine_params(body.token_limit or default_max_tokens)
-    tools = [] if choice == "none" else [*offered_server, *client]
-    options = (
+    tools = [*offered_server, *client]  # under "none" too: listed in the prompt, never called
+    options: dict[str, Any] = (
         {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
     )
+    if schema is not None:
+        options["json_schema"] = schema
     calls = CallStream(
         request_id,
         set(offered_server),
-        parse=bool(tools),
+        parse=bool(tools) and choice != "none",
         parser=parser,
         client_tools=names,
         lenient=body.lenient_tool_calls,
@@ -127,9 +142,12 @@ def _turn_results(run: ChatRun, results: list[Any]) -> list[dict[str, Any]]:
     """A server tool round is over: the turn's last deltas, then one delta per result."""
     deltas, calls = run.calls.end_turn()
     out = merge(deltas)
+    if run.on_results is not None:
+        run.on_results(results)
     for call, result in zip(calls, results):
         run.server_results.append((call, result.content))
-        out.append({"role": "tool", "tool_call_id": call.id, "content": result.content})
+        entry = {"index": call.index, "tool_call_id": call.id, "content": result.content}
+        out.append({"server_tool_results": [entry]})
     return out
 
 
@@ -149,6 +167,13 @@ def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> 
     reason = reason or out.finish_reason
     if reason != "length" and run.calls.client_calls:  # "length": the last call may be cut short
         reason = "tool_calls"
+    elif reason == "tool_calls":  # never "tool_calls" without a call for the client
+        reason = "stop"
+    if reason == "length" and out.tool_results:  # the last tool round's results ended it
+        run.finish_detail = (
+            "max_tool_rounds: the request used its last tool round; its calls' results are in "
+            "server_tool_calls and the model was not asked for another turn"
+        )
     run.finish_reason = "stop" if reason == "abort" else reason
     run.usage = {
         "prompt_tokens": out.num_prompt_tokens,
@@ -175,7 +200,10 @@ def chunk(
         "choices": [],
     }
     if delta is not None:
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        if finish_reason is not None and run.finish_detail:
+            choice["finish_detail"] = run.finish_detail
+        body["choices"] = [choice]
     if run.include_usage:
         body["usage"] = usage
     return body
@@ -194,7 +222,7 @@ async def complete(run: ChatRun, stream: OutputStream, metrics: Any) -> dict[str
     """The whole response of a non-streamed request."""
     content = []
     async for delta in drive(run, stream, metrics):
-        content.append(delta.get("content", "") if "role" not in delta else "")
+        content.append(delta.get("content", ""))
     message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(content) or None,
@@ -209,6 +237,13 @@ async def complete(run: ChatRun, stream: OutputStream, metrics: Any) -> dict[str
         "object": "chat.completion",
         "created": run.created,
         "model": run.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}],
+        "choices": [_choice(run, message)],
         "usage": run.usage,
     }
+
+
+def _choice(run: ChatRun, message: dict[str, Any]) -> dict[str, Any]:
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": run.finish_reason}
+    if run.finish_detail:
+        choice["finish_detail"] = run.finish_detail
+    return choice

@@ -6,7 +6,7 @@ schemas and call arguments are bounded (`limits.py`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,6 +20,7 @@ from conveyor.server.limits import (
     check_value,
     decode_arguments,
 )
+from conveyor.tools.json_schema import unsupported_keyword
 
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
 MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
@@ -157,6 +158,43 @@ class Message(_Model):
         return content
 
 
+class JsonSchemaSpec(_Model):
+    """`response_format.json_schema`: the reply's schema. It is always enforced (`strict` or
+    not); a keyword the grammar cannot enforce is refused, named (`tools/json_schema.py`)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str = ""
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _enforceable(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        check_schema(schema)
+        found = unsupported_keyword(schema)
+        if found is not None:
+            keyword, where = found
+            raise ValueError(f"the JSON schema keyword {keyword!r} (at {where}) is not supported")
+        return schema
+
+
+class TextFormat(_Model):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Model):
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(_Model):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class StreamOptions(_Model):
     include_usage: bool = False
     include_obfuscation: bool = False
@@ -260,6 +298,7 @@ class ChatCompletionRequest(_Sampling):
     lenient_tool_calls: bool = False  # Conveyor's extension: also read calls in ```json fences and bare JSON
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -282,6 +321,15 @@ class ChatCompletionRequest(_Sampling):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def reply_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the reply must fit (`response_format`), None for free text."""
+        if isinstance(self.response_format, JsonObjectFormat):
+            return {"type": "object"}
+        if isinstance(self.response_format, JsonSchemaFormat):
+            return self.response_format.json_schema.schema_
+        return None
 
     @property
     def limit_param(self) -> str:

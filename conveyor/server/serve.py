@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Self
 
 from conveyor.config import EngineConfig, ServerConfig
 from conveyor.server.app import create_app
 from conveyor.server.client import EngineClient
+from conveyor.server.tool_sources import ToolSources, load_sources
 
 GRACEFUL_SHUTDOWN_S = 10  # open connections get this long to finish once the server stops
 
@@ -28,25 +30,25 @@ def engine_loader(
     server: ServerConfig,
     tools: Iterable[Any] = (),
     engine_factory: Callable[..., Any] | None = None,
-) -> Callable[[], tuple[EngineClient, dict, str]]:
-    """The app's `load`: MCP tools listed, the engine opened (`backends.open_engine`, or
-    `engine_factory(config, tools=...)`), its client started; returns (client, server tool
-    specs by name, call parser kind)."""
+) -> Callable[[], tuple[EngineClient, dict, str, ToolSources]]:
+    """The app's `load`: tool sources started (`tool_sources.load_sources`: MCP tools listed,
+    `--tools` specs loaded; one that fails raises unless `--allow-missing-tools`), the engine
+    opened (`backends.open_engine`, or `engine_factory(config, tools=...)`), its client started;
+    returns (client, server tool specs by name, call parser kind, the tool sources)."""
 
-    def load() -> tuple[EngineClient, dict, str]:
+    def load() -> tuple[EngineClient, dict, str, ToolSources]:
         from conveyor.backends import open_engine
         from conveyor.tools.base import ToolRegistry
-        from conveyor.tools.mcp import mcp_tools
         from conveyor.tools.parsers import default_format
 
-        extra = list(tools)
-        for command in server.mcp:
-            extra += mcp_tools(command)
-        registry = ToolRegistry([*config.tools.tools, *extra])
+        mcp, specs_kept, sources = load_sources(server.mcp, config.tools.tools, server.allow_missing_tools)
+        engine_config = replace(config, tools=replace(config.tools, tools=specs_kept))
+        extra = [*tools, *mcp]
+        registry = ToolRegistry([*specs_kept, *extra])
         specs = {t.name: t.spec() for t in registry}
-        engine = (engine_factory or open_engine)(config, progress=False, tools=extra)
+        engine = (engine_factory or open_engine)(engine_config, progress=False, tools=extra)
         parser = default_format(specs)
-        return EngineClient(engine, server.prepare_timeout_s), specs, parser
+        return EngineClient(engine, server.prepare_timeout_s), specs, parser, sources
 
     return load
 
@@ -59,16 +61,15 @@ def build_app(
 ) -> Any:
     key = server.api_key or os.environ.get("CONVEYOR_API_KEY", "")
     if key != server.api_key:
-        from dataclasses import replace
-
         server = replace(server, api_key=key)
     return create_app(load, server, served_name(config, server), on_fatal)
 
 
 def serve(config: EngineConfig, server: ServerConfig) -> None:
     """Run until interrupted (Ctrl-C stops uvicorn, then the engine and its tool workers). If
-    the engine thread dies, uvicorn stops and the process exits with status 1, so that a
-    supervisor restarts it; open requests have already been answered with an error."""
+    start-up fails (a tool source, the model) or the engine thread dies, uvicorn stops and the
+    process exits with status 1 and the error, so that a supervisor sees it or restarts it;
+    open requests have already been answered with an error."""
     import uvicorn
 
     holder: list[uvicorn.Server] = []
@@ -85,9 +86,11 @@ def serve(config: EngineConfig, server: ServerConfig) -> None:
         )
     )
     holder[0].run()
-    client = app.state.conveyor.client
-    if client is not None and client.failed:
-        raise SystemExit(f"conveyor serve: the engine failed: {client.failed}")
+    state = app.state.conveyor
+    if state.load_error is not None:
+        raise SystemExit(f"conveyor serve: start-up failed: {state.load_error}")
+    if state.client is not None and state.client.failed:
+        raise SystemExit(f"conveyor serve: the engine failed: {state.client.failed}")
 
 
 def _stop(server: Any) -> None:

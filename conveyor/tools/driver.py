@@ -121,12 +121,23 @@ class GrammarForm:
         self._lock = threading.Lock()
 
     def __call__(self, specs: list[dict], choice: str | dict) -> Any:
+        return self._tool_grammar().constraint(specs, choice)
+
+    def json(self, schema: dict) -> Any:
+        """A constraint for a reply that is one JSON value fitting `schema`."""
+        return self._tool_grammar().json_constraint(schema)
+
+    def no_calls(self) -> Any:
+        """A constraint for free text that opens no call."""
+        return self._tool_grammar().no_call_constraint()
+
+    def _tool_grammar(self) -> Any:
         with self._lock:
             if self._grammar is None:
                 from conveyor.tools.grammar import ToolGrammar  # xgrammar and torch stay off import
 
                 self._grammar = ToolGrammar(*self._args, compile_timeout_s=self._compile_timeout_s)
-        return self._grammar.constraint(specs, choice)
+        return self._grammar
 
 
 class ToolDriver:
@@ -229,6 +240,21 @@ class ToolDriver:
         if choice == "auto" and not constrained:
             return None
         return self.form([*(self.specs(list(options.tools)) or []), *options.client_tools], choice)
+
+    def json_constraint(self, schema: dict) -> Any:
+        """A constraint for a reply that is one JSON value fitting `schema` (structured output),
+        in the engine's form; ValueError where the form has none (a remote engine)."""
+        make = getattr(self.form, "json", None)
+        if make is None:
+            raise ValueError("this engine cannot constrain a reply to a JSON schema (response_format)")
+        return make(schema)
+
+    def no_call_constraint(self, tools: list[str | dict], tool_choice: str | dict) -> Any:
+        """Under tool_choice "none" the tools stay in the prompt (the model sees its tool history
+        in context) and calls are forbidden: in the embedded form, a constraint that never opens
+        a `<tool_call>`; elsewhere None (nothing is parsed as a call either way)."""
+        make = getattr(self.form, "no_calls", None)
+        return make() if tool_choice == "none" and tools and make is not None else None
 
     def next_constraint(self, request_id: str) -> Any:
         """The constraint of the turn a request's session has just opened."""

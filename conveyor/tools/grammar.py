@@ -9,7 +9,9 @@ built-in allows free text after the first call; here the reply is calls only, se
 by newlines, and may end after the first.
 
 A `ToolGrammar` belongs to one tokenizer and compiles each (tools, choice) once; a
-`Constraint` is one model turn's matcher, which the runner uses to mask logits.
+`Constraint` is one model turn's matcher, which the runner uses to mask logits. The same
+machinery constrains structured outputs (`json_constraint`: the reply is one JSON value that
+fits a schema, `response_format` in the API).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import xgrammar as xgr
-from xgrammar.structural_tag import StructuralTag, TagsWithSeparatorFormat
+from xgrammar.structural_tag import AnyTextFormat, JSONSchemaFormat, StructuralTag, TagsWithSeparatorFormat
 
 from conveyor.tools.grammar_compile import BoundedCompiler
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ToolChoice = str | dict[str, Any]
 CALL_FORMAT = "qwen_3"  # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
+CALL_START = "<tool_call>"  # what a Hermes call starts with: never written under tool_choice "none"
 CALL_SEPARATOR = "\n"  # between calls of a "required" reply, as the Qwen chat template joins them
 MAX_SPARSE_WORDS = 1024  # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
 TOP_CANDIDATES = 16  # masked_argmax, many allowed: the highest logits tried
@@ -153,17 +156,36 @@ class ToolGrammar:
             return None
         return Constraint(self.compiled(tools, tool_choice))
 
+    def no_call_constraint(self) -> Constraint:
+        """A fresh matcher for free text that never opens a call (tool_choice "none" while the
+        tools stay listed in the prompt)."""
+        tag = StructuralTag(format=AnyTextFormat(excludes=[CALL_START]))
+        return Constraint(self._compiled("no-calls", tag, "a no-call"))
+
+    def json_constraint(self, schema: dict[str, Any]) -> Constraint:
+        """A fresh matcher for a reply that is one JSON value fitting `schema` (where a schema
+        declares properties, no others; see `conveyor.tools.json_schema` for the keywords
+        enforced). Raises ValueError for a schema xgrammar cannot compile."""
+        tag = StructuralTag(
+            format=JSONSchemaFormat(json_schema=schema, max_whitespace_cnt=self.max_whitespace)
+        )
+        return Constraint(self._compiled(json.dumps(["json", schema], sort_keys=True), tag, "an output"))
+
     def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> xgr.CompiledGrammar:
         """The compiled grammar of (tools, choice), from the cache when it was compiled before."""
         key = json.dumps([tools, tool_choice], sort_keys=True)
+        return self._compiled(key, lambda: self.structural_tag(tools, tool_choice), "a tool-call")
+
+    def _compiled(self, key: str, tag: Any, what: str) -> xgr.CompiledGrammar:
+        """From the cache, or compiled from `tag` (a StructuralTag or a function making one)."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         try:
-            compiled = self._compiler.compile_structural_tag(self.structural_tag(tools, tool_choice))
+            compiled = self._compiler.compile_structural_tag(tag() if callable(tag) else tag)
         except (RuntimeError, TimeoutError) as e:  # xgrammar reports unsupported schemas as RuntimeError
-            raise ValueError(f"cannot build a tool-call grammar: {e}") from e
+            raise ValueError(f"cannot build {what} grammar: {e}") from e
         with self._lock:
             self._cache[key] = compiled
             if len(self._cache) > self._max_cached:

@@ -21,6 +21,8 @@ from typing import Any
 from conveyor.tools.base import CallInfo, Tool
 
 CONNECT_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = None  # a call is bounded by the tool worker's --call-timeout-s
+SOURCE_UNAVAILABLE = "tool source unavailable"  # starts the error of a call whose MCP server is gone
 
 
 def side_effects_of(annotations: Any) -> str:
@@ -45,14 +47,27 @@ class McpTool(Tool):
         self.side_effects = side_effects
 
     def start(self, call: CallInfo) -> None:
-        _connection(self.command)
+        self._connected()
 
     def finish(self, args: dict[str, Any]) -> Any:
-        result = _connection(self.command).call(self.name, args)
+        connection = self._connected()
+        try:
+            result = connection.call(self.name, args, CALL_TIMEOUT_S)
+        except Exception as e:  # the server went away mid-call: say so, reconnect next time
+            _drop(self.command)
+            raise RuntimeError(f"{SOURCE_UNAVAILABLE}: the MCP server {self.command!r} failed: {e!r}") from e
         text = "\n".join(getattr(c, "text", "") or "" for c in result.content)
         if getattr(result, "is_error", False):
             raise RuntimeError(text or f"{self.name} failed")
         return text
+
+    def _connected(self) -> _Connection:
+        try:
+            return _connection(self.command)
+        except Exception as e:  # it does not start (any more): a clear error result
+            raise RuntimeError(
+                f"{SOURCE_UNAVAILABLE}: the MCP server {self.command!r} does not start: {e}"
+            ) from e
 
 
 def mcp_tools(command: str) -> list[McpTool]:
@@ -104,14 +119,17 @@ class _Connection:
                 await self._stop.wait()
         except BaseException as e:
             if not ready.done():
-                ready.set_exception(RuntimeError(f"MCP server {self.params.command!r} failed: {e}"))
+                command = shlex.join([self.params.command, *self.params.args])
+                ready.set_exception(RuntimeError(f"MCP server {command!r} failed: {_cause(e)}"))
             raise
 
     def run(self, coroutine: Any, timeout_s: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
-    def call(self, name: str, args: dict[str, Any]) -> Any:
-        return self.run(self.session.call_tool(name, args))
+    def call(self, name: str, args: dict[str, Any], timeout_s: float | None = None) -> Any:
+        if self._served.done():  # the session ended: the server process is gone
+            raise ConnectionError("the MCP session has ended")
+        return self.run(self.session.call_tool(name, args), timeout_s)
 
     def close(self) -> None:
         """Stop the session (and the server process) and the loop thread."""
@@ -123,6 +141,13 @@ class _Connection:
         self._thread.join(5.0)
 
 
+def _cause(error: BaseException) -> str:
+    """The first leaf of an exception group (anyio's task groups wrap the real error)."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return f"{type(error).__name__}: {error}"
+
+
 _connections: dict[str, _Connection] = {}  # per process (each tool worker has its own)
 _lock = threading.Lock()
 
@@ -132,3 +157,11 @@ def _connection(command: str) -> _Connection:
         if command not in _connections:
             _connections[command] = _Connection(command)
         return _connections[command]
+
+
+def _drop(command: str) -> None:
+    """Forget a connection that failed (the next call starts the server again)."""
+    with _lock:
+        connection = _connections.pop(command, None)
+    if connection is not None:
+        connection.close()

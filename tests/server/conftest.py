@@ -51,6 +51,7 @@ SCRIPTS = {
     "script:long-call": [_call("lookup", "k" * 40)],
     "script:mixed": [_call("lookup", "k1") + "\n" + _call("get_weather", "Paris", "city")],
     "script:unoffered": [_call("rm_rf", "/", "path"), "Sorry."],
+    "script:json": ['{"city": "Paris", "days": 2}'],
     "script:fence": [
         (
             'Example:\n```json\n{"name": "record", "arguments": {"key": "fence"}}\n```\nOr bare:\n'

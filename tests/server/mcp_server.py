@@ -1,6 +1,12 @@
-"""A tiny MCP server over stdio for the tests: `python tests/server/mcp_server.py`."""
+"""A tiny MCP server over stdio for the tests: `python tests/server/mcp_server.py`.
+
+`--crash-at-start` exits at once with an error (a source that fails at start); `--mortal`
+adds a tool `die` whose call kills the server (a source that dies later)."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
@@ -26,5 +32,14 @@ def send(to: str) -> str:
     return f"sent to {to}"
 
 
+def die() -> str:
+    """End this server's process at once."""
+    os._exit(1)
+
+
 if __name__ == "__main__":
+    if "--crash-at-start" in sys.argv:
+        sys.exit("mcp_server.py: crashing at start as asked")
+    if "--mortal" in sys.argv:
+        server.tool()(die)
     server.run("stdio")

@@ -32,3 +32,18 @@ def test_strict_streams_leave_fences_and_bare_json_as_text():
     lenient = CallStream("r", set(), parse=True, client_tools={"f"}, lenient=True)
     run(lenient, FENCED)
     assert [c.as_tool_call()["function"]["arguments"] for c in lenient.calls] == ['{"a": 1}', '{"a": 2}']
+
+
+def test_every_lenient_format_naming_an_unoffered_tool_stays_text():
+    """Tagged, fenced and bare JSON calls are all checked against the offered names."""
+    text = (
+        "a "
+        + TAGGED % "g"
+        + '\n```json\n{"name": "g", "arguments": {"a": 2}}\n```\n{"name": "g", "arguments": {"a": 3}}\n'
+    )
+    stream = CallStream("r", set(), parse=True, client_tools={"f"}, lenient=True)
+    content = "".join(d.get("content", "") for d in run(stream, text))
+    assert not stream.calls and all(f'"a": {i}' in content for i in (1, 2, 3))
+    served = CallStream("r", {"s"}, parse=True, client_tools={"f"}, lenient=True)
+    run(served, text + TAGGED % "f")
+    assert [c.name for c in served.client_calls] == ["f"]  # the server answers the others with an error

@@ -123,12 +123,12 @@ def test_client_tools_non_streaming_and_parallel_flag(client):
 def test_server_tool_round_trip(client):
     chunks = list(client.chat.completions.create(model="tiny", messages=ask("script:lookup"), stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    calls = [e for d in deltas if d.tool_calls for e in d.tool_calls]
-    assert calls[0].function.name == "lookup"
-    results = [d for d in deltas if d.role == "tool"]
-    assert len(results) == 1 and results[0].model_extra["tool_call_id"] == calls[0].id
-    assert results[0].content == "value-of-k1"
-    assert "".join(d.content or "" for d in deltas if d.role != "tool") == "The value is value-of-k1."
+    assert not any(d.tool_calls for d in deltas) and all(d.role in (None, "assistant") for d in deltas)
+    calls = [e for d in deltas for e in d.model_extra.get("server_tool_calls") or []]
+    assert calls[0]["function"]["name"] == "lookup"
+    results = [e for d in deltas for e in d.model_extra.get("server_tool_results") or []]
+    assert results == [{"index": 0, "tool_call_id": calls[0]["id"], "content": "value-of-k1"}]
+    assert "".join(d.content or "" for d in deltas) == "The value is value-of-k1."
     assert chunks[-1].choices[0].finish_reason == "stop"
     out = client.chat.completions.create(model="tiny", messages=ask("script:lookup"))
     message = out.choices[0].message

@@ -54,6 +54,7 @@ def test_the_call_past_max_tool_rounds_is_reported_and_ends_with_length(live, cl
         ("lookup", f"k{i}", f"value-of-k{i}") for i in range(3)
     ]  # the 3rd ran: it is there
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.tool_calls is None
+    assert "max_tool_rounds" in out.choices[0].model_extra["finish_detail"]
     assert_clean(live)
 
 
@@ -62,12 +63,14 @@ def test_an_external_call_past_max_tool_rounds_does_not_run(live, client):
         client.chat.completions.create(model="tiny", messages=ask("script:two-then-record"), stream=True)
     )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    results = [d.content for d in deltas if d.role == "tool"]
+    results = [e["content"] for d in deltas for e in d.model_extra.get("server_tool_results") or []]
     assert results[:2] == ["value-of-k0", "value-of-k1"]
     assert len(results) == 3 and "not run" in results[2] and "max_tool_rounds (2)" in results[2]
-    calls = [e.function.name for d in deltas if d.tool_calls for e in d.tool_calls if e.function.name]
-    assert calls == ["lookup", "lookup", "record"]
+    entries = [e for d in deltas for e in d.model_extra.get("server_tool_calls") or []]
+    assert [e["function"]["name"] for e in entries if "id" in e] == ["lookup", "lookup", "record"]
+    assert not any(d.tool_calls for d in deltas)
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert "max_tool_rounds" in chunks[-1].choices[0].model_extra["finish_detail"]
     assert_clean(live)
 
 

@@ -97,8 +97,10 @@ def test_named_function_streams_one_call_that_fits_the_schema(client, temperatur
     assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_required_calls_offered_tools(client, seed):
+@pytest.mark.parametrize(("seed", "lenient"), [(1, False), (2, False), (3, False), (1, True), (4, True)])
+def test_required_calls_offered_tools(client, seed, lenient):
+    """The grammar writes only tagged calls of offered tools, a subset of what the parser reads,
+    lenient (fences, bare JSON) or not: no text, no call of another name, can come out."""
     out = client.chat.completions.create(
         model="tiny",
         messages=ask("anything"),
@@ -107,10 +109,14 @@ def test_required_calls_offered_tools(client, seed):
         temperature=1,
         seed=seed,
         max_tokens=300,
+        extra_body={"lenient_tool_calls": lenient},
     )
     choice = out.choices[0]
     calls = choice.message.tool_calls
     assert calls and choice.finish_reason in ("tool_calls", "length")
+    assert {c.function.name for c in calls} <= set(SCHEMAS)
+    rest = (choice.message.content or "").strip()  # blank, or the start of a call "length" cut off
+    assert not rest or (choice.finish_reason == "length" and rest.startswith("<tool_call>"))
     for call in calls if choice.finish_reason == "tool_calls" else calls[:-1]:  # "length" may cut the last
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
     assert len({c.id for c in calls}) == len(calls)
