@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import openai
 import pytest
 
+from tests.polling import wait_until
 from tests.server.conftest import API_KEY, SCRIPTS
 
 SCRIPTS.update(
@@ -219,3 +221,50 @@ def test_neutral_values_are_accepted(client):
         metadata={"k": "v"},
     )
     assert r.status == "completed" and r.metadata == {"k": "v"}
+
+
+def test_tool_choice(client):
+    none = client.responses.create(model="tiny", input="script:weather", tools=[WEATHER], tool_choice="none")
+    assert [i.type for i in none.output] == ["message"] and none.tool_choice == "none"
+    assert "<tool_call>" in none.output_text  # no tools offered: the forced call is only text
+    named = {"type": "function", "name": "get_weather"}
+    r = client.responses.create(model="tiny", input="script:weather", tools=[WEATHER], tool_choice=named)
+    assert [i.type for i in r.output] == ["function_call"] and r.tool_choice.name == "get_weather"
+
+
+def test_parallel_tool_calls(client):
+    both = client.responses.create(model="tiny", input="script:two-calls", tools=[WEATHER])
+    assert [json.loads(i.arguments)["city"] for i in both.output] == ["Rome", "Oslo"]
+    one = client.responses.create(
+        model="tiny", input="script:two-calls", tools=[WEATHER], parallel_tool_calls=False
+    )
+    assert [json.loads(i.arguments)["city"] for i in one.output] == ["Rome"]
+    assert one.parallel_tool_calls is False and one.status == "completed"
+
+
+def test_async_client(live):
+    async def run() -> str:
+        async with openai.AsyncOpenAI(
+            base_url=live[0].url + "/v1", api_key=API_KEY, max_retries=0
+        ) as aclient:
+            first = await aclient.responses.create(model="tiny", input="resp:hello")
+            again = await aclient.responses.create(
+                model="tiny", input="resp:again", previous_response_id=first.id
+            )
+            return again.output_text
+
+    assert asyncio.run(run()) == "Again, hello."
+
+
+def test_disconnect_mid_stream_aborts_and_frees(live):
+    server, engine = live
+    body = {"model": "tiny", "input": "script:slow", "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, headers=headers) as r:
+        for line in r.iter_lines():
+            if line == "event: response.mcp_call_arguments.done":
+                break  # the call is out; its tool is running
+    pool = engine.driver.executor.pool
+    assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
+    assert wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)
+    assert wait_until(lambda: pool.num_busy == 0)
