@@ -67,6 +67,7 @@ class State:
         self.responses = ResponseStore(
             c.response_store_entries, c.response_store_mb << 20, c.response_store_ttl_s
         )
+        responses.watch(self.responses, self.metrics.registry)
 
     def ready_client(self) -> EngineClient:
         if self.client is None:

@@ -44,6 +44,11 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def memory(self) -> int:
+        """Bytes held by the entries still alive (for /metrics)."""
+        self._expire()
+        return self.num_bytes
+
     def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> bool:
         """Store a response; False when it alone is larger than the byte bound."""
         self.pop(response_id)

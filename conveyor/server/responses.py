@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge
 from pydantic import ValidationError
 
 from conveyor.server.chat import BadRequest, ChatRun, build_chat
@@ -256,3 +257,13 @@ async def stream_events(
 def sse_frame(event: Event) -> str:
     """One server-sent event, named by its type (the Responses API's framing)."""
     return f"event: {event.get('type', 'error')}\ndata: {json.dumps(event)}\n\n"
+
+
+def watch(store: ResponseStore, registry: CollectorRegistry) -> None:
+    """The store's size on /metrics: entries and bytes (expired ones dropped first)."""
+    Gauge("conveyor_response_store_bytes", "Stored responses' JSON bytes", registry=registry).set_function(
+        store.memory
+    )
+    Gauge("conveyor_response_store_entries", "Stored responses", registry=registry).set_function(
+        lambda: len(store)
+    )

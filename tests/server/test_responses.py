@@ -170,12 +170,21 @@ def test_max_output_tokens(client):
     assert r.usage.output_tokens == 2
 
 
-def test_stored_get_and_delete(client):
+def _gauge(live, name: str) -> float:
+    text = httpx.get(live[0].url + "/metrics").text
+    [line] = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_stored_get_and_delete(client, live):
     r = client.responses.create(model="tiny", input="resp:hello")
     assert client.responses.retrieve(r.id).output_text == r.output_text
+    assert _gauge(live, "conveyor_response_store_bytes") > 0
+    entries = _gauge(live, "conveyor_response_store_entries")
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
+    assert _gauge(live, "conveyor_response_store_entries") == entries - 1
     unstored = client.responses.create(model="tiny", input="resp:hello", store=False)
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(model="tiny", input="resp:again", previous_response_id=unstored.id)
