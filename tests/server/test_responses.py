@@ -9,8 +9,12 @@ import httpx
 import openai
 import pytest
 
+from conveyor.config import EngineConfig, ModelConfig, ServerConfig
+from conveyor.server.client import EngineClient
+from conveyor.server.serve import ServerThread, build_app
 from tests.polling import wait_until
 from tests.server.conftest import API_KEY, SCRIPTS
+from tests.server.test_engine_faults import FaultyEngine
 
 SCRIPTS.update(
     {
@@ -277,3 +281,28 @@ def test_disconnect_mid_stream_aborts_and_frees(live):
     assert wait_until(lambda: server.app.state.conveyor.num_pending == 0)
     assert wait_until(lambda: engine.block_manager.num_used_blocks == 0 and not engine.has_unfinished)
     assert wait_until(lambda: pool.num_busy == 0)
+
+
+@pytest.fixture
+def faulty():
+    """A server over a stand-in engine that fails on cue (test_engine_faults.py)."""
+    config = EngineConfig(model=ModelConfig(model="unused"))
+    app = build_app(
+        config, ServerConfig(served_model_name="m"), lambda: (EngineClient(FaultyEngine()), {}, "hermes")
+    )
+    with ServerThread(app) as server:
+        yield server
+
+
+def test_an_engine_fault_fails_the_response(faulty):
+    server = faulty
+    body = {"model": "m", "input": "bad-step"}
+    r = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert r.status_code == 500 and "injected step fault" in r.json()["error"]["message"]
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=30) as r:
+        data = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in data] == ["response.created", "response.in_progress", "response.failed"]
+    failed = data[-1]["response"]
+    assert failed["status"] == "failed" and "injected step fault" in failed["error"]["message"]
+    ok = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "hello"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["status"] == "incomplete"  # the stand-in stops by length
