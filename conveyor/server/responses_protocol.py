@@ -207,6 +207,12 @@ class ResponsesRequest(_Model):
             body = {**body, "input": [_typed(item, f"input.{i}") for i, item in enumerate(items)]}
         return body
 
+    @model_validator(mode="after")
+    def _choice_has_tools(self) -> ResponsesRequest:
+        if self.tool_choice == "required" and not self.tools:
+            raise InputRejected("tool_choice", "tool_choice 'required' needs tools")
+        return self
+
     @property
     def token_limit(self) -> int | None:
         return self.max_output_tokens

@@ -209,6 +209,9 @@ def test_stored_get_and_delete(client, live):
         ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
         ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"input": []}, "input"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
     ],
 )
 def test_unsupported_is_400_naming_it(live, extra, param):
