@@ -106,6 +106,17 @@ def test_previous_response_id(client):
     assert again.usage.input_tokens == replayed.usage.input_tokens
 
 
+def test_instructions_are_not_carried_over(client):
+    first = client.responses.create(model="tiny", input="resp:hello", instructions="Be brief.")
+    again = client.responses.create(model="tiny", input="resp:again", previous_response_id=first.id)
+    history = [{"role": "user", "content": "resp:hello"}, *[i.model_dump() for i in first.output]]
+    replayed = client.responses.create(
+        model="tiny", input=[*history, {"role": "user", "content": "resp:again"}]
+    )
+    assert again.instructions is None and again.output_text == "Again, hello."
+    assert again.usage.input_tokens == replayed.usage.input_tokens
+
+
 def test_server_tool_is_its_own_item(client):
     r = client.responses.create(model="tiny", input="script:lookup")
     assert [i.type for i in r.output] == ["mcp_call", "message"]
