@@ -50,7 +50,6 @@ class ResponseRun:
     chat: ChatRun
     conversation: list[dict[str, Any]]  # the input as chat messages, instructions excluded
     output: OutputItems
-    max_output_tokens: int
     created_at: int = field(default_factory=lambda: int(time.time()))
     status: str = "in_progress"
     usage: dict[str, Any] | None = None
@@ -118,8 +117,7 @@ def build_response(
         request, chat = build_chat(chat_body, request_id, model, server_tools, max_tokens, parser)
     except BadRequest as e:
         raise ApiError(400, str(e), param=e.param) from None
-    run = ResponseRun(body, chat, conversation, OutputItems(request_id), max_tokens)
-    return request, run
+    return request, ResponseRun(body, chat, conversation, OutputItems(request_id))
 
 
 def _history(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, Any]]:
