@@ -356,6 +356,17 @@ class ServerConfig:
             "default: such a failure stops the server with its error"
         ),
     )
+    response_store_entries: int = field(
+        default=1024,
+        metadata=_help("most stored /v1/responses responses (for previous_response_id); 0: store none"),
+    )
+    response_store_mb: int = field(
+        default=64,
+        metadata=_help("most memory stored responses take, in MiB (their JSON); least recent go first"),
+    )
+    response_store_ttl_s: float = field(
+        default=3600.0, metadata=_help("seconds a stored response stays available to previous_response_id")
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -367,6 +378,9 @@ class ServerConfig:
                 (self.default_max_tokens > 0, "default_max_tokens must be positive"),
                 (self.max_body_kb > 0, "max_body_kb must be positive"),
                 (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive"),
+                (self.response_store_entries >= 0, "response_store_entries must be >= 0"),
+                (self.response_store_mb > 0, "response_store_mb must be positive"),
+                (self.response_store_ttl_s > 0, "response_store_ttl_s must be positive"),
             ]
         )
 

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from conveyor.config import ServerConfig
 from conveyor.engine.api import EngineStats
-from conveyor.server import chat, choices
+from conveyor.server import chat, choices, responses
 from conveyor.server.client import (
     EngineClient,
     EngineFailed,
@@ -41,6 +41,8 @@ from conveyor.server.protocol import (
     CompletionRequest,
     error_body,
 )
+from conveyor.server.response_store import ResponseStore
+from conveyor.server.responses_protocol import ResponsesRequest
 from conveyor.server.tool_sources import ToolSources
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,14 @@ class State:
     loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
     on_fatal: Callable[[], None] | None = None  # start-up failed or the engine thread died: stop serving
     tool_sources: ToolSources = field(default_factory=ToolSources)  # /health's view of MCP and --tools
+    responses: ResponseStore = field(init=False)  # stored /v1/responses responses
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.responses = ResponseStore(
+            c.response_store_entries, c.response_store_mb << 20, c.response_store_ttl_s
+        )
+        responses.watch(self.responses, self.metrics.registry)
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
@@ -144,6 +154,7 @@ def _auth(state: State) -> Callable[[Request], None]:
 
 def _routes(app: FastAPI, state: State) -> None:
     auth = [Depends(_auth(state))]
+    _responses_routes(app, state, auth)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -228,6 +239,37 @@ def _routes(app: FastAPI, state: State) -> None:
         return _sse(state, stream_text(request_id, state.model, body, streams, state.metrics))
 
 
+def _responses_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
+    """`/v1/responses`: create (streamed or not), and read or delete a stored response."""
+
+    @app.post("/v1/responses", dependencies=auth)
+    async def create_response(body: ResponsesRequest, http: Request) -> Any:
+        client, request_id = _admit(state, body.model, "resp")
+        max_tokens = _token_limit(client, body, state.config.default_max_tokens)
+        request, run = responses.build_response(
+            body, request_id, state.model, state.server_tools, max_tokens, state.parser, state.responses
+        )
+        stream = await _submit(state, client, request)
+        if not body.stream:
+            try:
+                return await _unless_disconnected(
+                    http, responses.complete(run, stream, state.metrics, state.responses)
+                )
+            finally:
+                state.num_pending -= 1
+        events = responses.stream_events(run, stream, state.metrics, state.responses)
+        return _sse(state, events, frame=responses.sse_frame, last="")
+
+    @app.get("/v1/responses/{response_id}", dependencies=auth)
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return _stored(state, response_id, state.responses.get).response
+
+    @app.delete("/v1/responses/{response_id}", dependencies=auth)
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        _stored(state, response_id, state.responses.pop)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
 def _model_card(state: State) -> dict[str, Any]:
     return {"id": state.model, "object": "model", "created": 0, "owned_by": "conveyor"}
 
@@ -244,6 +286,15 @@ def _check_choices(config: ServerConfig, n: int, num_prompts: int = 1) -> None:
             f"prompt holds {num_prompts} prompts; this server takes at most {config.max_prompts} (--max-prompts)",
             param="prompt",
         )
+
+
+def _stored(state: State, response_id: str, take: Callable[[str], Any]) -> Any:
+    stored = take(response_id)
+    if stored is None:
+        raise ApiError(
+            404, f"No response found with id {response_id!r}.", code="not_found", param="response_id"
+        )
+    return stored
 
 
 def _token_limit(client: EngineClient, body: ChatCompletionRequest | CompletionRequest, default: int) -> int:
@@ -323,17 +374,28 @@ async def _submit_all(state: State, client: EngineClient, requests: list[Generat
         raise
 
 
-def _sse(state: State, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _data_frame(item: dict[str, Any]) -> str:
+    return f"data: {json.dumps(item)}\n\n"
+
+
+def _sse(
+    state: State,
+    chunks: AsyncIterator[dict[str, Any]],
+    frame: Callable[[dict[str, Any]], str] = _data_frame,
+    last: str = "data: [DONE]\n\n",
+) -> StreamingResponse:
+    """`chunks` as server-sent events, each framed by `frame`, then `last`."""
+
     async def events() -> AsyncIterator[str]:
         try:
             async for item in chunks:
-                yield f"data: {json.dumps(item)}\n\n"
-            yield "data: [DONE]\n\n"
+                yield frame(item)
+            yield last
         except Exception as e:
             if not isinstance(e, EngineFailed):
                 log.exception("a stream failed")
             message = str(e) if isinstance(e, EngineFailed) else f"internal error: {type(e).__name__}"
-            yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+            yield frame(error_body(message, "server_error"))
         finally:
             await chunks.aclose()
             state.num_pending -= 1

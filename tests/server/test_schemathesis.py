@@ -26,10 +26,10 @@ def _aim(body: object) -> None:
         return
     if isinstance(body.get("model"), str):
         body["model"] = "tiny"
-    limits = [body.get(k) for k in ("max_tokens", "max_completion_tokens")]
-    if all(v is None for v in limits):
-        body["max_tokens"] = MAX_DECODE
-    for key in ("max_tokens", "max_completion_tokens"):
+    keys = ("max_output_tokens",) if "input" in body else ("max_tokens", "max_completion_tokens")  # responses
+    if all(body.get(k) is None for k in keys):
+        body[keys[0]] = MAX_DECODE
+    for key in keys:
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_DECODE:
             body[key] = MAX_DECODE
