@@ -4,7 +4,7 @@ produced, and its KV kept while the client runs the tools. Pure Python.
 A client that runs its own tools sends the whole conversation again after each call. Two
 things make that follow-up cheap:
 
-- **Exact continuation** (`TokenIndex`, `conversation_key`, `follow_up_text`): the server
+- **Exact continuation** (`TokenIndex`, `conversation_keys`, `follow_up_text`): the server
   remembers, per conversation it answered (keyed by a digest of the model, the tools shown
   and the messages including the assistant message exactly as returned), the token ids the
   engine ended that turn with: prompt, generated tokens and the end-of-turn token. A
@@ -38,11 +38,21 @@ from conveyor.core.request import Request
 ENTRY_OVERHEAD_BYTES = 160  # a dict slot, the entry object, its key and id strings, roughly
 
 
-def conversation_key(model: str, tools: Any, messages: Sequence[dict[str, Any]]) -> bytes:
-    """Digest of what decides a rendered prompt: model, tool list and every message (key
-    order kept: a template prints arguments in their given order)."""
-    text = json.dumps([model, tools, list(messages)], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+def conversation_keys(model: str, tools: Any, messages: Sequence[dict[str, Any]]) -> list[bytes]:
+    """Digests of what decides a rendered prompt, one after each message: model, tool list and
+    every message so far (key order kept: a template prints arguments in their given order).
+    A chain, so all the prefixes of a conversation cost one pass over it."""
+    key = _digest(b"", [model, tools])
+    keys = []
+    for message in messages:
+        key = _digest(key, message)
+        keys.append(key)
+    return keys
+
+
+def _digest(parent: bytes, value: Any) -> bytes:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(parent + text.encode("utf-8", "surrogatepass")).digest()
 
 
 def follow_up_text(

@@ -34,6 +34,7 @@ from conveyor.server.client import (
     GenerateRequest,
     RequestRejected,
 )
+from conveyor.server.continuation import Continuations
 from conveyor.server.errors import KIB, ApiError, BodyLimit, install_handlers
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
@@ -58,6 +59,7 @@ class State:
     ids: Any = field(default_factory=lambda: itertools.count())
     loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
     on_fatal: Callable[[], None] | None = None  # the engine thread died: stop serving
+    continuations: Continuations | None = None  # conversations answered, for exact continuation
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
@@ -81,7 +83,7 @@ def create_app(
 ) -> FastAPI:
     """`load()` returns (client, server tool specs by name, call parser kind); `on_fatal()` runs
     on the event loop if the engine thread dies."""
-    state = State(config, model, on_fatal=on_fatal)
+    state = State(config, model, on_fatal=on_fatal, continuations=Continuations(config, model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -164,7 +166,13 @@ def _routes(app: FastAPI, state: State) -> None:
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:
             request, run = chat.build_chat(
-                body, request_id, state.model, state.server_tools, max_tokens, state.parser
+                body,
+                request_id,
+                state.model,
+                state.server_tools,
+                max_tokens,
+                state.parser,
+                state.continuations,
             )
         except chat.BadRequest as e:
             raise ApiError(400, str(e), param=e.param) from None
