@@ -52,7 +52,11 @@ class KVPolicy:
         """Retained sessions past their TTL, or worth less than the blocks queued work needs,
         go back to the prefix cache."""
         if self.sessions.retained:
-            self.sessions.settle(self._num_needed_blocks(), self._running_blocks())
+            self.sessions.settle(self._num_needed_blocks(), self._running_blocks(), self._claimed())
+
+    def _claimed(self) -> set[str]:
+        """Retained sessions whose follow-up is queued: it takes their KV over."""
+        return {r.continues for r in self.queues.waiting if r.continues}
 
     def _running_blocks(self) -> int:
         return sum(len(r.block_table) for r in self.queues.running)
@@ -79,7 +83,10 @@ class KVPolicy:
         """Blocks that queued requests (swapped and waiting) and one more token of each running
         request need beyond the free ones: what freeing KV of requests on tools could serve."""
         bm, q = self.block_manager, self.queues
-        queued = sum(bm.blocks_for(r.num_tokens) - len(r.block_table) for r in q.swapped + q.waiting)
+        queued = sum(
+            bm.blocks_for(r.num_tokens) - len(r.block_table) - self.sessions.claimed_blocks(r)
+            for r in q.swapped + q.waiting
+        )
         growth = sum(max(0, bm.blocks_for(r.num_tokens + 1) - len(r.block_table)) for r in q.running)
         return queued + growth - bm.num_free_blocks
 
@@ -90,12 +97,15 @@ class KVPolicy:
         out.swaps.append(Swap(True, pairs))
         return True
 
+    def reclaim_session(self) -> bool:
+        """Blocks are short: give up a retained session (its client may never come back)."""
+        return self.sessions.reclaim(self._running_blocks(), self._claimed())
+
     def reclaim_from_awaiting(self, out: SchedulerOutput) -> bool:
-        """Blocks are short: give up a retained session first (its client may never come back),
-        else free the KV of one request waiting on a tool (the strategy's victim); swapped out
-        where the strategy swaps and the host pool has room, else dropped (it recomputes on
-        resume)."""
-        if self.sessions.reclaim(self._running_blocks()):
+        """Blocks are short: give up a retained session first, else free the KV of one request
+        waiting on a tool (the strategy's victim); swapped out where the strategy swaps and the
+        host pool has room, else dropped (it recomputes on resume)."""
+        if self.reclaim_session():
             return True
         holding = [r for r in self.queues.awaiting_tool.values() if r.block_table]
         if not holding:

@@ -179,6 +179,8 @@ class Scheduler:
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
+            if self.kv.reclaim_session():  # whatever the strategy: sessions are not its to settle
+                continue
             if not self.kv.strategy.reclaims_on_demand or not self.kv.reclaim_from_awaiting(out):
                 return None
 

@@ -202,26 +202,36 @@ class SessionKeeper:
         request.num_computed_tokens = n
         return True
 
-    def settle(self, need_blocks: int, running_blocks: int) -> None:
+    def settle(self, need_blocks: int, running_blocks: int, claimed: set[str]) -> None:
         """Release what is past its TTL, then, while `need_blocks` are wanted, what least
-        waste says to free."""
+        waste says to free; never what a queued follow-up will take over (`claimed` ids)."""
         now = self.clock()
-        for request in list(self.retained.values()):
+        for request in self._unclaimed(claimed):
             if now - request.paused_at_s > self._ttl(request):
                 self.release(request)
         if need_blocks <= 0 or not self.retained:
             return
-        wastes = [self._waste(r, running_blocks) for r in self.retained.values()]
+        wastes = [self._waste(r, running_blocks) for r in self._unclaimed(claimed)]
         for request in intercept.choose(wastes, need_blocks, 0, 0).discard:
             self.release(request)
 
-    def reclaim(self, running_blocks: int) -> bool:
-        """Blocks are short: release the retained request whose keeping wastes most."""
-        if not self.retained:
+    def reclaim(self, running_blocks: int, claimed: set[str]) -> bool:
+        """Blocks are short: release the retained request whose keeping wastes most, one that a
+        queued follow-up claims only when no other is left (that follow-up may be queued
+        behind the request short of blocks)."""
+        wastes = [self._waste(r, running_blocks) for r in self._unclaimed(claimed) or self.retained.values()]
+        if not wastes:
             return False
-        wastes = [self._waste(r, running_blocks) for r in self.retained.values()]
         self.release(max(wastes, key=lambda w: (w.preserve, -w.request.arrival)).request)
         return True
+
+    def claimed_blocks(self, request: Request) -> int:
+        """Device blocks kept for `request`'s source: it takes them over instead of new ones."""
+        source = self.retained.get(request.continues) if request.continues else None
+        return len(source.block_table) if source is not None else 0
+
+    def _unclaimed(self, claimed: set[str]) -> list[Request]:
+        return [r for r in self.retained.values() if r.request_id not in claimed]
 
     def release(self, request: Request) -> None:
         """Back to the prefix cache: its full blocks stay adoptable until reused."""
