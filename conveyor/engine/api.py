@@ -75,6 +75,7 @@ class EngineStats:
     num_awaiting_tools: int = 0
     num_requests: int = 0
     workers: WorkerStats = WorkerStats()
+    num_session_blocks: int = 0  # of the used ones, kept for client tool follow-ups (core/sessions.py)
 
 
 @runtime_checkable

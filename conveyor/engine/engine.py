@@ -250,7 +250,11 @@ class LLMEngine(EngineBase):
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            bm.num_blocks, bm.num_used_blocks, self.driver.num_waiting, WorkerStats.of(self.driver)
+            bm.num_blocks,
+            bm.num_used_blocks,
+            self.driver.num_waiting,
+            workers=WorkerStats.of(self.driver),
+            num_session_blocks=self.scheduler.sessions.num_blocks,
         )
 
     # ---- the loop -------------------------------------------------------------------------
