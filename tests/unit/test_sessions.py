@@ -186,6 +186,20 @@ def test_past_its_ttl_the_kv_goes_back_to_the_prefix_cache() -> None:
     assert s.block_manager.lookup_prefix([*range(1, 10), 11, 12, EOS, 5]) == blocks[:2]  # 8 of 11 computed
 
 
+def test_a_follow_up_after_the_ttl_still_times_the_clients_tool() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    first = agent_request("a", list(range(1, 10)))
+    finish_with_call(s, first, [11, 12, EOS])
+    first.tool = "search"  # as the engine names it once it has read the turn's calls
+    clock.now += 5.0
+    s.schedule()
+    assert not s.sessions.retained
+    s.add(agent_request("b", [*first.token_ids, 21], continues="a"))
+    s.schedule()
+    assert s.tool_times.expected_s("search") == 5.0  # so the next TTL is 10 s, not 2
+
+
 def test_under_pressure_a_kept_session_gives_way_to_queued_work() -> None:
     s = make(num_blocks=4)
     first = agent_request("a", list(range(1, 10)))
