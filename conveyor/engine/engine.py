@@ -312,8 +312,9 @@ class LLMEngine(EngineBase):
         it only if its turn called the client's tools (their names key the expected time)."""
         if request.request_id not in self.scheduler.sessions.retained:
             return
-        text = self.tokenizer.decode(request.output_token_ids[:-1])
-        request.tool = self.driver.client_tool_in(request.client_tools, text)
+        if request.finish_cause is FinishCause.STOP_TOKEN:  # not a stop string: its tokens are reusable
+            text = self.tokenizer.decode(request.output_token_ids[:-1])
+            request.tool = self.driver.client_tool_in(request.client_tools, text)
         if request.tool is None:
             self.scheduler.sessions.release(request)
 
