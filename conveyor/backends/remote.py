@@ -22,7 +22,15 @@ from conveyor.backends.request import RemoteOutput, RemoteRequest, prompt_text
 from conveyor.backends.stream import RetryPolicy
 from conveyor.backends.turns import RemoteTurns
 from conveyor.config import EngineConfig
-from conveyor.engine.api import EngineBase, EngineStats, Params, PreparedPrompt, Prompt, sampling_params
+from conveyor.engine.api import (
+    ContinuedChat,
+    EngineBase,
+    EngineStats,
+    Params,
+    PreparedPrompt,
+    Prompt,
+    sampling_params,
+)
 from conveyor.tools.driver import ToolDriver
 from conveyor.tools.workers import WorkerStats
 
@@ -73,6 +81,8 @@ class RemoteEngine(EngineBase):
 
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> str:
         """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
+        if isinstance(prompt, ContinuedChat):  # no tokens of ours to reuse: the remote engine renders it all
+            prompt = prompt.messages
         return prompt_text(self.tokenizer, prompt, tools)
 
     def prepare(
@@ -87,7 +97,8 @@ class RemoteEngine(EngineBase):
         the result to `add_request` with the same options."""
         text = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, ids, text)
+        given = prompt.messages if isinstance(prompt, ContinuedChat) else prompt
+        return PreparedPrompt(given.prompt if isinstance(given, PreparedPrompt) else given, ids, text)
 
     def add_request(
         self,
@@ -103,10 +114,12 @@ class RemoteEngine(EngineBase):
         constraint: Any = None,
         lenient_calls: bool = True,
         json_schema: dict | None = None,
+        tool_time_s: float | None = None,
     ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
-        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py)."""
+        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py).
+        `tool_time_s` is accepted and has no effect: the remote engine's KV is its own."""
         params = sampling_params(params)
         if params.logprobs is not None:
             raise ValueError(

@@ -197,6 +197,13 @@ class Request:
     tool: str | None = None  # the tool it waits on, its declared time and when the wait began
     tool_declared_s: float | None = None
     paused_at_s: float = 0.0
+    # sessions (core/sessions.py): the client's estimate of its tool time after this request, and
+    # the retained request whose tokens begin this one's (its KV is handed over)
+    client_tool_s: float | None = None
+    continues: str | None = None
+    client_tools: Any = field(
+        default=None, repr=False
+    )  # the request's tool options where it offers the client's tools
 
     def __post_init__(self) -> None:
         if not self.token_ids:

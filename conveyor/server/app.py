@@ -34,6 +34,7 @@ from conveyor.server.client import (
     GenerateRequest,
     RequestRejected,
 )
+from conveyor.server.continuation import Continuations
 from conveyor.server.errors import KIB, ApiError, BodyLimit, install_handlers
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
@@ -62,6 +63,7 @@ class State:
     loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
     on_fatal: Callable[[], None] | None = None  # start-up failed or the engine thread died: stop serving
     tool_sources: ToolSources = field(default_factory=ToolSources)  # /health's view of MCP and --tools
+    continuations: Continuations | None = None  # conversations answered, for exact continuation
     responses: ResponseStore = field(init=False)  # stored /v1/responses responses
 
     def __post_init__(self) -> None:
@@ -94,7 +96,7 @@ def create_app(
     """`load()` returns (client, server tool specs by name, call parser kind) and optionally
     the `ToolSources` as a fourth item; `on_fatal()` runs on the event loop if loading fails or
     the engine thread dies."""
-    state = State(config, model, on_fatal=on_fatal)
+    state = State(config, model, on_fatal=on_fatal, continuations=Continuations(config, model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -193,7 +195,15 @@ def _routes(app: FastAPI, state: State) -> None:
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:  # one run per choice: each parses its own calls
             built = [
-                chat.build_chat(body, request_id, state.model, state.server_tools, max_tokens, state.parser)
+                chat.build_chat(
+                    body,
+                    request_id,
+                    state.model,
+                    state.server_tools,
+                    max_tokens,
+                    state.parser,
+                    state.continuations,
+                )
                 for _ in range(body.n)
             ]
         except chat.BadRequest as e:

@@ -42,7 +42,6 @@ UNSERVED: dict[str, tuple[Any, str]] = {
     "verbosity": (_OFF, "not served"),
     "store": (False, "stored chat completions are not served"),
     "service_tier": ("auto", "only the default service tier is served"),
-    "response_format": ({"type": "text"}, "structured outputs are not served"),
     "moderation": (_OFF, "moderation is not served"),
 }
 # Identifiers and cache hints that cannot change the output: accepted as sent.
@@ -299,6 +298,22 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)  # "tool_time_s" is read
+
+    @field_validator("metadata")
+    @classmethod
+    def _tool_time(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """`tool_time_s`: the client's estimate of its tools' time after this turn (how long the
+        server keeps the conversation's KV); other keys are the client's own labels."""
+        value = (metadata or {}).get("tool_time_s")
+        if value is not None and _seconds(value) is None:
+            raise ValueError(f"metadata.tool_time_s must be a number of seconds >= 0, got {value!r}")
+        return metadata
+
+    @property
+    def tool_time_s(self) -> float | None:
+        value = (self.metadata or {}).get("tool_time_s")
+        return None if value is None else _seconds(value)
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -363,6 +378,14 @@ class CompletionRequest(_Sampling):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 <= value < 1e6 else None  # NaN and inf fail the comparison too
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:
