@@ -150,7 +150,7 @@ def adjust_logits(
     """OpenAI's logit_bias and penalties, in place, on the rows whose params set them: a token's
     logit plus its bias, minus count * frequency_penalty and, if count > 0, presence_penalty,
     where count is how often it is in the row's output so far. A few tensor operations per such
-    row, none per vocabulary entry; rows that set nothing are not touched."""
+    row over the tokens its output holds, none over the vocabulary; other rows are not touched."""
     for row, p in enumerate(params):
         if not p.adjusts_logits:
             continue
@@ -158,10 +158,9 @@ def adjust_logits(
             ids, biases = zip(*p.logit_bias)
             logits[row, list(ids)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
         output = outputs[row] if outputs else []
-        if output and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.bincount(torch.tensor(output, device=logits.device), minlength=logits.shape[1])
-            counts = counts[: logits.shape[1]].to(logits.dtype)
-            logits[row] -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+        if output and (p.frequency_penalty or p.presence_penalty):  # only the tokens in the output
+            ids, counts = torch.tensor(output, device=logits.device).unique(return_counts=True)
+            logits[row, ids] -= counts.to(logits.dtype) * p.frequency_penalty + p.presence_penalty
 
 
 class ModelLogprobs:

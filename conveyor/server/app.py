@@ -191,7 +191,7 @@ def _routes(app: FastAPI, state: State) -> None:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         client, request_id = _admit(state, body.model, "chatcmpl")
-        _check_choices(state.config, body.n)
+        choices.check_choices(state.config, body.n)
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:  # one run per choice: each parses its own calls
             built = [
@@ -230,7 +230,7 @@ def _routes(app: FastAPI, state: State) -> None:
         from conveyor.server.completions import complete_text, stream_text
 
         client, request_id = _admit(state, body.model, "cmpl")
-        _check_choices(state.config, body.n, len(body.prompts))
+        choices.check_choices(state.config, body.n, len(body.prompts))
         params = body.engine_params(_token_limit(client, body, 16))
         requests = [  # prompt j's choice i is choice j * n + i
             choices.choice_request(
@@ -282,20 +282,6 @@ def _responses_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
 
 def _model_card(state: State) -> dict[str, Any]:
     return {"id": state.model, "object": "model", "created": 0, "owned_by": "conveyor"}
-
-
-def _check_choices(config: ServerConfig, n: int, num_prompts: int = 1) -> None:
-    """A response's choices are engine requests: their number is bounded (400 naming the field)."""
-    if n > config.max_n:
-        raise ApiError(
-            400, f"n is {n}; this server gives at most {config.max_n} choices per prompt (--max-n)", param="n"
-        )
-    if num_prompts > config.max_prompts:
-        raise ApiError(
-            400,
-            f"prompt holds {num_prompts} prompts; this server takes at most {config.max_prompts} (--max-prompts)",
-            param="prompt",
-        )
 
 
 def _stored(state: State, response_id: str, take: Callable[[str], Any]) -> Any:

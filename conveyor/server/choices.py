@@ -11,14 +11,30 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from typing import Any, TypeVar
 
+from conveyor.config import ServerConfig
 from conveyor.server import chat
 from conveyor.server.chat import ChatRun
 from conveyor.server.client import GenerateRequest, OutputStream
+from conveyor.server.errors import ApiError
 from conveyor.server.logprobs import LogprobTap, chat_logprobs
 
 T = TypeVar("T")
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive choice numbers over the seed space
 _DONE = object()
+
+
+def check_choices(config: ServerConfig, n: int, num_prompts: int = 1) -> None:
+    """A response's choices are engine requests: their number is bounded (400 naming the field)."""
+    if n > config.max_n:
+        raise ApiError(
+            400, f"n is {n}; this server gives at most {config.max_n} choices per prompt (--max-n)", param="n"
+        )
+    if num_prompts > config.max_prompts:
+        raise ApiError(
+            400,
+            f"prompt holds {num_prompts} prompts; this server takes at most {config.max_prompts} (--max-prompts)",
+            param="prompt",
+        )
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -1,7 +1,9 @@
 """OpenAI's logprobs shapes from the engine's `OutputLogprobs`: chat's `content` entries
 (token, logprob, bytes, top_logprobs) and the legacy completions' four lists (tokens,
 token_logprobs, top_logprobs, text_offset). A token that holds part of a UTF-8 character shows
-as text with U+FFFD in its place; its `bytes` are exact."""
+as text with U+FFFD in its place; its `bytes` are exact. A chat choice's entries cover every
+token the model wrote as text, the text of its tool calls included (over all tool rounds), and
+no stop token."""
 
 from __future__ import annotations
 
