@@ -3,6 +3,7 @@ client's tool time (TTL, pressure, hand-over), with a property test for block le
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,42 @@ def test_the_default_models_template_groups_tool_results_after_the_call() -> Non
     assert follow_up_text(render, later, 5, "<|im_end|>") == (
         "\n<|im_start|>user\nRome?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+TEXT = st.text(alphabet='abc xyz\n{}"', max_size=12)
+LATER = st.lists(
+    st.one_of(
+        st.builds(lambda t: {"role": "tool", "tool_call_id": "c1", "content": t}, TEXT),
+        st.builds(lambda t: {"role": "user", "content": t}, TEXT),
+        st.builds(lambda t: {"role": "assistant", "content": t}, TEXT),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@cache
+def _templates() -> list:
+    found = [byte_tokenizer()]
+    if _default_model_dir() is not None:
+        from transformers import AutoTokenizer
+
+        found.append(AutoTokenizer.from_pretrained(_default_model_dir()))
+    return found
+
+
+@settings(max_examples=60, deadline=None)
+@given(TEXT, st.booleans(), LATER)
+def test_the_reused_turn_and_the_follow_up_text_make_the_whole_rendering(content, calls, later) -> None:
+    """Where the model wrote exactly what the template prints for its turn, the reused text and
+    the follow-up text are the whole conversation's rendering: nothing lost, nothing doubled."""
+    reply = {"role": "assistant", "content": content, **({"tool_calls": [CALL]} if calls else {})}
+    messages = [{"role": "user", "content": "Weather?"}, reply, *later]
+    for tokenizer in _templates():
+        render = renderer(tokenizer)
+        head = render(messages[:2], False)
+        model_wrote = head[: head.rfind("<|im_end|>") + len("<|im_end|>")]
+        assert model_wrote + follow_up_text(render, messages, 2, "<|im_end|>") == render(messages, True)
 
 
 def test_templates_that_would_give_a_wrong_prefix_are_refused() -> None:
