@@ -96,3 +96,25 @@ def test_pydantic_ai_streamed(base_url):
 
     assert asyncio.run(run()) == "It is 22C in Paris."
     assert calls == [("Paris", "c")]
+
+
+def test_agents_sdk_leaves_server_tools_to_the_server(base_url):
+    client = AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+    agent = agents.Agent(name="lookup", model=agents.OpenAIResponsesModel(model="tiny", openai_client=client))
+    result = asyncio.run(agents.Runner.run(agent, "script:lookup"))
+    assert result.final_output == "The value is value-of-k1."
+    [server_call] = [i.raw_item for i in result.new_items if type(i).__name__ == "ToolCallItem"]
+    assert server_call.type == "mcp_call" and server_call.output == "value-of-k1"
+    assert result.context_wrapper.usage.requests == 1  # the server ran it: no second round trip
+
+
+def test_pydantic_ai_leaves_server_tools_to_the_server(base_url):
+    model = PydanticResponsesModel("tiny", provider=OpenAIProvider(base_url=base_url, api_key=API_KEY))
+    result = pydantic_ai.Agent(model).run_sync("script:lookup")
+    assert result.output == "The value is value-of-k1."
+    assert result.usage.requests == 1
+    call, returned, _ = result.all_messages()[
+        -1
+    ].parts  # the server's call, as a provider-run (native) tool's
+    assert type(call).__name__ == "NativeToolCallPart" and call.tool_name == "mcp_server:conveyor"
+    assert returned.content["output"] == "value-of-k1"
