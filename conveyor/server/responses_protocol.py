@@ -207,6 +207,15 @@ class ResponsesRequest(_Model):
             body = {**body, "input": [_typed(item, f"input.{i}") for i, item in enumerate(items)]}
         return body
 
+    @field_validator("metadata")
+    @classmethod
+    def _short_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's bounds: keys up to 64 characters, values up to 512 (it is stored and echoed)."""
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"metadata key {key[:64]!r}: keys have at most 64 characters, values 512")
+        return metadata
+
     @model_validator(mode="after")
     def _choice_has_tools(self) -> ResponsesRequest:
         if self.tool_choice == "required" and not self.tools:

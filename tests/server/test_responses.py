@@ -221,6 +221,7 @@ def test_stored_get_and_delete(client, live):
         ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"input": []}, "input"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
         ({"text": {"verbosity": "low"}}, "text.verbosity"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
     ],
