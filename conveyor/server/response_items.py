@@ -6,6 +6,9 @@ end opens none), a client tool's call becomes a `function_call` item, and a serv
 call an `mcp_call` item (server_label "conveyor") that is done once its result is in, the
 way OpenAI shows the calls its hosted tools make. Each method returns the events, as dicts
 without `sequence_number` (the stream numbers them).
+
+The other way, `items_to_messages` turns input items (ours sent back included) into the chat
+messages the engine renders.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from conveyor.server.calls import Delta, StreamedCall
-from conveyor.server.responses_protocol import ITEMS, SERVER_LABEL, items_to_messages
+from conveyor.server.responses_protocol import (
+    ITEMS,
+    SERVER_LABEL,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    ServerCallItem,
+    joined,
+)
 
 Event = dict[str, Any]
 
@@ -194,3 +204,43 @@ def _at(item: dict[str, Any], index: int) -> dict[str, Any]:
 
 def _part_event(kind: str, item: dict[str, Any], index: int, **fields: Any) -> Event:
     return {"type": kind, **_at(item, index), "content_index": 0, **fields}
+
+
+def items_to_messages(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items as chat messages (the shape `protocol.Message` takes, arguments as strings).
+
+    Calls join the assistant message before them (one model turn: its text, then its calls);
+    a server call's output becomes a tool message after that turn's calls. Two server calls
+    with nothing between them read as one turn.
+    """
+    messages: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # server call outputs, after the turn's calls
+    for item in items:
+        if isinstance(item, FunctionCallItem | ServerCallItem):
+            call_id = item.call_id if isinstance(item, FunctionCallItem) else item.id
+            _turn(messages).append(
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments},
+                }
+            )
+            if isinstance(item, ServerCallItem):
+                results.append({"role": "tool", "tool_call_id": item.id, "content": item.output or ""})
+            continue
+        messages += results
+        results = []
+        if isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": joined(item.output)})
+        else:
+            messages.append({"role": item.role, "content": item.text})
+    return messages + results
+
+
+def _turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tool_calls list of the current assistant turn (a new assistant message if there is none)."""
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant":
+        last = {"role": "assistant", "content": None}
+        messages.append(last)
+    return last.setdefault("tool_calls", [])

@@ -2,7 +2,7 @@
 
 A Responses request is served as the chat request it amounts to (`chat.build_chat`: the
 same tools, tool_choice checks and call translation): input items become chat messages
-(`responses_protocol.items_to_messages`), `instructions` a system message in front, function
+(`response_items.items_to_messages`), `instructions` a system message in front, function
 tools chat tools. Client calls come back as `function_call` items; server tools (`--tools`,
 MCP), offered to every request unless tool_choice is "none", run in the engine and come
 back as `mcp_call` items with their output (`response_items.py`).
@@ -34,9 +34,9 @@ from conveyor.server.chat import BadRequest, ChatRun, build_chat
 from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
 from conveyor.server.errors import ApiError
 from conveyor.server.protocol import ChatCompletionRequest
-from conveyor.server.response_items import Event, OutputItems
+from conveyor.server.response_items import Event, OutputItems, items_to_messages
 from conveyor.server.response_store import ResponseStore
-from conveyor.server.responses_protocol import ResponsesRequest, items_to_messages
+from conveyor.server.responses_protocol import ResponsesRequest
 
 log = logging.getLogger(__name__)
 STATUS = {"stop": "completed", "tool_calls": "completed", "length": "incomplete", "abort": "cancelled"}

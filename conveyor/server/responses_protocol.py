@@ -9,7 +9,7 @@ runs, ...). A field outside `SERVED` that is set to anything but null (or its ne
 Input items: messages (`input_text` / `output_text` parts), `function_call`,
 `function_call_output`, and `mcp_call`, the item type the server's own tool calls come back
 as (see `responses.py`), so that a client may send our output back as input.
-`items_to_messages` turns them into the chat-template messages the engine renders.
+`response_items.items_to_messages` turns them into the chat messages the engine renders.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class MessageItem(_Model):
 
     @property
     def text(self) -> str:
-        return _joined(self.content)
+        return joined(self.content)
 
 
 class FunctionCallItem(_Model):
@@ -207,6 +207,15 @@ class ResponsesRequest(_Model):
             body = {**body, "input": [_typed(item, f"input.{i}") for i, item in enumerate(items)]}
         return body
 
+    @field_validator("metadata")
+    @classmethod
+    def _short_metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's bounds: keys up to 64 characters, values up to 512 (it is stored and echoed)."""
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"metadata key {key[:64]!r}: keys have at most 64 characters, values 512")
+        return metadata
+
     @model_validator(mode="after")
     def _choice_has_tools(self) -> ResponsesRequest:
         if self.tool_choice == "required" and not self.tools:
@@ -252,45 +261,5 @@ def _typed(item: Any, where: str) -> Any:
     return item
 
 
-def _joined(content: str | list[TextPart]) -> str:
+def joined(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
-
-
-def items_to_messages(items: list[Any]) -> list[dict[str, Any]]:
-    """Input items as chat messages (the shape `protocol.Message` takes, arguments as strings).
-
-    Calls join the assistant message before them (one model turn: its text, then its calls);
-    a server call's output becomes a tool message after that turn's calls. Two server calls
-    with nothing between them read as one turn.
-    """
-    messages: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []  # server call outputs, after the turn's calls
-    for item in items:
-        if isinstance(item, FunctionCallItem | ServerCallItem):
-            call_id = item.call_id if isinstance(item, FunctionCallItem) else item.id
-            _turn(messages).append(
-                {
-                    "id": call_id,
-                    "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments},
-                }
-            )
-            if isinstance(item, ServerCallItem):
-                results.append({"role": "tool", "tool_call_id": item.id, "content": item.output or ""})
-            continue
-        messages += results
-        results = []
-        if isinstance(item, FunctionCallOutputItem):
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _joined(item.output)})
-        else:
-            messages.append({"role": item.role, "content": item.text})
-    return messages + results
-
-
-def _turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The tool_calls list of the current assistant turn (a new assistant message if there is none)."""
-    last = messages[-1] if messages else None
-    if last is None or last["role"] != "assistant":
-        last = {"role": "assistant", "content": None}
-        messages.append(last)
-    return last.setdefault("tool_calls", [])

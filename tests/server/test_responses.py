@@ -221,6 +221,7 @@ def test_stored_get_and_delete(client, live):
         ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"input": []}, "input"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
         ({"text": {"verbosity": "low"}}, "text.verbosity"),
         ({"stream_options": {"include_obfuscation": True}}, "stream_options"),
     ],
@@ -320,3 +321,13 @@ def test_an_engine_fault_fails_the_response(faulty):
     assert failed["status"] == "failed" and "injected step fault" in failed["error"]["message"]
     ok = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "hello"}, timeout=30)
     assert ok.status_code == 200 and ok.json()["status"] == "incomplete"  # the stand-in stops by length
+
+
+def test_too_long_a_prompt_is_a_400_and_leaves_nothing(client, live):
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="tiny", input="x" * 2000)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="tiny", input="resp:hello", max_output_tokens=10_000)
+    assert e.value.body["param"] == "max_output_tokens"
+    assert live[0].app.state.conveyor.num_pending == 0
+    _idle(live[1])

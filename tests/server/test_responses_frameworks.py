@@ -10,13 +10,14 @@ import asyncio
 import agents
 import pydantic_ai
 import pytest
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, OpenAI
 from pydantic_ai.models.openai import OpenAIResponsesModel as PydanticResponsesModel
 from pydantic_ai.providers.openai import OpenAIProvider
 
-from tests.server.conftest import API_KEY
+from tests.server.conftest import API_KEY, SCRIPTS
 
 agents.set_tracing_disabled(True)
+SCRIPTS.setdefault("resp:again", ["Again, hello."])
 
 
 def _weather(calls: list[tuple[str, str]]):
@@ -96,3 +97,49 @@ def test_pydantic_ai_streamed(base_url):
 
     assert asyncio.run(run()) == "It is 22C in Paris."
     assert calls == [("Paris", "c")]
+
+
+def test_agents_sdk_leaves_server_tools_to_the_server(base_url):
+    client = AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+    agent = agents.Agent(name="lookup", model=agents.OpenAIResponsesModel(model="tiny", openai_client=client))
+    result = asyncio.run(agents.Runner.run(agent, "script:lookup"))
+    assert result.final_output == "The value is value-of-k1."
+    [server_call] = [i.raw_item for i in result.new_items if type(i).__name__ == "ToolCallItem"]
+    assert server_call.type == "mcp_call" and server_call.output == "value-of-k1"
+    assert result.context_wrapper.usage.requests == 1  # the server ran it: no second round trip
+
+
+def test_pydantic_ai_leaves_server_tools_to_the_server(base_url):
+    model = PydanticResponsesModel("tiny", provider=OpenAIProvider(base_url=base_url, api_key=API_KEY))
+    result = pydantic_ai.Agent(model).run_sync("script:lookup")
+    assert result.output == "The value is value-of-k1."
+    assert result.usage.requests == 1
+    call, returned, _ = result.all_messages()[
+        -1
+    ].parts  # the server's call, as a provider-run (native) tool's
+    assert type(call).__name__ == "NativeToolCallPart" and call.tool_name == "mcp_server:conveyor"
+    assert returned.content["output"] == "value-of-k1"
+
+
+def test_agents_sdk_chains_responses(base_url):
+    """The SDK's response chaining: within a run (the tool's output goes with the previous
+    response's id, not the history) and across runs (`previous_response_id`)."""
+    calls: list[tuple[str, str]] = []
+    client = AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0)
+    agent = agents.Agent(
+        name="weather",
+        tools=[agents.function_tool(_weather(calls))],
+        model=agents.OpenAIResponsesModel(model="tiny", openai_client=client),
+    )
+
+    async def run() -> tuple[agents.RunResult, agents.RunResult]:
+        first = await agents.Runner.run(agent, "script:weather", auto_previous_response_id=True)
+        return first, await agents.Runner.run(
+            agent, "resp:again", previous_response_id=first.last_response_id
+        )
+
+    first, again = asyncio.run(run())
+    assert first.final_output == "It is 22C in Paris." and calls == [("Paris", "c")]
+    assert again.final_output == "Again, hello."
+    stored = OpenAI(base_url=base_url, api_key=API_KEY).responses.retrieve(first.last_response_id)
+    assert stored.previous_response_id == first.raw_responses[0].response_id  # chained within the run

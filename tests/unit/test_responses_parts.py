@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conveyor.server.calls import CallStream
-from conveyor.server.response_items import OutputItems
+from conveyor.server.response_items import OutputItems, items_to_messages
 from conveyor.server.response_store import ResponseStore
-from conveyor.server.responses_protocol import ITEMS, items_to_messages
+from conveyor.server.responses_protocol import ITEMS
 from conveyor.tools.base import ToolResult
 
 
