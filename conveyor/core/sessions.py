@@ -178,7 +178,8 @@ class SessionKeeper:
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(r.block_table) for r in self.retained.values())
+        """Device blocks the kept sessions hold; one that several share (a common prefix) counts once."""
+        return len({block for r in self.retained.values() for block in r.block_table})
 
     def retain(self, request: Request, tool: str | None, declared_s: float | None) -> bool:
         """Keep a finished request's blocks for its follow-up; False where there is nothing to

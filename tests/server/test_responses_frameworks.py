@@ -49,7 +49,8 @@ def test_agents_sdk_tool_agent(base_url, live):
     kinds = [type(item).__name__ for item in result.new_items]
     assert kinds == ["ToolCallItem", "ToolCallOutputItem", "MessageOutputItem"]
     assert result.context_wrapper.usage.requests == 2
-    assert live[1].stats().num_used_blocks == 0
+    stats = live[1].stats()
+    assert stats.num_used_blocks == stats.num_session_blocks  # kept for a follow-up only
 
 
 def test_agents_sdk_streamed(base_url):
@@ -83,7 +84,8 @@ def test_pydantic_ai_tool_agent(base_url, live):
     assert calls == [("Paris", "c")]
     assert result.output == "It is 22C in Paris."
     assert result.usage.requests == 2
-    assert live[1].stats().num_used_blocks == 0
+    stats = live[1].stats()
+    assert stats.num_used_blocks == stats.num_session_blocks  # kept for a follow-up only
 
 
 def test_pydantic_ai_streamed(base_url):
