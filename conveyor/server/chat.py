@@ -77,14 +77,7 @@ def build_chat(
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
     schema = body.reply_schema
-    if schema is not None and client and choice != "none":
-        raise BadRequest(
-            "response_format with tools is not supported; send one or the other", "response_format"
-        )
-    # a structured reply is one JSON value: server tools are not offered with it
-    offered_server = (
-        [] if choice == "none" or schema is not None else [n for n in server_tools if n not in names]
-    )
+    offered_server = _offered_server(server_tools, names, choice, schema)
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
@@ -109,6 +102,18 @@ def build_chat(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
     return GenerateRequest(request_id, messages, params, options), run
+
+
+def _offered_server(server_tools: dict[str, dict], client: set[str], choice: Any, schema: Any) -> list[str]:
+    """The server tools offered (none under tool_choice "none", nor with a JSON reply, which is
+    one JSON value); a JSON reply with the client's tools is refused."""
+    if schema is not None and client and choice != "none":
+        raise BadRequest(
+            "response_format with tools is not supported; send one or the other", "response_format"
+        )
+    if choice == "none" or schema is not None:
+        return []
+    return [n for n in server_tools if n not in client]
 
 
 async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:

@@ -241,6 +241,22 @@ class ToolDriver:
             return None
         return self.form([*(self.specs(list(options.tools)) or []), *options.client_tools], choice)
 
+    def reply_constraint(
+        self,
+        options: ToolOptions | None,
+        tools: list[str | dict],
+        tool_choice: str | dict,
+        json_schema: dict | None,
+    ) -> Any:
+        """The constraint of a reply no tool grammar governs: one JSON value that fits
+        `json_schema` (structured output; ValueError with tools), or under tool_choice "none"
+        free text that opens no call; None otherwise."""
+        if json_schema is None:
+            return self.no_call_constraint(tools, tool_choice)
+        if options is not None:
+            raise ValueError("a JSON schema for the reply (response_format) cannot be combined with tools")
+        return self.json_constraint(json_schema)
+
     def json_constraint(self, schema: dict) -> Any:
         """A constraint for a reply that is one JSON value fitting `schema` (structured output),
         in the engine's form; ValueError where the form has none (a remote engine)."""
