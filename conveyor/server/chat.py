@@ -14,13 +14,14 @@ holds only the calls the client must run.
 Every call that ran is reported. A turn that calls client and server tools together: the
 server calls run and are reported with their results, the client calls come back, and the
 request ends with "tool_calls". Past `max_tool_rounds`, the last turn's calls already
-running finish and are reported, the others do not run (their result says so), and the
-request ends with "length" (a limit cut the answer short, as max_tokens does) and the
-choice's `finish_detail` says which limit. A server call whose request ended first (length,
-abort) is still listed, with `result` None. A call of a tool nobody offered never runs and is
-never returned as a client call. JSON calls count only inside `<tool_call>` tags unless the
-request sets `lenient_tool_calls` (then ```json fences and bare JSON lines too): prose that
-quotes a call is text.
+running finish and are reported, the others do not run (their result says so), and the model
+answers in one more turn that offers no tools; should it call one anyway, the request ends
+with "length" (a limit cut the answer short, as max_tokens does) and the choice's
+`finish_detail` names `max_tool_rounds`. Never "tool_calls" without a call for the client.
+A server call whose request ended first (length, abort) is still listed, with `result` None.
+A call of a tool nobody offered never runs and is never returned as a client call. JSON calls
+count only inside `<tool_call>` tags unless the request sets `lenient_tool_calls` (then
+```json fences and bare JSON lines too): prose that quotes a call is text.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> 
         reason = "stop"
     if reason == "length" and out.tool_results:  # the last tool round's results ended it
         run.finish_detail = (
-            "max_tool_rounds: the request used its last tool round; its calls' results are in "
-            "server_tool_calls and the model was not asked for another turn"
+            "max_tool_rounds: no tool round was left and the model's answer turn called a tool "
+            "again; the results are in server_tool_calls"
         )
     run.finish_reason = "stop" if reason == "abort" else reason
     run.usage = {
