@@ -138,9 +138,7 @@ class LLMEngine(EngineBase):
         options = self.driver.options(tools or [], tool_choice, None, call_format, None)
         for turn in (0, 1) if options is not None else ():  # turn 1 stands for every later one
             self.driver.constraint(options, turn)
-        if json_schema is not None:
-            self.driver.json_constraint(json_schema)
-        self.driver.no_call_constraint(tools or [], tool_choice)  # compiled once, then cached
+        self.driver.reply_constraint(options, tools or [], tool_choice, json_schema)  # compiled, cached
         if isinstance(prompt, ContinuedChat):
             return PreparedPrompt(prompt.messages, token_ids, continues=_continues(prompt, token_ids))
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
@@ -184,12 +182,8 @@ class LLMEngine(EngineBase):
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )
-        if json_schema is not None and options is not None:
-            raise ValueError("a JSON schema for the reply (response_format) cannot be combined with tools")
-        if json_schema is not None and constraint is None:
-            constraint = self.driver.json_constraint(json_schema)
-        if constraint is None:  # tool_choice "none": the tools are listed, no call is written
-            constraint = self.driver.no_call_constraint(tools or [], tool_choice)
+        if constraint is None:  # a JSON reply, or tool_choice "none": no call is written
+            constraint = self.driver.reply_constraint(options, tools or [], tool_choice, json_schema)
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         if len(token_ids) >= self.max_model_len:
             raise ValueError(

@@ -14,13 +14,14 @@ holds only the calls the client must run.
 Every call that ran is reported. A turn that calls client and server tools together: the
 server calls run and are reported with their results, the client calls come back, and the
 request ends with "tool_calls". Past `max_tool_rounds`, the last turn's calls already
-running finish and are reported, the others do not run (their result says so), and the
-request ends with "length" (a limit cut the answer short, as max_tokens does) and the
-choice's `finish_detail` says which limit. A server call whose request ended first (length,
-abort) is still listed, with `result` None. A call of a tool nobody offered never runs and is
-never returned as a client call. JSON calls count only inside `<tool_call>` tags unless the
-request sets `lenient_tool_calls` (then ```json fences and bare JSON lines too): prose that
-quotes a call is text.
+running finish and are reported, the others do not run (their result says so), and the model
+answers in one more turn that offers no tools; should it call one anyway, the request ends
+with "length" (a limit cut the answer short, as max_tokens does) and the choice's
+`finish_detail` names `max_tool_rounds`. Never "tool_calls" without a call for the client.
+A server call whose request ended first (length, abort) is still listed, with `result` None.
+A call of a tool nobody offered never runs and is never returned as a client call. JSON calls
+count only inside `<tool_call>` tags unless the request sets `lenient_tool_calls` (then
+```json fences and bare JSON lines too): prose that quotes a call is text.
 """
 
 from __future__ import annotations
@@ -91,14 +92,7 @@ def build_chat(
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
     schema = body.reply_schema
-    if schema is not None and client and choice != "none":
-        raise BadRequest(
-            "response_format with tools is not supported; send one or the other", "response_format"
-        )
-    # a structured reply is one JSON value: server tools are not offered with it
-    offered_server = (
-        [] if choice == "none" or schema is not None else [n for n in server_tools if n not in names]
-    )
+    offered_server = _offered_server(server_tools, names, choice, schema)
     if not isinstance(choice, str):
         wanted = choice.function.name
         if wanted not in names and wanted not in offered_server:
@@ -129,6 +123,18 @@ def build_chat(
         run.session = Session(continuations, messages, tools)
         prompt = continuations.prompt(messages, tools)
     return GenerateRequest(request_id, prompt, params, options), run
+
+
+def _offered_server(server_tools: dict[str, dict], client: set[str], choice: Any, schema: Any) -> list[str]:
+    """The server tools offered (none under tool_choice "none", nor with a JSON reply, which is
+    one JSON value); a JSON reply with the client's tools is refused."""
+    if schema is not None and client and choice != "none":
+        raise BadRequest(
+            "response_format with tools is not supported; send one or the other", "response_format"
+        )
+    if choice == "none" or schema is not None:
+        return []
+    return [n for n in server_tools if n not in client]
 
 
 async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:
@@ -194,8 +200,8 @@ def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> 
         reason = "stop"
     if reason == "length" and out.tool_results:  # the last tool round's results ended it
         run.finish_detail = (
-            "max_tool_rounds: the request used its last tool round; its calls' results are in "
-            "server_tool_calls and the model was not asked for another turn"
+            "max_tool_rounds: no tool round was left and the model's answer turn called a tool "
+            "again; the results are in server_tool_calls"
         )
     run.finish_reason = "stop" if reason == "abort" else reason
     run.usage = {

@@ -26,6 +26,7 @@ from conveyor.tools.parsers import BODY_FORMATS, CallStart, default_format, make
 Form = Callable[[list[dict], "str | dict"], Any]  # (tool specs, tool choice) -> an engine's constraint
 
 _PLACEHOLDER = "\x00CONVEYOR-ASSISTANT\x00"
+ANSWER_NOTE = "\n\n(No tool rounds are left: answer now from these results, without calling a tool.)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class ToolSession:
     constraint_factory: Any = None  # turn number -> logits constraint, if the caller gave one
     final: str | None = None  # "tool_calls" | "length": the request ends once this turn's
     # results are in (they are reported, not continued)
+    answering: bool = False  # no tool round is left: the next (last) turn answers without tools
 
 
 def client_tool_key(options: ToolOptions, names: list[str | None]) -> str | None:
@@ -247,6 +249,22 @@ class ToolDriver:
             return None
         return self.form([*(self.specs(list(options.tools)) or []), *options.client_tools], choice)
 
+    def reply_constraint(
+        self,
+        options: ToolOptions | None,
+        tools: list[str | dict],
+        tool_choice: str | dict,
+        json_schema: dict | None,
+    ) -> Any:
+        """The constraint of a reply no tool grammar governs: one JSON value that fits
+        `json_schema` (structured output; ValueError with tools), or under tool_choice "none"
+        free text that opens no call; None otherwise."""
+        if json_schema is None:
+            return self.no_call_constraint(tools, tool_choice)
+        if options is not None:
+            raise ValueError("a JSON schema for the reply (response_format) cannot be combined with tools")
+        return self.json_constraint(json_schema)
+
     def json_constraint(self, schema: dict) -> Any:
         """A constraint for a reply that is one JSON value fitting `schema` (structured output),
         in the engine's form; ValueError where the form has none (a remote engine)."""
@@ -263,8 +281,12 @@ class ToolDriver:
         return make() if tool_choice == "none" and tools and make is not None else None
 
     def next_constraint(self, request_id: str) -> Any:
-        """The constraint of the turn a request's session has just opened."""
+        """The constraint of the turn a request's session has just opened (the answer turn
+        after the last tool round: free text that opens no call)."""
         session = self.sessions[request_id]
+        if session.answering and session.constraint_factory is None:
+            make = getattr(self.form, "no_calls", None)
+            return make() if make is not None else None
         return self.constraint(session.options, session.rounds, session.constraint_factory)
 
     # ---- a request's rounds ---------------------------------------------------------------
@@ -283,12 +305,13 @@ class ToolDriver:
         """Whether the driver runs tool rounds for the request."""
         return request_id in self.sessions
 
-    def _open_turn(self, request_id: str, options: ToolOptions, number: int) -> Turn:
+    def _open_turn(self, request_id: str, options: ToolOptions, number: int, answering: bool = False) -> Turn:
+        """The request's next turn; an answering turn offers no tool (a call gets an error result)."""
         parser = options.call_format or default_format(options.tools)
         turn = self.executor.open_turn(
             request_id,
             number,
-            tools=options.tools,
+            tools=() if answering else options.tools,
             mode=options.mode,
             parser=parser,
             lenient=options.lenient_calls,
@@ -309,7 +332,10 @@ class ToolDriver:
         - the turn also calls the caller's tools: the server's calls run, the request ends
           with "tool_calls" (the caller's calls are the caller's to run);
         - no tool round is left (`max_tool_rounds`): calls already running finish, the others
-          do not start (their result says so), and the request ends with "length"."""
+          do not start (their result says so); the results go back with a note and the model
+          answers in one more turn that offers no tools (`ToolSession.answering`; in the
+          embedded engine a grammar keeps `<tool_call>` out). Should that turn call a tool
+          anyway, the call gets an error result and the request ends with "length"."""
         session = self.sessions[request_id]
         rounds = (
             self.default_rounds
@@ -328,8 +354,10 @@ class ToolDriver:
                 session.turn.cancel()  # nothing ran server-side: the request ends here
                 return "tool_calls"
             session.final = "tool_calls"
-        elif last:
+        elif session.answering:  # the answer turn wrote a call all the same
             session.final = "length"
+        elif last:  # the results go back and the model is asked to answer without tools
+            session.answering = True
         if session.turn.done:  # partial execution finished every call while the model decoded
             self._ready.append(request_id)
         return "wait"
@@ -404,10 +432,13 @@ class ToolDriver:
         session = self.sessions[request_id]
         results = self._collect(session)
         now = session.timeline[-1].end
-        text = self.renderer.render([r.content for r in results], session.stop_text)
+        contents = [r.content for r in results]
+        if session.answering and contents:  # the model reads why no tool is offered any more
+            contents[-1] += ANSWER_NOTE
+        text = self.renderer.render(contents, session.stop_text)
         self._by_turn.pop(id(session.turn), None)
         session.rounds += 1
-        session.turn = self._open_turn(request_id, session.options, session.rounds)
+        session.turn = self._open_turn(request_id, session.options, session.rounds, session.answering)
         session.turn_started = now
         return text, results
 

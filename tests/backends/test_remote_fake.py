@@ -235,3 +235,11 @@ def test_the_vllm_dialect_sends_the_embedded_engines_structural_tag(model_dir, f
         spec = engine.driver.executor.registry.get("lookup").spec()
     sent = json.loads(fake.bodies[0]["structured_outputs"]["structural_tag"])
     assert sent == json.loads(structural_tag([spec], "auto").model_dump_json())
+
+
+def test_a_json_schema_for_the_reply_is_refused_not_ignored(engine) -> None:
+    """Structured output is not sent to remote engines yet: a ValueError (the server's 400)
+    before anything is sent, never an unconstrained reply."""
+    with pytest.raises(ValueError, match="response_format"):
+        engine.add_request(QUESTION, {"max_tokens": 10}, json_schema={"type": "object"})
+    assert not engine.has_unfinished

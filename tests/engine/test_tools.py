@@ -220,3 +220,27 @@ def test_bad_tool_requests_are_clear_errors(engine) -> None:
         engine.add_request(QUESTION, tools=["lookup"], tool_mode="eager")
     assert not engine.has_unfinished and not engine.driver.sessions
     assert_all_blocks_free(engine)
+
+
+def test_past_max_tool_rounds_the_model_answers_under_a_no_call_grammar(engine, monkeypatch) -> None:
+    from conveyor.tools.grammar import Constraint
+
+    given = []
+    next_constraint = engine.driver.next_constraint
+    monkeypatch.setattr(
+        engine.driver, "next_constraint", lambda rid: given.append(next_constraint(rid)) or given[-1]
+    )
+    rid = engine.add_request(
+        QUESTION,
+        {"max_tokens": 400, "temperature": 0},
+        tools=["lookup"],
+        tool_choice={"type": "function", "function": {"name": "lookup"}},  # the grammar writes a call
+        max_tool_rounds=0,
+    )
+    outputs = drain(engine, rid)
+    assert [r.name for o in outputs for r in o.tool_results] == ["lookup"]
+    assert len(given) == 1 and isinstance(given[0], Constraint)  # the answer turn: free text, no call
+    resumed = next(i for i, o in enumerate(outputs) if o.tool_results)
+    answer = "".join(o.new_text for o in outputs[resumed:])
+    assert "<tool_call>" not in answer and outputs[-1].finish_reason in ("stop", "length")
+    assert_all_blocks_free(engine)

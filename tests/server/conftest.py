@@ -45,9 +45,15 @@ SCRIPTS = {
     "script:mcp": ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', "2 + 3 = 5."],
     "script:slow": ['<tool_call>\n{"name": "slow", "arguments": {"key": "k"}}\n</tool_call>', "done"],
     # three rounds of calls where max_tool_rounds is 2 (test_side_effects.py): the 3rd runs
-    # (lookup) or not (record, external), and is reported either way
-    "script:three-lookups": [_call("lookup", f"k{i}") for i in range(3)],
-    "script:two-then-record": [*(_call("lookup", f"k{i}") for i in range(2)), _call("record", "r3")],
+    # (lookup) or not (record, external), is reported either way, and the model answers
+    # without tools; "stubborn" calls again in that answer turn
+    "script:three-lookups": [*(_call("lookup", f"k{i}") for i in range(3)), "Out of rounds."],
+    "script:two-then-record": [
+        *(_call("lookup", f"k{i}") for i in range(2)),
+        _call("record", "r3"),
+        "Out of rounds.",
+    ],
+    "script:stubborn": [_call("lookup", f"k{i}") for i in range(4)],
     "script:long-call": [_call("lookup", "k" * 40)],
     "script:mixed": [_call("lookup", "k1") + "\n" + _call("get_weather", "Paris", "city")],
     "script:unoffered": [_call("rm_rf", "/", "path"), "Sorry."],

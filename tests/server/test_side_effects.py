@@ -47,12 +47,22 @@ def assert_clean(live) -> None:
     assert not engine.has_unfinished and engine.block_manager.num_used_blocks == 0
 
 
-def test_the_call_past_max_tool_rounds_is_reported_and_ends_with_length(live, client):
+def test_the_call_past_max_tool_rounds_is_reported_and_the_model_answers_without_tools(live, client):
     out = client.chat.completions.create(model="tiny", messages=ask("script:three-lookups"))
     calls = server_calls(out.choices[0].message)
     assert [(name, args["key"], result) for name, args, result in calls] == [
         ("lookup", f"k{i}", f"value-of-k{i}") for i in range(3)
     ]  # the 3rd ran: it is there
+    assert out.choices[0].message.content == "Out of rounds." and out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason == "stop"
+    assert_clean(live)
+
+
+def test_an_answer_turn_that_calls_again_ends_with_length_and_says_why(live, client):
+    out = client.chat.completions.create(model="tiny", messages=ask("script:stubborn"))
+    calls = server_calls(out.choices[0].message)
+    assert [r for _, _, r in calls[:3]] == [f"value-of-k{i}" for i in range(3)]
+    assert len(calls) == 4 and calls[3][2].startswith("Error: unknown tool 'lookup'")  # no tool offered
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.tool_calls is None
     assert "max_tool_rounds" in out.choices[0].model_extra["finish_detail"]
     assert_clean(live)
@@ -69,8 +79,8 @@ def test_an_external_call_past_max_tool_rounds_does_not_run(live, client):
     entries = [e for d in deltas for e in d.model_extra.get("server_tool_calls") or []]
     assert [e["function"]["name"] for e in entries if "id" in e] == ["lookup", "lookup", "record"]
     assert not any(d.tool_calls for d in deltas)
-    assert chunks[-1].choices[0].finish_reason == "length"
-    assert "max_tool_rounds" in chunks[-1].choices[0].model_extra["finish_detail"]
+    assert "".join(d.content or "" for d in deltas) == "Out of rounds."
+    assert chunks[-1].choices[0].finish_reason == "stop"
     assert_clean(live)
 
 
