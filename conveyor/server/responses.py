@@ -116,7 +116,9 @@ def build_response(
     try:
         request, chat = build_chat(chat_body, request_id, model, server_tools, max_tokens, parser)
     except BadRequest as e:
-        raise ApiError(400, str(e), param=e.param) from None
+        raise ApiError(
+            400, str(e), param="text.format" if e.param == "response_format" else e.param
+        ) from None
     return request, ResponseRun(body, chat, conversation, OutputItems(request_id))
 
 
@@ -151,11 +153,14 @@ def _chat_request(
     if choice is not None:
         fields["tool_choice"] = choice if isinstance(choice, str) else {"function": {"name": choice.name}}
     fields |= {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
+    if body.text is not None and body.text.format is not None:
+        fields["response_format"] = body.text.format.response_format()
     try:
         return ChatCompletionRequest.model_validate(fields)
     except ValidationError as e:
         first = e.errors()[0]
-        param = "tool_choice" if first["loc"][:1] == ("tool_choice",) else "input"
+        where = {"tool_choice": "tool_choice", "response_format": "text.format"}
+        param = where.get(str(first["loc"][0]) if first["loc"] else "", "input")
         raise ApiError(400, f"{param}: {first['msg']}", param=param) from None
 
 

@@ -152,23 +152,33 @@ class NamedFunction(_Model):
 
 
 class TextFormat(_Model):
+    """`text.format`: plain text, or a structured reply enforced as chat's `response_format` is."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
     type: Literal["text", "json_schema", "json_object"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+    def response_format(self) -> dict[str, Any] | None:
+        """Chat's `response_format` for this format (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        spec = {
+            "name": self.name,
+            "schema": self.schema_,
+            "strict": self.strict,
+            "description": self.description,
+        }
+        return {"type": "json_schema", "json_schema": {k: v for k, v in spec.items() if v is not None}}
 
 
 class TextConfig(_Model):
     format: TextFormat | None = None
     verbosity: None = None  # only null: the model's output length is not steered
-
-    @field_validator("format")
-    @classmethod
-    def _plain_text(cls, fmt: TextFormat | None) -> TextFormat | None:
-        """Structured output is not enforced on this route yet: a 400, not free text."""
-        if fmt is not None and fmt.type != "text":
-            raise ValueError(
-                f"text.format type {fmt.type!r} is not supported yet (structured output on "
-                "/v1/responses is not enforced); use 'text', or response_format on /v1/chat/completions"
-            )
-        return fmt
 
 
 class ResponsesRequest(_Model):

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from conveyor.config import EngineConfig, ModelConfig, ServerConfig
 from conveyor.server.client import EngineClient
@@ -215,7 +216,8 @@ def test_stored_get_and_delete(client, live):
         ({"background": True}, "background"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"truncation": "auto"}, "truncation"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "f", "schema": {"not": {}}}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text.format"),
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0"),
         ({"input": [{"type": "reasoning", "summary": []}]}, "input.0"),
@@ -331,4 +333,28 @@ def test_too_long_a_prompt_is_a_400_and_leaves_nothing(client, live):
         client.responses.create(model="tiny", input="resp:hello", max_output_tokens=10_000)
     assert e.value.body["param"] == "max_output_tokens"
     assert live[0].app.state.conveyor.num_pending == 0
+    _idle(live[1])
+
+
+class Forecast(BaseModel):
+    city: str
+    days: int
+
+
+def test_text_format_json_schema_parses(client, live):
+    """`text.format` json_schema is enforced as chat's response_format; `responses.parse` reads it."""
+    out = client.responses.parse(model="tiny", input="script:json", text_format=Forecast)
+    assert out.output_parsed == Forecast(city="Paris", days=2)
+    _idle(live[1])
+
+
+def test_text_format_json_object_forces_an_object(client, live):
+    """Unscripted, the random model's reply is still one JSON object: the grammar wrote it."""
+    out = client.responses.create(
+        model="tiny", input="anything", text={"format": {"type": "json_object"}}, max_output_tokens=200
+    )
+    if out.status == "completed":
+        assert isinstance(json.loads(out.output_text), dict)
+    else:  # cut by max_output_tokens: still the start of an object
+        assert out.output_text.lstrip().startswith("{")
     _idle(live[1])
