@@ -257,7 +257,14 @@ def _responses_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
         client, request_id = _admit(state, body.model, "resp")
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         request, run = responses.build_response(
-            body, request_id, state.model, state.server_tools, max_tokens, state.parser, state.responses
+            body,
+            request_id,
+            state.model,
+            state.server_tools,
+            max_tokens,
+            state.parser,
+            state.responses,
+            state.continuations,
         )
         stream = await _submit(state, client, request)
         if not body.stream:

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from conveyor.server.chat import BadRequest, ChatRun, build_chat
 from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
+from conveyor.server.continuation import Continuations
 from conveyor.server.errors import ApiError
 from conveyor.server.protocol import ChatCompletionRequest
 from conveyor.server.response_items import Event, OutputItems, items_to_messages
@@ -106,6 +107,7 @@ def build_response(
     max_tokens: int,
     parser: str,
     store: ResponseStore,
+    continuations: Continuations | None = None,
 ) -> tuple[GenerateRequest, ResponseRun]:
     """Check the request (400 naming the field; 404 for an unknown previous_response_id) and
     turn it into an engine request."""
@@ -114,7 +116,9 @@ def build_response(
         raise ApiError(400, "input is empty", param="input")
     chat_body = _chat_request(body, conversation, max_tokens)
     try:
-        request, chat = build_chat(chat_body, request_id, model, server_tools, max_tokens, parser)
+        request, chat = build_chat(
+            chat_body, request_id, model, server_tools, max_tokens, parser, continuations
+        )
     except BadRequest as e:
         raise ApiError(
             400, str(e), param="text.format" if e.param == "response_format" else e.param
@@ -172,6 +176,7 @@ async def _drive(run: ResponseRun, stream: OutputStream, metrics: Any) -> AsyncI
     """The output events as the engine produces them (unnumbered); sets the status and usage at
     the end. Aborts the request when closed early."""
     calls, items = run.chat.calls, run.output
+    out = None
     try:
         async for out in stream:
             _observe(run.chat, out, metrics)
@@ -194,6 +199,18 @@ async def _drive(run: ResponseRun, stream: OutputStream, metrics: Any) -> AsyncI
         await stream.aclose()
     for event in items.close():
         yield event
+    _remember(run, out)
+
+
+def _remember(run: ResponseRun, out: Any) -> None:
+    """Remember the conversation with the reply as a `previous_response_id` follow-up (or a
+    client sending the items back) will carry it, for the engine's exact continuation."""
+    session, replies = run.chat.session, run.output.messages()
+    if session is None or out is None or not out.finished or len(replies) != 1 or run.chat.server_results:
+        return
+    if out.finish_reason not in ("stop", "tool_calls"):
+        return
+    session.continuations.remember(session.messages, session.tools, replies[0], out)
 
 
 def _observe(chat: ChatRun, out: Any, metrics: Any) -> None:

@@ -92,6 +92,10 @@ def test_previous_response_id(client):
     history = [{"role": "user", "content": "script:weather"}, *[i.model_dump() for i in first.output]]
     replayed = client.responses.create(model="tiny", tools=[WEATHER], input=[*history, result])
     assert follow_up.usage.input_tokens == replayed.usage.input_tokens
+    # exact continuation: the first turn's tokens are reused, not re-rendered; all but the
+    # end-of-turn token it sampled (never run, so it has no KV) come from the cache
+    repeated = first.usage.input_tokens + first.usage.output_tokens
+    assert follow_up.usage.input_tokens_details.cached_tokens == repeated - 1
     alone = client.responses.create(model="tiny", tools=[WEATHER], input=[result])
     assert alone.usage.input_tokens < follow_up.usage.input_tokens
     again = client.responses.create(model="tiny", previous_response_id=follow_up.id, input="resp:again")
