@@ -56,7 +56,8 @@ class RemoteEngine(EngineBase):
         self.client, self.model_name, self.tokenizer = open_backend(config, progress, client)
         self.max_model_len = config.model.max_model_len
         super().__init__()
-        form = lambda specs, choice: remote_form(backend.backend_dialect, specs, choice)
+        # the remote forms constrain tagged calls only: fenced and bare JSON calls stay free
+        form = lambda specs, choice, lenient=False: remote_form(backend.backend_dialect, specs, choice)
         self.driver = ToolDriver.start([*config.tools.tools, *tools], config.tools, self.tokenizer, form)
         retry = RetryPolicy(backend.max_retries, backend.retry_backoff_s)
         self.turns = RemoteTurns(

@@ -128,8 +128,8 @@ class GrammarForm:
         self._grammar: Any = None
         self._lock = threading.Lock()
 
-    def __call__(self, specs: list[dict], choice: str | dict) -> Any:
-        return self._tool_grammar().constraint(specs, choice)
+    def __call__(self, specs: list[dict], choice: str | dict, lenient: bool = False) -> Any:
+        return self._tool_grammar().constraint(specs, choice, lenient)
 
     def json(self, schema: dict) -> Any:
         """A constraint for a reply that is one JSON value fitting `schema`."""
@@ -247,7 +247,8 @@ class ToolDriver:
         constrained = self.config.constrained if options.constrained is None else options.constrained
         if choice == "auto" and not constrained:
             return None
-        return self.form([*(self.specs(list(options.tools)) or []), *options.client_tools], choice)
+        specs = [*(self.specs(list(options.tools)) or []), *options.client_tools]
+        return self.form(specs, choice, lenient=options.lenient_calls)
 
     def reply_constraint(
         self,

@@ -6,7 +6,11 @@ xgrammar's built-in "qwen_3" structural tag is exactly this format (Qwen2.5 shar
 so it is used as is for "auto" (free text, and a constrained call after each
 `<tool_call>` trigger) and for a named tool (exactly one call of it). For "required" the
 built-in allows free text after the first call; here the reply is calls only, separated
-by newlines, and may end after the first.
+by newlines, and may end after the first. Where a request's parser also reads JSON calls in
+```json fences and bare JSON (`lenient`), "auto" constrains those too: a ```json fence, and
+`{"name": ` anywhere in the text, can only go on as a call of an offered tool (so under
+lenient calls a ```json fence holds a call, never other JSON; ```JSON and ```tool_call
+fences, which the parser also reads, are not constrained).
 
 A `ToolGrammar` belongs to one tokenizer and compiles each (tools, choice) once; a
 `Constraint` is one model turn's matcher, which the runner uses to mask logits. The same
@@ -26,7 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 import xgrammar as xgr
-from xgrammar.structural_tag import AnyTextFormat, JSONSchemaFormat, StructuralTag, TagsWithSeparatorFormat
+from xgrammar.structural_tag import (
+    AnyTextFormat,
+    JSONSchemaFormat,
+    StructuralTag,
+    TagFormat,
+    TagsWithSeparatorFormat,
+    TriggeredTagsFormat,
+)
 
 from conveyor.tools.grammar_compile import BoundedCompiler
 
@@ -36,6 +47,8 @@ ToolChoice = str | dict[str, Any]
 CALL_FORMAT = "qwen_3"  # xgrammar's built-in structural tag for Hermes-style <tool_call> JSON
 CALL_START = "<tool_call>"  # what a Hermes call starts with: never written under tool_choice "none"
 CALL_SEPARATOR = "\n"  # between calls of a "required" reply, as the Qwen chat template joins them
+FENCE_START, FENCE_END = "```json\n", "\n```"  # a fenced call, as the lenient parser reads it
+BARE_START = '{"name": '  # a bare JSON call (also how a tagged call's object starts)
 MAX_SPARSE_WORDS = 1024  # masked_argmax: bitmask words read one by one (up to 32,768 allowed ids)
 TOP_CANDIDATES = 16  # masked_argmax, many allowed: the highest logits tried
 
@@ -144,17 +157,18 @@ class ToolGrammar:
         self._lock = threading.Lock()  # the cache is shared by the engine and its preparation threads
 
     def constraint(
-        self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto"
+        self, tools: list[dict[str, Any]] | None, tool_choice: ToolChoice = "auto", lenient: bool = False
     ) -> Constraint | None:
         """A fresh matcher for one turn, or None when nothing is constrained ("none", no tools).
 
         `tools` are OpenAI tool specs; `tool_choice` is "auto", "required", "none" or
-        `{"type": "function", "function": {"name": ...}}`. Raises ValueError for a choice
-        that names no given tool or a schema xgrammar cannot compile.
+        `{"type": "function", "function": {"name": ...}}`; `lenient`: "auto" constrains fenced
+        and bare JSON calls too. Raises ValueError for a choice that names no given tool or a
+        schema xgrammar cannot compile.
         """
         if tool_choice == "none" or not tools:
             return None
-        return Constraint(self.compiled(tools, tool_choice))
+        return Constraint(self.compiled(tools, tool_choice, lenient))
 
     def no_call_constraint(self) -> Constraint:
         """A fresh matcher for free text that never opens a call (tool_choice "none" while the
@@ -171,10 +185,14 @@ class ToolGrammar:
         )
         return Constraint(self._compiled(json.dumps(["json", schema], sort_keys=True), tag, "an output"))
 
-    def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> xgr.CompiledGrammar:
+    def compiled(
+        self, tools: list[dict[str, Any]], tool_choice: ToolChoice, lenient: bool = False
+    ) -> xgr.CompiledGrammar:
         """The compiled grammar of (tools, choice), from the cache when it was compiled before."""
-        key = json.dumps([tools, tool_choice], sort_keys=True)
-        return self._compiled(key, lambda: self.structural_tag(tools, tool_choice), "a tool-call")
+        lenient = lenient and tool_choice == "auto"  # the other choices write tagged calls only
+        key = json.dumps([tools, tool_choice, lenient], sort_keys=True)
+        tag = lambda: structural_tag(tools, tool_choice, self.max_whitespace, lenient)
+        return self._compiled(key, tag, "a tool-call")
 
     def _compiled(self, key: str, tag: Any, what: str) -> xgr.CompiledGrammar:
         """From the cache, or compiled from `tag` (a StructuralTag or a function making one)."""
@@ -198,7 +216,10 @@ class ToolGrammar:
 
 
 def structural_tag(
-    tools: list[dict[str, Any]], tool_choice: ToolChoice, max_whitespace: int | None = 16
+    tools: list[dict[str, Any]],
+    tool_choice: ToolChoice,
+    max_whitespace: int | None = 16,
+    lenient: bool = False,
 ) -> StructuralTag:
     """The xgrammar structural tag of one (tools, choice), also sent as is to a remote engine
     that compiles structural tags with xgrammar (vLLM); see the module docstring."""
@@ -213,4 +234,20 @@ def structural_tag(
     if tool_choice == "required":
         calls = TagsWithSeparatorFormat(tags=tag.format.tags, separator=CALL_SEPARATOR, at_least_one=True)
         tag = StructuralTag(format=calls)
+    elif lenient and tool_choice == "auto":
+        tag = _with_untagged_calls(tag)
     return tag
+
+
+def _with_untagged_calls(tag: StructuralTag) -> StructuralTag:
+    """ "auto" under a lenient parser: each tool's tagged call also as a ```json fence and as bare
+    JSON, triggered by the fence's opening and by `{"name": `."""
+    tagged = tag.format.tags
+    bodies = [(t.begin.removeprefix(CALL_START).lstrip("\n"), t.content) for t in tagged]
+    fenced = [
+        TagFormat(begin=FENCE_START + begin, content=content, end="}" + FENCE_END)
+        for begin, content in bodies
+    ]
+    bare = [TagFormat(begin=begin, content=content, end="}") for begin, content in bodies]
+    triggers = [*tag.format.triggers, FENCE_START.rstrip("\n"), BARE_START]
+    return StructuralTag(format=TriggeredTagsFormat(triggers=triggers, tags=[*tagged, *fenced, *bare]))
