@@ -55,7 +55,7 @@ class Worker:
     running: bool = False  # between a Began and the next Idle: running a tool's code
     handing_off: bool = False  # sent new work while caught up: the next poll waits for Began
     cpu_mark: tuple[float, float] | None = None  # (wall, CPU demand seconds) when last measured while running
-    ps: psutil.Process | None = None  # the call process's handle for its CPU demand, made on first use
+    call_pid: int | None = None  # the process serving its call, found on first use (`cpu_demand_seconds`)
 
 
 def open_pool(preload: list[str]) -> None:
@@ -141,7 +141,7 @@ def take_call_process(worker: Worker) -> None:
     if worker.conn is not None:  # it was not asked for one
         conn.close()
         raise ValueError("a worker's zygote sent a call process it was not asked for")
-    worker.conn, worker.ready, worker.served, worker.ps = conn, True, False, None
+    worker.conn, worker.ready, worker.served, worker.call_pid = conn, True, False, None
     worker.deadline, worker.num_unbegun, worker.handing_off = math.inf, 0, False
 
 
@@ -172,19 +172,29 @@ def cpu_demand_seconds(worker: Worker) -> float:
     namespaces the process is the zygote's child, the great-grandchild of the process we
     started (see `namespaces.py`)."""
     try:
-        if worker.ps is None:  # made once per call process: a new handle costs twice the read it serves
-            ps = psutil.Process(worker.process.pid)
+        if worker.call_pid is None:  # found once per call process
+            pid = worker.process.pid
             for _ in range(3 if worker.control is not None else 2 if worker.temp_root == WRITABLE else 0):
-                ps = ps.children()[0]
-            worker.ps = ps
+                pid = _first_child(pid)
+            worker.call_pid = pid
         if not _SCHEDSTAT:
-            times = worker.ps.cpu_times()
+            times = psutil.Process(worker.call_pid).cpu_times()
             return times.user + times.system
-        with open(f"/proc/{worker.ps.pid}/schedstat", "rb") as f:
+        with open(f"/proc/{worker.call_pid}/schedstat", "rb") as f:
             run_ns, wait_ns = f.read().split()[:2]
     except (psutil.Error, OSError, ValueError, IndexError):
         return 0.0
     return (int(run_ns) + int(wait_ns)) / 1e9
+
+
+def _first_child(pid: int) -> int:
+    """A child of `pid` from the kernel's list of its main thread's children (one small read;
+    psutil's `children()` reads every process's stat file: 5 ms here, on the engine's thread)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return int(f.read().split()[0])
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN, or `pid` is gone
+        return psutil.Process(pid).children()[0].pid
 
 
 _SCHEDSTAT = os.path.exists("/proc/self/schedstat")
