@@ -135,10 +135,13 @@ class RemoteEngine(EngineBase):
         max_tool_rounds: int | None = None,
         constraint: Any = None,
         lenient_calls: bool = True,
+        session_id: str | None = None,
     ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
-        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py)."""
+        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py).
+        `session_id` orders nothing here: the remote engine schedules by its own policy."""
+        del session_id
         params = sampling_params(params)
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls

@@ -12,6 +12,7 @@ from typing import Any
 from conveyor.config import EngineConfig
 from conveyor.core.block_manager import BlockManager
 from conveyor.core.intercept import Costs
+from conveyor.core.programs import prefix_session_id
 from conveyor.core.request import FinishCause, Request, RequestState
 from conveyor.core.scheduler import Scheduler
 from conveyor.engine.api import (
@@ -143,6 +144,7 @@ class LLMEngine(EngineBase):
         max_tool_rounds: int | None = None,
         constraint: Any = None,
         lenient_calls: bool = True,
+        session_id: str | None = None,
     ) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
@@ -155,7 +157,9 @@ class LLMEngine(EngineBase):
         bare JSON lines in the text stay text).
         `constraint`: a logits constraint (an object with `active`, `fill_mask`, `accept`) for
         the first turn, or a callable that returns one per turn number (default: the tool-call
-        grammar from `tool_choice` and ToolConfig.constrained)."""
+        grammar from `tool_choice` and ToolConfig.constrained).
+        `session_id`: the program (an agent's session) the request is a turn of, which
+        `--schedule` orders as a whole; default: a hash of chat messages' opening."""
         params = sampling_params(params)
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
@@ -168,7 +172,13 @@ class LLMEngine(EngineBase):
             )
         request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            stop_token_ids=frozenset(stops),
+            session_id=session_id or _session_of(prompt),
+        )
         factory = constraint if callable(constraint) else None
         request.constraint = (
             self.driver.constraint(options, 0, factory) if constraint is None or factory else constraint
@@ -381,3 +391,11 @@ def _eos_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids
+
+
+def _session_of(prompt: Prompt) -> str | None:
+    """The conversation-prefix session id of chat messages (as given, or as prepared)."""
+    messages = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        return prefix_session_id(messages)
+    return None

@@ -164,7 +164,13 @@ def _routes(app: FastAPI, state: State) -> None:
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
         try:
             request, run = chat.build_chat(
-                body, request_id, state.model, state.server_tools, max_tokens, state.parser
+                body,
+                request_id,
+                state.model,
+                state.server_tools,
+                max_tokens,
+                state.parser,
+                http.headers.get("x-session-id"),
             )
         except chat.BadRequest as e:
             raise ApiError(400, str(e), param=e.param) from None
@@ -181,7 +187,12 @@ def _routes(app: FastAPI, state: State) -> None:
         from conveyor.server.completions import complete_text, stream_text
 
         client, request_id = _admit(state, body.model, "cmpl")
-        request = GenerateRequest(request_id, body.prompt, body.engine_params(_token_limit(client, body, 16)))
+        try:
+            session = chat.session_id(http.headers.get("x-session-id"), body.user)
+        except chat.BadRequest as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        params = body.engine_params(_token_limit(client, body, 16))
+        request = GenerateRequest(request_id, body.prompt, params, {"session_id": session} if session else {})
         stream = await _submit(state, client, request)
         if not body.stream:
             try:

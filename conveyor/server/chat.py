@@ -29,7 +29,7 @@ from typing import Any
 
 from conveyor.server.calls import CallStream, StreamedCall, merge
 from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
-from conveyor.server.protocol import ChatCompletionRequest, chat_messages
+from conveyor.server.protocol import MAX_SESSION_CHARS, ChatCompletionRequest, chat_messages
 
 
 class BadRequest(ValueError):
@@ -66,8 +66,10 @@ def build_chat(
     server_tools: dict[str, dict],
     default_max_tokens: int,
     parser: str,
+    session_header: str | None = None,
 ) -> tuple[GenerateRequest, ChatRun]:
-    """Check the request against the served tools and turn it into an engine request."""
+    """Check the request against the served tools and turn it into an engine request.
+    `session_header`: the X-Session-Id header's value, if any (see `session_id`)."""
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
@@ -83,6 +85,9 @@ def build_chat(
     options = (
         {"tools": tools, "tool_choice": choice, "lenient_calls": body.lenient_tool_calls} if tools else {}
     )
+    session = session_id(session_header, body.user, body.metadata)
+    if session:
+        options["session_id"] = session
     calls = CallStream(
         request_id,
         set(offered_server),
@@ -94,6 +99,15 @@ def build_chat(
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
     return GenerateRequest(request_id, messages, params, options), run
+
+
+def session_id(header: str | None, user: str | None, metadata: dict[str, str] | None = None) -> str | None:
+    """The program a request is a turn of, as the client names it: the X-Session-Id header, else
+    `metadata.session_id`, else `user` (one end user's requests form one program); None leaves
+    it to the engine (a hash of the conversation's opening)."""
+    if header is not None and len(header) > MAX_SESSION_CHARS:
+        raise BadRequest(f"X-Session-Id takes at most {MAX_SESSION_CHARS} characters", "X-Session-Id")
+    return header or (metadata or {}).get("session_id") or user or None
 
 
 async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:

@@ -19,6 +19,7 @@ from conveyor.server.limits import (
     decode_arguments,
 )
 
+MAX_SESSION_CHARS = 512  # a session id (`user`, `metadata.session_id`, the X-Session-Id header)
 MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
 
 
@@ -109,6 +110,9 @@ class _Sampling(_Model):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(
+        default=None, max_length=MAX_SESSION_CHARS
+    )  # names the session when nothing else does
 
     @model_validator(mode="before")
     @classmethod
@@ -165,6 +169,17 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     lenient_tool_calls: bool = False  # Conveyor's extension: also read calls in ```json fences and bare JSON
+    # OpenAI's tags on a completion; Conveyor reads `session_id` (the program this turn belongs to)
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_tags(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's bounds: keys up to 64 characters, values up to 512."""
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"metadata {key[:64]!r}: keys take at most 64 characters, values 512")
+        return metadata
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
