@@ -7,8 +7,8 @@ the machine's other load falls on all alike): Conveyor (`agents_server.py`: `con
 with each model turn forced, so every forward pass is real and every run the same) under each
 `--schedule`, and with the prefix cache off; llama.cpp's server (xllamacpp) on the same GGUF
 weights with its own prompt cache, each turn forced by a GBNF grammar of the same text. The
-first system named is the baseline of the ratios (by default `fcfs`: today's behaviour, prefix
-cache only). Writes the JSON (every program's and request's record, /metrics KV samples), the
+first system named is the baseline of the ratios (by default `today`: Conveyor without its
+session features, prefix cache only). Writes the JSON (every program's and request's record, /metrics KV samples), the
 markdown table and two plots beside it.
 """
 
@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -33,12 +34,42 @@ from conveyor.bench.results import provenance, write_json, write_text
 from conveyor.bench.serve import free_port, spawn_server, stop_server, wait_healthy
 
 SYSTEMS = {
-    "fcfs": "Conveyor, --schedule fcfs: today's behaviour (prefix cache only), baseline (a)",
-    "program-fcfs": "Conveyor, --schedule program-fcfs (Continuum's program order)",
-    "las": "Conveyor, --schedule las (Autellix's least attained service)",
-    "no-cache": "Conveyor, --no-prefix-caching: every turn recomputed, baseline (b)",
+    "today": "Conveyor as before sessions: --schedule fcfs, prefix cache only, baseline (a)",
+    "fcfs": "Conveyor with sessions (exact continuation, session KV), --schedule fcfs",
+    "program-fcfs": "Conveyor with sessions, --schedule program-fcfs (Continuum's program order)",
+    "las": "Conveyor with sessions, --schedule las (Autellix's least attained service)",
+    "no-cache": "Conveyor, --no-prefix-caching, no sessions: every turn recomputed, baseline (b)",
     "llamacpp": "llama.cpp's server (xllamacpp) on the same GGUF, its prompt cache on, baseline (c)",
 }
+
+
+def sessions_served() -> bool:
+    """Whether this Conveyor has session features to turn off (exact continuation, session KV)."""
+    from conveyor.config import SchedulerConfig, ServerConfig
+
+    return (
+        "session_kv" in SchedulerConfig.__dataclass_fields__
+        and "exact_continuation" in ServerConfig.__dataclass_fields__
+    )
+
+
+def server_flags(system: str) -> list[str]:
+    """The `conveyor serve` flags of a Conveyor system."""
+    sessions_off = ["--no-session-kv", "--no-exact-continuation"] if sessions_served() else []
+    return {
+        "today": ["--schedule", "fcfs", *sessions_off],
+        "fcfs": ["--schedule", "fcfs"],
+        "program-fcfs": ["--schedule", "program-fcfs"],
+        "las": ["--schedule", "las"],
+        "no-cache": ["--schedule", "fcfs", "--no-prefix-caching", *sessions_off],
+    }[system]
+
+
+def default_systems() -> list[str]:
+    """Every system; without session features `fcfs` is `today` and is left out."""
+    return [s for s in SYSTEMS if s != "fcfs" or sessions_served()]
+
+
 QUICK = {
     "rates": [0.1],
     "num_bfcl": 3,
@@ -47,6 +78,7 @@ QUICK = {
     "coding_growth": 100,
     "repeats": 1,
     "bfcl_called_tools_only": True,
+    "systems": [s for s in default_systems() if s != "no-cache"],  # recomputing 30 turns takes too long here
 }
 
 
@@ -86,7 +118,11 @@ def add_agents_flags(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=int, default=8192, help="context of every server")
     add("--llamacpp-slots", type=int, default=4, help="llama.cpp's parallel slots (each of --max-model-len)")
     add(
-        "--num-threads", type=int, default=0, help="threads of every server; 0: the CPUs this process may use"
+        "--num-threads",
+        type=int,
+        default=1,
+        help="threads of every server (on this shared machine one thread decoded 4x faster than two: a "
+        "preempted thread stalls the whole parallel op); 0: the CPUs this process may use",
     )
     add("--seed", type=int, default=0, help="seed of arrivals and tool latencies")
     add("--quick", action="store_true", help=f"a few minutes' run: {QUICK}")
@@ -97,6 +133,7 @@ def run_agents_bench(args: argparse.Namespace) -> dict[str, Any]:
         for key, value in QUICK.items():
             setattr(args, key, value)
     console = Console(stderr=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     programs = load_programs(args)
     loadavg_at_start = [round(x, 2) for x in os.getloadavg()]
     with ExitStack() as stack:
@@ -107,7 +144,10 @@ def run_agents_bench(args: argparse.Namespace) -> dict[str, Any]:
         "provenance": provenance(),
         "loadavg_at_start": loadavg_at_start,
         "config": _config(args, programs),
-        "systems": {s: SYSTEMS[s] for s in args.systems},
+        "systems": {
+            s: f"{SYSTEMS[s]} ({' '.join(server_flags(s)) if s != 'llamacpp' else 'grammar-forced'})"
+            for s in args.systems
+        },
         "jct_bound_s": bound,
         "jct_bound_rule": rule,
         "summary": summarize(runs, args.systems[0], bound),
@@ -144,32 +184,29 @@ def load_programs(args: argparse.Namespace) -> list[AgentProgram]:
 def start_systems(
     args: argparse.Namespace, programs: list[AgentProgram], stack: ExitStack, console: Console
 ) -> dict[str, Target]:
+    """Every system up (Conveyor's servers load side by side), stopped when `stack` closes."""
     script = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "script.json"
     script.write_text(json.dumps({p.program_id: p.script() for p in programs}))
     threads = args.num_threads or len(os.sched_getaffinity(0))
-    targets = {}
-    for system in args.systems:
-        console.print(f"[agents] starting {system}")
-        if system == "llamacpp":
-            targets[system] = _start_llamacpp(args, threads, stack)
-            continue
+    spawned = {}
+    for system in [s for s in args.systems if s != "llamacpp"]:
         port = free_port()
-        flags = ["--schedule", "fcfs" if system == "no-cache" else system]
-        flags += ["--no-prefix-caching"] if system == "no-cache" else []
         cmd = [sys.executable, "-m", "conveyor.bench.agents_server", str(script), "--model", args.model]
         cmd += ["--port", str(port), "--served-model-name", "bench", "--kv-cache-mb", str(args.kv_cache_mb)]
-        cmd += [
-            "--max-model-len",
-            str(args.max_model_len),
-            "--num-threads",
-            str(threads),
-            "--max-pending",
-            "1024",
-            *flags,
-        ]
-        server = wait_healthy(spawn_server(cmd), f"http://127.0.0.1:{port}", system)
+        cmd += ["--max-model-len", str(args.max_model_len), "--num-threads", str(threads)]
+        cmd += ["--max-pending", "1024", *server_flags(system)]
+        console.print(f"[agents] starting {system}: {' '.join(cmd[3:])}")
+        server = spawn_server(cmd)
         stack.callback(stop_server, server)
-        targets[system] = Target(system, f"http://127.0.0.1:{port}", "conveyor")
+        spawned[system] = (server, f"http://127.0.0.1:{port}")
+    targets = {}
+    for system in args.systems:
+        if system == "llamacpp":
+            targets[system] = _start_llamacpp(args, threads, stack)
+        else:
+            server, url = spawned[system]
+            wait_healthy(server, url, system)
+            targets[system] = Target(system, url, "conveyor")
     return targets
 
 
@@ -179,7 +216,18 @@ def _start_llamacpp(args: argparse.Namespace, threads: int, stack: ExitStack) ->
 
     gguf = resolve_model(args.model, progress=False, weights="native") / "model.gguf"
     url, _ = stack.enter_context(llama_server(gguf, threads, args.llamacpp_slots, args.max_model_len))
-    return Target("llamacpp", url, "llamacpp")
+    return Target("llamacpp", url, "llamacpp", inline_tools=_template_shows_tools(gguf.parent))
+
+
+def _template_shows_tools(model_dir: Path) -> bool:
+    """Whether the model's chat template lists `tools` (Qwen2.5's does, SmolLM2's does not): only
+    then does llama.cpp get the tool list in its system message, so both prompts carry it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "x"}]
+    tool = {"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}
+    return "probe_tool" in tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False)
 
 
 def run_interleaved(

@@ -37,6 +37,9 @@ class Target:
     url: str
     kind: str  # "conveyor" or "llamacpp"
     model: str = "bench"
+    inline_tools: bool = (
+        True  # llama.cpp: the tool list in the system message (as the template would show it)
+    )
 
 
 @dataclass(slots=True)
@@ -155,7 +158,7 @@ async def _program(
 
 
 def _system(target: Target, program: AgentProgram) -> str:
-    if target.kind == "conveyor":
+    if target.kind == "conveyor" or not target.inline_tools:
         return program.system
     tools = "\n".join(json.dumps(t) for t in program.tools)
     return f"{program.system}\n\n# Tools\n\n<tools>\n{tools}\n</tools>"  # what Qwen's template writes

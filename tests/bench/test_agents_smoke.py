@@ -25,7 +25,7 @@ def test_agents_bench_runs_and_reports(tmp_path) -> None:
     args = parser.parse_args(
         [
             *("--json", str(tmp_path / "agents.json"), "--model", str(model)),
-            *("--systems", "fcfs", "las", "no-cache", "--rates", "2", "--repeats", "1"),
+            *("--systems", "today", "las", "no-cache", "--rates", "2", "--repeats", "1"),
             *("--num-bfcl", "1", "--bfcl-called-tools-only", "--num-coding", "1"),
             *("--coding-turns", "3", "--coding-growth", "20", "--tool-median-s", "0.01"),
             *("--kv-cache-mb", "16", "--max-model-len", "4096", "--num-threads", "1", "--timeout-s", "120"),
@@ -33,7 +33,7 @@ def test_agents_bench_runs_and_reports(tmp_path) -> None:
     )
     result = run_agents_bench(args)
     runs = result["runs"]
-    assert [r["system"] for r in runs] == ["fcfs", "las", "no-cache"]
+    assert [r["system"] for r in runs] == ["today", "las", "no-cache"]
     for run in runs:
         assert [p["error"] for p in run["programs"]] == ["", ""]
         assert all(t["calls_match"] for p in run["programs"] for t in p["turns"])
@@ -41,7 +41,7 @@ def test_agents_bench_runs_and_reports(tmp_path) -> None:
             c["requests"] for c in result["config"]["programs"]
         )
     cached = {r["system"]: sum(t["cached_tokens"] for p in r["programs"] for t in p["turns"]) for r in runs}
-    assert cached["no-cache"] == 0 and cached["fcfs"] > 0
+    assert cached["no-cache"] == 0 and cached["today"] > 0
     assert any("conveyor_kv_blocks_used" in s for s in runs[0]["kv_samples"])
     for suffix in (".md", "_kv.png", "_jct.png"):
         assert (tmp_path / f"agents{suffix}").stat().st_size > 0
