@@ -208,6 +208,24 @@ class SchedulerConfig:
         default=10.0,
         metadata=_help("under --schedule las, a request waiting longer than this goes ahead of all others"),
     )
+    session_kv: bool = field(
+        default=True,
+        metadata=_help(
+            "keep the KV of a request that ended with client tool calls for its follow-up (a TTL from the "
+            "expected tool time; given up earlier under memory pressure by least waste); off: freed at once, "
+            "only the prefix cache may still hold it"
+        ),
+    )
+    session_ttl_factor: float = field(
+        default=2.0,
+        metadata=_help(
+            "a kept session's time-to-live in multiples of its expected tool time (per tool name: the "
+            "client's hint metadata.tool_time_s, else past follow-ups, else --default-tool-s)"
+        ),
+    )
+    session_max_ttl_s: float = field(
+        default=60.0, metadata=_help("longest a finished request's KV waits for its follow-up")
+    )
 
     def __post_init__(self) -> None:
         policies = [p.value for p in InterceptPolicy]
@@ -227,6 +245,8 @@ class SchedulerConfig:
                     f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}",
                 ),
                 (self.starvation_s > 0, "starvation_s must be positive"),
+                (self.session_ttl_factor >= 0, "session_ttl_factor must be >= 0"),
+                (self.session_max_ttl_s >= 0, "session_max_ttl_s must be >= 0"),
             ]
         )
 
@@ -364,6 +384,22 @@ class ServerConfig:
             "engine thread); past it the request gets HTTP 400"
         ),
     )
+    exact_continuation: bool = field(
+        default=True,
+        metadata=_help(
+            "a chat request that repeats a conversation this server answered reuses the token ids the "
+            "model generated (only later messages are rendered), so the prefix cache matches its output"
+        ),
+    )
+    continuation_entries: int = field(
+        default=4096, metadata=_help("most conversations remembered for exact continuation")
+    )
+    continuation_mb: int = field(
+        default=64, metadata=_help("memory for the token ids remembered for exact continuation, in MiB")
+    )
+    continuation_ttl_s: float = field(
+        default=3600.0, metadata=_help("a remembered conversation is forgotten this long after its last use")
+    )
     mcp: tuple[str, ...] = field(
         default=(),
         metadata=_help(
@@ -379,6 +415,9 @@ class ServerConfig:
                 (self.default_max_tokens > 0, "default_max_tokens must be positive"),
                 (self.max_body_kb > 0, "max_body_kb must be positive"),
                 (self.prepare_timeout_s > 0, "prepare_timeout_s must be positive"),
+                (self.continuation_entries >= 0, "continuation_entries must be >= 0"),
+                (self.continuation_mb >= 0, "continuation_mb must be >= 0"),
+                (self.continuation_ttl_s >= 0, "continuation_ttl_s must be >= 0"),
             ]
         )
 

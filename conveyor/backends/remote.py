@@ -32,6 +32,7 @@ from conveyor.backends.stream import (
 )
 from conveyor.config import EngineConfig
 from conveyor.engine.api import (
+    ContinuedChat,
     EngineBase,
     EngineStats,
     Params,
@@ -101,6 +102,8 @@ class RemoteEngine(EngineBase):
         """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
         if isinstance(prompt, PreparedPrompt):
             return non_empty(prompt.text)
+        if isinstance(prompt, ContinuedChat):  # no tokens of ours to reuse: the remote engine renders it all
+            prompt = prompt.messages
         rendered = render_prompt(self.tokenizer, prompt, tools)
         if isinstance(rendered, list):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in rendered):
@@ -120,7 +123,8 @@ class RemoteEngine(EngineBase):
         the result to `add_request` with the same options."""
         text = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, ids, text)
+        given = prompt.messages if isinstance(prompt, ContinuedChat) else prompt
+        return PreparedPrompt(given.prompt if isinstance(given, PreparedPrompt) else given, ids, text)
 
     def add_request(
         self,
@@ -136,11 +140,13 @@ class RemoteEngine(EngineBase):
         constraint: Any = None,
         lenient_calls: bool = True,
         session_id: str | None = None,
+        tool_time_s: float | None = None,
     ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
         that returns one per turn number; default: the remote form of `tool_choice` (constraints.py).
-        `session_id` orders nothing here: the remote engine schedules by its own policy."""
+        `session_id` orders nothing here: the remote engine schedules by its own policy; `tool_time_s`
+        is accepted and has no effect: the remote engine's KV is its own."""
         del session_id
         params = sampling_params(params)
         options = self.driver.options(

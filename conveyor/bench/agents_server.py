@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.bench.workloads.paced import Replay
-from conveyor.engine.api import PreparedPrompt
+from conveyor.engine.api import ContinuedChat, PreparedPrompt
 
 
 class ReplayEngine:
@@ -34,6 +34,7 @@ class ReplayEngine:
     def add_request(self, prompt: Any, params: Any = None, **options: Any) -> str:
         texts = self.script.get(options.get("session_id") or "")
         given = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt
+        given = given.messages if isinstance(given, ContinuedChat) else given  # an exact continuation's
         if texts and isinstance(given, list):
             turn = sum(1 for m in given if isinstance(m, dict) and m.get("role") == "assistant")
             if turn >= len(texts):

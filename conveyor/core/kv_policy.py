@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from conveyor.core import intercept
 from conveyor.core.block_manager import BlockManager
 from conveyor.core.request import Request, RequestState, by_arrival
+from conveyor.core.sessions import SessionKeeper
 from conveyor.core.step_plan import SchedulerOutput, Swap
 
 
@@ -37,6 +38,7 @@ class KVPolicy:
         costs: intercept.Costs,
         tool_times: intercept.ToolTimes,
         clock: Callable[[], float],
+        sessions: SessionKeeper,
     ) -> None:
         self.strategy = strategy
         self.block_manager = block_manager
@@ -44,6 +46,20 @@ class KVPolicy:
         self.costs = costs
         self.tool_times = tool_times
         self.clock = clock
+        self.sessions = sessions
+
+    def settle_sessions(self) -> None:
+        """Retained sessions past their TTL, or worth less than the blocks queued work needs,
+        go back to the prefix cache."""
+        if self.sessions.retained:
+            self.sessions.settle(self._num_needed_blocks(), self._running_blocks(), self._claimed())
+
+    def _claimed(self) -> set[str]:
+        """Retained sessions whose follow-up is queued: it takes their KV over."""
+        return {r.continues for r in self.queues.waiting if r.continues}
+
+    def _running_blocks(self) -> int:
+        return sum(len(r.block_table) for r in self.queues.running)
 
     def intercept(self, out: SchedulerOutput) -> None:
         """Swap out or drop the KV of requests waiting on tools, by the strategy."""
@@ -61,14 +77,16 @@ class KVPolicy:
     def _waste(self, request: Request) -> intercept.Waste:
         expected_s = self.tool_times.expected_s(request.tool, request.tool_declared_s)
         remaining_s = expected_s - (self.clock() - request.paused_at_s)
-        running_blocks = sum(len(r.block_table) for r in self.queues.running)
-        return intercept.waste_of(request, remaining_s, running_blocks, self.costs)
+        return intercept.waste_of(request, remaining_s, self._running_blocks(), self.costs)
 
     def _num_needed_blocks(self) -> int:
         """Blocks that queued requests (swapped and waiting) and one more token of each running
         request need beyond the free ones: what freeing KV of requests on tools could serve."""
         bm, q = self.block_manager, self.queues
-        queued = sum(bm.blocks_for(r.num_tokens) - len(r.block_table) for r in q.swapped + q.waiting)
+        queued = sum(
+            bm.blocks_for(r.num_tokens) - len(r.block_table) - self.sessions.claimed_blocks(r)
+            for r in q.swapped + q.waiting
+        )
         growth = sum(max(0, bm.blocks_for(r.num_tokens + 1) - len(r.block_table)) for r in q.running)
         return queued + growth - bm.num_free_blocks
 
@@ -79,10 +97,16 @@ class KVPolicy:
         out.swaps.append(Swap(True, pairs))
         return True
 
+    def reclaim_session(self) -> bool:
+        """Blocks are short: give up a retained session (its client may never come back)."""
+        return self.sessions.reclaim(self._running_blocks(), self._claimed())
+
     def reclaim_from_awaiting(self, out: SchedulerOutput) -> bool:
-        """Blocks are short: free the KV of one request waiting on a tool (the strategy's
-        victim); swapped out where the strategy swaps and the host pool has room, else
-        dropped (it recomputes on resume)."""
+        """Blocks are short: give up a retained session first, else free the KV of one request
+        waiting on a tool (the strategy's victim); swapped out where the strategy swaps and the
+        host pool has room, else dropped (it recomputes on resume)."""
+        if self.reclaim_session():
+            return True
         holding = [r for r in self.queues.awaiting_tool.values() if r.block_table]
         if not holding:
             return False

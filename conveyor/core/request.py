@@ -156,6 +156,13 @@ class Request:
     paused_at_s: float = 0.0
     session_id: str | None = None  # the program it belongs to (core/programs.py); None: its own
     queued_at_s: float = 0.0  # when it was queued (the starvation guard of --schedule las)
+    # sessions (core/sessions.py): the client's estimate of its tool time after this request, and
+    # the retained request whose tokens begin this one's (its KV is handed over)
+    client_tool_s: float | None = None
+    continues: str | None = None
+    client_tools: Any = field(
+        default=None, repr=False
+    )  # the request's tool options where it offers the client's tools
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -36,6 +36,7 @@ from conveyor.core.request import (
     by_arrival,
     new_arrival,
 )
+from conveyor.core.sessions import SessionKeeper
 from conveyor.core.step_plan import Chunk, SchedulerOutput, Swap
 
 
@@ -64,6 +65,14 @@ class Scheduler:
         self.costs = costs or intercept.Costs()
         self.tool_times = intercept.ToolTimes(config.default_tool_s)
         self.clock = clock
+        self.sessions = SessionKeeper(
+            block_manager,
+            self.tool_times,
+            self.costs,
+            clock,
+            config.session_ttl_factor,
+            config.session_max_ttl_s,
+        )
         self.kv = KVPolicy(
             intercept.strategy(config.intercept),
             block_manager,
@@ -71,6 +80,7 @@ class Scheduler:
             self.costs,
             self.tool_times,
             clock,
+            self.sessions,
         )
         self.order = Order(config.schedule, config.starvation_s, clock)
 
@@ -91,6 +101,7 @@ class Scheduler:
     # ---- planning -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.kv.settle_sessions()
         self.kv.intercept(out)
         self._schedule_swapped(out)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
@@ -166,12 +177,21 @@ class Scheduler:
 
     def _allocate_waiting(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Adopt the request's cached prefix and allocate its first chunk; the chunk's size, or
-        None if it does not fit even after reclaiming from requests waiting on tools."""
+        None if it does not fit even after reclaiming from requests waiting on tools. A request
+        that continues a retained session takes that KV over first."""
+        if self.sessions.hand_over(request, request.continues):
+            n = min(request.num_uncomputed_tokens, budget)
+            if self.block_manager.try_allocate(request, n):
+                return n
+            self.block_manager.free(request)  # back to the prefix cache; look it up as usual
+            request.num_computed_tokens = 0
         while True:  # reclaiming may evict cached blocks: look the prefix up each time
             prefix = self.block_manager.lookup_prefix(request.token_ids)
             n = min(request.num_tokens - len(prefix) * self.block_manager.block_size, budget)
             if self.block_manager.try_allocate(request, n, prefix):
                 return n
+            if self.kv.reclaim_session():  # whatever the strategy: sessions are not its to settle
+                continue
             if not self.kv.strategy.reclaims_on_demand or not self.kv.reclaim_from_awaiting(out):
                 return None
 
@@ -247,8 +267,11 @@ class Scheduler:
                 request.arrival = new_arrival()  # the continuation is a new request, last in line
             self._queue(request)
 
-    def finish(self, request: Request, cause: FinishCause) -> None:
-        """End a request in any state and free its blocks."""
+    def finish(self, request: Request, cause: FinishCause, client_tool: str | None = None) -> None:
+        """End a request in any state and free its blocks; a turn that ended with calls of the
+        client's tool `client_tool` keeps them for the follow-up (`SchedulerConfig.session_kv`),
+        and so, until the engine has read its calls, does one that offered only the client's
+        tools and ended at a stop token."""
         if request.state is RequestState.FINISHED:
             return
         if request.state is RequestState.WAITING:
@@ -259,7 +282,18 @@ class Scheduler:
             self.swapped.remove(request)
         else:
             del self.awaiting_tool[request.request_id]
-        self.block_manager.free(request)
+        keeps = self._keeps(request, cause, client_tool)
+        if not (keeps and self.sessions.retain(request, client_tool, request.client_tool_s)):
+            self.block_manager.free(request)
         self.order.leave(request)
         request.state = RequestState.FINISHED
         request.finish_cause = cause
+
+    def _keeps(self, request: Request, cause: FinishCause, client_tool: str | None) -> bool:
+        if not self.config.session_kv:
+            return False
+        if cause is FinishCause.TOOL_CALLS:
+            return client_tool is not None
+        return (
+            cause is FinishCause.STOP_TOKEN and request.client_tools is not None and not request.pause_on_stop
+        )

@@ -25,9 +25,24 @@ class PreparedPrompt:
     prompt: str | list[int] | list[dict[str, Any]]
     token_ids: list[int]
     text: str = ""
+    continues: str | None = None  # the request whose tokens begin these (a ContinuedChat that matched)
 
 
-Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt
+@dataclass(frozen=True, slots=True)
+class ContinuedChat:
+    """Chat messages whose first `num_reused` ones are a conversation this engine answered:
+    `token_ids` are the tokens request `source_id` ended with (prompt, generated tokens, its
+    end-of-turn token; a finished output's `final_token_ids`). The engine reuses them and
+    renders only the later messages (`core.sessions.follow_up_text`); where the template does
+    not allow that, it renders all of `messages`."""
+
+    messages: list[dict[str, Any]]
+    num_reused: int
+    token_ids: list[int]
+    source_id: str
+
+
+Prompt = str | list[int] | list[dict[str, Any]] | PreparedPrompt | ContinuedChat
 Params = SamplingParams | dict | None
 
 
@@ -46,6 +61,9 @@ class RequestOutput:
     timeline: list[Span] | None = None  # decode / tool / wait spans, on the last output
     num_cached_tokens: int = 0  # tokens whose KV came from the prefix cache
     error: str | None = None  # why, when finish_reason is "error"
+    # on the last output, where the model ended the request's last turn with a stop token: every
+    # token of the request (prompt, generated, appended), for a follow-up's exact continuation
+    final_token_ids: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +75,7 @@ class EngineStats:
     num_awaiting_tools: int = 0
     num_requests: int = 0
     workers: WorkerStats = WorkerStats()
+    num_session_blocks: int = 0  # of the used ones, kept for client tool follow-ups (core/sessions.py)
 
 
 @runtime_checkable

@@ -15,7 +15,9 @@ from conveyor.core.intercept import Costs
 from conveyor.core.programs import prefix_session_id
 from conveyor.core.request import FinishCause, Request, RequestState
 from conveyor.core.scheduler import Scheduler
+from conveyor.core.sessions import follow_up_text
 from conveyor.engine.api import (
+    ContinuedChat,
     EngineBase,
     EngineStats,
     Params,
@@ -100,10 +102,29 @@ class LLMEngine(EngineBase):
         """Token ids of a prompt: text as is, chat messages through the model's chat template."""
         if isinstance(prompt, PreparedPrompt):
             return non_empty(self._check_token_ids(prompt.token_ids))
+        if isinstance(prompt, ContinuedChat):
+            return non_empty(self._continued(prompt, tools) or self.encode(prompt.messages, tools))
         rendered = render_prompt(self.tokenizer, prompt, tools)
         if isinstance(rendered, str):
             return non_empty(self.tokenizer.encode(rendered, add_special_tokens=False))
         return non_empty(self._check_token_ids(rendered))
+
+    def _continued(self, chat: ContinuedChat, tools: list[dict] | None) -> list[int] | None:
+        """The reused tokens and the later messages rendered after them; None where the chat
+        template does not allow that (the caller renders everything)."""
+
+        def render(messages: list[dict], generation_prompt: bool) -> str:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+            )
+
+        reused = self._check_token_ids(chat.token_ids)
+        try:
+            text = follow_up_text(render, chat.messages, chat.num_reused, self.tokenizer.decode(reused[-1:]))
+        except Exception:
+            log.debug("exact continuation of %s fell back to rendering", chat.source_id, exc_info=True)
+            return None
+        return reused + self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_token_ids(self, ids: list) -> list[int]:
         vocab = self.runner.args.vocab_size
@@ -129,6 +150,8 @@ class LLMEngine(EngineBase):
         options = self.driver.options(tools or [], tool_choice, None, call_format, None)
         for turn in (0, 1) if options is not None else ():  # turn 1 stands for every later one
             self.driver.constraint(options, turn)
+        if isinstance(prompt, ContinuedChat):
+            return PreparedPrompt(prompt.messages, token_ids, continues=_continues(prompt, token_ids))
         return PreparedPrompt(prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt, token_ids)
 
     def add_request(
@@ -145,6 +168,7 @@ class LLMEngine(EngineBase):
         constraint: Any = None,
         lenient_calls: bool = True,
         session_id: str | None = None,
+        tool_time_s: float | None = None,
     ) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
 
@@ -159,8 +183,13 @@ class LLMEngine(EngineBase):
         the first turn, or a callable that returns one per turn number (default: the tool-call
         grammar from `tool_choice` and ToolConfig.constrained).
         `session_id`: the program (an agent's session) the request is a turn of, which
-        `--schedule` orders as a whole; default: a hash of chat messages' opening."""
+        `--schedule` orders as a whole; default: a hash of chat messages' opening.
+        `tool_time_s`: the caller's estimate of how long its tools take after this request ends
+        with client tool calls (how long its KV is kept: SchedulerConfig.session_kv). A prompt
+        prepared from a `ContinuedChat` that matched takes over the KV its source request kept."""
         params = sampling_params(params)
+        if tool_time_s is not None and not (isinstance(tool_time_s, int | float) and 0 <= tool_time_s < 1e6):
+            raise ValueError(f"tool_time_s must be a number of seconds >= 0, got {tool_time_s!r}")
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )
@@ -178,6 +207,11 @@ class LLMEngine(EngineBase):
             params,
             stop_token_ids=frozenset(stops),
             session_id=session_id or _session_of(prompt),
+        )
+        request.client_tool_s = tool_time_s
+        request.client_tools = options if options is not None and options.client_tools else None
+        request.continues = (
+            prompt.continues if isinstance(prompt, PreparedPrompt) else _continues(prompt, token_ids)
         )
         factory = constraint if callable(constraint) else None
         request.constraint = (
@@ -226,7 +260,11 @@ class LLMEngine(EngineBase):
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
-            bm.num_blocks, bm.num_used_blocks, self.driver.num_waiting, WorkerStats.of(self.driver)
+            bm.num_blocks,
+            bm.num_used_blocks,
+            self.driver.num_waiting,
+            workers=WorkerStats.of(self.driver),
+            num_session_blocks=self.scheduler.sessions.num_blocks,
         )
 
     # ---- the loop -------------------------------------------------------------------------
@@ -273,10 +311,21 @@ class LLMEngine(EngineBase):
             return self._end_turn(request, detok, text, self.tokenizer.decode([token]) if by_token else None)
         timeline = None
         if request.finished:
+            self._settle_session(request)
             text += detok.flush()
             del self._requests[request.request_id]
             timeline = self._detach_tools(request)
         return self._output(request, [token], text, timeline=timeline)
+
+    def _settle_session(self, request: Request) -> None:
+        """A request the driver did not run kept its KV at its stop token for a follow-up: keep
+        it only if its turn called the client's tools (their names key the expected time)."""
+        if request.request_id not in self.scheduler.sessions.retained:
+            return
+        text = self.tokenizer.decode(request.output_token_ids[:-1])
+        request.tool = self.driver.client_tool_in(request.client_tools, text)
+        if request.tool is None:
+            self.scheduler.sessions.release(request)
 
     def _isolated(self, request: Request, work: Callable[..., RequestOutput], *args: Any) -> RequestOutput:
         """`work(*args)` for one request; whatever it raises ends that request alone with
@@ -302,6 +351,10 @@ class LLMEngine(EngineBase):
     ) -> RequestOutput:
         # tokens that needed KV so far, minus those the model computed: the prefix cache's share
         cached = max(0, request.num_tokens - 1 - request.num_computed_total)
+        ended_by_token = (
+            request.finish_cause in (FinishCause.STOP_TOKEN, FinishCause.TOOL_CALLS)
+            and request.token_ids[-1] in request.stop_token_ids
+        )
         return RequestOutput(
             request.request_id,
             tokens,
@@ -313,6 +366,7 @@ class LLMEngine(EngineBase):
             results or [],
             timeline,
             cached,
+            final_token_ids=list(request.token_ids) if ended_by_token and request.output_token_ids else None,
         )
 
     def _request(self, request_id: str) -> tuple[Request, Detokenizer]:
@@ -334,7 +388,7 @@ class LLMEngine(EngineBase):
                 "finish": FinishCause.STOP_STRING if detok.stopped else FinishCause.STOP_TOKEN,
                 "tool_calls": FinishCause.TOOL_CALLS,
             }[decision]
-            self.scheduler.finish(request, cause)
+            self.scheduler.finish(request, cause, self.driver.client_tool(request.request_id))
             del self._requests[request.request_id]
             return self._output(
                 request, request.output_token_ids[-1:], text + held, timeline=self._detach_tools(request)
@@ -384,6 +438,13 @@ class LLMEngine(EngineBase):
         return self.driver.detach(request.request_id, cancel=not clean)
 
 
+def _continues(prompt: Prompt, token_ids: list[int]) -> str | None:
+    """The request a `ContinuedChat` continues, if its reused tokens did begin the prompt."""
+    if isinstance(prompt, ContinuedChat) and token_ids[: len(prompt.token_ids)] == prompt.token_ids:
+        return prompt.source_id
+    return None
+
+
 def _eos_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen = Path(model_dir) / "generation_config.json"
@@ -394,8 +455,10 @@ def _eos_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
 
 
 def _session_of(prompt: Prompt) -> str | None:
-    """The conversation-prefix session id of chat messages (as given, or as prepared)."""
+    """The conversation-prefix session id of chat messages (as given, or as prepared; a
+    continued chat's whole conversation)."""
     messages = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt
+    messages = messages.messages if isinstance(messages, ContinuedChat) else messages
     if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
         return prefix_session_id(messages)
     return None

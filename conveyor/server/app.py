@@ -34,6 +34,7 @@ from conveyor.server.client import (
     GenerateRequest,
     RequestRejected,
 )
+from conveyor.server.continuation import Continuations
 from conveyor.server.errors import KIB, ApiError, BodyLimit, install_handlers
 from conveyor.server.metrics import ServerMetrics
 from conveyor.server.protocol import (
@@ -58,6 +59,7 @@ class State:
     ids: Any = field(default_factory=lambda: itertools.count())
     loaded: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
     on_fatal: Callable[[], None] | None = None  # the engine thread died: stop serving
+    continuations: Continuations | None = None  # conversations answered, for exact continuation
 
     def ready_client(self) -> EngineClient:
         if self.client is None:
@@ -81,7 +83,7 @@ def create_app(
 ) -> FastAPI:
     """`load()` returns (client, server tool specs by name, call parser kind); `on_fatal()` runs
     on the event loop if the engine thread dies."""
-    state = State(config, model, on_fatal=on_fatal)
+    state = State(config, model, on_fatal=on_fatal, continuations=Continuations(config, model))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -170,6 +172,7 @@ def _routes(app: FastAPI, state: State) -> None:
                 state.server_tools,
                 max_tokens,
                 state.parser,
+                state.continuations,
                 http.headers.get("x-session-id"),
             )
         except chat.BadRequest as e:

@@ -29,6 +29,7 @@ from typing import Any
 
 from conveyor.server.calls import CallStream, StreamedCall, merge
 from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
+from conveyor.server.continuation import Continuations
 from conveyor.server.protocol import MAX_SESSION_CHARS, ChatCompletionRequest, chat_messages
 
 
@@ -57,6 +58,17 @@ class ChatRun:
     server_results: list[tuple[StreamedCall, str]] = field(default_factory=list)
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
+    content: list[str] = field(default_factory=list)  # the content deltas, as the client gets them
+    session: Session | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What remembering the request's conversation for exact continuation needs."""
+
+    continuations: Continuations
+    messages: list[dict[str, Any]]
+    tools: list[Any]
 
 
 def build_chat(
@@ -66,9 +78,11 @@ def build_chat(
     server_tools: dict[str, dict],
     default_max_tokens: int,
     parser: str,
+    continuations: Continuations | None = None,
     session_header: str | None = None,
 ) -> tuple[GenerateRequest, ChatRun]:
-    """Check the request against the served tools and turn it into an engine request.
+    """Check the request against the served tools and turn it into an engine request; with
+    `continuations`, a follow-up of a conversation this server answered reuses its tokens.
     `session_header`: the X-Session-Id header's value, if any (see `session_id`)."""
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
@@ -88,6 +102,8 @@ def build_chat(
     session = session_id(session_header, body.user, body.metadata)
     if session:
         options["session_id"] = session
+    if body.tool_time_s is not None:
+        options["tool_time_s"] = body.tool_time_s
     calls = CallStream(
         request_id,
         set(offered_server),
@@ -98,7 +114,11 @@ def build_chat(
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     run = ChatRun(request_id, model, calls, body.parallel_tool_calls, include_usage)
-    return GenerateRequest(request_id, messages, params, options), run
+    prompt: Any = messages
+    if continuations is not None:
+        run.session = Session(continuations, messages, tools)
+        prompt = continuations.prompt(messages, tools)
+    return GenerateRequest(request_id, prompt, params, options), run
 
 
 def session_id(header: str | None, user: str | None, metadata: dict[str, str] | None = None) -> str | None:
@@ -124,11 +144,14 @@ async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterat
                 for delta in _turn_results(run, out.tool_results):
                     yield delta
             for delta in merge(run.calls.feed(out.new_text)):
+                run.content.append(delta.get("content", ""))
                 yield delta
             if out.finished:
                 for delta in merge(run.calls.end_turn()[0]):
+                    run.content.append(delta.get("content", ""))
                     yield delta
                 _finish(run, out, metrics)
+                _remember(run, out)
                 return
             if not run.parallel and any(c.ended for c in run.calls.client_calls):
                 _finish(run, out, metrics, reason="tool_calls")  # one call asked for: stop here
@@ -172,6 +195,18 @@ def _finish(run: ChatRun, out: Any, metrics: Any, reason: str | None = None) -> 
     }
     if out.finished:
         metrics.observe_finished(out)
+
+
+def _remember(run: ChatRun, out: Any) -> None:
+    """Remember the conversation with the reply as returned, for an exact continuation."""
+    if run.session is None or run.server_results or run.finish_reason not in ("stop", "tool_calls"):
+        return
+    reply = {
+        "role": "assistant",
+        "content": "".join(run.content) or None,
+        "tool_calls": [c.as_tool_call() for c in run.calls.client_calls] or None,
+    }
+    run.session.continuations.remember(run.session.messages, run.session.tools, reply, out)
 
 
 def chunk(

@@ -53,6 +53,11 @@ class ServerMetrics:
         )
         self.kv_used = Gauge("conveyor_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_total = Gauge("conveyor_kv_blocks_total", "KV cache blocks", registry=r)
+        self.kv_sessions = Gauge(
+            "conveyor_kv_blocks_sessions",
+            "KV cache blocks kept for the follow-ups of requests that ended with client tool calls",
+            registry=r,
+        )
         self.workers_busy = Gauge("conveyor_tool_workers_busy", "Tool workers serving a call", registry=r)
         self.worker_restarts = Counter(
             "conveyor_tool_worker_restarts",
@@ -82,6 +87,7 @@ class ServerMetrics:
         self.awaiting_tools.set(stats.num_awaiting_tools)
         self.kv_used.set(stats.num_used_blocks)
         self.kv_total.set(stats.num_blocks)
+        self.kv_sessions.set(stats.num_session_blocks)
         workers = stats.workers
         self.workers_busy.set(workers.busy)
         restarts, refusals = self._workers_seen  # the pool keeps totals: count what is new

@@ -170,16 +170,27 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
     lenient_tool_calls: bool = False  # Conveyor's extension: also read calls in ```json fences and bare JSON
     # OpenAI's tags on a completion; Conveyor reads `session_id` (the program this turn belongs to)
+    # and `tool_time_s`; other keys are the client's own labels
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
     @field_validator("metadata")
     @classmethod
-    def _bounded_tags(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        """OpenAI's bounds: keys up to 64 characters, values up to 512."""
+    def _tags(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's bounds (keys up to 64 characters, values up to 512); `tool_time_s`: the
+        client's estimate of its tools' time after this turn (how long the server keeps the
+        conversation's KV)."""
         for key, value in (metadata or {}).items():
             if len(key) > 64 or len(value) > 512:
                 raise ValueError(f"metadata {key[:64]!r}: keys take at most 64 characters, values 512")
+        value = (metadata or {}).get("tool_time_s")
+        if value is not None and _seconds(value) is None:
+            raise ValueError(f"metadata.tool_time_s must be a number of seconds >= 0, got {value!r}")
         return metadata
+
+    @property
+    def tool_time_s(self) -> float | None:
+        value = (self.metadata or {}).get("tool_time_s")
+        return None if value is None else _seconds(value)
 
     @model_validator(mode="after")
     def _check_tool_choice(self) -> ChatCompletionRequest:
@@ -200,6 +211,14 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
     echo: bool = False
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 <= value < 1e6 else None  # NaN and inf fail the comparison too
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from typing import Any
 from conveyor.config import ToolConfig
 from conveyor.tools.base import ToolRegistry, ToolResult
 from conveyor.tools.executor import ToolExecutor, Turn
-from conveyor.tools.parsers import BODY_FORMATS, default_format
+from conveyor.tools.parsers import BODY_FORMATS, CallStart, default_format, make_parser
 
 Form = Callable[[list[dict], "str | dict"], Any]  # (tool specs, tool choice) -> an engine's constraint
 
@@ -69,6 +69,12 @@ class ToolSession:
     constraint_factory: Any = None  # turn number -> logits constraint, if the caller gave one
     final: str | None = None  # "tool_calls" | "length": the request ends once this turn's
     # results are in (they are reported, not continued)
+
+
+def client_tool_key(options: ToolOptions, names: list[str | None]) -> str | None:
+    """ "a+b" for calls of the client's tools a and b (in call order, once each); None for none."""
+    client = options.client_names
+    return "+".join(dict.fromkeys(n for n in names if n in client)) or None
 
 
 class ToolTurnRenderer:
@@ -301,6 +307,24 @@ class ToolDriver:
         if session.turn.done:  # partial execution finished every call while the model decoded
             self._ready.append(request_id)
         return "wait"
+
+    def client_tool(self, request_id: str) -> str | None:
+        """The client's tools the request's last turn called: the key of their expected time
+        while the client runs them (`client_tool_key`); None without such calls."""
+        session = self.sessions.get(request_id)
+        if session is None:
+            return None
+        return client_tool_key(
+            session.options, [getattr(c, "name", None) for c in session.turn.calls.values()]
+        )
+
+    @staticmethod
+    def client_tool_in(options: ToolOptions, text: str) -> str | None:
+        """`client_tool` of a request whose turns the driver did not run (it offers only the
+        client's tools), read from its last turn's `text`."""
+        parser = make_parser(options.call_format or default_format(options.tools), options.lenient_calls)
+        events = [*parser.feed(text), *parser.close()]
+        return client_tool_key(options, [e.name for e in events if isinstance(e, CallStart)])
 
     def cut_turn(self, request_id: str) -> None:
         """A call was rejected mid-stream: the turn ends now and its results go back."""
