@@ -60,9 +60,12 @@ def _rounds(engine: EngineConfig, server: ServerConfig, max_tokens: int) -> list
     from conveyor.server.serve import ServerThread, build_app, engine_loader
 
     app = build_app(engine, server, engine_loader(engine, server))
-    with ServerThread(app).start(timeout_s=900) as live:
+    live = ServerThread(app).start(timeout_s=900)  # loading the model on a busy machine
+    try:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="-", max_retries=0, timeout=900)
         return [_one(client, question, max_tokens) for question in QUESTIONS]
+    finally:
+        live.stop()
 
 
 def _one(client: Any, question: str, max_tokens: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from conveyor.core.block_manager import BlockManager
 from conveyor.core.request import Request
 
 ENTRY_OVERHEAD_BYTES = 160  # a dict slot, the entry object, its key and id strings, roughly
+MAX_RELEASED = 1024  # sessions released before their follow-up came, remembered to time it
 
 
 def conversation_keys(model: str, tools: Any, messages: Sequence[dict[str, Any]]) -> list[bytes]:
@@ -171,6 +172,9 @@ class SessionKeeper:
         self.block_manager, self.tool_times, self.costs, self.clock = block_manager, tool_times, costs, clock
         self.ttl_factor, self.max_ttl_s = ttl_factor, max_ttl_s
         self.retained: dict[str, Request] = {}
+        # id -> (tool, finished at) of sessions released early: a late follow-up still times the
+        # client's tools, or estimates would only ever learn the waits shorter than the TTL
+        self._released: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
 
     @property
     def num_blocks(self) -> int:
@@ -190,6 +194,9 @@ class SessionKeeper:
         """Give `request` (no blocks yet) the KV of the retained request `source_id` if its
         computed tokens begin `request`'s; records the client's tool time. True if it did."""
         source = self.retained.get(source_id) if source_id else None
+        if source is None and source_id in self._released:
+            tool, finished_at = self._released.pop(source_id)
+            self.tool_times.record(tool, self.clock() - finished_at)
         if source is None or request.block_table:
             return False
         n = source.num_computed_tokens
@@ -235,7 +242,10 @@ class SessionKeeper:
 
     def release(self, request: Request) -> None:
         """Back to the prefix cache: its full blocks stay adoptable until reused."""
-        self.retained.pop(request.request_id, None)
+        if self.retained.pop(request.request_id, None) is not None and request.tool is not None:
+            self._released[request.request_id] = (request.tool, request.paused_at_s)
+            if len(self._released) > MAX_RELEASED:
+                self._released.popitem(last=False)
         self.block_manager.free(request)
 
     def _ttl(self, request: Request) -> float:

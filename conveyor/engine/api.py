@@ -6,14 +6,18 @@ the context manager)."""
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
 from conveyor.core.request import SamplingParams
+from conveyor.core.sessions import follow_up_text
 from conveyor.tools.base import ToolResult
 from conveyor.tools.driver import Span
 from conveyor.tools.workers import WorkerStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +171,25 @@ def render_prompt(tokenizer: Any, prompt: Any, tools: list[dict] | None) -> str 
     if isinstance(prompt, list):
         return prompt
     raise ValueError(f"a prompt is text, chat messages or token ids, not {type(prompt).__name__}")
+
+
+def continued_ids(tokenizer: Any, chat: ContinuedChat, tools: list[dict] | None) -> list[int] | None:
+    """A `ContinuedChat`'s tokens: the reused ones, then the later messages rendered after them
+    (`core.sessions.follow_up_text`); None where the chat template does not allow that (the
+    caller renders everything)."""
+
+    def render(messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+        )
+
+    try:
+        stop_text = tokenizer.decode(chat.token_ids[-1:])
+        text = follow_up_text(render, chat.messages, chat.num_reused, stop_text)
+    except Exception:
+        log.debug("exact continuation of %s fell back to rendering", chat.source_id, exc_info=True)
+        return None
+    return list(chat.token_ids) + tokenizer.encode(text, add_special_tokens=False)
 
 
 def non_empty(prompt: str | list[int]) -> str | list[int]:

@@ -15,7 +15,6 @@ from conveyor.core.intercept import Costs
 from conveyor.core.programs import prefix_session_id
 from conveyor.core.request import FinishCause, Request, RequestState
 from conveyor.core.scheduler import Scheduler
-from conveyor.core.sessions import follow_up_text
 from conveyor.engine.api import (
     ContinuedChat,
     EngineBase,
@@ -24,6 +23,7 @@ from conveyor.engine.api import (
     PreparedPrompt,
     Prompt,
     RequestOutput,
+    continued_ids,
     non_empty,
     render_prompt,
     sampling_params,
@@ -103,28 +103,14 @@ class LLMEngine(EngineBase):
         if isinstance(prompt, PreparedPrompt):
             return non_empty(self._check_token_ids(prompt.token_ids))
         if isinstance(prompt, ContinuedChat):
-            return non_empty(self._continued(prompt, tools) or self.encode(prompt.messages, tools))
+            self._check_token_ids(prompt.token_ids)
+            return non_empty(
+                continued_ids(self.tokenizer, prompt, tools) or self.encode(prompt.messages, tools)
+            )
         rendered = render_prompt(self.tokenizer, prompt, tools)
         if isinstance(rendered, str):
             return non_empty(self.tokenizer.encode(rendered, add_special_tokens=False))
         return non_empty(self._check_token_ids(rendered))
-
-    def _continued(self, chat: ContinuedChat, tools: list[dict] | None) -> list[int] | None:
-        """The reused tokens and the later messages rendered after them; None where the chat
-        template does not allow that (the caller renders everything)."""
-
-        def render(messages: list[dict], generation_prompt: bool) -> str:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
-            )
-
-        reused = self._check_token_ids(chat.token_ids)
-        try:
-            text = follow_up_text(render, chat.messages, chat.num_reused, self.tokenizer.decode(reused[-1:]))
-        except Exception:
-            log.debug("exact continuation of %s fell back to rendering", chat.source_id, exc_info=True)
-            return None
-        return reused + self.tokenizer.encode(text, add_special_tokens=False)
 
     def _check_token_ids(self, ids: list) -> list[int]:
         vocab = self.runner.args.vocab_size
@@ -322,8 +308,9 @@ class LLMEngine(EngineBase):
         it only if its turn called the client's tools (their names key the expected time)."""
         if request.request_id not in self.scheduler.sessions.retained:
             return
-        text = self.tokenizer.decode(request.output_token_ids[:-1])
-        request.tool = self.driver.client_tool_in(request.client_tools, text)
+        if request.finish_cause is FinishCause.STOP_TOKEN:  # not a stop string: its tokens are reusable
+            text = self.tokenizer.decode(request.output_token_ids[:-1])
+            request.tool = self.driver.client_tool_in(request.client_tools, text)
         if request.tool is None:
             self.scheduler.sessions.release(request)
 

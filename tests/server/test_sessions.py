@@ -80,7 +80,7 @@ def test_a_streamed_call_is_continued_the_same_way(client) -> None:
 
 def test_an_edited_call_falls_back_to_rendering(client, live) -> None:
     _, engine = live
-    first = call_turn(client)
+    first = call_turn(client, metadata={"tool_time_s": "30"})  # past follow-ups here came in ms
     message = first.choices[0].message.model_dump()
     arguments = json.loads(message["tool_calls"][0]["function"]["arguments"])
     message["tool_calls"][0]["function"]["arguments"] = json.dumps({**arguments, "city": "Rome"})
@@ -90,6 +90,42 @@ def test_an_edited_call_falls_back_to_rendering(client, live) -> None:
     assert second.choices[0].message.content == "It is 22C in Paris."
     # the first turn's KV stays kept for a follow-up that never came, until its TTL
     assert first.id in engine.scheduler.sessions.retained
+
+
+def test_other_tools_fall_back_to_rendering(client) -> None:
+    first = call_turn(client)
+    message = first.choices[0].message
+    other = {**WEATHER, "function": {**WEATHER["function"], "name": "get_forecast"}}
+    messages = [
+        *ask("script:weather"),
+        message.model_dump(),
+        {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "22C"},
+    ]
+    second = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER, other], temperature=0, max_tokens=4
+    )
+    # rendered, not continued: the tiny template prints no tool calls, so the prompt is shorter
+    # than the conversation the model saw (a continuation starts with all of it)
+    assert second.usage.prompt_tokens < first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+def test_every_later_turn_continues_from_the_one_before(client) -> None:
+    first = call_turn(client)
+    message = first.choices[0].message
+    messages = [
+        *ask("script:weather"),
+        message.model_dump(),
+        {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "22C"},
+    ]
+    second = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], temperature=0)
+    assert second.choices[0].message.content == "It is 22C in Paris."
+    messages += [second.choices[0].message.model_dump(), {"role": "user", "content": "Thanks!"}]
+    third = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], temperature=0, max_tokens=4
+    )
+    repeated = second.usage.prompt_tokens + second.usage.completion_tokens
+    # an answer keeps no KV, but its tokens are reused: the prefix cache holds their full blocks (of 4)
+    assert repeated - 4 <= third.usage.prompt_tokens_details.cached_tokens < repeated
 
 
 def test_a_bad_tool_time_hint_is_refused_naming_it(client) -> None:

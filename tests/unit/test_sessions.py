@@ -3,6 +3,7 @@ client's tool time (TTL, pressure, hand-over), with a property test for block le
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,42 @@ def test_the_default_models_template_groups_tool_results_after_the_call() -> Non
     assert follow_up_text(render, later, 5, "<|im_end|>") == (
         "\n<|im_start|>user\nRome?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+TEXT = st.text(alphabet='abc xyz\n{}"', max_size=12)
+LATER = st.lists(
+    st.one_of(
+        st.builds(lambda t: {"role": "tool", "tool_call_id": "c1", "content": t}, TEXT),
+        st.builds(lambda t: {"role": "user", "content": t}, TEXT),
+        st.builds(lambda t: {"role": "assistant", "content": t}, TEXT),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@cache
+def _templates() -> list:
+    found = [byte_tokenizer()]
+    if _default_model_dir() is not None:
+        from transformers import AutoTokenizer
+
+        found.append(AutoTokenizer.from_pretrained(_default_model_dir()))
+    return found
+
+
+@settings(max_examples=60, deadline=None)
+@given(TEXT, st.booleans(), LATER)
+def test_the_reused_turn_and_the_follow_up_text_make_the_whole_rendering(content, calls, later) -> None:
+    """Where the model wrote exactly what the template prints for its turn, the reused text and
+    the follow-up text are the whole conversation's rendering: nothing lost, nothing doubled."""
+    reply = {"role": "assistant", "content": content, **({"tool_calls": [CALL]} if calls else {})}
+    messages = [{"role": "user", "content": "Weather?"}, reply, *later]
+    for tokenizer in _templates():
+        render = renderer(tokenizer)
+        head = render(messages[:2], False)
+        model_wrote = head[: head.rfind("<|im_end|>") + len("<|im_end|>")]
+        assert model_wrote + follow_up_text(render, messages, 2, "<|im_end|>") == render(messages, True)
 
 
 def test_templates_that_would_give_a_wrong_prefix_are_refused() -> None:
@@ -130,8 +167,15 @@ def test_the_index_stays_within_its_bounds(ops, max_entries, max_bytes) -> None:
 
 
 # ---- session KV -----------------------------------------------------------------------------
-def make(num_blocks: int = 16, ttl_factor: float = 2.0, max_ttl_s: float = 60.0, clock=None) -> Scheduler:
+def make(
+    num_blocks: int = 16,
+    ttl_factor: float = 2.0,
+    max_ttl_s: float = 60.0,
+    clock=None,
+    intercept: str = "preserve",
+) -> Scheduler:
     config = SchedulerConfig(
+        intercept=intercept,
         max_num_seqs=8,
         max_num_batched_tokens=64,
         default_tool_s=1.0,
@@ -186,12 +230,38 @@ def test_past_its_ttl_the_kv_goes_back_to_the_prefix_cache() -> None:
     assert s.block_manager.lookup_prefix([*range(1, 10), 11, 12, EOS, 5]) == blocks[:2]  # 8 of 11 computed
 
 
+def test_a_follow_up_after_the_ttl_still_times_the_clients_tool() -> None:
+    clock = Clock()
+    s = make(clock=clock)
+    first = agent_request("a", list(range(1, 10)))
+    finish_with_call(s, first, [11, 12, EOS])
+    first.tool = "search"  # as the engine names it once it has read the turn's calls
+    clock.now += 5.0
+    s.schedule()
+    assert not s.sessions.retained
+    s.add(agent_request("b", [*first.token_ids, 21], continues="a"))
+    s.schedule()
+    assert s.tool_times.expected_s("search") == 5.0  # so the next TTL is 10 s, not 2
+
+
 def test_under_pressure_a_kept_session_gives_way_to_queued_work() -> None:
     s = make(num_blocks=4)
     first = agent_request("a", list(range(1, 10)))
     finish_with_call(s, first, [11, 12, EOS])
     other = agent_request("x", list(range(30, 41)))  # needs all four blocks
     s.add(other)
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["x"] and not s.sessions.retained
+
+
+def test_a_request_short_of_blocks_takes_a_kept_sessions_blocks_even_where_keeping_wastes_less() -> None:
+    s = make(num_blocks=4, max_ttl_s=60.0)
+    first = agent_request("a", list(range(1, 10)))
+    first.client_tool_s = 1e-3  # back at once, so least waste would keep it (recompute costs more)
+    finish_with_call(s, first, [11, 12, EOS])
+    wastes = s.sessions._waste(first, 0)
+    assert wastes.preserve < wastes.discard
+    s.add(agent_request("x", list(range(30, 41))))
     out = s.schedule()
     assert [c.request.request_id for c in out.chunks] == ["x"] and not s.sessions.retained
 
@@ -217,14 +287,15 @@ OPS = ["new", "follow", "follow", "step", "step", "step", "step", "abort", "wait
 @given(
     st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 7), st.integers(1, 9)), max_size=80),
     st.integers(4, 40),
+    st.sampled_from(["preserve", "discard", "auto"]),
 )
-def test_no_block_leaks_under_sessions_aborts_and_expiries(ops, num_blocks) -> None:
+def test_no_block_leaks_under_sessions_aborts_and_expiries(ops, num_blocks, policy) -> None:
     clock = Clock()
-    s = make(num_blocks=num_blocks, clock=clock)
+    s = make(num_blocks=num_blocks, clock=clock, intercept=policy)
     bm, live, ids = s.block_manager, [], iter(range(10**6))
     for op, k, n in ops:
         if op == "new":
-            live.append(agent_request(f"r{next(ids)}", [k + 1] * n, max_tokens=n))
+            live.append(agent_request(f"r{next(ids)}", [k + 1] * n, max_tokens=9))
             s.add(live[-1])
         elif op == "follow" and s.sessions.retained:
             source = list(s.sessions.retained.values())[k % len(s.sessions.retained)]
@@ -237,7 +308,7 @@ def test_no_block_leaks_under_sessions_aborts_and_expiries(ops, num_blocks) -> N
         elif op == "abort" and live:
             s.finish(live[k % len(live)], FinishCause.ABORT)
         elif op == "wait":
-            clock.now += n / 3
+            clock.now += n / 6  # past the TTL (2 s) after a few
         live = [r for r in live if not r.finished]
         kept = list(s.sessions.retained.values())
         assert all(r.state is RequestState.FINISHED and r.block_table for r in kept)
