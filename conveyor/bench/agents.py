@@ -128,10 +128,18 @@ def add_agents_flags(parser: argparse.ArgumentParser) -> None:
     add("--quick", action="store_true", help=f"a few minutes' run: {QUICK}")
 
 
+def apply_quick(args: argparse.Namespace) -> None:
+    """The quick sizes, except where a flag was given (its value differs from the default)."""
+    defaults = argparse.ArgumentParser()
+    add_agents_flags(defaults)
+    for key, value in QUICK.items():
+        if getattr(args, key) == defaults.get_default(key):
+            setattr(args, key, value)
+
+
 def run_agents_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+        apply_quick(args)
     console = Console(stderr=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     programs = load_programs(args)

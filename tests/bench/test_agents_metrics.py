@@ -79,3 +79,19 @@ def test_bfcl_programs_replay_the_ground_truth() -> None:
     assert first.results == (json.dumps({"current_working_directory": "document"}),)
     assert {t["function"]["name"] for t in program.tools} == {"cd", "mkdir", "mv", "grep", "sort", "diff"}
     assert all(e.turns[-1].calls == () for e in program.episodes)
+
+
+def test_quick_keeps_the_flags_given() -> None:
+    import argparse
+
+    from conveyor.bench.agents import QUICK, add_agents_flags, apply_quick
+
+    parser = argparse.ArgumentParser()
+    add_agents_flags(parser)
+    args = parser.parse_args(["--quick", "--systems", "today", "las"])
+    apply_quick(args)
+    assert (
+        args.systems == ["today", "las"]
+        and args.rates == QUICK["rates"]
+        and args.num_bfcl == QUICK["num_bfcl"]
+    )
