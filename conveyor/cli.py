@@ -112,6 +112,14 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_agents(args: argparse.Namespace) -> int:
+    from conveyor.bench.agents import run_agents_bench
+
+    run_agents_bench(args)
+    print(f"wrote {args.json}")
+    return 0
+
+
 def _bench_soak(args: argparse.Namespace) -> int:
     from conveyor.bench.soak import run_soak
 
@@ -231,6 +239,16 @@ def _add_bench(bench: argparse._SubParsersAction) -> None:
     )
     add_soak_flags(soak)
     soak.set_defaults(run=_bench_soak)
+
+    from conveyor.bench.agents import add_agents_flags
+
+    agents = bench.add_parser(
+        "agents",
+        help="multi-turn client-tool programs (BFCL, a coding agent) through the openai client: "
+        "--schedule policies against no prefix cache and llama.cpp's server",
+    )
+    add_agents_flags(agents)
+    agents.set_defaults(run=_bench_agents)
 
 
 def main(argv: list[str] | None = None) -> int:

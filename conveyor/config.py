@@ -48,6 +48,22 @@ INTERCEPT_HELP = {
 }
 
 
+class SchedulePolicy(enum.StrEnum):
+    """Which waiting request goes first (core/programs.py)."""
+
+    FCFS = "fcfs"
+    PROGRAM_FCFS = "program-fcfs"
+    LAS = "las"
+
+
+SCHEDULE_HELP = {
+    SchedulePolicy.FCFS: "each request by its own arrival: a follow-up turn queues behind newer work",
+    SchedulePolicy.PROGRAM_FCFS: "a session's turns keep the arrival of its first request, Continuum",
+    SchedulePolicy.LAS: "the session with the least service so far (tokens prefilled and decoded) first, "
+    "Autellix; a request waiting past --starvation-s goes ahead",
+}
+
+
 def _one_of(items: list[str]) -> str:
     return f"{', '.join(items[:-1])} or {items[-1]}"
 
@@ -182,6 +198,16 @@ class SchedulerConfig:
     default_tool_s: float = field(
         default=1.0, metadata=_help("expected tool time before a tool has a declared estimate or a past call")
     )
+    schedule: str = field(
+        default=SchedulePolicy.FCFS.value,
+        metadata=_help(
+            _choices_help("order of waiting requests; a session's requests form a program", SCHEDULE_HELP)
+        ),
+    )
+    starvation_s: float = field(
+        default=10.0,
+        metadata=_help("under --schedule las, a request waiting longer than this goes ahead of all others"),
+    )
     session_kv: bool = field(
         default=True,
         metadata=_help(
@@ -203,6 +229,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         policies = [p.value for p in InterceptPolicy]
+        schedules = [p.value for p in SchedulePolicy]
         _require(
             [
                 (self.max_num_seqs > 0, "max_num_seqs must be positive"),
@@ -213,6 +240,11 @@ class SchedulerConfig:
                 ),
                 (self.swap_budget_ms >= 0, "swap_budget_ms must be >= 0"),
                 (self.default_tool_s >= 0, "default_tool_s must be >= 0"),
+                (
+                    self.schedule in schedules,
+                    f"schedule must be one of {', '.join(schedules)}, got {self.schedule!r}",
+                ),
+                (self.starvation_s > 0, "starvation_s must be positive"),
                 (self.session_ttl_factor >= 0, "session_ttl_factor must be >= 0"),
                 (self.session_max_ttl_s >= 0, "session_max_ttl_s must be >= 0"),
             ]

@@ -23,6 +23,7 @@ def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # `pytest -m "not slow and not e2e"` is the quick tier; plain `pytest` runs everything.
 E2E = ("tests/e2e/", "tests/backends/test_remote_llamacpp.py")  # the real SmolLM2 (and llama.cpp)
 SLOW = (
+    "tests/bench/test_agents_smoke.py",
     "tests/bench/test_engine_bench.py",
     "tests/bench/test_soak.py",
     "tests/bench/test_workloads_smoke.py",

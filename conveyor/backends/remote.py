@@ -115,12 +115,15 @@ class RemoteEngine(EngineBase):
         constraint: Any = None,
         lenient_calls: bool = True,
         json_schema: dict | None = None,
+        session_id: str | None = None,
         tool_time_s: float | None = None,
     ) -> str:
         """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
         a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
         that returns one per turn number; default: the remote form of `tool_choice` (constraints.py).
-        `tool_time_s` is accepted and has no effect: the remote engine's KV is its own."""
+        `session_id` orders nothing here: the remote engine schedules by its own policy; `tool_time_s`
+        is accepted and has no effect: the remote engine's KV is its own."""
+        del session_id
         params = sampling_params(params)
         if params.logprobs is not None:
             raise ValueError(

@@ -197,6 +197,8 @@ class Request:
     tool: str | None = None  # the tool it waits on, its declared time and when the wait began
     tool_declared_s: float | None = None
     paused_at_s: float = 0.0
+    session_id: str | None = None  # the program it belongs to (core/programs.py); None: its own
+    queued_at_s: float = 0.0  # when it was queued (the starvation guard of --schedule las)
     # sessions (core/sessions.py): the client's estimate of its tool time after this request, and
     # the retained request whose tokens begin this one's (its KV is handed over)
     client_tool_s: float | None = None

@@ -8,7 +8,9 @@ Each step first settles the KV of requests waiting on tools by the intercept pol
 in InferCept, three queues by original arrival: requests whose KV is in host memory
 (resumed after a tool, or preempted) are swapped back in (within the step's swap budget),
 running requests go first (decodes, then longer chunks, each oldest first), then waiting
-ones, strictly first come, first served, and only when no swapped request is left. When blocks run out, requests
+ones in the order of `--schedule` (core/programs.py: each request's arrival, its program's
+arrival, or the program's least service so far), strictly in that order (the head is never
+skipped), and only when no swapped request is left. When blocks run out, requests
 waiting on tools give up their KV first (swapped or dropped), then the newest running
 request is preempted: swapped out where the policy swaps, else its blocks are freed (they
 stay in the prefix cache) and it is recomputed later. The KV side of this (intercept
@@ -26,6 +28,7 @@ from conveyor.config import SchedulerConfig
 from conveyor.core import intercept
 from conveyor.core.block_manager import BlockManager
 from conveyor.core.kv_policy import KVPolicy, Queues
+from conveyor.core.programs import Order
 from conveyor.core.request import (
     FinishCause,
     Request,
@@ -79,13 +82,20 @@ class Scheduler:
             clock,
             self.sessions,
         )
+        self.order = Order(config.schedule, config.starvation_s, clock)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
     def add(self, request: Request) -> None:
+        """Queue a new request; it joins its program (`request.session_id`)."""
+        self.order.join(request)
+        self._queue(request)
+
+    def _queue(self, request: Request) -> None:
         request.state = RequestState.WAITING
+        request.queued_at_s = self.clock()
         bisect.insort(self.waiting, request, key=by_arrival)
 
     # ---- planning -------------------------------------------------------------------------
@@ -119,7 +129,7 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         # decodes first, so a long resume or recompute chunk never starves them
-        order = sorted(self.running, key=lambda r: (r.num_uncomputed_tokens > 1, r.arrival))
+        order = sorted(self.running, key=lambda r: (r.num_uncomputed_tokens > 1, self.order.key(r)))
         scheduled: set[str] = set()
         for request in order:
             if budget <= 0 or len(out.chunks) >= self.config.max_num_seqs:
@@ -142,7 +152,7 @@ class Scheduler:
         while not self.block_manager.try_allocate(request, n):
             if self.kv.reclaim_from_awaiting(out):
                 continue
-            victim = max((r for r in self.running if r.request_id not in scheduled), key=by_arrival)
+            victim = max((r for r in self.running if r.request_id not in scheduled), key=self.order.key)
             self.running.remove(victim)
             self.kv.preempt(victim, out)
             out.preempted.append(victim)
@@ -151,6 +161,7 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        self.waiting.sort(key=self.order.key)  # keys move as programs receive service
         in_flight = self._blocks_in_flight(out.chunks) if self.waiting else set()
         while self.waiting and budget > 0 and len(out.chunks) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -208,6 +219,7 @@ class Scheduler:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
             request.num_computed_total += chunk.num_tokens
+            self.order.charge(request, chunk.num_tokens)
             self.block_manager.register_full_blocks(request)
             if token is None:
                 continue
@@ -267,7 +279,7 @@ class Scheduler:
         else:  # its KV was dropped while it waited: queue it to recompute (the prefix cache may help)
             if self.kv.strategy.new_request:
                 request.arrival = new_arrival()  # the continuation is a new request, last in line
-            self.add(request)
+            self._queue(request)
 
     def finish(self, request: Request, cause: FinishCause, client_tool: str | None = None) -> None:
         """End a request in any state and free its blocks; a turn that ended with calls of the
@@ -287,6 +299,7 @@ class Scheduler:
         keeps = self._keeps(request, cause, client_tool)
         if not (keeps and self.sessions.retain(request, client_tool, request.client_tool_s)):
             self.block_manager.free(request)
+        self.order.leave(request)
         request.state = RequestState.FINISHED
         request.finish_cause = cause
 

@@ -12,6 +12,7 @@ from typing import Any
 from conveyor.config import EngineConfig
 from conveyor.core.block_manager import BlockManager
 from conveyor.core.intercept import Costs
+from conveyor.core.programs import prefix_session_id
 from conveyor.core.request import FinishCause, Request, RequestState
 from conveyor.core.scheduler import Scheduler
 from conveyor.engine.api import (
@@ -157,6 +158,7 @@ class LLMEngine(EngineBase):
         constraint: Any = None,
         lenient_calls: bool = True,
         json_schema: dict | None = None,
+        session_id: str | None = None,
         tool_time_s: float | None = None,
     ) -> str:
         """Queue a request; raises ValueError before allocating anything if the input is unusable.
@@ -173,6 +175,8 @@ class LLMEngine(EngineBase):
         grammar from `tool_choice` and ToolConfig.constrained, or `json_schema`'s).
         `json_schema`: the reply is one JSON value that fits this schema (structured output;
         not with tools).
+        `session_id`: the program (an agent's session) the request is a turn of, which
+        `--schedule` orders as a whole; default: a hash of chat messages' opening.
         `tool_time_s`: the caller's estimate of how long its tools take after this request ends
         with client tool calls (how long its KV is kept: SchedulerConfig.session_kv). A prompt
         prepared from a `ContinuedChat` that matched takes over the KV its source request kept."""
@@ -196,7 +200,13 @@ class LLMEngine(EngineBase):
             )
         request_id = self._new_id(request_id)
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        request = Request(request_id, token_ids, params, stop_token_ids=frozenset(stops))
+        request = Request(
+            request_id,
+            token_ids,
+            params,
+            stop_token_ids=frozenset(stops),
+            session_id=session_id or _session_of(prompt),
+        )
         request.client_tool_s = tool_time_s
         request.client_tools = options if options is not None and options.client_tools else None
         request.continues = (
@@ -443,3 +453,13 @@ def _eos_token_ids(tokenizer: Any, model_dir: Path) -> set[int]:
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids
+
+
+def _session_of(prompt: Prompt) -> str | None:
+    """The conversation-prefix session id of chat messages (as given, or as prepared; a
+    continued chat's whole conversation)."""
+    messages = prompt.prompt if isinstance(prompt, PreparedPrompt) else prompt
+    messages = messages.messages if isinstance(messages, ContinuedChat) else messages
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        return prefix_session_id(messages)
+    return None

@@ -203,6 +203,7 @@ def _routes(app: FastAPI, state: State) -> None:
                     max_tokens,
                     state.parser,
                     state.continuations,
+                    http.headers.get("x-session-id"),
                 )
                 for _ in range(body.n)
             ]
@@ -231,12 +232,17 @@ def _routes(app: FastAPI, state: State) -> None:
 
         client, request_id = _admit(state, body.model, "cmpl")
         choices.check_choices(state.config, body.n, len(body.prompts))
+        try:
+            session = chat.session_id(http.headers.get("x-session-id"), body.user)
+        except chat.BadRequest as e:
+            raise ApiError(400, str(e), param=e.param) from None
         params = body.engine_params(_token_limit(client, body, 16))
+        options = {"session_id": session} if session else {}
         requests = [  # prompt j's choice i is choice j * n + i
             choices.choice_request(
                 prompt, i, body.num_logprobs, choices.engine_id(request_id, j * body.n + i)
             )
-            for j, prompt in enumerate(GenerateRequest(request_id, p, params) for p in body.prompts)
+            for j, prompt in enumerate(GenerateRequest(request_id, p, params, options) for p in body.prompts)
             for i in range(body.n)
         ]
         streams = await _submit_all(state, client, requests)

@@ -34,7 +34,7 @@ from typing import Any
 from conveyor.server.calls import CallStream, StreamedCall, merge
 from conveyor.server.client import EngineFailed, GenerateRequest, OutputStream
 from conveyor.server.continuation import Continuations
-from conveyor.server.protocol import ChatCompletionRequest, chat_messages
+from conveyor.server.protocol import MAX_SESSION_CHARS, ChatCompletionRequest, chat_messages
 
 
 class BadRequest(ValueError):
@@ -85,9 +85,11 @@ def build_chat(
     default_max_tokens: int,
     parser: str,
     continuations: Continuations | None = None,
+    session_header: str | None = None,
 ) -> tuple[GenerateRequest, ChatRun]:
     """Check the request against the served tools and turn it into an engine request; with
-    `continuations`, a follow-up of a conversation this server answered reuses its tokens."""
+    `continuations`, a follow-up of a conversation this server answered reuses its tokens.
+    `session_header`: the X-Session-Id header's value, if any (see `session_id`)."""
     client = [t.model_dump() for t in body.tools or []]
     names = {t["function"]["name"] for t in client}
     choice: Any = body.tool_choice or "auto"
@@ -106,6 +108,9 @@ def build_chat(
     )
     if schema is not None:
         options["json_schema"] = schema
+    session = session_id(session_header, body.user, body.metadata)
+    if session:
+        options["session_id"] = session
     if body.tool_time_s is not None:
         options["tool_time_s"] = body.tool_time_s
     calls = CallStream(
@@ -135,6 +140,15 @@ def _offered_server(server_tools: dict[str, dict], client: set[str], choice: Any
     if choice == "none" or schema is not None:
         return []
     return [n for n in server_tools if n not in client]
+
+
+def session_id(header: str | None, user: str | None, metadata: dict[str, str] | None = None) -> str | None:
+    """The program a request is a turn of, as the client names it: the X-Session-Id header, else
+    `metadata.session_id`, else `user` (one end user's requests form one program); None leaves
+    it to the engine (a hash of the conversation's opening)."""
+    if header is not None and len(header) > MAX_SESSION_CHARS:
+        raise BadRequest(f"X-Session-Id takes at most {MAX_SESSION_CHARS} characters", "X-Session-Id")
+    return header or (metadata or {}).get("session_id") or user or None
 
 
 async def drive(run: ChatRun, stream: OutputStream, metrics: Any) -> AsyncIterator[dict[str, Any]]:

@@ -24,6 +24,7 @@ from conveyor.server.unserved import check_served
 from conveyor.tools.json_schema import unsupported_keyword
 
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's bound)
+MAX_SESSION_CHARS = 512  # a session id (`user`, `metadata.session_id`, the X-Session-Id header)
 MIN_TOP_P = 1e-6  # below 1 / vocabulary size for any vocabulary under a million tokens
 
 
@@ -173,6 +174,9 @@ class _Sampling(_Model):
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = Field(
+        default=None, max_length=MAX_SESSION_CHARS
+    )  # names the session when nothing else does
 
     @model_validator(mode="before")
     @classmethod
@@ -252,13 +256,19 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: ResponseFormat | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)  # "tool_time_s" is read
+    # OpenAI's tags on a completion; Conveyor reads `session_id` (the program this turn belongs to)
+    # and `tool_time_s`; other keys are the client's own labels
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
     @field_validator("metadata")
     @classmethod
-    def _tool_time(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        """`tool_time_s`: the client's estimate of its tools' time after this turn (how long the
-        server keeps the conversation's KV); other keys are the client's own labels."""
+    def _tags(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        """OpenAI's bounds (keys up to 64 characters, values up to 512); `tool_time_s`: the
+        client's estimate of its tools' time after this turn (how long the server keeps the
+        conversation's KV)."""
+        for key, value in (metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise ValueError(f"metadata {key[:64]!r}: keys take at most 64 characters, values 512")
         value = (metadata or {}).get("tool_time_s")
         if value is not None and _seconds(value) is None:
             raise ValueError(f"metadata.tool_time_s must be a number of seconds >= 0, got {value!r}")

@@ -65,15 +65,19 @@ def build_app(
     return create_app(load, server, served_name(config, server), on_fatal)
 
 
-def serve(config: EngineConfig, server: ServerConfig) -> None:
+def serve(
+    config: EngineConfig, server: ServerConfig, engine_factory: Callable[..., Any] | None = None
+) -> None:
     """Run until interrupted (Ctrl-C stops uvicorn, then the engine and its tool workers). If
     start-up fails (a tool source, the model) or the engine thread dies, uvicorn stops and the
     process exits with status 1 and the error, so that a supervisor sees it or restarts it;
-    open requests have already been answered with an error."""
+    open requests have already been answered with an error.
+    `engine_factory`: as for `engine_loader` (the agents benchmark wraps the engine)."""
     import uvicorn
 
     holder: list[uvicorn.Server] = []
-    app = build_app(config, server, engine_loader(config, server), on_fatal=lambda: _stop(holder[0]))
+    load = engine_loader(config, server, engine_factory=engine_factory)
+    app = build_app(config, server, load, on_fatal=lambda: _stop(holder[0]))
     holder.append(
         uvicorn.Server(
             uvicorn.Config(
