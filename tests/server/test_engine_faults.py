@@ -127,7 +127,9 @@ def test_serve_exits_non_zero_when_the_engine_thread_dies(monkeypatch):
     engine = FaultyEngine()
     engine.doomed = True  # dies on its first look at the queue
     monkeypatch.setattr(
-        serve_module, "engine_loader", lambda config, server: lambda: (EngineClient(engine), {}, "hermes")
+        serve_module,
+        "engine_loader",
+        lambda config, server, **_: lambda: (EngineClient(engine), {}, "hermes"),
     )
     outcome: list[BaseException] = []
 
