@@ -54,9 +54,9 @@ def ids(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def allowed_after(grammar: ToolGrammar, tokenizer, text: str, choice="required") -> set[int]:
+def allowed_after(grammar: ToolGrammar, tokenizer, text: str, choice="required", lenient=False) -> set[int]:
     """Token ids the grammar allows after the tokens of ``text``."""
-    constraint = grammar.constraint(TOOLS, choice)
+    constraint = grammar.constraint(TOOLS, choice, lenient)
     for token in ids(tokenizer, text):
         constraint.accept(token)
     assert constraint.active, f"the grammar rejected {text!r}"
@@ -218,33 +218,24 @@ def test_a_bounded_compile_matches_and_a_runaway_one_is_stopped(tokenizer, gramm
         bounded._compiler.close()
 
 
-def lenient_allowed_after(grammar: ToolGrammar, tokenizer, text: str) -> set[int]:
-    """Token ids an "auto" grammar for a lenient parser allows after ``text``."""
-    constraint = grammar.constraint(TOOLS, "auto", lenient=True)
-    for token in ids(tokenizer, text):
-        constraint.accept(token)
-    assert constraint.active, f"the grammar rejected {text!r}"
-    bitmask = xgr.allocate_token_bitmask(1, grammar.vocab_size)
-    constraint.fill_mask(bitmask, 0)
-    logits = torch.zeros(1, grammar.vocab_size)
-    xgr.apply_token_bitmask_inplace(logits, bitmask)
-    return set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
-
-
 @pytest.mark.parametrize("opening", ['Here: ```json\n{"name": "', 'Here:\n{"name": "', PREFIX])
 def test_lenient_auto_constrains_fenced_and_bare_calls_to_offered_tools(grammar, tokenizer, opening) -> None:
     """Every format a lenient parser reads as a call names an offered tool (issue 22 item 4)."""
-    assert lenient_allowed_after(grammar, tokenizer, opening) == {one(tokenizer, "s"), one(tokenizer, "c")}
+    assert allowed_after(grammar, tokenizer, opening, "auto", lenient=True) == {
+        one(tokenizer, "s"),
+        one(tokenizer, "c"),
+    }
 
 
 def test_lenient_auto_fenced_call_closes_its_fence_and_text_goes_on(grammar, tokenizer) -> None:
     eos = tokenizer.eos_token_id
     fenced = '```json\n{"name": "search", "arguments": {"query": "cats"}}\n```'
-    assert lenient_allowed_after(grammar, tokenizer, "Sure. " + fenced[:-1]) == {one(tokenizer, "`")}
-    after = lenient_allowed_after(grammar, tokenizer, "Sure. " + fenced + " Done")
+    closing = allowed_after(grammar, tokenizer, "Sure. " + fenced[:-1], "auto", lenient=True)
+    assert closing == {one(tokenizer, "`")}
+    after = allowed_after(grammar, tokenizer, "Sure. " + fenced + " Done", "auto", lenient=True)
     assert eos in after and one(tokenizer, "x") in after
     bare = '{"name": "calculator", "arguments": {"expression": "1+1"}}'
-    assert eos in lenient_allowed_after(grammar, tokenizer, bare + "\nThat is all.")
+    assert eos in allowed_after(grammar, tokenizer, bare + "\nThat is all.", "auto", lenient=True)
 
 
 def test_strict_auto_leaves_fences_free(grammar, tokenizer) -> None:
