@@ -2,11 +2,10 @@
 
 It implements the Engine protocol (`engine/api.py`), so the server, `chat`, `demo` and the
 benchmarks drive it as they drive `LLMEngine`. Prompts are rendered here with the model's chat
-template (`request.py`) and each model turn is one streamed `/v1/completions` request
-(`turns.py`): the remote engine sees every continuation as an extension of the text it already
-has, and its prefix cache matches it; `/v1/chat/completions` would re-render the assistant's
-calls through the template, which matched the model's own output in 0 of 29 samples (see
-shared/models.md). The text feeds the same `ToolDriver` as the embedded engine's.
+template (`request.py`); each model turn is one streamed `/v1/completions` request (`turns.py`),
+which the remote prefix cache matches as an extension of the text it has (re-rendered chat
+turns matched the model's own output in 0 of 29 samples: shared/models.md). The text feeds the
+same `ToolDriver` as the embedded engine's.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import httpx
 
 from conveyor.backends.connection import open_backend
 from conveyor.backends.constraints import TurnForm, caller_forms, remote_form
-from conveyor.backends.request import RemoteOutput, RemoteRequest, prompt_text
+from conveyor.backends.request import RemoteOutput, RemoteRequest, prompt_text, refuse_unserved
 from conveyor.backends.stream import RetryPolicy
 from conveyor.backends.turns import RemoteTurns
 from conveyor.config import EngineConfig
@@ -82,8 +81,6 @@ class RemoteEngine(EngineBase):
 
     def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> str:
         """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
-        if isinstance(prompt, ContinuedChat):  # no tokens of ours to reuse: the remote engine renders it all
-            prompt = prompt.messages
         return prompt_text(self.tokenizer, prompt, tools)
 
     def prepare(
@@ -118,30 +115,19 @@ class RemoteEngine(EngineBase):
         session_id: str | None = None,
         tool_time_s: float | None = None,
     ) -> str:
-        """As `LLMEngine.add_request`; raises ValueError before anything is sent. `constraint`:
-        a dict of extra body fields for the remote request (e.g. {"grammar": ...}), or a callable
-        that returns one per turn number; default: the remote form of `tool_choice` (constraints.py).
-        `session_id` orders nothing here: the remote engine schedules by its own policy; `tool_time_s`
-        is accepted and has no effect: the remote engine's KV is its own."""
+        """As `LLMEngine.add_request`; ValueError before anything is sent. `constraint`: a dict of
+        extra body fields (e.g. {"grammar": ...}) or a callable giving one per turn; default: the
+        remote form of `tool_choice` (constraints.py). `session_id` and `tool_time_s` have no
+        effect: the remote engine schedules by its own policy, and its KV is its own."""
         del session_id
         params = sampling_params(params)
-        if params.logprobs is not None:
-            raise ValueError(
-                "logprobs: the embedded engine computes them; a remote backend does not serve them"
-            )
+        refuse_unserved(params, json_schema)
         options = self.driver.options(
             tools or [], tool_choice, tool_mode, call_format, max_tool_rounds, lenient_calls
         )
-        if json_schema is not None:  # not sent on: the remote engine would not be held to it
-            raise ValueError(
-                "response_format (a JSON schema for the reply) is not served with a remote backend yet"
-            )
         if not isinstance(prompt, PreparedPrompt):
             prompt = self.prepare(prompt, tools=tools, call_format=call_format)
-        if len(prompt.token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt.token_ids)} tokens; the limit is {self.max_model_len - 1}"
-            )
+        self._check_length(len(prompt.token_ids))
         request_id = self._new_id(request_id)
         factory = caller_forms(constraint)
         first = self.driver.constraint(options, 0, factory) or TurnForm()  # may raise: nothing registered yet

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.backends.constraints import TurnForm
 from conveyor.core.request import SamplingParams
-from conveyor.engine.api import PreparedPrompt, Prompt, RequestOutput, non_empty, render_prompt
+from conveyor.engine.api import ContinuedChat, PreparedPrompt, Prompt, RequestOutput, non_empty, render_prompt
 
 if TYPE_CHECKING:
     from conveyor.backends.stream import RemoteStream
@@ -23,12 +23,24 @@ def prompt_text(tokenizer: Any, prompt: Prompt, tools: list[dict] | None = None)
     """The prompt text: text as is, chat messages through the chat template, token ids decoded."""
     if isinstance(prompt, PreparedPrompt):
         return non_empty(prompt.text)
+    if isinstance(prompt, ContinuedChat):  # no tokens of ours to reuse: the remote engine renders it all
+        prompt = prompt.messages
     rendered = render_prompt(tokenizer, prompt, tools)
     if isinstance(rendered, list):
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in rendered):
             raise ValueError("a prompt is text, chat messages or token ids, not list")
         rendered = tokenizer.decode(rendered)
     return non_empty(rendered)
+
+
+def refuse_unserved(params: SamplingParams, json_schema: dict | None) -> None:
+    """ValueError, before anything is sent, for what a remote backend does not serve."""
+    if params.logprobs is not None:
+        raise ValueError("logprobs: the embedded engine computes them; a remote backend does not serve them")
+    if json_schema is not None:  # not sent on: the remote engine would not be held to it
+        raise ValueError(
+            "response_format (a JSON schema for the reply) is not served with a remote backend yet"
+        )
 
 
 @dataclass(slots=True)

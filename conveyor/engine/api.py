@@ -143,6 +143,15 @@ class EngineBase:
             raise ValueError(f"request id {request_id!r} is already in use")
         return request_id
 
+    def _check_length(self, num_tokens: int) -> None:
+        """ValueError for a prompt with no room left for one output token."""
+        limit = self.max_model_len  # type: ignore[attr-defined]  # set by each engine
+        if num_tokens >= limit:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens; the limit is {limit - 1} "
+                f"(max_model_len {limit} leaves room for one output token)"
+            )
+
     def __enter__(self) -> Self:
         return self
 

@@ -189,11 +189,7 @@ class LLMEngine(EngineBase):
         if constraint is None:  # a JSON reply, or tool_choice "none": no call is written
             constraint = self.driver.reply_constraint(options, tools or [], tool_choice, json_schema)
         token_ids = self.encode(prompt, self.driver.shown_specs(tools or [], call_format))
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens; the limit is {self.max_model_len - 1} "
-                f"(max_model_len {self.max_model_len} leaves room for one output token)"
-            )
+        self._check_length(len(token_ids))
         if any(t >= self.runner.args.vocab_size for t, _ in params.logit_bias):
             raise ValueError(
                 f"logit_bias names a token id outside the vocabulary [0, {self.runner.args.vocab_size})"
