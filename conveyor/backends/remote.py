@@ -119,7 +119,6 @@ class RemoteEngine(EngineBase):
         extra body fields (e.g. {"grammar": ...}) or a callable giving one per turn; default: the
         remote form of `tool_choice` (constraints.py). `session_id` and `tool_time_s` have no
         effect: the remote engine schedules by its own policy, and its KV is its own."""
-        del session_id
         params = sampling_params(params)
         refuse_unserved(params, json_schema)
         options = self.driver.options(
