@@ -156,7 +156,14 @@ def _auth(state: State) -> Callable[[Request], None]:
 
 def _routes(app: FastAPI, state: State) -> None:
     auth = [Depends(_auth(state))]
+    _info_routes(app, state, auth)
+    _chat_routes(app, state, auth)
+    _completion_routes(app, state, auth)
     _responses_routes(app, state, auth)
+
+
+def _info_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
+    """/health, /metrics and the model list."""
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -188,34 +195,16 @@ def _routes(app: FastAPI, state: State) -> None:
             )
         return _model_card(state)
 
+
+def _chat_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
+    """`/v1/chat/completions`: one engine request per choice, streamed or not."""
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         client, request_id = _admit(state, body.model, "chatcmpl")
         choices.check_choices(state.config, body.n)
         max_tokens = _token_limit(client, body, state.config.default_max_tokens)
-        try:  # one run per choice: each parses its own calls
-            built = [
-                chat.build_chat(
-                    body,
-                    request_id,
-                    state.model,
-                    state.server_tools,
-                    max_tokens,
-                    state.parser,
-                    state.continuations,
-                    http.headers.get("x-session-id"),
-                )
-                for _ in range(body.n)
-            ]
-        except chat.BadRequest as e:
-            raise ApiError(400, str(e), param=e.param) from None
-        requests = [
-            choices.choice_request(built[0][0], i, body.num_logprobs, choices.engine_id(request_id, i))
-            for i in range(body.n)
-        ]
-        runs = [run for _, run in built]
-        for run in runs:
-            run.on_results = state.tool_sources.observe
+        requests, runs = _chat_choices(state, body, request_id, max_tokens, http.headers.get("x-session-id"))
         streams = await _submit_all(state, client, requests)
         if not body.stream:
             try:
@@ -225,6 +214,41 @@ def _routes(app: FastAPI, state: State) -> None:
                 state.num_pending -= 1
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _sse(state, choices.chat_stream(runs, streams, state.metrics, body.logprobs, include_usage))
+
+
+def _chat_choices(
+    state: State, body: ChatCompletionRequest, request_id: str, max_tokens: int, session_header: str | None
+) -> tuple[list[GenerateRequest], list[chat.ChatRun]]:
+    """The engine request of each choice, and its run (each parses its own calls); 400 for a
+    request the served tools cannot take."""
+    try:
+        built = [
+            chat.build_chat(
+                body,
+                request_id,
+                state.model,
+                state.server_tools,
+                max_tokens,
+                state.parser,
+                state.continuations,
+                session_header,
+            )
+            for _ in range(body.n)
+        ]
+    except chat.BadRequest as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    requests = [
+        choices.choice_request(built[0][0], i, body.num_logprobs, choices.engine_id(request_id, i))
+        for i in range(body.n)
+    ]
+    runs = [run for _, run in built]
+    for run in runs:
+        run.on_results = state.tool_sources.observe
+    return requests, runs
+
+
+def _completion_routes(app: FastAPI, state: State, auth: list[Any]) -> None:
+    """`/v1/completions`: one engine request per prompt of the batch and per choice."""
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, http: Request) -> Any:
