@@ -210,10 +210,6 @@ class ToolGrammar:
                 self._cache.popitem(last=False)
         return compiled
 
-    def structural_tag(self, tools: list[dict[str, Any]], tool_choice: ToolChoice) -> StructuralTag:
-        """The xgrammar structural tag of one (tools, choice); see the module docstring."""
-        return structural_tag(tools, tool_choice, self.max_whitespace)
-
 
 def structural_tag(
     tools: list[dict[str, Any]],
