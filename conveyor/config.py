@@ -105,16 +105,24 @@ class ModelConfig:
         default="auto",
         metadata=_help(
             "GGUF models: native (Q4_K/Q5_K/Q6_K/Q8_0 blocks kept as in the file, Q4_0/Q5_0 as Q8_0; CPU only), "
-            "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (bf16 until native "
-            "decodes faster here); safetensors models are always run as stored"
+            "bf16 (de-quantized once into bf16 safetensors, then run in --dtype) or auto (native on CPU where the "
+            "quantized kernels build, else bf16); safetensors models are always run as stored"
         ),
     )
     quant_kernel: str = field(
         default="auto",
         metadata=_help(
-            "matmul path of quantized weights: auto (measured per shape and row count among the paths with fp32 "
-            "activations, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the quantized kernels "
-            "(q_avx2, q_avx512; q_avx512vnni rounds activations to 8 bits per block and runs only when named)"
+            "matmul path of quantized weights: auto (measured per shape and row count among the paths that "
+            "--quant-activations allows, cached), dequant (de-quantize tiles, then the fp32 GEMM) or one of the "
+            "quantized kernels (q_avx2, q_avx512 with fp32 activations; q_avx512vnni, q_vnni_x16 with 8-bit ones)"
+        ),
+    )
+    quant_activations: str = field(
+        default="int8",
+        metadata=_help(
+            "what quantized weights multiply under --quant-kernel auto: int8 (activations rounded to 8 bits per "
+            "block of 32, as llama.cpp does; kernels of both kinds compete) or fp32 (only kernels that take "
+            "the activations as they are)"
         ),
     )
 
@@ -134,6 +142,10 @@ class ModelConfig:
                     or self.quant_kernel == "dequant"
                     or self.quant_kernel.startswith("q_"),
                     f"quant_kernel must be auto, dequant or a q_ kernel, got {self.quant_kernel!r}",
+                ),
+                (
+                    self.quant_activations in ("int8", "fp32"),
+                    f"quant_activations must be int8 or fp32, got {self.quant_activations!r}",
                 ),
                 (
                     self.linear_kernel in LINEAR_KERNELS,

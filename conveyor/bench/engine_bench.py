@@ -88,6 +88,7 @@ def add_engine_bench_flags(parser: argparse.ArgumentParser) -> None:
         "--hf-dtypes",
         nargs="+",
         default=["bfloat16", "float32"],
+        choices=["bfloat16", "float32"],
         help="transformers dtypes to measure; the faster at each concurrency is the baseline",
     )
     parser.add_argument(

@@ -55,7 +55,11 @@ class ModelRunner:
             self.model.load(model_dir)
         layers = [m for m in self.model.modules() if isinstance(m, (Linear, QuantLinear))]
         self.linear_choices = choose_kernels(
-            layers, self.model.act_dtype, model_config.linear_kernel, model_config.quant_kernel
+            layers,
+            self.model.act_dtype,
+            model_config.linear_kernel,
+            model_config.quant_kernel,
+            model_config.quant_activations,
         )
         self.num_blocks = cache_config.num_blocks or self._blocks_for_memory(cache_config)
         a = self.args
@@ -140,7 +144,7 @@ class ModelRunner:
         if decodes:
             meta.num_decodes = len(decodes)
             meta.decode_block_tables = flat_tables.view(len(decodes), width)
-            meta.decode_mask = decode_mask(lens, width * self.block_size)
+            meta.decode_mask = decode_mask(lens, width * self.block_size, self.dtype)
         self._add_prefills(meta, chunks[len(decodes) :], tensors[6:])
         return self.model(input_ids, positions, meta, self.kv_caches, logit_rows), order
 
@@ -174,7 +178,7 @@ class ModelRunner:
         group = self.args.num_heads // self.args.num_kv_heads
         row = meta.num_decodes
         for c, table in zip(prefills, tables):
-            mask = prefill_mask(c.start, c.num_tokens, group, self.device) if c.start else None
+            mask = prefill_mask(c.start, c.num_tokens, group, self.device, self.dtype) if c.start else None
             meta.prefills.append(PrefillSegment(row, c.num_tokens, c.start, table, mask))
             row += c.num_tokens
 

@@ -33,6 +33,7 @@ def make_engine(
     device: str = "cpu",
     weights: str = "auto",
     quant_kernel: str = "auto",
+    quant_activations: str = "int8",
 ) -> LLMEngine:
     config = EngineConfig(
         model=ModelConfig(
@@ -42,6 +43,7 @@ def make_engine(
             device=device,
             weights=weights,
             quant_kernel=quant_kernel,
+            quant_activations=quant_activations,
         ),
         cache=CacheConfig(num_blocks=num_blocks, block_size=block_size, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget),

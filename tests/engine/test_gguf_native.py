@@ -14,9 +14,9 @@ from gguf import quants as gguf_quants
 from transformers import AutoModelForCausalLM
 
 from conveyor.core.request import SamplingParams
-from conveyor.engine.model import qlinear, quant
+from conveyor.engine.model import kernel_choice, qlinear, quant
 from conveyor.engine.model.gguf_weights import Concat, as_q8_0
-from conveyor.engine.model.linear import Linear
+from conveyor.engine.model.linear import BUCKETS, Linear
 from conveyor.engine.model.qlinear import (
     DEQUANT,
     QuantEmbedding,
@@ -47,7 +47,13 @@ def hf_greedy_gguf(gguf: Path, prompt: list[int], num_tokens: int) -> list[int]:
 
 
 def test_native_greedy_tokens_match_transformers_fp32(tiny_gguf: Path) -> None:
-    engine = make_engine(tiny_gguf, weights="native", num_blocks=64, block_size=4, budget=16)
+    """With fp32 activations. Rounded to 8 bits (llama.cpp's scheme, the default) they move these
+    random weights' near-tied logits within a few tokens, so 8-bit activations are held to the
+    kernels' bound (tests/engine/test_quant_kernels.py) and to the default model's greedy tokens
+    (tests/e2e/test_native_default.py)."""
+    engine = make_engine(
+        tiny_gguf, weights="native", num_blocks=64, block_size=4, budget=16, quant_activations="fp32"
+    )
     prompts = [engine.encode([{"role": "user", "content": text}]) for text in ("hello there", "a b c d e f")]
     requests = engine.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     for prompt, request in zip(prompts, requests):
@@ -133,3 +139,35 @@ def test_forced_quant_kernel_is_used_and_a_wrong_name_refused(tiny_gguf: Path) -
 def test_bf16_weights_still_convert_the_file(tiny_gguf: Path) -> None:
     engine = make_engine(tiny_gguf, weights="bf16", dtype="bfloat16")
     assert not _layers(engine) and any(engine.model_dir.glob("*.safetensors"))
+
+
+def test_a_repacked_weight_runs_every_row_count_within_the_bound(tiny_gguf: Path) -> None:
+    engine = make_engine(tiny_gguf, weights="native", quant_kernel=DEQUANT)
+    layers = [layer for layer in _layers(engine) if layer.qweight.qtype in quant.REPACKED["q_vnni_x16"]]
+    assert layers
+    generator = torch.Generator().manual_seed(7)
+    for layer in layers:
+        if reason := quant.qkernel_why_not("q_vnni_x16", layer.qweight.qtype):
+            pytest.skip(reason)
+        w = quant.reference_dequantize(layer.qweight.blocks, layer.qweight.qtype)
+        with pytest.raises(ValueError, match="repacks the weight: it runs every row count"):
+            layer.use(["q_vnni_x16", *[DEQUANT] * 5])
+        layer.use(["q_vnni_x16"] * 6)
+        assert layer.qweight.layout == "q_vnni_x16" and layer.qweight.out_features == w.shape[0]
+        assert layer.path_reasons(torch.float32)[DEQUANT] == "the weight is repacked for q_vnni_x16"
+        for rows in (1, 9, 40):
+            x = torch.randn(rows, layer.in_features, generator=generator)
+            want = x @ w.T + (0 if layer.bias is None else layer.bias)
+            assert (layer(x) - want).abs().max().item() <= rounding_bound(x, w, "int8")
+
+
+def test_a_repacking_kernel_takes_every_bucket_or_none() -> None:
+    ms = {"q_vnni_x16": 1.0, "q_avx512": 2.0, "dequant": 0.5}
+    wins = {label: {"path": "q_vnni_x16", "ms": dict(ms)} for label, _ in BUCKETS}
+    wins["33+"]["path"] = "dequant"
+    kernel_choice._one_layout(wins)
+    assert {c["path"] for c in wins.values()} == {"q_vnni_x16"}
+    loses = {label: {"path": "q_vnni_x16", "ms": dict(ms)} for label, _ in BUCKETS}
+    loses["1"]["path"] = "q_avx512"
+    kernel_choice._one_layout(loses)
+    assert loses["1"]["path"] == "q_avx512" and loses["2-4"]["path"] == "dequant"

@@ -62,6 +62,14 @@ def skip_unless_runs(kernel: str, qtype: str) -> None:
         pytest.skip(reason)  # names the missing instruction set where that is the reason
 
 
+def runnable(kernel: str, tensors: dict[str, tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The (type, blocks) of ``tensors`` that ``kernel`` takes; skips (naming why) where it takes none."""
+    reasons = {qtype: quant.qkernel_why_not(kernel, qtype) for qtype, _ in tensors.values()}
+    if all(reasons.values()):
+        pytest.skip("; ".join(sorted(set(reasons.values()))))
+    return [(qtype, blocks) for qtype, blocks in tensors.values() if reasons[qtype] is None]
+
+
 def rounded_to_8_bits(x: torch.Tensor) -> torch.Tensor:
     """The activations an int8 kernel multiplies: per block of 32, round(x * 127 / max|x|) * max|x| / 127."""
     blocks = x.reshape(x.shape[0], -1, 32)
@@ -166,8 +174,7 @@ def default_tensors(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
 def test_kernel_matches_reference_on_default_model_tensors(kernel: str, default_tensors: dict) -> None:
     assert {t for t, _ in default_tensors.values()} == {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}
     generator = torch.Generator().manual_seed(4)
-    for qtype, blocks in default_tensors.values():
-        skip_unless_runs(kernel, qtype)
+    for qtype, blocks in runnable(kernel, default_tensors):
         k = blocks.shape[1] // QUANT_TYPES[qtype].block_bytes * QUANT_TYPES[qtype].block_elems
         for rows in (1, 5, 8, 32):
             assert_matches_reference(torch.randn(rows, k, generator=generator), blocks, qtype, kernel)
@@ -184,8 +191,7 @@ def test_kernel_matches_reference_on_smollm2_tensors(kernel: str) -> None:
     tensors = smollm2_tensors()
     assert {t for t, _ in tensors.values()} == {"Q4_1", "Q8_0"}
     generator = torch.Generator().manual_seed(2)
-    for qtype, blocks in tensors.values():
-        skip_unless_runs(kernel, qtype)
+    for qtype, blocks in runnable(kernel, tensors):
         k = blocks.shape[1] // QUANT_TYPES[qtype].block_bytes * QUANT_TYPES[qtype].block_elems
         for rows in (1, 3, 8, 16, 32):
             assert_matches_reference(torch.randn(rows, k, generator=generator), blocks[:101], qtype, kernel)

@@ -60,17 +60,31 @@ def paged_attention(
     """Attention for a mixed step. ``q`` is ``[num_tokens, num_heads, head_dim]``; ``k``/``v`` are
     the step's own keys and values, which this stores in their cache slots first. Runs in the
     cache's dtype; returns ``[num_tokens, num_heads * head_dim]`` in ``q``'s dtype."""
-    num_tokens, num_heads, head_dim = q.shape
     act_dtype = q.dtype
     q, k, v = q.to(k_cache.dtype), k.to(k_cache.dtype), v.to(k_cache.dtype)
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    return attend(q, k, v, k_cache, v_cache, meta, scale).to(act_dtype)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """``paged_attention`` once ``q``, ``k``, ``v`` are in the cache's dtype and the step's keys
+    and values are in their slots; returns ``[num_tokens, num_heads * head_dim]`` in that dtype."""
+    num_tokens, num_heads, head_dim = q.shape
     out = torch.empty(num_tokens, num_heads * head_dim, dtype=q.dtype, device=q.device)
     if meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.num_tokens)
         out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, seg, scale)
-    return out.to(act_dtype)
+    return out
 
 
 def _decode(
@@ -128,14 +142,22 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return blocks.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
 
 
-def prefill_mask(num_cached: int, num_tokens: int, group: int, device: torch.device) -> torch.Tensor:
-    """Causal mask of a chunk that follows ``num_cached`` cached tokens, rows repeated per head of a group."""
+def prefill_mask(
+    num_cached: int, num_tokens: int, group: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Causal mask of a chunk that follows ``num_cached`` cached tokens, rows repeated per head of a
+    group: additive (0 or -inf) in ``dtype``, the cache's, so that no layer converts it again."""
     rows = torch.arange(num_tokens, device=device)[:, None] + num_cached
     cols = torch.arange(num_cached + num_tokens, device=device)[None, :]
-    return (cols <= rows).repeat(group, 1)
+    return _additive((cols <= rows).repeat(group, 1), dtype)
 
 
-def decode_mask(context_lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``[batch, 1, 1, max_len]`` mask of each decode's valid keys."""
+def decode_mask(context_lens: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[batch, 1, 1, max_len]`` additive mask (0 or -inf, in ``dtype``) of each decode's valid keys."""
     cols = torch.arange(max_len, device=context_lens.device)[None, :]
-    return (cols < context_lens[:, None])[:, None, None, :]
+    return _additive((cols < context_lens[:, None])[:, None, None, :], dtype)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What SDPA makes of a boolean mask on every call, made once per step."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))

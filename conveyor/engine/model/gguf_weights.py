@@ -127,14 +127,22 @@ class _Source:
         k = int(self.tensors[names[0]].shape[0])
         if len({qtype for qtype, _ in parts}) == 1:
             blocks = parts[0][1] if len(parts) == 1 else np.concatenate([b for _, b in parts])
-            if blocks is not self.tensors[names[0]].data:
+            mapped = blocks is self.tensors[names[0]].data
+            if not mapped:
                 self.release(names)
-            return QuantLinear(QuantWeight(parts[0][0], torch.from_numpy(blocks), k), bias, scratch)
+            weight = QuantWeight(parts[0][0], torch.from_numpy(blocks), k, blocks.shape[0], mapped=mapped)
+            return QuantLinear(weight, bias, scratch)
         self.release([n for n, (_, b) in zip(names, parts) if b is not self.tensors[n].data])
         return Concat(
             [
                 QuantLinear(
-                    QuantWeight(qtype, torch.from_numpy(np.ascontiguousarray(b)), k),
+                    QuantWeight(
+                        qtype,
+                        torch.from_numpy(np.ascontiguousarray(b)),
+                        k,
+                        b.shape[0],
+                        mapped=b is self.tensors[names[i]].data,
+                    ),
                     biases[i] if biases else None,
                     scratch,
                 )

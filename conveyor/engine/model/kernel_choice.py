@@ -58,10 +58,13 @@ def choose_kernels(
     act_dtype: torch.dtype = torch.float32,
     forced: str = "auto",
     forced_quant: str = "auto",
+    quant_activations: str = "int8",
 ) -> Choices:
     """Give every CPU layer its path per bucket (``forced``: one path for all bf16/fp32 layers,
     ``forced_quant``: one for all quantized ones); returns shape -> bucket -> choice.
-    ``act_dtype``: the activations the layers will see."""
+    ``act_dtype``: the activations the layers will see; ``quant_activations``: int8 lets ``auto``
+    pick quantized kernels that round activations to 8 bits per block (``quant.ACTIVATIONS``),
+    fp32 does not."""
     groups: dict[str, list[Layer]] = {}
     for layer in layers:
         if isinstance(layer, QuantLinear) or layer.weight.device.type == "cpu":
@@ -76,7 +79,7 @@ def choose_kernels(
     }
     auto = {key: group for key, group in groups.items() if force[key] == "auto"}
     if auto:
-        choices.update(_cached_or_measured(auto, act_dtype))
+        choices.update(_cached_or_measured(auto, act_dtype, quant_activations))
     for key, group in groups.items():
         plan = [choices[key][label]["path"] for label, _ in BUCKETS]
         for layer in group:
@@ -97,8 +100,14 @@ def _forced(path: str, layer: Layer, act_dtype: torch.dtype) -> dict[str, dict]:
     return {label: {"path": path, "ms": {}} for label, _ in BUCKETS}
 
 
-def _cached_or_measured(groups: dict[str, list[Layer]], act_dtype: torch.dtype) -> Choices:
-    key = {**cache_key(), "activations": str(act_dtype).removeprefix("torch.")}
+def _cached_or_measured(
+    groups: dict[str, list[Layer]], act_dtype: torch.dtype, quant_activations: str
+) -> Choices:
+    key = {
+        **cache_key(),
+        "activations": str(act_dtype).removeprefix("torch."),
+        "quant_activations": quant_activations,
+    }
     path = (
         cache_root() / "kernels" / f"choices-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     )
@@ -113,7 +122,7 @@ def _cached_or_measured(groups: dict[str, list[Layer]], act_dtype: torch.dtype) 
         f"timing the matmul paths for {len(missing)} weight shapes (once per machine)"
     )
     with status, torch.inference_mode():
-        measured = {k: _measure(groups[k], act_dtype) for k in missing}
+        measured = {k: _measure(groups[k], act_dtype, quant_activations) for k in missing}
     _write(path, key, {**cached, **measured})
     return {**usable, **measured}
 
@@ -150,16 +159,15 @@ def _write(path, key: dict, choices: Choices) -> None:
         raise
 
 
-def _measure(group: list[Layer], act_dtype: torch.dtype) -> dict[str, dict]:
+def _measure(group: list[Layer], act_dtype: torch.dtype, quant_activations: str = "fp32") -> dict[str, dict]:
     """Time every path that runs here on this shape's layers, per bucket; the fastest wins."""
     first = group[0]
     reasons = first.path_reasons(act_dtype)
     candidates = [p for p, reason in reasons.items() if reason is None]
     if len(candidates) > 1 and isinstance(first, Linear) and first.weight.dtype != act_dtype:
         candidates.remove("torch")  # it widens the whole weight per call: the last resort, not a contender
-    # Kernels that round activations to 8 bits changed the tiny models' greedy tokens against fp32
-    # (tests/engine/test_gguf_native.py): they run only when --quant-kernel names them.
-    candidates = [p for p in candidates if quant.ACTIVATIONS.get(p, "fp32") == "fp32"]
+    allowed = ("fp32", "int8") if quant_activations == "int8" else ("fp32",)
+    candidates = [p for p in candidates if quant.ACTIVATIONS.get(p, "fp32") in allowed]
     layers = group[: max(1, -(-TRIAL_BYTES // first.nbytes))]
     products = {p: [layer.product(p) for layer in layers] for p in candidates}
     result = {}
@@ -168,6 +176,7 @@ def _measure(group: list[Layer], act_dtype: torch.dtype) -> dict[str, dict]:
             p: t * 1e3 for p, t in _race(products, torch.randn(rows, first.in_features).to(act_dtype)).items()
         }
         result[label] = {"path": min(ms, key=ms.__getitem__), "ms": {p: round(t, 4) for p, t in ms.items()}}
+    _one_layout(result)
     for p, reason in reasons.items():  # a kernel that should have run here: say what runs instead
         if reason and ("self-check" in reason or "build" in reason):
             log.warning(
@@ -178,6 +187,18 @@ def _measure(group: list[Layer], act_dtype: torch.dtype) -> dict[str, dict]:
                 ", ".join(sorted({c["path"] for c in result.values()})),
             )
     return result
+
+
+def _one_layout(result: dict[str, dict]) -> None:
+    """A repacking kernel (``quant.REPACKED``) keeps the weight only in its own layout, so it runs
+    every bucket or none: every bucket if it is the fastest at one row (decode), else none."""
+    first = result[BUCKETS[0][0]]["path"]
+    for choice in result.values():
+        if first in quant.REPACKED:
+            choice["path"] = first
+        elif choice["path"] in quant.REPACKED:
+            rest = {p: t for p, t in choice["ms"].items() if p not in quant.REPACKED}
+            choice["path"] = min(rest, key=rest.__getitem__)
 
 
 def _race(products: dict[str, list], x: torch.Tensor) -> dict[str, float]:

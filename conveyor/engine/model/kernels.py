@@ -1,4 +1,4 @@
-"""Our hand-written CPU kernels (csrc/), compiled once into one extension module and cached.
+"""Our hand-written CPU kernels (csrc/), compiled once into extension modules and cached.
 
 They multiply bf16 weights by activation rows, reading each weight from memory once per call;
 one file per instruction set: AVX2 (widen and FMA), AVX-512F (the same on 64-byte registers)
@@ -101,4 +101,18 @@ def gemv_module() -> ModuleType | None:
         return build_extension("gemv", SOURCES, source_digest(), "bf16 decode kernels")
     except Exception as e:  # noqa: BLE001 - any build failure: keep serving with PyTorch's kernels
         warnings.warn(f"bf16 decode kernels unavailable, using PyTorch's matmuls: {e}", stacklevel=2)
+        return None
+
+
+@functools.cache
+def fused_module() -> ModuleType | None:
+    """The fused decoder-layer glue (csrc/fused.cpp: RoPE, cast, KV store in one op), or None
+    where it cannot be built (the model then runs the same steps as PyTorch ops)."""
+    try:
+        # -ffp-contract=off: the same roundings as PyTorch's separate multiplies and adds
+        return build_extension(
+            "fused", ("fused.cpp",), sources_digest(("fused.cpp",)), "fused layer ops", ("-ffp-contract=off",)
+        )
+    except Exception as e:  # noqa: BLE001 - any build failure: PyTorch ops do the same work
+        warnings.warn(f"fused layer ops unavailable, using PyTorch's: {e}", stacklevel=2)
         return None

@@ -11,14 +11,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
 from conveyor.engine.model.architectures import ARCHITECTURES
-from conveyor.engine.model.attention import AttentionMetadata, paged_attention
+from conveyor.engine.model.attention import AttentionMetadata, attend, paged_attention
 from conveyor.engine.model.gguf_weights import load_gguf
+from conveyor.engine.model.kernels import fused_module
 from conveyor.engine.model.linear import Linear
 
 GGUF_NAME = "model.gguf"  # a native model directory holds its GGUF under this name (loader.py)
@@ -96,6 +98,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: ModuleType | None) -> torch.Tensor:
+    if fused is not None:  # one op, not PyTorch's seven
+        return fused.rms_norm(x.contiguous(), weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def activation_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of the residual stream. One rule for every CPU: fp32, while weights and KV cache
     keep ``dtype``. A bf16 residual stream failed the bf16 exactness test on an AVX512_BF16 CPU
@@ -132,15 +140,34 @@ class Layer(torch.nn.Module):
         sin: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        fused: ModuleType | None = None,
     ) -> torch.Tensor:
+        """``cos``/``sin``: ``[tokens, head_dim / 2]``; ``fused``: the fused glue op's module, on CPU
+        with fp32 activations."""
         a = self.args
-        h = F.rms_norm(x, (a.hidden_size,), self.input_norm, a.rms_norm_eps)
-        q, k, v = self.qkv(h).split(self.sizes, dim=-1)
-        q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
-        x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim**-0.5))
-        h = F.rms_norm(x, (a.hidden_size,), self.post_attention_norm, a.rms_norm_eps)
+        h = _rms_norm(x, self.input_norm, a.rms_norm_eps, fused)
+        qkv = self.qkv(h)
+        if fused is not None:  # the same steps in one op (kernels.fused_module)
+            q, k, v = fused.rope_store_kv(
+                qkv.contiguous(),
+                cos,
+                sin,
+                kv[0],
+                kv[1],
+                meta.slot_mapping,
+                a.num_heads,
+                a.num_kv_heads,
+                a.head_dim,
+            )
+            attn = attend(q, k, v, kv[0], kv[1], meta, a.head_dim**-0.5).to(x.dtype)
+        else:
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos[:, None], sin[:, None])
+            k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos[:, None], sin[:, None])
+            v = v.view(-1, a.num_kv_heads, a.head_dim)
+            attn = paged_attention(q, k, v, kv[0], kv[1], meta, a.head_dim**-0.5)
+        x = x + self.o_proj(attn)
+        h = _rms_norm(x, self.post_attention_norm, a.rms_norm_eps, fused)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
@@ -168,10 +195,11 @@ class CausalLM(torch.nn.Module):
     ) -> torch.Tensor:
         x = self.embed(input_ids).to(self.act_dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos().to(x.dtype)[:, None, :], freqs.sin().to(x.dtype)[:, None, :]
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        fused = fused_module() if x.device.type == "cpu" and x.dtype == torch.float32 else None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        x = F.rms_norm(x[logit_rows], (self.args.hidden_size,), self.norm, self.args.rms_norm_eps)
+            x = layer(x, cos, sin, kv, meta, fused)
+        x = _rms_norm(x[logit_rows], self.norm, self.args.rms_norm_eps, fused)
         return self.lm_head(x).float()
 
     def load(self, model_dir: Path, native: bool = True) -> None:

@@ -11,6 +11,9 @@ Activations are fp32, products accumulate in fp32.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,15 +35,16 @@ def quant_paths() -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class QuantWeight:
-    """A ``[rows, in_features]`` matrix as rows of ``qtype`` blocks (``blocks``: uint8 ``[rows, row_bytes]``)."""
+    """An ``[out_features, in_features]`` matrix of ``qtype`` blocks: ``blocks`` is uint8, the file's
+    rows ``[out_features, row_bytes]``, or a repacking kernel's layout (``layout``, ``quant.repack``).
+    ``mapped``: the blocks are the file's memory-mapped pages."""
 
     qtype: str
     blocks: torch.Tensor
     in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return self.blocks.shape[0]
+    out_features: int
+    layout: str | None = None
+    mapped: bool = False
 
 
 class Scratch:
@@ -80,6 +84,10 @@ def make_quant(path: str, weight: QuantWeight, bias: torch.Tensor | None, scratc
     """The product function of ``path`` for this weight (call ``quant_why_not`` first)."""
     if path == DEQUANT:
         product = _dequant_product(weight, scratch)
+    elif path in quant.REPACKED:
+        packed = weight.blocks if weight.layout == path else quant.repack(weight.blocks, weight.qtype, path)
+        op = quant.repacked_product(packed, weight.qtype, path, weight.out_features)
+        product = lambda x: op(x.float().contiguous())
     else:
         blocks, qtype = weight.blocks, weight.qtype
         product = lambda x: quant.qmatmul(x.float().contiguous(), blocks, qtype, path)
@@ -105,13 +113,28 @@ def _dequant_product(weight: QuantWeight, scratch: Scratch) -> Product:
     return product
 
 
+def drop_pages(t: torch.Tensor) -> None:
+    """Give back the pages of a file-mapped tensor that is no longer read (they are the file's:
+    touched again, they would be read from it), so the file's bytes do not stay in the RSS."""
+    page = mmap.PAGESIZE
+    begin, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+    if end > begin:
+        _libc().madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class QuantLinear(torch.nn.Module):
     """``y = x W^T + b`` with ``W`` as quantized blocks; the path per row bucket is chosen by
     measurement (``use``), like ``Linear``'s."""
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None, scratch: Scratch) -> None:
         super().__init__()
-        quant.check_shape(weight.qtype, weight.out_features, weight.in_features, weight.blocks.numel())
+        if weight.layout is None:
+            quant.check_shape(weight.qtype, weight.out_features, weight.in_features, weight.blocks.numel())
         self.qweight, self.scratch = weight, scratch
         self.bias = None if bias is None else torch.nn.Parameter(bias.float(), requires_grad=False)
         self.plan: list[str] | None = None
@@ -131,14 +154,32 @@ class QuantLinear(torch.nn.Module):
 
     def path_reasons(self, act_dtype: torch.dtype) -> dict[str, str | None]:
         """Every quantized path, with why it cannot run here (None: it can)."""
+        if layout := self.qweight.layout:
+            return {p: None if p == layout else f"the weight is repacked for {layout}" for p in quant_paths()}
         return {p: quant_why_not(p, self.qweight.qtype) for p in quant_paths()}
 
     def product(self, path: str) -> Product:
         return make_quant(path, self.qweight, self.bias, self.scratch)
 
     def use(self, plan: list[str]) -> None:
+        """Run ``plan`` (a path per row bucket). A repacking kernel takes every bucket: the weight
+        is repacked once and the file's copy given back."""
+        layouts = {path for path in plan if path in quant.REPACKED}
+        if layouts and set(plan) != layouts:
+            raise ValueError(
+                f"{self.shape_key}: {', '.join(layouts)} repacks the weight: it runs every row count"
+            )
+        if layouts and self.qweight.layout != plan[0]:
+            self._repack(plan[0])
         made = {path: self.product(path) for path in dict.fromkeys(plan)}
         self.plan, self._products = list(plan), [made[path] for path in plan]
+
+    def _repack(self, layout: str) -> None:
+        old = self.qweight
+        packed = quant.repack(old.blocks, old.qtype, layout)
+        self.qweight = QuantWeight(old.qtype, packed, old.in_features, old.out_features, layout)
+        if old.mapped:
+            drop_pages(old.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]

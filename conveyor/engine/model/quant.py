@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -52,20 +53,30 @@ QUANT_TYPES: dict[str, QuantType] = {
 QTYPE_IDS = {
     name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
 }
-SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp", "quant_avx512vnni.cpp")
+SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp", "quant_avx512vnni.cpp", "quant_x16.cpp")
 HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h")
 
 # kernel name -> what it multiplies the weights with: fp32 activations as given, or activations
 # rounded to 8 bits per block of 32 (scale max|x| / 127, as llama.cpp's q8_0), so each is off by at
 # most half its block's scale
-ACTIVATIONS: dict[str, str] = {"q_avx2": "fp32", "q_avx512": "fp32", "q_avx512vnni": "int8"}
+ACTIVATIONS: dict[str, str] = {
+    "q_avx2": "fp32",
+    "q_avx512": "fp32",
+    "q_avx512vnni": "int8",
+    "q_vnni_x16": "int8",
+}
 
 # kernel name -> the /proc/cpuinfo flags it needs
 QKERNELS: dict[str, tuple[str, ...]] = {
     "q_avx2": ("avx2", "fma", "f16c"),
     "q_avx512": ("avx512f", "avx512bw"),
     "q_avx512vnni": ("avx512f", "avx512bw", "avx512_vnni"),
+    "q_vnni_x16": ("avx512f", "avx512bw", "avx512_vnni"),
 }
+
+# kernels that run on the weight repacked into their own layout (``repack``), and the types they take:
+# q_vnni_x16 interleaves 16 rows so that one vpdpbusd serves all of them (csrc/quant_x16.cpp)
+REPACKED: dict[str, tuple[str, ...]] = {"q_vnni_x16": ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")}
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -154,6 +165,8 @@ def qkernel_why_not(kernel: str, qtype: str) -> str | None:
         return f"unsupported quantization type {qtype!r}; supported: {', '.join(QUANT_TYPES)}"
     if kernel not in QKERNELS:
         return f"unknown quantized kernel {kernel!r}; known: {', '.join(QKERNELS)}"
+    if kernel in REPACKED and qtype not in REPACKED[kernel]:
+        return f"{kernel} takes {', '.join(REPACKED[kernel])} weights, not {qtype}"
     if missing := _missing_isa(kernel):
         return f"{kernel} needs {', '.join(missing)}, which this CPU lacks"
     if quant_module() is None:
@@ -177,7 +190,37 @@ def qmatmul(x: torch.Tensor, blocks: torch.Tensor, qtype: str, kernel: str) -> t
     _check_blocks(blocks, qtype, x.shape[1])
     if reason := qkernel_why_not(kernel, qtype):
         raise ValueError(f"kernel {kernel} cannot run: {reason}")
+    if kernel in REPACKED:  # the layout made for this one call (layers keep theirs: ``repack``)
+        return qmatmul_repacked(x, repack(blocks, qtype, kernel), qtype, kernel, blocks.shape[0])
     return quant_module().qmatmul(x, blocks, QTYPE_IDS[qtype], kernel.removeprefix("q_"))
+
+
+def repack(blocks: torch.Tensor, qtype: str, kernel: str) -> torch.Tensor:
+    """The file's rows of blocks (``[N, row_bytes]``) in ``kernel``'s layout (``REPACKED``), as
+    many bytes as the blocks (plus the zero rows that round N up to 16)."""
+    k = _columns(blocks, qtype)
+    _check_blocks(blocks, qtype, k)
+    if reason := qkernel_why_not(kernel, qtype):
+        raise ValueError(f"kernel {kernel} cannot run: {reason}")
+    return quant_module().repack_x16(blocks, QTYPE_IDS[qtype], k)
+
+
+def qmatmul_repacked(x: torch.Tensor, packed: torch.Tensor, qtype: str, kernel: str, n: int) -> torch.Tensor:
+    """fp32 ``x`` [M, K] times a weight of ``n`` rows in ``kernel``'s layout (``repack``): fp32 [M, n]."""
+    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or x.shape[0] < 1:
+        raise ValueError(
+            f"x must be a contiguous fp32 [M, K] tensor with M >= 1, got {x.dtype} {tuple(x.shape)}"
+        )
+    return repacked_product(packed, qtype, kernel, n)(x)
+
+
+def repacked_product(
+    packed: torch.Tensor, qtype: str, kernel: str, n: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``qmatmul_repacked`` bound to one weight, for the decode loop: no Python checks per call
+    (the compiled op checks ``x``, raising RuntimeError)."""
+    op, qtype_id = quant_module().qmatmul_x16, QTYPE_IDS[qtype]
+    return lambda x: op(x, packed, qtype_id, n)
 
 
 def source_digest() -> str:

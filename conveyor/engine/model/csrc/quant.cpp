@@ -60,6 +60,40 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, const std
   return out;
 }
 
+// The file's rows of blocks w [N, row_bytes] repacked 16 rows at a time: uint8 [ceil(N / 16), K / 32 * group bytes].
+torch::Tensor repack_x16(const torch::Tensor& w, int64_t qtype, int64_t K) {
+  check(w, qtype, "avx512vnni");
+  const int64_t S = conveyor::x16_group_bytes(static_cast<int>(qtype)), N = w.size(0), G = (N + 15) / 16;
+  const int64_t elems = qtype == conveyor::kQ4_K || qtype == conveyor::kQ6_K ? 256 : 32;
+  TORCH_CHECK(S > 0 && K % elems == 0, "no x16 layout for this type or column count");
+  torch::Tensor out = torch::empty({G, K / elems * S}, w.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, G, 16, [&](int64_t g0, int64_t g1) { conveyor::repack_x16(static_cast<int>(qtype), wp, op, N, K, g0, g1); });
+  return out;
+}
+
+// x: contiguous fp32 [M, K]; packed: repack_x16's; returns fp32 [M, N].
+torch::Tensor qmatmul_x16(const torch::Tensor& x, const torch::Tensor& packed, int64_t qtype, int64_t N) {
+  check(packed, qtype, "avx512vnni");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "bad x");
+  const int64_t M = x.size(0), K = x.size(1), G = packed.size(0), N16 = 16 * G;
+  const int64_t elems = qtype == conveyor::kQ4_K || qtype == conveyor::kQ6_K ? 256 : 32;
+  TORCH_CHECK(K % elems == 0 && packed.size(1) == K / elems * conveyor::x16_group_bytes(static_cast<int>(qtype)) &&
+              N <= N16 && N > N16 - 16, "packed weight does not match x");
+  torch::Tensor q = torch::empty({M, K}, x.options().dtype(at::kChar));
+  torch::Tensor s16 = torch::empty({M, K / 16}, x.options().dtype(at::kInt)), dx = torch::empty({M, K / 32}, x.options());
+  conveyor::quantize_acts_x16(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), s16.data_ptr<int32_t>(), dx.data_ptr<float>());
+  torch::Tensor out = torch::empty({M, N16}, x.options());
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) {
+    conveyor::qgroups_x16(static_cast<int>(qtype), q.data_ptr<int8_t>(), s16.data_ptr<int32_t>(), dx.data_ptr<float>(),
+                          wp, op, M, K, N16, g0, g1);
+  });
+  return N == N16 ? out : out.narrow(1, 0, N).contiguous();
+}
+
 // out: contiguous fp32 or bf16 [N, K], written in place.
 void dequantize(torch::Tensor w, int64_t qtype, torch::Tensor out, const std::string& isa) {
   check(w, qtype, isa);
@@ -75,5 +109,7 @@ void dequantize(torch::Tensor w, int64_t qtype, torch::Tensor out, const std::st
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qmatmul", &qmatmul, "fp32 rows x quantized GGUF weight rows, de-quantized in registers");
+  m.def("repack_x16", &repack_x16, "quantized GGUF weight rows repacked 16 rows at a time (VNNI)");
+  m.def("qmatmul_x16", &qmatmul_x16, "fp32 rows (quantized to 8 bits) x x16-repacked weights");
   m.def("dequantize", &dequantize, "quantized GGUF weight rows to fp32 or bf16");
 }
