@@ -124,3 +124,15 @@ def test_interrupted_conversion_leaves_no_cache(
     with pytest.raises(KeyboardInterrupt):
         pull_model("fake", progress=False)
     assert _cache_entries(cache) == []
+
+
+def test_auto_weights_are_native_on_cpu_where_the_kernels_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conveyor.engine.model import quant
+    from conveyor.engine.model.loader import resolve_weights
+
+    monkeypatch.setattr(quant, "quant_module", lambda: object())
+    assert resolve_weights("auto", "cpu") == "native" and resolve_weights("auto", "cuda:0") == "bf16"
+    monkeypatch.setattr(quant, "quant_module", lambda: None)
+    assert resolve_weights("auto", "cpu") == "bf16" and resolve_weights("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        resolve_weights("native", "cuda")
