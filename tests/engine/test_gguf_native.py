@@ -141,20 +141,21 @@ def test_bf16_weights_still_convert_the_file(tiny_gguf: Path) -> None:
     assert not _layers(engine) and any(engine.model_dir.glob("*.safetensors"))
 
 
-def test_a_repacked_weight_runs_every_row_count_within_the_bound(tiny_gguf: Path) -> None:
+@pytest.mark.parametrize("kernel", list(quant.REPACKED))
+def test_a_repacked_weight_runs_every_row_count_within_the_bound(tiny_gguf: Path, kernel: str) -> None:
     engine = make_engine(tiny_gguf, weights="native", quant_kernel=DEQUANT)
-    layers = [layer for layer in _layers(engine) if layer.qweight.qtype in quant.REPACKED["q_vnni_x16"]]
+    layers = [layer for layer in _layers(engine) if layer.qweight.qtype in quant.REPACKED[kernel]]
     assert layers
     generator = torch.Generator().manual_seed(7)
     for layer in layers:
-        if reason := quant.qkernel_why_not("q_vnni_x16", layer.qweight.qtype):
+        if reason := quant.qkernel_why_not(kernel, layer.qweight.qtype):
             pytest.skip(reason)
         w = quant.reference_dequantize(layer.qweight.blocks, layer.qweight.qtype)
         with pytest.raises(ValueError, match="repacks the weight: it runs every row count"):
-            layer.use(["q_vnni_x16", *[DEQUANT] * 5])
-        layer.use(["q_vnni_x16"] * 6)
-        assert layer.qweight.layout == "q_vnni_x16" and layer.qweight.out_features == w.shape[0]
-        assert layer.path_reasons(torch.float32)[DEQUANT] == "the weight is repacked for q_vnni_x16"
+            layer.use([kernel, *[DEQUANT] * 5])
+        layer.use([kernel] * 6)
+        assert layer.qweight.layout == kernel and layer.qweight.out_features == w.shape[0]
+        assert layer.path_reasons(torch.float32)[DEQUANT] == f"the weight is repacked for {kernel}"
         for rows in (1, 9, 40):
             x = torch.randn(rows, layer.in_features, generator=generator)
             want = x @ w.T + (0 if layer.bias is None else layer.bias)

@@ -53,8 +53,16 @@ QUANT_TYPES: dict[str, QuantType] = {
 QTYPE_IDS = {
     name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))
 }
-SOURCES = ("quant.cpp", "quant_avx2.cpp", "quant_avx512.cpp", "quant_avx512vnni.cpp", "quant_x16.cpp")
-HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h")
+SOURCES = (
+    "quant.cpp",
+    "quant_avx2.cpp",
+    "quant_avx512.cpp",
+    "quant_avx512vnni.cpp",
+    "quant_x16_pack.cpp",
+    "quant_x16_avx2.cpp",
+    "quant_x16_avx512vnni.cpp",
+)
+HEADERS = ("quant.h", "quant_types.h", "quant_kernel.h", "quant_x16.h")
 
 # kernel name -> what it multiplies the weights with: fp32 activations as given, or activations
 # rounded to 8 bits per block of 32 (scale max|x| / 127, as llama.cpp's q8_0), so each is off by at
@@ -63,6 +71,7 @@ ACTIVATIONS: dict[str, str] = {
     "q_avx2": "fp32",
     "q_avx512": "fp32",
     "q_avx512vnni": "int8",
+    "q_avx2_x16": "int8",
     "q_vnni_x16": "int8",
 }
 
@@ -71,12 +80,16 @@ QKERNELS: dict[str, tuple[str, ...]] = {
     "q_avx2": ("avx2", "fma", "f16c"),
     "q_avx512": ("avx512f", "avx512bw"),
     "q_avx512vnni": ("avx512f", "avx512bw", "avx512_vnni"),
+    "q_avx2_x16": ("avx2", "fma", "f16c"),
     "q_vnni_x16": ("avx512f", "avx512bw", "avx512_vnni"),
 }
 
 # kernels that run on the weight repacked into their own layout (``repack``), and the types they take:
-# q_vnni_x16 interleaves 16 rows so that one vpdpbusd serves all of them (csrc/quant_x16.cpp)
-REPACKED: dict[str, tuple[str, ...]] = {"q_vnni_x16": ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")}
+# the x16 kernels interleave 16 rows so that one dot product instruction serves all of them
+# (csrc/quant_x16.h; vpdpbusd on AVX512_VNNI, vpmaddubsw on AVX2)
+_X16_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")
+REPACKED: dict[str, tuple[str, ...]] = {"q_avx2_x16": _X16_TYPES, "q_vnni_x16": _X16_TYPES}
+_X16_ISA = {"q_avx2_x16": "avx2", "q_vnni_x16": "avx512vnni"}
 
 
 def row_bytes(qtype: str, k: int) -> int:
@@ -219,8 +232,8 @@ def repacked_product(
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``qmatmul_repacked`` bound to one weight, for the decode loop: no Python checks per call
     (the compiled op checks ``x``, raising RuntimeError)."""
-    op, qtype_id = quant_module().qmatmul_x16, QTYPE_IDS[qtype]
-    return lambda x: op(x, packed, qtype_id, n)
+    op, qtype_id, isa = quant_module().qmatmul_x16, QTYPE_IDS[qtype], _X16_ISA[kernel]
+    return lambda x: op(x, packed, qtype_id, n, isa)
 
 
 def source_digest() -> str:

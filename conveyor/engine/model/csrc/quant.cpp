@@ -13,6 +13,7 @@ using Rows = void (*)(int, const float*, const uint8_t*, float*, int64_t, int64_
 using Dequantize = void (*)(int, const uint8_t*, void*, bool, int64_t, int64_t, int64_t);
 
 bool has(const std::string& isa) {
+  if (isa == "x86-64") return true;
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (isa == "avx512vnni") return has("avx512") && __builtin_cpu_supports("avx512vnni");
@@ -62,7 +63,7 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor w, int64_t qtype, const std
 
 // The file's rows of blocks w [N, row_bytes] repacked 16 rows at a time: uint8 [ceil(N / 16), K / 32 * group bytes].
 torch::Tensor repack_x16(const torch::Tensor& w, int64_t qtype, int64_t K) {
-  check(w, qtype, "avx512vnni");
+  check(w, qtype, "x86-64");
   const int64_t S = conveyor::x16_group_bytes(static_cast<int>(qtype)), N = w.size(0), G = (N + 15) / 16;
   const int64_t elems = qtype == conveyor::kQ4_K || qtype == conveyor::kQ6_K ? 256 : 32;
   TORCH_CHECK(S > 0 && K % elems == 0, "no x16 layout for this type or column count");
@@ -74,8 +75,11 @@ torch::Tensor repack_x16(const torch::Tensor& w, int64_t qtype, int64_t K) {
 }
 
 // x: contiguous fp32 [M, K]; packed: repack_x16's; returns fp32 [M, N].
-torch::Tensor qmatmul_x16(const torch::Tensor& x, const torch::Tensor& packed, int64_t qtype, int64_t N) {
-  check(packed, qtype, "avx512vnni");
+torch::Tensor qmatmul_x16(const torch::Tensor& x, const torch::Tensor& packed, int64_t qtype, int64_t N,
+                          const std::string& isa) {
+  check(packed, qtype, isa);
+  TORCH_CHECK(isa == "avx512vnni" || isa == "avx2", "no x16 kernel for ", isa);
+  const auto groups = isa == "avx2" ? conveyor::qgroups_x16_avx2 : conveyor::qgroups_x16_avx512vnni;
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(0) >= 1, "bad x");
   const int64_t M = x.size(0), K = x.size(1), G = packed.size(0), N16 = 16 * G;
   const int64_t elems = qtype == conveyor::kQ4_K || qtype == conveyor::kQ6_K ? 256 : 32;
@@ -88,8 +92,8 @@ torch::Tensor qmatmul_x16(const torch::Tensor& x, const torch::Tensor& packed, i
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, G, 4, [&](int64_t g0, int64_t g1) {
-    conveyor::qgroups_x16(static_cast<int>(qtype), q.data_ptr<int8_t>(), s16.data_ptr<int32_t>(), dx.data_ptr<float>(),
-                          wp, op, M, K, N16, g0, g1);
+    groups(static_cast<int>(qtype), q.data_ptr<int8_t>(), s16.data_ptr<int32_t>(), dx.data_ptr<float>(), wp, op, M, K,
+           N16, g0, g1);
   });
   return N == N16 ? out : out.narrow(1, 0, N).contiguous();
 }
