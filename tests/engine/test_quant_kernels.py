@@ -247,3 +247,13 @@ def test_missing_isa_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (
         quant.qkernel_why_not("q_avx512", "Q4_K") == "q_avx512 needs avx512f, avx512bw, which this CPU lacks"
     )
+
+
+@pytest.mark.parametrize("kernel", list(quant.REPACKED))
+def test_a_non_finite_activation_gives_nan_in_its_row_only(kernel: str) -> None:
+    skip_unless_runs(kernel, "Q8_0")
+    blocks = random_blocks("Q8_0", 20, 64)
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    got = quant.qmatmul(x, blocks, "Q8_0", kernel)
+    assert got[1].isnan().all() and got[[0, 2]].isfinite().all()

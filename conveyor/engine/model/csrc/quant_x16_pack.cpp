@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "quant.h"
 
@@ -109,15 +110,20 @@ void quantize_acts_x16(const float* x, int64_t M, int64_t K, int8_t* q, int32_t*
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + m * K + 32 * b;
       float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      bool finite = true;
+      for (int i = 0; i < 32; ++i) {
+        amax = std::max(amax, std::fabs(xb[i]));
+        finite = finite && std::isfinite(xb[i]);
+      }
+      const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
       int8_t* dst = q + m * K + 32 * b;
       int32_t sums[2] = {0, 0};
       for (int i = 0; i < 32; ++i) {
-        dst[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+        dst[i] = finite ? static_cast<int8_t>(std::nearbyint(xb[i] * inv)) : 0;
         sums[i / 16] += dst[i];
       }
-      dx[m * nb + b] = amax / 127.0f;
+      // a NaN or infinity makes the block's products NaN, as the fp32 kernels' would be
+      dx[m * nb + b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
       s16[m * 2 * nb + 2 * b] = sums[0];
       s16[m * 2 * nb + 2 * b + 1] = sums[1];
     }
