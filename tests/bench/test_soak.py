@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from conveyor.bench import soak_report, soak_tools
 from conveyor.bench.soak import add_soak_flags, end_of_dead_server
 from conveyor.bench.soak_load import MIX, Outcome, Outcomes, classify_result, parse_mix
 from conveyor.bench.soak_probe import parse_metrics
+from conveyor.tools.base import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = """# TYPE conveyor_kv_blocks_used gauge
@@ -194,15 +196,26 @@ def test_tool_results_are_classified_by_injected_fault():
 
 @pytest.mark.parametrize("kind", ["ok", "sleep", "raise", "large", "memory"])
 def test_the_fault_tool_injects_what_it_draws(monkeypatch, kind):
-    monkeypatch.setattr(soak_tools, "draw", lambda: kind)
     monkeypatch.setattr(soak_tools, "SLEEP_S", (0.0, 0.0))
+    only = getattr(soak_tools.fault_only, kind)
     if kind == "raise":
         with pytest.raises(soak_tools.FaultInjected, match="fault:raise"):
-            soak_tools.fault.finish({"key": "k"})
+            only.finish({"key": "k"})
         return
-    text = soak_tools.fault.finish({"key": "k"})
+    text = only.finish({"key": "k"})
     assert text.startswith(f"fault:{kind}")
     assert len(text) >= soak_tools.LARGE_CHARS[0] if kind == "large" else len(text) < 200
+
+
+def test_one_fault_kind_is_the_fault_tool_with_one_weight_and_reaches_the_workers():
+    from conveyor.tools import worker_main
+
+    only = load_spec("conveyor.bench.soak_tools:fault_only.large")
+    assert only.name == soak_tools.fault.name == "fault"
+    assert only.spec() == soak_tools.fault.spec()
+    (unpickled,) = pickle.loads(worker_main.pickle_tools([only]))
+    assert unpickled.faults == {"large": 1}
+    assert soak_tools.fault.faults == soak_tools.FAULTS
 
 
 def test_the_mix_flag_names_known_kinds_with_weights():
