@@ -43,7 +43,7 @@ def snapshot(process: psutil.Process) -> dict[str, float]:
     for m in process.memory_maps(grouped=False):
         if m.path == "[heap]":
             heap += m.rss
-        elif not m.path:
+        elif m.path in ("", "[anon]"):
             anon += m.rss
     return {
         "rss": process.memory_info().rss / 2**20,

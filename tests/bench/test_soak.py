@@ -184,6 +184,7 @@ def test_busy_workers_are_not_judged_on_a_server_without_the_metric():
 
 def test_tool_results_are_classified_by_injected_fault():
     assert classify_result("fault", "fault:large xxxx") == "fault:large"
+    assert classify_result("fault", "FaultInjected: fault:raise injected error for 'k'") == "fault:raise"
     assert (
         classify_result("fault", "TimeoutError: the call did not finish within 2 s; its worker was stopped")
         == "fault:timeout"
