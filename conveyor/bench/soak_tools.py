@@ -29,7 +29,9 @@ LARGE_CHARS = (64 * 1024, 1024 * 1024)
 SLEEP_S = (0.05, 2.0)
 MEMORY_MB = 256
 HANG_S = 3600.0  # far past any call timeout the soak runs with
-_rng = random.Random()  # seeded from the OS per worker process
+# from the OS at every draw: workers and their call processes are forked from one that imported
+# this module, and a seeded Random() replayed the same draws in all of them (one kind per server)
+_rng = random.SystemRandom()
 
 
 class FaultInjected(RuntimeError):

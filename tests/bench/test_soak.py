@@ -219,6 +219,23 @@ def test_one_fault_kind_is_the_fault_tool_with_one_weight_and_reaches_the_worker
     assert soak_tools.fault.faults == soak_tools.FAULTS
 
 
+def test_the_fault_tool_draws_afresh_in_every_forked_process():
+    """The workers' call processes are forked from one that imported the tool: they must not all
+    replay its random state (every call of a server drew the same kind)."""
+    draws = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child only draws and writes
+            os.write(write, "".join(soak_tools.draw(soak_tools.FAULTS)[0] for _ in range(32)).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        draws.append(os.read(read, 64))
+        os.close(read)
+    assert len(draws[0]) == 32 and draws[0] != draws[1]
+
+
 def test_the_mix_flag_names_known_kinds_with_weights():
     assert parse_mix("") == MIX
     assert parse_mix("chat=1, server_tool=3") == {"chat": 1, "server_tool": 3}
