@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -136,11 +137,14 @@ class Outcomes:
             }
 
 
+_INJECTED = re.compile(r"(?:\w+: )?fault:(\w+)")
+
+
 def classify_result(tool: str, text: str) -> str:
     """`tool:kind`: the fault tool's injected kind, a pool-made error (timeout, dead worker),
     an error result, or ok."""
-    if text.startswith("fault:"):
-        return f"{tool}:{text[6:].split(' ', 1)[0]}"
+    if injected := _INJECTED.match(text):  # a result, or an exception the tool raised
+        return f"{tool}:{injected.group(1)}"
     if "did not finish within" in text:
         return f"{tool}:timeout"
     if "worker process died" in text:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from conveyor.bench import soak_report, soak_tools
 from conveyor.bench.soak import add_soak_flags, end_of_dead_server
 from conveyor.bench.soak_load import MIX, Outcome, Outcomes, classify_result, parse_mix
 from conveyor.bench.soak_probe import parse_metrics
+from conveyor.tools.base import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = """# TYPE conveyor_kv_blocks_used gauge
@@ -182,6 +184,7 @@ def test_busy_workers_are_not_judged_on_a_server_without_the_metric():
 
 def test_tool_results_are_classified_by_injected_fault():
     assert classify_result("fault", "fault:large xxxx") == "fault:large"
+    assert classify_result("fault", "FaultInjected: fault:raise injected error for 'k'") == "fault:raise"
     assert (
         classify_result("fault", "TimeoutError: the call did not finish within 2 s; its worker was stopped")
         == "fault:timeout"
@@ -194,15 +197,43 @@ def test_tool_results_are_classified_by_injected_fault():
 
 @pytest.mark.parametrize("kind", ["ok", "sleep", "raise", "large", "memory"])
 def test_the_fault_tool_injects_what_it_draws(monkeypatch, kind):
-    monkeypatch.setattr(soak_tools, "draw", lambda: kind)
     monkeypatch.setattr(soak_tools, "SLEEP_S", (0.0, 0.0))
+    only = getattr(soak_tools.fault_only, kind)
     if kind == "raise":
         with pytest.raises(soak_tools.FaultInjected, match="fault:raise"):
-            soak_tools.fault.finish({"key": "k"})
+            only.finish({"key": "k"})
         return
-    text = soak_tools.fault.finish({"key": "k"})
+    text = only.finish({"key": "k"})
     assert text.startswith(f"fault:{kind}")
     assert len(text) >= soak_tools.LARGE_CHARS[0] if kind == "large" else len(text) < 200
+
+
+def test_one_fault_kind_is_the_fault_tool_with_one_weight_and_reaches_the_workers():
+    from conveyor.tools import worker_main
+
+    only = load_spec("conveyor.bench.soak_tools:fault_only.large")
+    assert only.name == soak_tools.fault.name == "fault"
+    assert only.spec() == soak_tools.fault.spec()
+    (unpickled,) = pickle.loads(worker_main.pickle_tools([only]))
+    assert unpickled.faults == {"large": 1}
+    assert soak_tools.fault.faults == soak_tools.FAULTS
+
+
+def test_the_fault_tool_draws_afresh_in_every_forked_process():
+    """The workers' call processes are forked from one that imported the tool: they must not all
+    replay its random state (every call of a server drew the same kind)."""
+    draws = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child only draws and writes
+            os.write(write, "".join(soak_tools.draw(soak_tools.FAULTS)[0] for _ in range(32)).encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        draws.append(os.read(read, 64))
+        os.close(read)
+    assert len(draws[0]) == 32 and draws[0] != draws[1]
 
 
 def test_the_mix_flag_names_known_kinds_with_weights():

@@ -38,13 +38,34 @@ def test_every_path_matches_fp32_reference(path: str, dtype: torch.dtype) -> Non
     skip_unless_runs(path, dtype)
     layer = layer_of(dtype)
     layer.use([path] * len(BUCKETS))
-    for rows in [0, 1, 3, 8, 12, 16, 33, 40]:
+    for rows in [0, 1, 3, 8, 12, 16, 17, 33, 40, 100]:  # 17, 33, 100: padded for oneDNN
         x = torch.randn(rows, 64)  # fp32 activations, as the model's residual stream on CPU
         got = layer(x)
         assert got.dtype == torch.float32 and got.shape == (rows, 72)
         if rows:  # 0: a step whose chunks all stop mid-prompt samples no row
             want = reference(x, layer.weight, layer.bias)
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_onednn_sees_a_bounded_set_of_row_counts(monkeypatch) -> None:
+    """oneDNN compiles and caches a primitive per input shape (~640 KB each here): every row
+    count a server's steps produce must not be a new one (docs/results/soak_rss.md)."""
+    skip_unless_runs("onednn", torch.bfloat16)
+    padded = [paths.padded_rows(r) for r in range(1, 8193)]
+    assert all(r <= p <= 1.125 * r for r, p in zip(range(1, 8193), padded))
+    assert (
+        len(set(padded)) == paths.EXACT_ROWS + 8 * 9
+    )  # exact to 16, then 8 per doubling, (16, 32] to (4096, 8192]
+    seen = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.append(x.shape[0]) or pointwise(x, *a)
+    )
+    layer = layer_of(torch.bfloat16)
+    layer.use(["onednn"] * len(BUCKETS))
+    for rows in range(1, 513):
+        assert layer(torch.randn(rows, 64)).shape == (rows, 72)
+    assert len(seen) == 512 and len(set(seen)) == paths.EXACT_ROWS + 8 * 5
 
 
 @pytest.mark.parametrize("kernel", list(kernels.KERNELS))

@@ -7,7 +7,8 @@ test failed (error 0.78 against 0.52 allowed), so it is not a path. The stored w
 loaded; a path that wants another layout keeps its own copy.
 - ``avx2``, ``avx512``: our kernels (``kernels.py``), fp32 activations, fp32 accumulation.
 - ``avx512bf16``: our ``vdpbf16ps`` kernel; activations split into two bf16 parts, fp32 accumulation.
-- ``onednn``: oneDNN with an fp32 copy of the weight packed for it (compute-bound GEMMs on AVX2).
+- ``onednn``: oneDNN with an fp32 copy of the weight packed for it (compute-bound GEMMs on AVX2),
+  called with the rows padded to one of a bounded set of counts (``padded_rows``).
 - ``torch``: ``F.linear`` in the activations' dtype (weights widened per call if they differ): runs
   everywhere, the last resort.
 """
@@ -25,6 +26,33 @@ from conveyor.engine.model.kernels import KERNELS, gemv_module, missing_isa
 
 PATHS = tuple(k for k in LINEAR_KERNELS if k != "auto")
 Product = Callable[[torch.Tensor], torch.Tensor]
+EXACT_ROWS = 16  # up to this many rows oneDNN gets them as they are
+STEPS_PER_DOUBLING = 8  # above: row counts rounded up to 8 sizes per doubling (at most 12.5 % more)
+
+
+def padded_rows(rows: int) -> int:
+    """The row count the ``onednn`` path computes for ``rows`` rows: one of 16 + 8 per doubling.
+    oneDNN builds (JIT-compiles) and caches a primitive per input shape, in torch's ideep cache and
+    in its own, 1,024 entries each; with prefill chunks and batches of every length a server's
+    cache, and its RSS, grew for hours (tens of KB per new shape; docs/results/soak_rss.md)."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = (1 << (rows.bit_length() - 1)) // STEPS_PER_DOUBLING  # the doubling's start / 8
+    return -(-rows // step) * step
+
+
+def _onednn(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), 8)
+    b = None if bias is None else bias.float()
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        x = x.float()
+        if (padded := padded_rows(rows)) != rows:
+            x = torch.cat([x, x.new_zeros((padded - rows, *x.shape[1:]))])
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")[:rows]
+
+    return product
 
 
 def why_not(path: str, dtype: torch.dtype, in_features: int) -> str | None:
@@ -55,9 +83,7 @@ def make(path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
             return lambda x: gemv(x, weight)
         return lambda x: gemv(x, weight).add_(bias)
     if path == "onednn":
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.float(), 8)
-        b = None if bias is None else bias.float()
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x.float(), packed, b, "none", [], "")
+        return _onednn(weight, bias)
     return lambda x: F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
