@@ -2,11 +2,13 @@
 
 A ``QuantLinear`` holds its weight as rows of blocks (``uint8 [out_features, row_bytes]``, see
 ``quant.py``) and runs, per row bucket, one of these paths, measured by ``kernel_choice.py``:
-- each kernel of ``quant.QKERNELS`` (de-quantizes in registers; for 1 to 32 activation rows);
+- each kernel of ``quant.QKERNELS`` (de-quantizes in registers; fp32 activations, or rounded to
+  8 bits per block of 32 where ``quant.ACTIVATIONS`` says so); a repacking kernel
+  (``quant.REPACKED``) takes every bucket, and the layer then keeps only the repacked weight;
 - ``dequant``: de-quantize a tile of rows into a scratch buffer (one per tile shape, shared by
   every layer of the model: no fp32 or bf16 copy of any weight is kept), then ``torch.mm`` in
   fp32 (oneDNN / MKL) on it; for prefill chunks and large batches.
-Activations are fp32, products accumulate in fp32.
+The layer takes and returns fp32 activations; products accumulate in fp32 (or int32 per block).
 """
 
 from __future__ import annotations
