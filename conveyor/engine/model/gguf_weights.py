@@ -16,7 +16,6 @@ layer multiplies the same blocks.
 from __future__ import annotations
 
 import logging
-import mmap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from conveyor.engine.model.qlinear import (
     QuantLinear,
     QuantWeight,
     Scratch,
+    drop_pages,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +72,6 @@ class _Source:
     kept: Counter
     repacked: Counter
     dequantized: Counter
-    mapping: mmap.mmap  # the file, mapped copy-on-write (never written)
 
     def blocks(self, name: str, to_q8_0: bool = False) -> tuple[str, np.ndarray] | None:
         """(kernel type, rows of blocks) of a tensor the kernels take as it is, or rewritten as
@@ -154,12 +153,8 @@ class _Source:
         """Drop the mapped pages of tensors the model now holds a copy of (fused, reordered,
         rewritten or de-quantized) from this process's memory, so the file's bytes are not
         counted twice; an untouched private page is read from the file again if ever needed."""
-        page = mmap.PAGESIZE
         for name in names:
-            t = self.tensors[name]
-            begin, end = -(-t.data_offset // page) * page, (t.data_offset + t.n_bytes) // page * page
-            if end > begin:
-                self.mapping.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+            drop_pages(self.tensors[name].data.ctypes.data, int(self.tensors[name].n_bytes))
 
     def notice(self, path: Path) -> None:
         if self.native and self.dequantized:
@@ -203,9 +198,7 @@ def load_gguf(model: CausalLM, path: Path, native: bool) -> None:
     args = model.args
     reader = open_gguf(path)
     tensors = check_tensors(reader, args, path)
-    source = _Source(
-        tensors, _llama_row_order(args), native, Counter(), Counter(), Counter(), reader.data._mmap
-    )
+    source = _Source(tensors, _llama_row_order(args), native, Counter(), Counter(), Counter())
     scratch = Scratch()
     model.norm.copy_(source.dense("output_norm.weight"))
     head = (

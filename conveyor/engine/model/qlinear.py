@@ -115,11 +115,12 @@ def _dequant_product(weight: QuantWeight, scratch: Scratch) -> Product:
     return product
 
 
-def drop_pages(t: torch.Tensor) -> None:
-    """Give back the pages of a file-mapped tensor that is no longer read (they are the file's:
-    touched again, they would be read from it), so the file's bytes do not stay in the RSS."""
+def drop_pages(address: int, nbytes: int) -> None:
+    """Give back the whole pages of file-mapped memory [address, address + nbytes) that is no
+    longer read (they are the file's: touched again, they would be read from it), so the file's
+    bytes do not stay in the RSS."""
     page = mmap.PAGESIZE
-    begin, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page
+    begin, end = -(-address // page) * page, (address + nbytes) // page * page
     if end > begin:
         _libc().madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), mmap.MADV_DONTNEED)
 
@@ -181,7 +182,7 @@ class QuantLinear(torch.nn.Module):
         packed = quant.repack(old.blocks, old.qtype, layout)
         self.qweight = QuantWeight(old.qtype, packed, old.in_features, old.out_features, layout)
         if old.mapped:
-            drop_pages(old.blocks)
+            drop_pages(old.blocks.data_ptr(), old.blocks.nbytes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
