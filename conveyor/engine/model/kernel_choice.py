@@ -159,7 +159,7 @@ def _write(path, key: dict, choices: Choices) -> None:
         raise
 
 
-def _measure(group: list[Layer], act_dtype: torch.dtype, quant_activations: str = "fp32") -> dict[str, dict]:
+def _measure(group: list[Layer], act_dtype: torch.dtype, quant_activations: str) -> dict[str, dict]:
     """Time every path that runs here on this shape's layers, per bucket; the fastest wins."""
     first = group[0]
     reasons = first.path_reasons(act_dtype)
